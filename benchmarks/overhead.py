@@ -1,0 +1,174 @@
+"""What shoal costs over a bare PyTorch loop that does the identical arithmetic.
+
+Workload (issue "federated core"): Fashion-MNIST, the CNN of McMahan et al. 2017 (1.66 M
+parameters), 100 IID clients, 10 per round, 1 local epoch, batch 32, SGD lr 0.05, 20 rounds,
+central evaluation on the 10,000 test images after every round.
+
+* ``shoal``: the path ``shoal run`` takes — FedAvg, the in-process transport, the run loop with
+  central evaluation, the metrics log and a checkpoint after every round.
+* ``bare``: a hand-written loop over the same clients, the same batches (same permutations),
+  the same delta-averaging arithmetic in the same order and the same evaluation batches.
+
+Setup (loading the data, partitioning, drawing the schedule) is done by both before the clock
+starts. Each variant runs in its own process, alternating, ``--reps`` times; the figures are
+medians. The final parameters of both are compared bit for bit.
+
+    python benchmarks/overhead.py [--reps 3] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate, emit, final_line, machine, median, peak_rss_gib  # noqa: E402
+
+SEED = 0
+CLIENTS, PER_ROUND, BATCH, LR, EVAL_BATCH = 100, 10, 32, 0.05, 2048
+
+
+def _config(rounds: int):
+    from shoal.config import load_config
+    return load_config(None, [
+        "task.name=fashion_mnist", "data.partition=iid", f"data.num_clients={CLIENTS}",
+        "data.eval_fraction=0", f"federated.rounds={rounds}",
+        f"federated.clients_per_round={PER_ROUND}", f"client.batch_size={BATCH}",
+        f"client.lr={LR}", "client.epochs=1", f"seed={SEED}", "baseline=false",
+        f"evaluation.batch_size={EVAL_BATCH}"])
+
+
+def _digest(params: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(params):
+        h.update(params[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shoal_variant(rounds: int) -> dict:
+    from shoal.callbacks import CentralEvaluation, MetricsLog
+    from shoal.checkpoint import Checkpoint
+    from shoal.data.tasks import load_task
+    from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
+    from shoal.metrics import Evaluator
+    from shoal.run import run
+
+    config = _config(rounds)
+    task = load_task("fashion_mnist")
+    config = resolve_config(config, task)
+    dataset = make_dataset(config, task)
+    model, params0 = initial_params(config, task)
+    algorithm, transport = build_federated(config, task, dataset, model)
+    evaluator = Evaluator(model, task.loss_fn, batch_size=EVAL_BATCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        callbacks = [CentralEvaluation(lambda p: evaluator(p, task.test)),
+                     MetricsLog(Path(tmp) / "metrics.jsonl"), Checkpoint(Path(tmp) / "ckpt")]
+        t0 = time.perf_counter()
+        res = run(algorithm, transport, rounds=rounds, params=params0, callbacks=callbacks)
+        seconds = time.perf_counter() - t0
+    curve = [h["central/accuracy"] for h in res.history]
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "accuracy": curve[-1],
+            "curve": curve, "digest": _digest(res.state.params)}
+
+
+def bare_variant(rounds: int) -> dict:
+    # Setup with shoal's data loading and seeds, so both variants see the same clients, batches
+    # and initial weights; the timed loop below uses only PyTorch.
+    from shoal.algorithms.cohort import Cohort
+    from shoal.data.tasks import load_task
+    from shoal.experiment import initial_params, make_dataset, resolve_config
+    from shoal.seeding import derive_seed
+
+    config = _config(rounds)
+    task = load_task("fashion_mnist")
+    config = resolve_config(config, task)
+    dataset = make_dataset(config, task)
+    model, _ = initial_params(config, task)
+    ids = dataset.client_ids()
+    schedule = []
+    for r in range(1, rounds + 1):
+        cohort = Cohort(PER_ROUND).sample(ids, SEED, r)
+        schedule.append([(dataset.client(c).train.index,
+                          derive_seed(derive_seed(SEED, "client", r, c), "batches"))
+                         for c in cohort])
+    x, y = task.train.x, task.train.y
+    test_x, test_y = task.test.tensors()
+    names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+    live = model.state_dict(keep_vars=True)
+    glob = {k: live[k].detach().clone() for k in names}
+    curve = []
+
+    t0 = time.perf_counter()
+    for clients in schedule:
+        acc: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for rows, batch_seed in clients:
+            with torch.no_grad():
+                for k in names:
+                    live[k].copy_(glob[k])
+            model.train()
+            opt = torch.optim.SGD([p for p in model.parameters()], lr=LR)
+            order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(
+                batch_seed))]
+            for s in range(0, len(order), BATCH):
+                sel = order[s:s + BATCH]
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[sel]), y[sel]).backward()
+                opt.step()
+            w = float(len(rows))
+            for k in names:
+                delta = live[k].detach() - glob[k]
+                if k in acc:
+                    acc[k].add_(delta, alpha=w)
+                else:
+                    acc[k] = delta * w
+            total += w
+        glob = {k: glob[k] + 1.0 * (acc[k] / total) for k in names}
+        with torch.no_grad():
+            for k in names:
+                live[k].copy_(glob[k])
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for s in range(0, len(test_y), EVAL_BATCH):
+                out = model(test_x[s:s + EVAL_BATCH])
+                F.cross_entropy(out, test_y[s:s + EVAL_BATCH])
+                correct += int((out.argmax(1) == test_y[s:s + EVAL_BATCH]).sum())
+        curve.append(correct / len(test_y))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "accuracy": curve[-1],
+            "curve": curve, "digest": _digest(glob)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variant", choices=["shoal", "bare"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20)
+    args = ap.parse_args()
+    if args.variant:
+        emit((shoal_variant if args.variant == "shoal" else bare_variant)(args.rounds))
+        return
+    print(f"overhead: {machine()}; {args.reps} reps x {args.rounds} rounds each, alternating")
+    runs = alternate(__file__, ["bare", "shoal"], args.reps, ["--rounds", str(args.rounds)])
+    bare_t, shoal_t = median(runs["bare"], "seconds"), median(runs["shoal"], "seconds")
+    bare_m, shoal_m = median(runs["bare"], "peak_rss_gib"), median(runs["shoal"], "peak_rss_gib")
+    acc_b, acc_s = runs["bare"][0]["accuracy"], runs["shoal"][0]["accuracy"]
+    same = runs["bare"][0]["digest"] == runs["shoal"][0]["digest"]
+    print(f"accuracy curve (shoal): {[round(a, 4) for a in runs['shoal'][0]['curve']]}")
+    print(f"time: bare {bare_t:.1f} s, shoal {shoal_t:.1f} s (medians); "
+          f"peak RSS: bare {bare_m:.3f} GiB, shoal {shoal_m:.3f} GiB; "
+          f"final parameters bit-identical: {same}")
+    final_line(overhead_ratio=shoal_t / bare_t, memory_ratio=shoal_m / bare_m,
+               accuracy_gap_points=abs(acc_s - acc_b) * 100, shoal_accuracy=acc_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Aggregation: stages, reducers, the pipeline that chains them, and server optimizers.
+
+Pure math: nothing here imports messaging.
+"""
+
+from .pipeline import Pipeline
+from .reducers import (
+    CoordinateMedian,
+    Krum,
+    Reducer,
+    TrimmedMean,
+    WeightedMean,
+    coordinate_median,
+    krum,
+    multi_krum,
+    trimmed_mean,
+    weighted_mean,
+)
+from .server_opt import ServerOpt, adagrad, adam, momentum, sgd, yogi
+from .stages import ClipByNorm, Stage, StageState, clip_by_norm
+
+__all__ = [
+    "ClipByNorm",
+    "CoordinateMedian",
+    "Krum",
+    "Pipeline",
+    "Reducer",
+    "ServerOpt",
+    "Stage",
+    "StageState",
+    "TrimmedMean",
+    "WeightedMean",
+    "adagrad",
+    "adam",
+    "clip_by_norm",
+    "coordinate_median",
+    "krum",
+    "momentum",
+    "multi_krum",
+    "sgd",
+    "trimmed_mean",
+    "weighted_mean",
+    "yogi",
+]

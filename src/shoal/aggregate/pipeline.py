@@ -1,0 +1,118 @@
+"""``Pipeline``: the aggregation chain, visible in one expression.
+
+    Pipeline([clip_by_norm(1.0)], weighted_mean())
+
+Per round: each client's update goes through the stages' per-update halves (in order; those
+with ``runs_at="client"`` on the client, the others at the coordinator), the reducer turns the
+updates into one, and the stages' server halves run on the result in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import AggregationError
+from ..tree import Params
+from ..types import ClientInfo, RoundInfo
+from .reducers import Reducer, weighted_mean
+from .stages import Stage, StageState
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """Stages plus a reducer; see the module docstring.
+
+    A stage whose ``hides_individual_updates`` is true (secure aggregation) reveals only sums to
+    the coordinator, so it can be combined only with a linear reducer and no coordinator-side
+    stage; anything else fails here, at construction.
+    """
+
+    def __init__(self, stages: Sequence[Stage] = (), reducer: Reducer | None = None):
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.reducer: Reducer = reducer if reducer is not None else weighted_mean()
+        for s in self.stages:
+            if not isinstance(s, Stage):
+                raise AggregationError(
+                    f"Pipeline: {s!r} is a {type(s).__name__}, expected a Stage "
+                    "(e.g. clip_by_norm(1.0))."
+                )
+        if not isinstance(self.reducer, Reducer):
+            raise AggregationError(
+                f"Pipeline: reducer {self.reducer!r} is a {type(self.reducer).__name__}, "
+                "expected a Reducer (e.g. weighted_mean())."
+            )
+        self._check_secrecy()
+
+    def _check_secrecy(self) -> None:
+        hiding = [s for s in self.stages if getattr(s, "hides_individual_updates", False)]
+        if not hiding:
+            return
+        secret = hiding[0]
+        if not self.reducer.linear:
+            raise AggregationError(
+                f"{self.reducer!r} needs individual updates, but {secret!r} reveals only their "
+                "sum; use weighted_mean()."
+            )
+        for s in self.stages:
+            if s.runs_at == "coordinator":
+                raise AggregationError(
+                    f"{s!r} runs on each update at the coordinator, but {secret!r} reveals only "
+                    "their sum; run it on the clients (runs_at='client')."
+                )
+
+    def __repr__(self) -> str:
+        return f"Pipeline([{', '.join(repr(s) for s in self.stages)}], {self.reducer!r})"
+
+    @property
+    def client_stages(self) -> tuple[Stage, ...]:
+        """The stages whose per-update half runs on the clients."""
+        return tuple(s for s in self.stages if s.runs_at == "client")
+
+    def init(self) -> list[StageState]:
+        """Every stage's server state before the first round."""
+        return [s.init() for s in self.stages]
+
+    def client_configs(self, states: Sequence[StageState]) -> list[dict[str, Any]]:
+        """What each stage's per-update half needs this round (sent to the clients)."""
+        return [s.client_config(st) for s, st in zip(self.stages, states, strict=True)]
+
+    def client(self, update: Params, configs: Sequence[Mapping[str, Any]],
+               info: ClientInfo) -> Params:
+        """Run the client-side per-update halves, in order (on the client)."""
+        for s, cfg in zip(self.stages, configs, strict=True):
+            if s.runs_at == "client":
+                update = s.client(update, cfg, info)
+        return update
+
+    def aggregate(self, updates: Sequence[Params], weights: Sequence[float],
+                  states: Sequence[StageState], configs: Sequence[Mapping[str, Any]],
+                  info: RoundInfo, senders: Sequence[str] | None = None,
+                  ) -> tuple[Params, list[StageState], dict[str, float]]:
+        """Coordinator-side per-update halves, the reducer, then the server halves reversed.
+
+        Coordinator-side halves run after the client-side ones, whatever their place in the
+        list; each sees the ``ClientInfo`` of the update's sender (``senders``, in order).
+        """
+        coordinator = [(i, s) for i, s in enumerate(self.stages) if s.runs_at == "coordinator"]
+        if coordinator:
+            processed = []
+            names = senders if senders is not None else [f"update-{j}" for j in range(len(updates))]
+            for u, sender in zip(updates, names, strict=True):
+                for i, s in coordinator:
+                    u = s.client(u, configs[i], ClientInfo(sender, info.round, info.seed))
+                processed.append(u)
+            updates = processed
+        aggregate = self.reducer(updates, weights)
+        return self.finish(aggregate, states, info)
+
+    def finish(self, aggregate: Params, states: Sequence[StageState],
+               info: RoundInfo) -> tuple[Params, list[StageState], dict[str, float]]:
+        """The server halves on a reduced update, in reverse stage order."""
+        new_states = list(states)
+        metrics: dict[str, float] = {}
+        for i in reversed(range(len(self.stages))):
+            aggregate, new_states[i], m = self.stages[i].server(aggregate, new_states[i], info)
+            metrics.update(m)
+        return aggregate, new_states, metrics

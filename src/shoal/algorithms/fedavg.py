@@ -1,0 +1,216 @@
+"""``FedAvg``: federated averaging and the family composed from it.
+
+Per round: sample a cohort, send each client the global params (``"train"``), let each client
+run its ``ClientUpdate`` and the pipeline's client-side stages, validate every reply, reduce
+the valid updates with the pipeline, and apply the result with the server optimizer.
+
+FedProx is ``local_sgd(prox_mu > 0)``; FedAvgM/FedAdam/FedYogi/FedAdagrad are server
+optimizers; robust FedAvg is a robust reducer; DP-FedAvg and secure aggregation are stages.
+
+Clients also answer ``"evaluate"``: they evaluate the params they are sent on their own
+held-out data (federated evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import tree
+from ..aggregate import Pipeline, ServerOpt, sgd
+from ..aggregate.server_opt import ServerOptState
+from ..aggregate.stages import StageState
+from ..algorithm import RoundReport
+from ..client import ClientUpdate
+from ..data.arrays import ArrayData
+from ..errors import ConfigError, UpdateError
+from ..message import COORDINATOR, Message
+from ..metrics import weighted_average
+from ..node import Handler, NodeContext
+from ..seeding import derive_seed
+from ..transport import Transport
+from ..tree import Params
+from ..types import ClientInfo, RoundInfo
+from .cohort import Cohort
+
+__all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "train_data", "eval_data"]
+
+log = logging.getLogger(__name__)
+
+ClientEvaluate = Callable[[Params, ArrayData], dict[str, float]]
+"""``fn(params, data) -> metrics`` with an ``"examples"`` count (e.g. a ``shoal.Evaluator``)."""
+
+
+@dataclass
+class FedAvgState:
+    """The coordinator's state: global params, server optimizer state, stage states."""
+
+    params: Params
+    opt_state: ServerOptState = field(default_factory=dict)
+    stage_states: list[StageState] = field(default_factory=list)
+
+
+def train_data(context: NodeContext) -> ArrayData:
+    """A node's training data: ``data.train`` of a ``ClientData``, or the data itself."""
+    return getattr(context.data, "train", context.data)
+
+
+def eval_data(context: NodeContext) -> ArrayData | None:
+    """A node's held-out evaluation data (``data.eval``), or ``None``."""
+    return getattr(context.data, "eval", None)
+
+
+class FedAvg:
+    """Federated averaging (McMahan et al. 2017) with a pluggable pipeline and server optimizer.
+
+    Args:
+        client_update: what each client does (e.g. ``local_sgd(...)``).
+        pipeline: stages and reducer (default: example-weighted mean).
+        server_opt: how the aggregate is applied (default: ``sgd(1.0)``, plain FedAvg).
+        cohort: clients per round (default: all reachable clients).
+        min_replies: fewest valid replies for a round's update to be applied; with fewer the
+            round is recorded as failed and the model is left unchanged.
+        timeout: seconds a client may take; a slower client is dropped from the round.
+        client_eval: ``fn(params, data) -> metrics`` run by clients on ``"evaluate"``.
+        seed: the run's seed (cohorts and each client's randomness derive from it).
+    """
+
+    def __init__(self, client_update: ClientUpdate, *, pipeline: Pipeline | None = None,
+                 server_opt: ServerOpt | None = None, cohort: Cohort | None = None,
+                 min_replies: int = 1, timeout: float | None = None,
+                 client_eval: ClientEvaluate | None = None, seed: int = 0):
+        self.client_update = client_update
+        self.pipeline = pipeline if pipeline is not None else Pipeline()
+        self.server_opt = server_opt if server_opt is not None else sgd(1.0)
+        self.cohort = cohort if cohort is not None else Cohort()
+        need = self.pipeline.reducer.min_updates
+        if min_replies < need:
+            raise ConfigError(
+                f"FedAvg: min_replies is {min_replies}, but {self.pipeline.reducer!r} needs at "
+                f"least {need} updates; set min_replies >= {need}."
+            )
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"FedAvg: timeout must be > 0 seconds or None (got {timeout}).")
+        self.min_replies = min_replies
+        self.timeout = timeout
+        self.client_eval = client_eval
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return (f"FedAvg({self.client_update!r}, {self.pipeline!r}, {self.server_opt!r}, "
+                f"{self.cohort!r}, min_replies={self.min_replies})")
+
+    # -- coordinator side -------------------------------------------------------------------
+
+    def init(self, params: Params) -> FedAvgState:
+        """The state before round 1."""
+        params = tree.clone(params)
+        return FedAvgState(params, self.server_opt.init(params), self.pipeline.init())
+
+    def params(self, state: FedAvgState) -> Params:
+        """The global params."""
+        return state.params
+
+    def client_seed(self, round: int, client_id: str) -> int:
+        """The seed of ``client_id``'s randomness in ``round``."""
+        return derive_seed(self.seed, "client", round, client_id)
+
+    def round(self, state: FedAvgState, transport: Transport,
+              round: int) -> tuple[FedAvgState, RoundReport]:
+        """One round of federated averaging; see the module docstring."""
+        population = transport.nodes()
+        chosen = self.cohort.sample(population, self.seed, round)
+        configs = self.pipeline.client_configs(state.stage_states)
+        requests = [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
+                    for cid in chosen]
+        replies = transport.request(requests, self.timeout)
+
+        updates: list[Params] = []
+        weights: list[float] = []
+        senders: list[str] = []
+        client_metrics: list[dict[str, float]] = []
+        dropped: dict[str, str] = {}
+        for req, rep in zip(requests, replies, strict=True):
+            reason = self._invalid(req, rep, state.params)
+            if reason is not None:
+                dropped[req.dst] = reason
+                log.warning("round %d: dropped %s: %s", round, req.dst, reason)
+                continue
+            updates.append(rep.tensors)
+            senders.append(req.dst)
+            weights.append(float(rep.config["weight"]))
+            client_metrics.append({**rep.metrics, "weight": float(rep.config["weight"])})
+
+        report = RoundReport(round, dropped=dropped)
+        m = report.metrics
+        m["round/sampled"] = float(len(chosen))
+        m["round/replied"] = float(len(updates))
+        m["round/dropped"] = float(len(dropped))
+        if client_metrics:
+            m.update({k: v for k, v in weighted_average(client_metrics, "weight").items()
+                      if k != "weight"})
+            m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in client_metrics)
+        if len(updates) < self.min_replies:
+            report.failed = (f"only {len(updates)} valid replies of {len(chosen)} sampled; "
+                             f"min_replies is {self.min_replies}")
+            log.warning("round %d not applied: %s", round, report.failed)
+            return state, report
+
+        info = RoundInfo(round, self.seed, len(chosen), len(updates), len(population))
+        aggregate, stage_states, stage_metrics = self.pipeline.aggregate(
+            updates, weights, state.stage_states, configs, info, senders)
+        m.update(stage_metrics)
+        if not tree.is_finite(aggregate):
+            report.failed = "the aggregated update is not finite (NaN or inf); model left unchanged"
+            log.warning("round %d not applied: %s", round, report.failed)
+            return state, report
+        m["update/norm"] = tree.norm(aggregate)
+        params, opt_state = self.server_opt.apply(state.params, aggregate, state.opt_state)
+        return FedAvgState(params, opt_state, stage_states), report
+
+    @staticmethod
+    def _invalid(request: Message, reply: Message, params: Params) -> str | None:
+        """Why ``reply`` cannot be used, or ``None`` when it is a valid update."""
+        if reply.error is not None:
+            return reply.error
+        if reply.src != request.dst:
+            return f"reply from {reply.src!r} answers a request sent to {request.dst!r}"
+        if reply.round != request.round or reply.kind != request.kind:
+            return (f"reply is for {reply.kind!r} round {reply.round}, "
+                    f"expected {request.kind!r} round {request.round}")
+        weight = reply.config.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) \
+                or not math.isfinite(weight) or weight <= 0:
+            return f"weight must be a finite number > 0, got {weight!r}"
+        try:
+            tree.check_update(params, reply.tensors)
+        except UpdateError as e:
+            return str(e)
+        return None
+
+    # -- client side ------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        """``"train"`` (local update) and ``"evaluate"`` (federated evaluation)."""
+        return {"train": self.handle_train, "evaluate": self.handle_evaluate}
+
+    def handle_train(self, message: Message, context: NodeContext) -> Message:
+        """Train on the node's data and answer with the (stage-processed) update."""
+        info = ClientInfo(context.node_id, message.round,
+                          self.client_seed(message.round, context.node_id), message.config)
+        result = self.client_update(message.tensors, train_data(context), info)
+        update = self.pipeline.client(result.update, message.config.get("stages", []), info)
+        return message.reply(tensors=update, config={"weight": result.weight},
+                             metrics=result.metrics)
+
+    def handle_evaluate(self, message: Message, context: NodeContext) -> Message:
+        """Evaluate the params sent on the node's held-out data."""
+        data = eval_data(context)
+        if self.client_eval is None:
+            return message.failed("this federation has no client evaluation function")
+        if data is None or len(data) == 0:
+            return message.reply(metrics={"examples": 0.0})
+        return message.reply(metrics=self.client_eval(message.tensors, data))
+

@@ -1,0 +1,104 @@
+"""The ``shoal`` command.
+
+    shoal run [CONFIG.toml] [--set key=value ...] [--out DIR]
+    shoal run --resume DIR
+    shoal tasks
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..config import load_config
+from ..errors import ShoalError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="shoal: train models on data that never leaves its owners.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command("run")
+def run_command(
+    config: Annotated[Path | None, typer.Argument(
+        help="TOML config; none runs the built-in default (digits, FedAvg).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config field: section.field=value (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Run directory (default: <out_dir>/<task>-<paradigm>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the interrupted run in this directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Run a federated job in simulation (with its centralized baseline) and summarise it."""
+    from ..experiment import run_experiment
+    from .display import ProgressBar, cost_line, summary_table
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if resume is not None:
+        if config is not None or set_:
+            raise ShoalError("--resume continues a run with the config it started with; "
+                             "drop the CONFIG argument and --set options.")
+        cfg = load_config(resume / "config.toml")
+        run_dir = resume
+    else:
+        cfg = load_config(config, set_ or [])
+        run_dir = out or _new_run_dir(Path(cfg.out_dir), f"{cfg.task.name}-{cfg.paradigm}")
+
+    def callbacks(paradigm: str, rounds: int) -> list[ProgressBar]:
+        return [] if quiet else [ProgressBar(console, paradigm, rounds)]
+
+    console.print(f"run directory: [bold]{run_dir}[/bold]")
+    try:
+        results = run_experiment(cfg, run_dir, resume=resume is not None, callbacks=callbacks)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; completed rounds are checkpointed. Continue with:\n"
+                          f"  shoal run --resume {run_dir}")
+        raise typer.Exit(130) from None
+    console.print(summary_table(results))
+    line = cost_line(results)
+    if line:
+        console.print(line)
+    for r in results:
+        if r.stopped:
+            console.print(f"{r.paradigm} stopped early: {r.stopped}")
+
+
+@app.command("tasks")
+def tasks_command() -> None:
+    """List the built-in tasks and their options."""
+    from ..data.tasks import task_names, task_options
+
+    for name in task_names():
+        opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items())
+        console.print(f"[bold]{name}[/bold]  {opts}")
+
+
+def _new_run_dir(parent: Path, stem: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = parent / f"{stem}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = parent / f"{stem}-{stamp}-{n}"
+    return path
+
+
+def main() -> None:
+    """Entry point: run the app; a ShoalError prints its message and exits with status 2."""
+    try:
+        app()
+    except ShoalError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)

@@ -1,0 +1,306 @@
+"""The run configuration: a TOML file, validated field by field.
+
+Every field has a type and a range; an unknown field, a wrong type or a value out of range is a
+:class:`~shoal.errors.ConfigError` that names the field, what was expected and what was got,
+and suggests the closest known field for a typo. ``--set section.field=value`` overrides any
+field from the command line.
+
+    seed = 0
+    paradigm = "federated"        # federated | centralized
+    baseline = true               # also train the centralized baseline and report the gap
+
+    [task]                        # name plus the task's own options (data_dir, model, ...)
+    name = "digits"
+
+    [data]                        # how the task's data is split across clients
+    partition = "dirichlet"
+    num_clients = 20
+    alpha = 0.5
+
+    [federated]
+    rounds = 30
+    clients_per_round = 10        # a count, or a fraction of the clients (0.1)
+
+    [client]
+    epochs = 1
+    batch_size = 32
+    lr = 0.05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from .errors import ConfigError
+
+__all__ = ["ClientConfig", "Config", "DataConfig", "EvaluationConfig", "FederatedConfig",
+           "TaskConfig", "apply_overrides", "load_config", "parse_config", "to_toml"]
+
+
+def _check(**constraints: Any) -> dict[str, Any]:
+    return {"check": constraints}
+
+
+@dataclass
+class TaskConfig:
+    """Which built-in task (model, loss, data); other keys are the task's own options."""
+
+    name: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """How the task's training data is split into clients (unset fields: the task's default)."""
+
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "natural"] | None = None
+    num_clients: int | None = field(default=None, metadata=_check(min=1))
+    alpha: float | None = field(default=None, metadata=_check(gt=0))
+    shards_per_client: int | None = field(default=None, metadata=_check(min=1))
+    eval_fraction: float = field(default=0.2, metadata=_check(min=0, lt=1))
+
+
+@dataclass
+class FederatedConfig:
+    """Rounds, cohorts, dropouts, aggregation and the server optimizer."""
+
+    rounds: int = field(default=30, metadata=_check(min=1))
+    clients_per_round: int | float = field(default=10, metadata=_check(gt=0))
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    min_replies: int = field(default=1, metadata=_check(min=1))
+    dropout: float = field(default=0.0, metadata=_check(min=0, lt=1))
+    timeout_s: float = field(default=0.0, metadata=_check(min=0))
+    on_client_error: Literal["drop", "raise"] = "drop"
+    weighting: Literal["examples", "uniform"] = "examples"
+    reducer: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    trim_beta: float = field(default=0.1, metadata=_check(min=0, lt=0.5))
+    krum_f: int = field(default=1, metadata=_check(min=0))
+    krum_m: int = field(default=1, metadata=_check(min=1))
+    clip_norm: float = field(default=0.0, metadata=_check(min=0))
+    clip_at: Literal["client", "coordinator"] = "client"
+    server_opt: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    server_lr: float = field(default=1.0, metadata=_check(gt=0))
+    server_momentum: float = field(default=0.9, metadata=_check(min=0, lt=1))
+    beta1: float = field(default=0.9, metadata=_check(min=0, lt=1))
+    beta2: float = field(default=0.99, metadata=_check(min=0, lt=1))
+    tau: float = field(default=1e-3, metadata=_check(gt=0))
+
+    def __post_init__(self) -> None:
+        c = self.clients_per_round
+        if isinstance(c, float) and c > 1:
+            raise ConfigError(
+                f"config field 'federated.clients_per_round': expected a count (an integer "
+                f">= 1) or a fraction in (0, 1], got {c}."
+            )
+
+
+@dataclass
+class ClientConfig:
+    """Local training: epochs, batch size, the torch optimizer and FedProx's mu."""
+
+    epochs: int = field(default=1, metadata=_check(min=1))
+    batch_size: int = field(default=32, metadata=_check(min=1))
+    optimizer: str = "SGD"
+    lr: float = field(default=0.05, metadata=_check(gt=0))
+    momentum: float = field(default=0.0, metadata=_check(min=0, lt=1))
+    weight_decay: float = field(default=0.0, metadata=_check(min=0))
+    prox_mu: float = field(default=0.0, metadata=_check(min=0))
+    max_steps: int = field(default=0, metadata=_check(min=0))
+
+
+@dataclass
+class EvaluationConfig:
+    """How often to evaluate: centrally (coordinator's test set) and federated (clients'
+    held-out data); 0 means only after the last round."""
+
+    central_every: int = field(default=1, metadata=_check(min=0))
+    federated_every: int = field(default=0, metadata=_check(min=0))
+    batch_size: int = field(default=2048, metadata=_check(min=1))
+
+
+@dataclass
+class CheckpointConfig:
+    """How often to checkpoint and how many checkpoints to keep."""
+
+    every: int = field(default=1, metadata=_check(min=1))
+    keep: int = field(default=2, metadata=_check(min=1))
+
+
+@dataclass
+class Config:
+    """A whole run; see the module docstring for the file format."""
+
+    seed: int = field(default=0, metadata=_check(min=0))
+    paradigm: Literal["federated", "centralized"] = "federated"
+    baseline: bool = True
+    out_dir: str = "runs"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML config (``None``: the built-in default), apply ``key=value`` overrides,
+    validate, and return it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a TOML "
+                              "file, or no file to run the built-in default.")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}.") from e
+    return parse_config(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``section.field=value`` pairs (values in TOML syntax; bare words are strings)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. federated.rounds=5.")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section.")
+        node[leaf] = value
+    return out
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a config given as nested dicts (as read from TOML)."""
+    data = _deep_copy(data)
+    task = data.get("task")
+    if isinstance(task, dict):  # [task]: name plus free-form task options
+        data["task"] = {"name": task.get("name", TaskConfig.name),
+                        "options": {k: v for k, v in task.items() if k != "name"}}
+    return _build(Config, data, "")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{path or 'top level'}': expected a table, "
+                          f"got {_show(data)}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            where = f"[{path}]" if path else "the top level"
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"config: unknown field '{_join(path, key)}'.{hint} "
+                f"Known fields in {where}: {', '.join(fields)}."
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        where = _join(path, name)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], where)
+        else:
+            kwargs[name] = _value(tp, data[name], where, f.metadata.get("check", {}))
+    return cls(**kwargs)
+
+
+def _value(tp: Any, value: Any, where: str, check: dict[str, Any]) -> Any:
+    expected, ok, value = _coerce(tp, value)
+    if not ok:
+        raise ConfigError(f"config field '{where}': expected {expected}, got {_show(value)}.")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config field '{where}': expected a finite number, got {value}.")
+        for op, bound in check.items():
+            bad = {"min": value < bound, "gt": value <= bound, "lt": value >= bound}[op]
+            if bad:
+                rule = {"min": ">=", "gt": ">", "lt": "<"}[op]
+                raise ConfigError(f"config field '{where}': expected a value {rule} {bound}, "
+                                  f"got {value}.")
+    return value
+
+
+def _coerce(tp: Any, value: Any) -> tuple[str, bool, Any]:
+    """``(what is expected, whether value fits, the value converted)``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return "", True, None
+        descriptions = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            expected, ok, v = _coerce(opt, value)
+            if ok:
+                return expected, True, v
+            descriptions.append(expected)
+        return " or ".join(descriptions), False, value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        return f"one of {', '.join(repr(c) for c in choices)}", value in choices, value
+    if tp is bool:
+        return "true or false", isinstance(value, bool), value
+    if tp is int:
+        return "an integer", isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return "a number", ok, float(value) if ok else value
+    if tp is str:
+        return "a string", isinstance(value, str), value
+    if origin is dict:
+        return "a table", isinstance(value, dict), value
+    raise TypeError(f"config: no rule for type {tp!r}")  # a bug in this module, not in the input
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The config as nested dicts, in file form (``[task]`` options inlined, unset fields
+    left out)."""
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+    out = strip(dataclasses.asdict(config))
+    out["task"] = {"name": config.task.name, **config.task.options}
+    return out
+
+
+def to_toml(config: Config) -> str:
+    """The config as a TOML document that :func:`load_config` reads back to an equal config."""
+    return tomli_w.dumps(to_dict(config))

@@ -1,0 +1,312 @@
+"""From a validated :class:`~shoal.config.Config` to finished runs on disk.
+
+``run_experiment`` builds the task, the federation, the algorithm and the transport the config
+asks for, runs the chosen paradigm and (with ``baseline = true``) the centralized baseline on
+the same task, model initialisation and number of examples seen, and writes one directory::
+
+    RUN_DIR/config.toml                      the resolved config (what actually ran)
+    RUN_DIR/summary.json                     one entry per paradigm (accuracy, bytes, time)
+    RUN_DIR/<paradigm>/metrics.jsonl         metrics per round
+    RUN_DIR/<paradigm>/checkpoints/round-N/  state after the newest rounds
+    RUN_DIR/<paradigm>/model.safetensors     the final model
+
+``resume=True`` continues an interrupted run from its newest checkpoints; because every random
+draw derives from the seed, the round and the client, the resumed run ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from . import tree
+from .aggregate import (
+    Pipeline,
+    Reducer,
+    ServerOpt,
+    Stage,
+    adagrad,
+    adam,
+    clip_by_norm,
+    coordinate_median,
+    krum,
+    momentum,
+    multi_krum,
+    sgd,
+    trimmed_mean,
+    weighted_mean,
+    yogi,
+)
+from .algorithms.centralized import Centralized
+from .algorithms.cohort import Cohort
+from .algorithms.fedavg import FedAvg
+from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
+from .client import local_sgd, optimizer_fn
+from .config import Config, to_dict, to_toml
+from .data.federated import FederatedDataset, federate
+from .data.tasks import Task, load_task
+from .errors import CheckpointError, ConfigError
+from .metrics import Evaluator
+from .run import run
+from .seeding import derive_seed
+from .sim import InProcessTransport, simulated_dropout
+from .transport import FunctionTransport
+from .tree import Params
+
+__all__ = ["ParadigmResult", "build_federated", "initial_params", "resolve_config",
+           "run_experiment"]
+
+log = logging.getLogger(__name__)
+
+CallbackFactory = Callable[[str, int], Sequence[Any]]
+"""``fn(paradigm, rounds) -> callbacks`` added to each paradigm's run (e.g. a progress bar)."""
+
+
+@dataclass
+class ParadigmResult:
+    """How one paradigm's run ended: final metrics, rounds, examples, bytes and time."""
+
+    paradigm: str
+    rounds: int
+    final: dict[str, float]
+    examples: float
+    bytes: float
+    seconds: float
+    stopped: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able summary (no history)."""
+        d = dataclasses.asdict(self)
+        d.pop("history")
+        return d
+
+
+# -- building ----------------------------------------------------------------------------------
+
+def resolve_config(config: Config, task: Task) -> Config:
+    """The config with the task's default partition filled into unset ``[data]`` fields."""
+    d = dict(task.default_partition)
+    data = config.data
+    method = data.partition or d.get("partition", "iid")
+    same = method == d.get("partition", "iid")
+    resolved = dataclasses.replace(
+        data,
+        partition=method,
+        num_clients=data.num_clients if data.num_clients is not None else d.get("num_clients"),
+        alpha=data.alpha if data.alpha is not None else (d.get("alpha") if same else None),
+        shards_per_client=(data.shards_per_client if data.shards_per_client is not None
+                           else (d.get("shards_per_client") if same else None)),
+    )
+    return dataclasses.replace(config, data=resolved)
+
+
+def make_dataset(config: Config, task: Task) -> FederatedDataset:
+    """Partition the task's data as ``[data]`` says."""
+    d = config.data
+    options = {k: v for k, v in (("alpha", d.alpha), ("shards_per_client", d.shards_per_client))
+               if v is not None}
+    return federate(task, partition=d.partition, num_clients=d.num_clients, seed=config.seed,
+                    eval_fraction=d.eval_fraction, **options)
+
+
+def initial_params(config: Config, task: Task) -> tuple[torch.nn.Module, Params]:
+    """A model initialised from the run's seed, and a copy of its params."""
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        model = task.model_fn()
+    return model, tree.params_of(model)
+
+
+def _optimizer(config: Config):  # type: ignore[no-untyped-def]
+    c = config.client
+    kwargs: dict[str, Any] = {"lr": c.lr}
+    if c.momentum:
+        kwargs["momentum"] = c.momentum
+    if c.weight_decay:
+        kwargs["weight_decay"] = c.weight_decay
+    return optimizer_fn(c.optimizer, **kwargs)
+
+
+def _reducer(config: Config) -> Reducer:
+    f = config.federated
+    return {
+        "mean": lambda: weighted_mean(f.weighting),
+        "median": coordinate_median,
+        "trimmed_mean": lambda: trimmed_mean(f.trim_beta),
+        "krum": lambda: krum(f.krum_f),
+        "multi_krum": lambda: multi_krum(f.krum_f, f.krum_m),
+    }[f.reducer]()
+
+
+def _server_opt(config: Config) -> ServerOpt:
+    f = config.federated
+    return {
+        "fedavg": lambda: sgd(f.server_lr),
+        "fedavgm": lambda: momentum(f.server_lr, f.server_momentum),
+        "fedadam": lambda: adam(f.server_lr, f.beta1, f.beta2, f.tau),
+        "fedyogi": lambda: yogi(f.server_lr, f.beta1, f.beta2, f.tau),
+        "fedadagrad": lambda: adagrad(f.server_lr, f.beta1, f.tau),
+    }[f.server_opt]()
+
+
+def build_federated(config: Config, task: Task, dataset: FederatedDataset,
+                    model: torch.nn.Module) -> tuple[FedAvg, InProcessTransport]:
+    """The FedAvg-family algorithm and the simulated federation the config describes."""
+    f, c = config.federated, config.client
+    stages: list[Stage] = [clip_by_norm(f.clip_norm, f.clip_at)] if f.clip_norm > 0 else []
+    reducer = _reducer(config)
+    pipeline = Pipeline(stages, reducer)
+    cohort = Cohort(f.clients_per_round, f.sampling)
+    min_replies = max(f.min_replies, reducer.min_updates)
+    if min_replies > f.min_replies:
+        log.info("min_replies raised from %d to %d: %r needs that many updates",
+                 f.min_replies, min_replies, reducer)
+    expected = cohort.expected_size(len(dataset))
+    if f.sampling == "fixed" and expected < min_replies:
+        raise ConfigError(
+            f"config field 'federated.clients_per_round': {f.clients_per_round} gives "
+            f"{expected:g} clients per round, but at least {min_replies} valid replies are "
+            f"needed (min_replies / {reducer!r}); sample more clients."
+        )
+    update = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
+                       optimizer=_optimizer(config), prox_mu=c.prox_mu,
+                       max_steps=c.max_steps or None)
+    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
+                          auc=task.num_classes == 2)
+    algorithm = FedAvg(update, pipeline=pipeline, server_opt=_server_opt(config), cohort=cohort,
+                       min_replies=min_replies, timeout=f.timeout_s or None,
+                       client_eval=evaluator, seed=config.seed)
+    mods = [simulated_dropout(f.dropout, config.seed)] if f.dropout > 0 else []
+    transport = InProcessTransport(dataset.client_ids(), dataset.client, algorithm.handlers(),
+                                   mods=mods, on_error=f.on_client_error)
+    return algorithm, transport
+
+
+def scheduled_examples(config: Config, dataset: FederatedDataset) -> list[int]:
+    """Examples the federated run is scheduled to train on in each round (no dropouts)."""
+    cohort = Cohort(config.federated.clients_per_round, config.federated.sampling)
+    ids = dataset.client_ids()
+    c = config.client
+    out = []
+    for r in range(1, config.federated.rounds + 1):
+        total = 0
+        for cid in cohort.sample(ids, config.seed, r):
+            n = dataset.num_examples(cid) * c.epochs
+            if c.max_steps:
+                n = min(n, c.max_steps * c.batch_size)
+            total += n
+        out.append(max(total, 1))
+    return out
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
+                   callbacks: CallbackFactory | None = None) -> list[ParadigmResult]:
+    """Run what ``config`` asks for into ``run_dir``; see the module docstring."""
+    run_dir = Path(run_dir)
+    task = load_task(config.task.name, **config.task.options)
+    config = resolve_config(config, task)
+    if resume:
+        saved = run_dir / "config.toml"
+        if not saved.exists():
+            raise CheckpointError(f"resume: {run_dir} has no config.toml; is it a run directory "
+                                  "written by `shoal run`?")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config))
+    dataset = make_dataset(config, task)
+    model, params0 = initial_params(config, task)
+    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
+                          auc=task.num_classes == 2)
+    if task.test is None or len(task.test) == 0:
+        raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
+
+    def central(params: Params) -> dict[str, float]:
+        return evaluator(params, task.test)
+
+    rounds = config.federated.rounds
+    results: list[ParadigmResult] = []
+    paradigms = [config.paradigm]
+    if config.baseline and config.paradigm != "centralized":
+        paradigms.append("centralized")
+    fed_history: list[dict[str, Any]] | None = None
+    for paradigm in paradigms:
+        out = run_dir / paradigm
+        extra = list(callbacks(paradigm, rounds)) if callbacks else []
+        eval_every = config.evaluation.central_every or rounds
+        cbs: list[Any] = [CentralEvaluation(central, every=eval_every)]
+        if paradigm == "federated":
+            algorithm, transport = build_federated(config, task, dataset, model)
+            fed_every = config.evaluation.federated_every or rounds
+            if config.data.eval_fraction > 0:
+                cbs.append(FederatedEvaluation(fed_every))
+        else:
+            examples = ([int(h.get("train/examples", 0)) or 1 for h in fed_history]
+                        if fed_history else scheduled_examples(config, dataset))
+            algorithm = Centralized(model, task.loss_fn, dataset.pooled_train(),
+                                    examples_per_round=examples,
+                                    batch_size=config.client.batch_size,
+                                    optimizer=_optimizer(config), seed=config.seed)
+            transport = FunctionTransport([], lambda m: m.failed("no nodes"))
+        cbs += [MetricsLog(out / "metrics.jsonl"),
+                Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
+                *extra]
+        result = _run_one(paradigm, algorithm, transport, params0, rounds, cbs, out, resume)
+        results.append(result)
+        if paradigm == "federated":
+            fed_history = result.history
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"config": to_dict(config), "results": [r.summary() for r in results]}, indent=2))
+    return results
+
+
+def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rounds: int,
+             callbacks: list[Any], out: Path, resume: bool) -> ParadigmResult:
+    done = out / "result.json"
+    if resume and done.exists():
+        saved = json.loads(done.read_text())
+        return ParadigmResult(**saved, history=read_metrics(out / "metrics.jsonl"))
+    start_round, state, history = 1, None, None
+    if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
+        start_round, state, extra = load_checkpoint(ckpt, algorithm.init(params0))
+        history = extra.get("history", [])
+        start_round += 1
+        log.info("%s: resuming after round %d from %s", paradigm, start_round - 1, ckpt)
+    t0 = time.perf_counter()
+    res = run(algorithm, transport, rounds=rounds, callbacks=callbacks,
+              params=params0 if state is None else None, state=state,
+              start_round=start_round, history=history)
+    seconds = time.perf_counter() - t0 + sum(
+        h.get("time/round_s", 0.0) for h in (history or []))
+    final_params = algorithm.params(res.state)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in final_params.items()},
+              str(out / "model.safetensors"))
+    last = res.history[-1] if res.history else {}
+    final = {k.removeprefix("central/"): v for k, v in last.items()
+             if k.startswith("central/") and isinstance(v, float) and not math.isnan(v)}
+    for k, v in last.items():
+        if k.startswith("fed_eval/"):
+            final[k] = v
+    result = ParadigmResult(
+        paradigm=paradigm, rounds=res.rounds, final=final,
+        examples=math.fsum(h.get("train/examples", 0.0) for h in res.history),
+        bytes=math.fsum(h.get("comm/bytes_down", 0.0) + h.get("comm/bytes_up", 0.0)
+                        for h in res.history),
+        seconds=seconds, stopped=res.stopped, history=res.history)
+    done.write_text(json.dumps(result.summary(), indent=2))
+    return result

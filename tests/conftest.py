@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny synthetic classification federation that trains in milliseconds."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.data.arrays import ArrayData
+from shoal.data.federated import ClientData
+
+
+@dataclass
+class Tiny:
+    """A 3-class problem with 8 features, split over ``clients`` equal clients."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: list[str]
+    data: dict[str, ClientData]
+    test: ArrayData
+
+    def model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make_tiny(clients: int = 4, per_client: int = 30, seed: int = 0) -> Tiny:
+    g = torch.Generator().manual_seed(seed)
+    n = clients * per_client + 60
+    centers = torch.randn(3, 8, generator=g) * 2
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = centers[y] + torch.randn(n, 8, generator=g)
+    ids = [f"client-{i}" for i in range(clients)]
+    data = {}
+    for i, cid in enumerate(ids):
+        rows = torch.arange(i * per_client, (i + 1) * per_client)
+        data[cid] = ClientData(ArrayData(x, y, rows[:-5]), ArrayData(x, y, rows[-5:]))
+    test = ArrayData(x, y, torch.arange(clients * per_client, n))
+    return Tiny(x, y, ids, data, test)
+
+
+@pytest.fixture
+def tiny() -> Tiny:
+    return make_tiny()
+
+
+def sgd(lr: float):
+    return functools.partial(torch.optim.SGD, lr=lr)
+
+
+cross_entropy = F.cross_entropy
