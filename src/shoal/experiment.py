@@ -65,8 +65,8 @@ from .sim import InProcessTransport, simulated_dropout
 from .transport import FunctionTransport
 from .tree import Params
 
-__all__ = ["ParadigmResult", "build_federated", "initial_params", "resolve_config",
-           "run_experiment"]
+__all__ = ["ParadigmResult", "build_federated", "initial_params", "make_dataset",
+           "resolve_config", "run_experiment", "scheduled_examples"]
 
 log = logging.getLogger(__name__)
 

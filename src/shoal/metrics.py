@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from . import tree
 from .data.arrays import ArrayData
-from .tree import Params
 
 __all__ = ["Evaluator", "distribution_summary", "weighted_average"]
 
@@ -97,7 +96,3 @@ def distribution_summary(values: Sequence[float]) -> dict[str, float]:
     return {"worst": float(v.min()), "p10": float(np.percentile(v, 10)),
             "median": float(np.median(v)), "best": float(v.max())}
 
-
-def params_evaluator(evaluator: Evaluator, data: ArrayData) -> Callable[[Params], dict[str, float]]:
-    """``fn(params) -> metrics`` on fixed ``data`` (the coordinator's test set)."""
-    return lambda params: evaluator(params, data)

@@ -19,7 +19,7 @@ from rich.console import Console
 from ..config import load_config
 from ..errors import ShoalError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run_command", "tasks_command"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="shoal: train models on data that never leaves its owners.")
@@ -47,9 +47,10 @@ def run_command(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if resume is not None:
-        if config is not None or set_:
-            raise ShoalError("--resume continues a run with the config it started with; "
-                             "drop the CONFIG argument and --set options.")
+        if config is not None or set_ or out is not None:
+            raise ShoalError("--resume continues a run in its own directory with the config it "
+                             "started with; drop the CONFIG argument and the --set and --out "
+                             "options.")
         cfg = load_config(resume / "config.toml")
         run_dir = resume
     else:

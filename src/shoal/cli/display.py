@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..experiment import ParadigmResult
 
-__all__ = ["ProgressBar", "summary_table"]
+__all__ = ["ProgressBar", "cost_line", "summary_table"]
 
 
 class ProgressBar:
@@ -64,28 +64,31 @@ def _size(n: float) -> str:
 
 
 def summary_table(results: Sequence[ParadigmResult]) -> Table:
-    """One row per paradigm: accuracy (and AUC), rounds, examples seen, bytes, time."""
+    """One row per paradigm: accuracy (ROC AUC for binary tasks), the worst and 10th-percentile
+    client under federated evaluation, rounds, examples seen, bytes exchanged, time."""
     auc = any("auc" in r.final for r in results)
-    fed_eval = any("fed_eval/accuracy_worst" in r.final for r in results)
+    spread = any("fed_eval/accuracy_worst" in r.final for r in results)
     table = Table(title="shoal run summary", title_justify="left")
-    table.add_column("paradigm", style="bold")
-    table.add_column("accuracy", justify="right")
+    table.add_column("paradigm", style="bold", no_wrap=True)
+    table.add_column("accuracy", justify="right", no_wrap=True, min_width=8)
     if auc:
-        table.add_column("ROC AUC", justify="right")
-    if fed_eval:
-        table.add_column("clients: mean / worst / p10", justify="right")
-    for col in ("rounds", "examples seen", "bytes exchanged", "time"):
-        table.add_column(col, justify="right")
+        table.add_column("AUC", justify="right")
+    if spread:
+        table.add_column("worst", justify="right", no_wrap=True)
+        table.add_column("p10", justify="right", no_wrap=True)
+        table.caption = ("worst, p10: accuracy of the worst client and the 10th percentile, "
+                         "each client testing the model on its own held-out data")
+    for col in ("rounds", "examples", "bytes", "time"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in results:
-        row = [r.paradigm, f"{r.final.get('accuracy', float('nan')):.4f}"]
+        f = r.final
+        row = [r.paradigm, f"{f.get('accuracy', float('nan')):.4f}"]
         if auc:
-            row.append(f"{r.final['auc']:.4f}" if "auc" in r.final else "")
-        if fed_eval:
-            f = r.final
-            row.append(f"{f['fed_eval/accuracy']:.3f} / {f['fed_eval/accuracy_worst']:.3f} / "
-                       f"{f['fed_eval/accuracy_p10']:.3f}" if "fed_eval/accuracy_worst" in f
-                       else "")
-        row += [str(r.rounds), f"{r.examples:,.0f}", _size(r.bytes) if r.bytes else "0 (pooled)",
+            row.append(f"{f['auc']:.4f}" if "auc" in f else "")
+        if spread:
+            row += [f"{f[k]:.3f}" if k in f else "" for k in
+                    ("fed_eval/accuracy_worst", "fed_eval/accuracy_p10")]
+        row += [str(r.rounds), f"{r.examples:,.0f}", _size(r.bytes) if r.bytes else "0",
                 f"{r.seconds:.1f} s"]
         table.add_row(*row)
     return table
