@@ -7,13 +7,13 @@ what a dropout means. Implementations: the in-process transport of the simulator
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .message import Message
 
-__all__ = ["FunctionTransport", "TrafficStats", "Transport"]
+__all__ = ["FunctionTransport", "TrafficStats", "Transport", "replies"]
 
 
 @dataclass
@@ -61,6 +61,16 @@ class Transport(Protocol):
         represented by a reply with ``error`` set.
         """
         ...
+
+
+def replies(transport: Transport, messages: Sequence[Message],
+            timeout: float | None = None) -> Iterator[Message]:
+    """The replies to ``messages`` in order, one at a time when the transport can stream them
+    (``transport.stream``), so a consumer that reduces as it goes holds one reply at a time."""
+    stream = getattr(transport, "stream", None)
+    if stream is not None:
+        return iter(stream(messages, timeout))
+    return iter(transport.request(messages, timeout))
 
 
 class FunctionTransport:

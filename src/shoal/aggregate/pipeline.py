@@ -9,7 +9,7 @@ updates into one, and the stages' server halves run on the result in reverse ord
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..errors import AggregationError
@@ -86,26 +86,39 @@ class Pipeline:
                 update = s.client(update, cfg, info)
         return update
 
+    def reduce(self, updates: Iterable[tuple[str, Params, float]],
+               configs: Sequence[Mapping[str, Any]], round: int, seed: int,
+               ) -> tuple[Params | None, int]:
+        """Coordinator-side per-update halves, then the reducer, over ``(sender, update,
+        weight)`` triples consumed one at a time: ``(reduced, count)``, ``None`` when fewer than
+        the reducer's ``min_updates`` arrived.
+
+        A linear reducer keeps only a running sum, so a round holds one update at a time.
+        Coordinator-side halves run after the client-side ones, whatever their place in the
+        list; each sees the ``ClientInfo`` of the update's sender.
+        """
+        coordinator = [(i, s) for i, s in enumerate(self.stages) if s.runs_at == "coordinator"]
+
+        def processed() -> Iterator[tuple[Params, float]]:
+            for sender, update, weight in updates:
+                for i, s in coordinator:
+                    update = s.client(update, configs[i], ClientInfo(sender, round, seed))
+                yield update, weight
+
+        return self.reducer.reduce_stream(processed())
+
     def aggregate(self, updates: Sequence[Params], weights: Sequence[float],
                   states: Sequence[StageState], configs: Sequence[Mapping[str, Any]],
                   info: RoundInfo, senders: Sequence[str] | None = None,
                   ) -> tuple[Params, list[StageState], dict[str, float]]:
-        """Coordinator-side per-update halves, the reducer, then the server halves reversed.
-
-        Coordinator-side halves run after the client-side ones, whatever their place in the
-        list; each sees the ``ClientInfo`` of the update's sender (``senders``, in order).
-        """
-        coordinator = [(i, s) for i, s in enumerate(self.stages) if s.runs_at == "coordinator"]
-        if coordinator:
-            processed = []
-            names = senders if senders is not None else [f"update-{j}" for j in range(len(updates))]
-            for u, sender in zip(updates, names, strict=True):
-                for i, s in coordinator:
-                    u = s.client(u, configs[i], ClientInfo(sender, info.round, info.seed))
-                processed.append(u)
-            updates = processed
-        aggregate = self.reducer(updates, weights)
-        return self.finish(aggregate, states, info)
+        """:meth:`reduce` on lists, then :meth:`finish` (the server halves, reversed)."""
+        names = senders if senders is not None else [f"update-{j}" for j in range(len(updates))]
+        if len(updates) < self.reducer.min_updates:
+            self.reducer._check(updates, weights)  # raises, naming what is missing
+        reduced, _ = self.reduce(zip(names, updates, weights, strict=True), configs,
+                                 info.round, info.seed)
+        assert reduced is not None
+        return self.finish(reduced, states, info)
 
     def finish(self, aggregate: Params, states: Sequence[StageState],
                info: RoundInfo) -> tuple[Params, list[StageState], dict[str, float]]:

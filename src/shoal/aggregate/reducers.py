@@ -9,7 +9,7 @@ need the individual updates and ignore the weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -45,6 +45,18 @@ class Reducer:
 
     def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         raise NotImplementedError
+
+    def reduce_stream(self, items: Iterable[tuple[Params, float]]) -> tuple[Params | None, int]:
+        """Reduce ``(update, weight)`` pairs given one at a time: ``(result, count)``.
+
+        The result is ``None`` when fewer than ``min_updates`` arrived. This default collects
+        the updates first (a non-linear reducer needs them all); linear reducers override it to
+        keep only a running sum.
+        """
+        pairs = list(items)
+        if len(pairs) < self.min_updates:
+            return None, len(pairs)
+        return self([u for u, _ in pairs], [w for _, w in pairs]), len(pairs)
 
     def _check(self, updates: Sequence[Params], weights: Sequence[float]) -> None:
         if len(updates) != len(weights):
@@ -92,8 +104,24 @@ class WeightedMean(Reducer):
 
     def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         self._check(updates, weights)
-        w = [self.client_weight(float(x)) for x in weights]
-        return self.finalize(tree.weighted_sum(updates, w), math.fsum(w))
+        result, _ = self.reduce_stream(zip(updates, weights, strict=True))
+        assert result is not None
+        return result
+
+    def reduce_stream(self, items: Iterable[tuple[Params, float]]) -> tuple[Params | None, int]:
+        """A running weighted sum, in arrival order: holds one update at a time."""
+        acc: Params | None = None
+        weights: list[float] = []
+        for update, weight in items:
+            w = self.client_weight(float(weight))
+            if acc is None:
+                acc = {k: v * w for k, v in update.items()}
+            else:
+                tree.add_(acc, update, alpha=w)
+            weights.append(w)
+        if acc is None:
+            return None, 0
+        return self.finalize(acc, math.fsum(weights)), len(weights)
 
 
 def weighted_mean(weighting: Literal["examples", "uniform"] = "examples") -> WeightedMean:

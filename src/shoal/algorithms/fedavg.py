@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import tree
@@ -30,7 +30,7 @@ from ..message import COORDINATOR, Message
 from ..metrics import weighted_average
 from ..node import Handler, NodeContext
 from ..seeding import derive_seed
-from ..transport import Transport
+from ..transport import Transport, replies
 from ..tree import Params
 from ..types import ClientInfo, RoundInfo
 from .cohort import Cohort
@@ -125,42 +125,40 @@ class FedAvg:
         configs = self.pipeline.client_configs(state.stage_states)
         requests = [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
                     for cid in chosen]
-        replies = transport.request(requests, self.timeout)
-
-        updates: list[Params] = []
-        weights: list[float] = []
-        senders: list[str] = []
+        report = RoundReport(round)
         client_metrics: list[dict[str, float]] = []
-        dropped: dict[str, str] = {}
-        for req, rep in zip(requests, replies, strict=True):
-            reason = self._invalid(req, rep, state.params)
-            if reason is not None:
-                dropped[req.dst] = reason
-                log.warning("round %d: dropped %s: %s", round, req.dst, reason)
-                continue
-            updates.append(rep.tensors)
-            senders.append(req.dst)
-            weights.append(float(rep.config["weight"]))
-            client_metrics.append({**rep.metrics, "weight": float(rep.config["weight"])})
 
-        report = RoundReport(round, dropped=dropped)
+        def valid_updates() -> Iterator[tuple[str, Params, float]]:
+            # Replies are validated and reduced one at a time as the transport yields them.
+            for req, rep in zip(requests, replies(transport, requests, self.timeout),
+                                strict=True):
+                reason = self._invalid(req, rep, state.params)
+                if reason is not None:
+                    report.dropped[req.dst] = reason
+                    log.warning("round %d: dropped %s: %s", round, req.dst, reason)
+                    continue
+                weight = float(rep.config["weight"])
+                client_metrics.append({**rep.metrics, "weight": weight})
+                yield req.dst, rep.tensors, weight
+
+        reduced, count = self.pipeline.reduce(valid_updates(), configs, round, self.seed)
         m = report.metrics
         m["round/sampled"] = float(len(chosen))
-        m["round/replied"] = float(len(updates))
-        m["round/dropped"] = float(len(dropped))
+        m["round/replied"] = float(count)
+        m["round/dropped"] = float(len(report.dropped))
         if client_metrics:
             m.update({k: v for k, v in weighted_average(client_metrics, "weight").items()
                       if k != "weight"})
             m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in client_metrics)
-        if len(updates) < self.min_replies:
-            report.failed = (f"only {len(updates)} valid replies of {len(chosen)} sampled; "
+        if reduced is None or count < self.min_replies:
+            report.failed = (f"only {count} valid replies of {len(chosen)} sampled; "
                              f"min_replies is {self.min_replies}")
             log.warning("round %d not applied: %s", round, report.failed)
             return state, report
 
-        info = RoundInfo(round, self.seed, len(chosen), len(updates), len(population))
-        aggregate, stage_states, stage_metrics = self.pipeline.aggregate(
-            updates, weights, state.stage_states, configs, info, senders)
+        info = RoundInfo(round, self.seed, len(chosen), count, len(population))
+        aggregate, stage_states, stage_metrics = self.pipeline.finish(
+            reduced, state.stage_states, info)
         m.update(stage_metrics)
         if not tree.is_finite(aggregate):
             report.failed = "the aggregated update is not finite (NaN or inf); model left unchanged"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from ..errors import ClientError
@@ -66,10 +66,15 @@ class InProcessTransport:
 
     def request(self, messages: Sequence[Message], timeout: float | None = None) -> list[Message]:
         """Deliver each message in order; see the class docstring for failures."""
-        replies = [self._deliver(m, timeout) for m in messages]
-        for m, r in zip(messages, replies, strict=True):
-            self.stats.record(m, r)
-        return replies
+        return list(self.stream(messages, timeout))
+
+    def stream(self, messages: Sequence[Message],
+               timeout: float | None = None) -> Iterator[Message]:
+        """Deliver the messages one at a time as the replies are consumed (lazily, in order)."""
+        for m in messages:
+            reply = self._deliver(m, timeout)
+            self.stats.record(m, reply)
+            yield reply
 
     def _deliver(self, message: Message, timeout: float | None) -> Message:
         if message.dst not in self._known:
