@@ -65,8 +65,9 @@ from .sim import InProcessTransport, simulated_dropout
 from .transport import FunctionTransport
 from .tree import Params
 
-__all__ = ["ParadigmResult", "build_federated", "initial_params", "make_dataset",
-           "resolve_config", "run_experiment", "scheduled_examples"]
+__all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
+           "centralized_paradigm", "federated_paradigm", "initial_params", "make_dataset",
+           "register_paradigm", "resolve_config", "run_experiment", "scheduled_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,70 @@ def scheduled_examples(config: Config, dataset: FederatedDataset) -> list[int]:
     return out
 
 
+# -- paradigms ------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """What every paradigm of a run shares: the config, the task, the federation, the model
+    and its initial params, the evaluator, and the histories of paradigms already run."""
+
+    config: Config
+    task: Task
+    dataset: FederatedDataset
+    model: torch.nn.Module
+    params0: Params
+    evaluator: Evaluator
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class Built:
+    """A paradigm ready to run: its algorithm, transport, and callbacks of its own."""
+
+    algorithm: Any
+    transport: Any
+    callbacks: list[Any] = field(default_factory=list)
+
+
+ParadigmBuilder = Callable[[Setup], Built]
+PARADIGMS: dict[str, ParadigmBuilder] = {}
+"""Paradigm name (``config.paradigm``) -> builder."""
+
+
+def register_paradigm(name: str) -> Callable[[ParadigmBuilder], ParadigmBuilder]:
+    """Register ``builder(setup) -> Built`` as paradigm ``name``."""
+    def decorate(builder: ParadigmBuilder) -> ParadigmBuilder:
+        PARADIGMS[name] = builder
+        return builder
+    return decorate
+
+
+@register_paradigm("federated")
+def federated_paradigm(setup: Setup) -> Built:
+    """FedAvg and its family over the simulated federation, with federated evaluation."""
+    config = setup.config
+    algorithm, transport = build_federated(config, setup.task, setup.dataset, setup.model)
+    callbacks: list[Any] = []
+    if config.data.eval_fraction > 0:
+        callbacks.append(FederatedEvaluation(config.evaluation.federated_every
+                                             or config.federated.rounds))
+    return Built(algorithm, transport, callbacks)
+
+
+@register_paradigm("centralized")
+def centralized_paradigm(setup: Setup) -> Built:
+    """The pooled-data baseline, round by round on as many examples as the paradigm it is
+    compared with saw (or as the federated schedule would see, when run alone)."""
+    config = setup.config
+    primary = setup.histories.get(config.paradigm)
+    examples = ([int(h.get("train/examples", 0)) or 1 for h in primary] if primary
+                else scheduled_examples(config, setup.dataset))
+    algorithm = Centralized(setup.model, setup.task.loss_fn, setup.dataset.pooled_train(),
+                            examples_per_round=examples, batch_size=config.client.batch_size,
+                            optimizer=_optimizer(config), seed=config.seed)
+    return Built(algorithm, FunctionTransport([], lambda m: m.failed("no nodes")))
+
+
 # -- running -----------------------------------------------------------------------------------
 
 def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
@@ -221,54 +286,41 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
     if resume:
-        saved = run_dir / "config.toml"
-        if not saved.exists():
+        if not (run_dir / "config.toml").exists():
             raise CheckpointError(f"resume: {run_dir} has no config.toml; is it a run directory "
                                   "written by `shoal run`?")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
-    dataset = make_dataset(config, task)
-    model, params0 = initial_params(config, task)
-    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
-                          auc=task.num_classes == 2)
     if task.test is None or len(task.test) == 0:
         raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
+    model, params0 = initial_params(config, task)
+    setup = Setup(config, task, make_dataset(config, task), model, params0,
+                  Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
+                            auc=task.num_classes == 2))
 
     def central(params: Params) -> dict[str, float]:
-        return evaluator(params, task.test)
+        return setup.evaluator(params, task.test)
 
     rounds = config.federated.rounds
-    results: list[ParadigmResult] = []
     paradigms = [config.paradigm]
     if config.baseline and config.paradigm != "centralized":
         paradigms.append("centralized")
-    fed_history: list[dict[str, Any]] | None = None
+    results: list[ParadigmResult] = []
     for paradigm in paradigms:
         out = run_dir / paradigm
-        extra = list(callbacks(paradigm, rounds)) if callbacks else []
-        eval_every = config.evaluation.central_every or rounds
-        cbs: list[Any] = [CentralEvaluation(central, every=eval_every)]
-        if paradigm == "federated":
-            algorithm, transport = build_federated(config, task, dataset, model)
-            fed_every = config.evaluation.federated_every or rounds
-            if config.data.eval_fraction > 0:
-                cbs.append(FederatedEvaluation(fed_every))
-        else:
-            examples = ([int(h.get("train/examples", 0)) or 1 for h in fed_history]
-                        if fed_history else scheduled_examples(config, dataset))
-            algorithm = Centralized(model, task.loss_fn, dataset.pooled_train(),
-                                    examples_per_round=examples,
-                                    batch_size=config.client.batch_size,
-                                    optimizer=_optimizer(config), seed=config.seed)
-            transport = FunctionTransport([], lambda m: m.failed("no nodes"))
-        cbs += [MetricsLog(out / "metrics.jsonl"),
-                Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
-                *extra]
-        result = _run_one(paradigm, algorithm, transport, params0, rounds, cbs, out, resume)
+        built = PARADIGMS[paradigm](setup)
+        cbs: list[Any] = [
+            CentralEvaluation(central, every=config.evaluation.central_every or rounds),
+            *built.callbacks,
+            MetricsLog(out / "metrics.jsonl"),
+            Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
+            *(callbacks(paradigm, rounds) if callbacks else []),
+        ]
+        result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs, out,
+                          resume)
         results.append(result)
-        if paradigm == "federated":
-            fed_history = result.history
+        setup.histories[paradigm] = result.history
     (run_dir / "summary.json").write_text(json.dumps(
         {"config": to_dict(config), "results": [r.summary() for r in results]}, indent=2))
     return results
