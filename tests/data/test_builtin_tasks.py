@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shoal.data import task_fashion_mnist as fm
-from shoal.data import task_heart
+from shoal.data import task_ai4i, task_heart
 from shoal.data.federated import federate
 from shoal.data.tasks import Task, load_task, register_task, task_names, task_options
 from shoal.errors import ConfigError, DataError
@@ -28,16 +28,16 @@ def n_params(model: torch.nn.Module) -> int:
 # -- registry ---------------------------------------------------------------------------------
 
 def test_registry_lists_the_builtin_tasks() -> None:
-    assert task_names() == ["digits", "fashion_mnist", "heart"]
-    assert task_names(natural_ids=True) == ["heart"]
+    assert task_names() == ["ai4i", "digits", "fashion_mnist", "heart"]
+    assert task_names(natural_ids=True) == ["ai4i", "heart"]
     assert task_options("digits") == {"hidden": 128}
 
 
 def test_unknown_task_and_option_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_task("mnist")
-    assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of digits, "
-                               "fashion_mnist, heart.")
+    assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of ai4i, "
+                               "digits, fashion_mnist, heart.")
     with pytest.raises(ConfigError) as info:
         load_task("digits", width=3)
     assert str(info.value) == ("load_task('digits'): unknown option 'width'; accepted "
@@ -85,7 +85,7 @@ def test_model_fn_builds_fresh_models_and_seeds_nothing() -> None:
     assert task.loss_fn(logits, task.train.tensors()[1][:5]).dim() == 0
 
 
-@pytest.mark.parametrize("name", ["digits", "heart"])
+@pytest.mark.parametrize("name", ["ai4i", "digits", "heart"])
 def test_model_fn_and_loss_fn_pickle(name: str) -> None:
     # Multi-process executors send the task's functions to workers.
     task = load_task(name)
@@ -228,3 +228,29 @@ def test_fashion_mnist_real_files() -> None:
     assert n_params(task.model_fn()) == 1_663_370
     other = load_task("fashion_mnist")
     assert other.train.x.data_ptr() != task.train.x.data_ptr()  # no shared mutable tensors
+
+
+# -- ai4i -------------------------------------------------------------------------------------
+
+def test_ai4i_lines_records_and_failures() -> None:
+    x, y, line = task_ai4i.read_ai4i()
+    assert x.shape == (10_000, 5) and int(y.sum()) == 339
+    assert Counter(line.tolist()) == {"L": 6000, "M": 2997, "H": 1003}
+    task = load_task("ai4i")
+    assert task.num_classes == 2 and task.default_partition == {"partition": "natural"}
+    assert len(task.train) + len(task.test) == 10_000 and len(task.test) == 2501  # rounded per line and class
+    xtr, ytr = task.train.tensors()
+    assert torch.isfinite(xtr).all() and torch.allclose(xtr.mean(0), torch.zeros(5), atol=1e-4)
+    _, yte = task.test.tensors()
+    assert int(ytr.sum()) + int(yte.sum()) == 339 and int(yte.sum()) == 85  # stratified
+    fd = federate(task)
+    assert fd.client_ids() == ["H", "L", "M"]
+    assert task.model_fn()(xtr[:3]).shape == (3, 2)
+
+
+def test_ai4i_file_matches_its_attribution() -> None:
+    folder = importlib.resources.files("shoal") / "data" / "builtin" / "ai4i"
+    text = (folder / "ATTRIBUTION.md").read_text()
+    assert "CC BY 4.0" in text and "Matzka" in text and "3e1727a" in text
+    digest = hashlib.sha256((folder / "ai4i2020.csv").read_bytes()).hexdigest()
+    assert digest in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -68,11 +69,12 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
     client under federated evaluation, rounds, examples seen, bytes exchanged, time."""
     auc = any("auc" in r.final for r in results)
     spread = any("fed_eval/accuracy_worst" in r.final for r in results)
-    table = Table(title="shoal run summary", title_justify="left")
+    table = Table(title="shoal run summary", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
     table.add_column("paradigm", style="bold", no_wrap=True)
     table.add_column("accuracy", justify="right", no_wrap=True, min_width=8)
     if auc:
-        table.add_column("AUC", justify="right")
+        table.add_column("AUC", justify="right", no_wrap=True, min_width=6)
     if spread:
         table.add_column("worst", justify="right", no_wrap=True)
         table.add_column("p10", justify="right", no_wrap=True)
@@ -95,11 +97,18 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
 
 
 def cost_line(results: Sequence[ParadigmResult]) -> str | None:
-    """'Federating cost X points of accuracy' when both a paradigm and the baseline ran."""
-    by = {r.paradigm: r.final.get("accuracy") for r in results}
-    base = by.get("centralized")
-    others = [(p, a) for p, a in by.items() if p != "centralized" and a is not None]
-    if base is None or not others:
+    """'<paradigm> vs centralized: X accuracy points (, Y AUC)' when a paradigm and the
+    baseline both ran."""
+    base = next((r.final for r in results if r.paradigm == "centralized"), None)
+    if base is None or "accuracy" not in base:
         return None
-    return "; ".join(f"{p} vs centralized: {100 * (a - base):+.2f} accuracy points"
-                     for p, a in others)
+    parts = []
+    for r in results:
+        if r.paradigm == "centralized" or "accuracy" not in r.final:
+            continue
+        text = (f"{r.paradigm} vs centralized: "
+                f"{100 * (r.final['accuracy'] - base['accuracy']):+.2f} accuracy points")
+        if "auc" in r.final and "auc" in base:
+            text += f", {r.final['auc'] - base['auc']:+.3f} AUC"
+        parts.append(text)
+    return "; ".join(parts) or None

@@ -9,7 +9,8 @@ a fresh-model factory and the loss. Built-in tasks register themselves with
     model = task.model_fn()          # fresh and untrained; seed torch first for a fixed init
 
 Built in: ``digits`` (scikit-learn's 8x8 digits, the default), ``fashion_mnist`` (the
-Debian-packaged IDX files) and ``heart`` (UCI Heart Disease, one client per hospital).
+Debian-packaged IDX files), ``heart`` (UCI Heart Disease, one client per hospital) and
+``ai4i`` (AI4I 2020 predictive maintenance, one client per production line).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 # Imported on first lookup, so that importing this module stays cheap and cycle-free.
-_BUILTIN_MODULES = ("task_digits", "task_fashion_mnist", "task_heart")
+_BUILTIN_MODULES = ("task_ai4i", "task_digits", "task_fashion_mnist", "task_heart")
 _builtins_loaded = False
 
 
