@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.data import task_fashion_mnist as fm
 from shoal.data import task_ai4i, task_heart
+from shoal.data import task_fashion_mnist as fm
 from shoal.data.federated import federate
 from shoal.data.tasks import Task, load_task, register_task, task_names, task_options
 from shoal.errors import ConfigError, DataError
