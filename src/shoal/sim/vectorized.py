@@ -1,0 +1,221 @@
+"""Local SGD for a whole cohort at once: stacked client params under ``torch.func.vmap``.
+
+Each client's params are one row of a stacked tensor ``(C, *shape)``; one step computes every
+active client's gradient with ``vmap(grad_and_value(loss))`` over its own mini-batch
+``(C, B, *x_shape)`` and applies the SGD step to the stacked tensors in place. Clients with
+different data sizes are padded, not truncated: a short last batch carries a mask (padded
+examples weigh 0, the loss is the mean over the real ones, as ``local_sgd`` computes it), and
+clients are sorted by their number of steps so that the clients still training at step ``s``
+are a prefix ``[:k_s]`` of the stack (a view, no copy) and a finished client does no work.
+
+Supported: :class:`~shoal.client.LocalSGD` with ``torch.optim.SGD`` (``lr``, ``momentum``,
+``weight_decay``), FedProx's ``prox_mu``, ``epochs`` and ``max_steps``, on a model without
+training-time state or randomness. Refused with a clear error: other optimizers, SGD's
+``dampening``/``nesterov``/``maximize``, BatchNorm running statistics, Dropout (vmap would
+draw other random numbers than the sequential executor) and any model ``vmap`` cannot run.
+
+Every client draws its batches from ``torch_generator(info.seed, "batches")``, exactly as
+``local_sgd`` does, so it sees the same examples in the same order. The float results differ
+from the sequential executor's in the last bits: a batched matrix product and the masked mean
+add in another order than per-client ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from ..client import LocalSGD
+from ..data.arrays import ArrayData
+from ..errors import ConfigError, ModelError
+from ..seeding import torch_generator
+from ..tree import Params
+from ..types import ClientInfo, ClientResult
+
+__all__ = ["SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
+
+_FIX = "use executor='sequential' or 'processes' (or 'auto', which falls back)"
+
+
+@dataclass(frozen=True)
+class SGDSpec:
+    """The plain-SGD hyper-parameters the batched step implements."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def sgd_spec(update: object) -> SGDSpec:
+    """The SGD settings of a ``local_sgd`` update, or a :class:`ConfigError` saying why the
+    vectorized executor cannot run it."""
+    if not isinstance(update, LocalSGD):
+        raise ConfigError(
+            f"vectorized executor: the client update is {update!r} ({type(update).__name__}); "
+            f"it runs local_sgd(...) only; {_FIX}."
+        )
+    opt = update.optimizer
+    if not (isinstance(opt, functools.partial) and opt.func is torch.optim.SGD and not opt.args):
+        raise ConfigError(
+            f"vectorized executor: the client optimizer is {opt!r}; it implements "
+            f"torch.optim.SGD (lr, momentum, weight_decay) only; {_FIX}."
+        )
+    kw = dict(opt.keywords)
+    unsupported = {k: v for k, v in kw.items()
+                   if k not in ("lr", "momentum", "weight_decay")
+                   and not (k in ("dampening",) and v == 0)
+                   and not (k in ("nesterov", "maximize", "foreach", "differentiable", "fused")
+                            and not v)}
+    if unsupported:
+        raise ConfigError(
+            f"vectorized executor: SGD option(s) {unsupported} are not supported (it implements "
+            f"lr, momentum and weight_decay); {_FIX}."
+        )
+    return SGDSpec(float(kw.get("lr", 1e-3)), float(kw.get("momentum", 0.0)),
+                   float(kw.get("weight_decay", 0.0)))
+
+
+def check_vectorizable(model: nn.Module) -> None:
+    """Raise :class:`ModelError` when ``model`` keeps training-time state or draws random
+    numbers, which per-client ``vmap`` training cannot reproduce."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ModelError(
+                f"vectorized executor: layer {name!r} ({type(module).__name__}) updates running "
+                "statistics while training, which cannot be kept per client under "
+                f"torch.func.vmap; {_FIX}, or build the layer with track_running_stats=False "
+                "(or use GroupNorm/LayerNorm)."
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ModelError(
+                f"vectorized executor: layer {name!r} ({type(module).__name__}) draws random "
+                "numbers while training, which vmap cannot draw as the sequential executor "
+                f"does; {_FIX}."
+            )
+
+
+class VectorizedLocalSGD:
+    """``local_sgd`` for many clients in one batched computation; see the module docstring."""
+
+    def __init__(self, update: LocalSGD):
+        self.update = update
+        self.spec = sgd_spec(update)
+        check_vectorizable(update.model)
+        self.model = copy.deepcopy(update.model).train()
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        loss_fn = update.loss_fn
+        model = self.model
+
+        def loss_full(p: Params, const: Params, x: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(functional_call(model, {**p, **const}, (x,)), y)
+
+        def loss_masked(p: Params, const: Params, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
+            out = functional_call(model, {**p, **const}, (x,))  # (B, ...)
+            per = vmap(loss_fn)(out.unsqueeze(1), y.unsqueeze(1))  # (B,) one loss per example
+            return (per * m).sum() / m.sum().clamp(min=1.0)
+
+        self._full = vmap(grad_and_value(loss_full), in_dims=(0, None, 0, 0))
+        self._masked = vmap(grad_and_value(loss_masked), in_dims=(0, None, 0, 0, 0))
+
+    def __repr__(self) -> str:
+        return f"VectorizedLocalSGD({self.update!r})"
+
+    def schedule(self, data: ArrayData, info: ClientInfo) -> Tensor:
+        """Client's batches as rows ``(steps, B)`` of pool row numbers, ``-1`` for padding; the
+        same batches ``local_sgd`` draws."""
+        u = self.update
+        n, b = len(data), u.batch_size
+        if n == 0:
+            return torch.empty(0, b, dtype=torch.int64)
+        g = torch_generator(info.seed, "batches")
+        per_epoch = math.ceil(n / b)
+        epochs = u.epochs if u.max_steps is None else min(u.epochs,
+                                                            math.ceil(u.max_steps / per_epoch))
+        rows = []
+        for _ in range(epochs):
+            perm = data.index[torch.randperm(n, generator=g)]
+            padded = torch.full((per_epoch * b,), -1, dtype=torch.int64)
+            padded[:n] = perm
+            rows.append(padded.view(per_epoch, b))
+        out = torch.cat(rows)
+        return out if u.max_steps is None else out[:u.max_steps]
+
+    def __call__(self, params: Params, datas: Sequence[ArrayData],
+                 infos: Sequence[ClientInfo]) -> list[ClientResult]:
+        """One :class:`ClientResult` per client, as ``local_sgd`` would compute them (within
+        float rounding). All ``datas`` must be views of the same pool tensors."""
+        if not datas:
+            return []
+        x, y = datas[0].x, datas[0].y
+        if any(d.x is not x or d.y is not y for d in datas):
+            raise ModelError("vectorized executor: the clients' data are not views of one shared "
+                             "pool (ArrayData.x / .y differ); group clients by pool.")
+        plans = [self.schedule(d, i) for d, i in zip(datas, infos, strict=True)]
+        steps = torch.tensor([len(p) for p in plans])
+        order = torch.argsort(steps, descending=True, stable=True)  # active clients: a prefix
+        c, s_max, b = len(plans), int(steps.max()), self.update.batch_size
+        rows = torch.full((c, s_max, b), -1, dtype=torch.int64)  # (C, S, B)
+        for j, i in enumerate(order.tolist()):
+            rows[j, :len(plans[i])] = plans[i]
+        mask = rows >= 0
+        # Padding reads the pool's row 0 (any real row: its output is multiplied by 0).
+        rows = rows.clamp(min=0)
+        maskf = mask.to(x.dtype if x.is_floating_point() else torch.float32)
+        active = [int((steps > s).sum()) for s in range(s_max)]
+
+        const = {k: v for k, v in params.items() if k not in self.trainable}
+        stacked = {k: params[k].detach().unsqueeze(0).repeat(c, *([1] * params[k].dim()))
+                   for k in self.trainable}  # (C, *shape)
+        buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} \
+            if self.spec.momentum else {}
+        loss_sum = torch.zeros(c, dtype=torch.float64)
+        lr, mom, wd, mu = self.spec.lr, self.spec.momentum, self.spec.weight_decay, \
+            self.update.prox_mu
+        for s in range(s_max):
+            k = active[s]
+            idx, m = rows[:k, s], mask[:k, s]  # (k, B)
+            xb, yb = x[idx], y[idx]  # (k, B, *x_shape), (k, B, ...)
+            view = {n: t[:k] for n, t in stacked.items()}
+            try:
+                if bool(m.all()):
+                    grads, loss = self._full(view, const, xb, yb)
+                else:
+                    grads, loss = self._masked(view, const, xb, yb, maskf[:k, s])
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+                if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
+                    raise ModelError(f"vectorized executor: the model cannot run under "
+                                     f"torch.func.vmap: {type(e).__name__}: {e}; {_FIX}.") from e
+                raise
+            with torch.no_grad():
+                for n, p in view.items():
+                    g = grads[n]
+                    if mu:  # FedProx: local_sgd adds mu * (w - w_global) to the gradient
+                        g = g.add(p - params[n], alpha=mu)
+                    if wd:
+                        g = g.add(p, alpha=wd)
+                    if mom:
+                        buf = buffers[n][:k]
+                        if s == 0:
+                            buf.copy_(g)
+                        else:
+                            buf.mul_(mom).add_(g)
+                        g = buf
+                    p.add_(g, alpha=-lr)
+            loss_sum[:k] += loss.detach()
+        results: list[ClientResult | None] = [None] * c
+        for j, i in enumerate(order.tolist()):
+            n_steps = int(steps[i])
+            examples = int(mask[j].sum())
+            update = {k: (stacked[k][j] - v if k in stacked else torch.zeros_like(v))
+                      for k, v in params.items()}
+            metrics = {"train/loss": float(loss_sum[j]) / max(n_steps, 1),
+                       "train/steps": float(n_steps), "train/examples": float(examples)}
+            results[i] = ClientResult(update, float(len(datas[i])), metrics)
+        return [r for r in results if r is not None]
