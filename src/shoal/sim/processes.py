@@ -119,6 +119,9 @@ def _reduce_round(transport: InProcessTransport, inner: Executor, plan: dict[str
         dist.reduce(vec, dst=0, op=dist.ReduceOp.SUM)
         summed = tree.unflatten(vec, spec) if rank == 0 else None
         part.running_sum = None
+    # Updates may be views into a batch's stacked tensors: clone them, or pickling would send
+    # the whole batch with each one.
+    part.updates = [{k: v.clone() for k, v in u.items()} for u in part.updates]
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object((part, stats, error), gathered if rank == 0 else None, dst=0)
     if rank != 0:
