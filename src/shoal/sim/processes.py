@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 _TIMEOUT = datetime.timedelta(hours=6)  # a rank may wait long for the next round (evaluation)
 
 
+def _nobody() -> None:
+    return None
+
+
+_OWNER: Any = _nobody  # weakref to the executor whose spawned ranks form the default group
+
+
 def balance(sizes: Sequence[int], ranks: int) -> list[int]:
     """The rank of each client: largest first, each to the least loaded rank (ties: the lower
     rank). ``sizes`` are the clients' numbers of examples."""
@@ -217,8 +224,13 @@ class ProcessesExecutor(Executor):
 
     def start(self, transport: InProcessTransport) -> None:
         """Spawn the workers (or join the ``torchrun`` group); done on first use."""
+        global _OWNER
         if self._started:
             return
+        owner = _OWNER()
+        if owner is not None and owner is not self and owner._own_group:
+            raise ShoalError(f"processes executor: {owner!r} already runs worker processes in "
+                             "this process; close its transport (transport.close()) first.")
         if dist.is_available() and dist.is_initialized():
             if dist.get_rank() != 0:
                 raise ConfigError("processes executor: this process is rank "
@@ -259,6 +271,7 @@ class ProcessesExecutor(Executor):
                                 world_size=self.workers, timeout=_TIMEOUT)
         self._own_group = True
         self._started = True
+        _OWNER = weakref.ref(self)
         self._finalizer = weakref.finalize(self, ProcessesExecutor._shutdown, self._procs)
 
     @staticmethod
