@@ -81,7 +81,7 @@ def w1(variant: str, rounds: int) -> dict:
     if variant == "bare":
         torch.set_num_threads(1)
         return overhead.bare_variant(rounds)
-    base = [f"task.name=fashion_mnist", "data.partition=iid",
+    base = ["task.name=fashion_mnist", "data.partition=iid",
             f"data.num_clients={overhead.CLIENTS}",
             f"federated.clients_per_round={overhead.PER_ROUND}",
             f"client.batch_size={overhead.BATCH}", f"client.lr={overhead.LR}", "client.epochs=1",
@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--quick", action="store_true", help="3 rounds, 1 rep: checks it works")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds at their defaults")
     args = ap.parse_args()
     fn, variants, default_rounds = WORKLOADS[args.workload]
     rounds = args.rounds or (3 if args.quick else default_rounds)
@@ -230,6 +232,14 @@ def main() -> None:
         emit(fn(args.variant, rounds))
         return
     reps = 1 if args.quick else args.reps
+    if not args.default_malloc:
+        # glibc returns freed blocks above 128 KiB to the system and page-faults them back on
+        # the next allocation; keeping them (PyTorch's CPU tuning guide suggests the same, or
+        # jemalloc/tcmalloc) helps every variant that allocates large tensors per step.
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            os.environ.setdefault(name, str(2**32))
+    print(f"environment: MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')} "
+          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')} (every variant)")
     print(f"executors {args.workload}: {machine()}; {reps} reps x {rounds} rounds, alternating")
     runs = alternate(__file__, variants, reps,
                      ["--workload", args.workload, "--rounds", str(rounds)])

@@ -242,9 +242,11 @@ class VectorizedLocalSGD:
                         g = buf
                     p.add_(g, alpha=-lr)
             loss_sum[:k] += loss.detach()
-        # Every client's update in one subtraction per tensor, (C, *shape): client j's update is
-        # row j (a view; a consumer that ships it elsewhere clones it).
-        deltas = {k: stacked[k] - params[k] for k in stacked}
+        # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
+        # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and
+        # with the global params first copied into the stack's layout: a fresh 20 MB result
+        # costs page faults, and a subtraction across two layouts reads one out of order.
+        deltas = {k: stacked[k].sub_(self._stack(params[k], 1, k)) for k in stacked}
         examples_per = mask.sum(dim=(1, 2)).tolist()
         loss_per = loss_sum.tolist()
         results: list[ClientResult | None] = [None] * c
