@@ -227,3 +227,27 @@ def test_processes_refuses_unpicklable_federations_clearly():
                        r"worker processes: .*; or use executor='sequential' or 'vectorized'\.$"):
         train(ProcessesExecutor(2), data=({k: v for k, v in data.items()}, ids),
               mods=[lambda m, c, h: h(m, c)], rounds=1)
+
+
+@pytest.mark.slow
+def test_torchrun_example_matches_the_sequential_executor(tmp_path):
+    """Two ranks under torchrun (rank 0 runs the loop, rank 1 serves) reach the accuracy the
+    sequential executor reaches from the same config."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shoal.experiment import run_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                          str(root / "examples" / "torchrun_processes.py"), "federated.rounds=3"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    got = float(re.search(r"central accuracy (\d\.\d+)", out).group(1))
+    config = load_config(None, ["task.name=digits", "federated.rounds=3", "baseline=false"])
+    (result,) = run_experiment(config, tmp_path)
+    assert got == pytest.approx(result.final["accuracy"], abs=1e-4)
