@@ -129,6 +129,31 @@ def test_auto_falls_back_to_sequential_for_batchnorm_and_vectorizes_otherwise():
     assert isinstance(auto.chosen, VectorizedExecutor)
 
 
+class ItemNet(nn.Module):
+    """Passes the static checks, but calls .item() in forward, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out if out.abs().max().item() < 1e9 else out * 0
+
+
+def test_a_model_vmap_cannot_run_is_refused_and_auto_falls_back():
+    with pytest.raises(ModelError, match=r"^vectorized executor: the model cannot run under "
+                       r"torch\.func\.vmap: RuntimeError: .*; use executor='sequential' or "
+                       r"'processes' \(or 'auto', which falls back\)\.$"):
+        train("vectorized", model=ItemNet(), rounds=1)
+    auto = AutoExecutor(workers=1)
+    seq, _ = train("sequential", model=ItemNet(), rounds=2)
+    got, _ = train(auto, model=ItemNet(), rounds=2)
+    assert isinstance(auto.chosen, SequentialExecutor)
+    assert tree.equal(seq, got)
+
+
 def broken_federation():
     """Client-3's examples have 5 features instead of 8: its first forward pass fails."""
     data, ids = unequal_federation()

@@ -36,6 +36,7 @@ from ..algorithms.fedavg import FedAvg, train_data
 from ..errors import ConfigError, ModelError
 from ..message import Message
 from ..node import NodeContext
+from ..types import ClientInfo
 from .vectorized import VectorizedLocalSGD, check_vectorizable, sgd_spec
 
 if TYPE_CHECKING:
@@ -191,6 +192,26 @@ class VectorizedExecutor(Executor):
             done[id(m)] = algorithm.train_reply(m, r, info)
 
 
+def _probe(transport: InProcessTransport) -> str | None:
+    """Train one client on two of its examples with the vectorized trainer: why that failed
+    (an operation vmap cannot batch shows only when it runs), or ``None``."""
+    ids = transport.nodes()
+    if not ids:
+        return None
+    algorithm = _fedavg_of(transport)
+    data = train_data(NodeContext(ids[0], transport.data_fn(ids[0])))
+    if len(data) == 0:
+        return None
+    update = algorithm.client_update
+    params = tree.params_of(update.model)  # type: ignore[attr-defined]
+    try:
+        VectorizedLocalSGD(update)(params, [data.subset(list(range(min(2, len(data)))))],  # type: ignore[arg-type]
+                                   [ClientInfo(ids[0], 0, 0)])
+    except Exception as e:  # noqa: BLE001 - any failure means: do not vectorize
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class AutoExecutor(Executor):
     """Picks an executor on first use (see :func:`make_executor`) and delegates to it."""
 
@@ -204,10 +225,13 @@ class AutoExecutor(Executor):
         return f"auto({self.chosen!r})" if self.chosen else "auto()"
 
     def choose(self, transport: InProcessTransport) -> Executor:
-        """The executor for this transport: see the module docstring."""
+        """The executor for this transport (see the module docstring); a model is vectorized
+        only if it passes the static checks and a one-client trial run."""
         if self.chosen is not None:
             return self.chosen
         why = vectorizable(transport)
+        if why is None:
+            why = _probe(transport)
         small = False
         if why is None:
             model = _fedavg_of(transport).client_update.model  # type: ignore[attr-defined]
