@@ -216,6 +216,7 @@ class ProcessesExecutor(Executor):
         self._started = False
         self._own_group = False
         self._finalizer: Any = None
+        self._in_round = False  # inside a round's collectives (closing then cannot be graceful)
 
     def __repr__(self) -> str:
         return f"processes({self.workers}, inner={self.inner_name!r})"
@@ -272,19 +273,25 @@ class ProcessesExecutor(Executor):
         self._own_group = True
         self._started = True
         _OWNER = weakref.ref(self)
-        self._finalizer = weakref.finalize(self, ProcessesExecutor._shutdown, self._procs)
+        self._finalizer = weakref.finalize(self, ProcessesExecutor._shutdown, self._procs,
+                                          False)
 
     @staticmethod
-    def _shutdown(procs: list[Any]) -> None:
+    def _shutdown(procs: list[Any], graceful: bool) -> None:
+        # Graceful: the ranks wait for the next round, so tell them to return. Otherwise (at
+        # exit, or after an error inside a round's collectives) they may be waiting inside a
+        # collective that will never complete: terminate them.
         if dist.is_initialized():
             try:
-                dist.broadcast_object_list([None], src=0)
+                if graceful:
+                    dist.broadcast_object_list([None], src=0)
             finally:
                 dist.destroy_process_group()
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=30 if graceful else 0.1)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=10)
 
     def _stop_procs(self) -> None:
         for p in self._procs:
@@ -300,9 +307,9 @@ class ProcessesExecutor(Executor):
         if self._own_group:
             self._own_group = False
             self._finalizer.detach()
-            self._shutdown(self._procs)
+            self._shutdown(self._procs, not self._in_round)
             self._procs.clear()
-        elif dist.is_initialized():
+        elif dist.is_initialized() and not self._in_round:
             dist.broadcast_object_list([None], src=0)
 
     # -- rounds ------------------------------------------------------------------------------
@@ -321,11 +328,13 @@ class ProcessesExecutor(Executor):
                  if transport.knows(m.dst) else 0 for m in requests]
         plan = {"requests": list(requests), "assign": balance(sizes, self.workers),
                 "fold": fold, "timeout": timeout}
-        dist.broadcast_object_list([plan], src=0)
         threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        self._in_round = True
         try:
+            dist.broadcast_object_list([plan], src=0)
+            torch.set_num_threads(self.threads)
             out = _reduce_round(transport, self.inner, plan)
+            self._in_round = False
         finally:
             torch.set_num_threads(threads)
         assert out is not None
