@@ -48,7 +48,7 @@ from .metrics import Evaluator
 from .node import Node, NodeContext
 from .run import Callback, RunResult, run
 from .seeding import derive_seed
-from .sim import InProcessTransport, simulated_dropout
+from .sim import Executor, InProcessTransport, make_executor, simulated_dropout
 from .transport import FunctionTransport, Transport
 from .tree import Params
 from .types import ClientInfo, ClientResult
@@ -57,6 +57,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "ArrayData", "Callback", "CentralEvaluation", "Centralized", "Checkpoint",
+    "Executor", "make_executor",
     "ClientData", "ClientInfo", "ClientResult", "ClientUpdate", "Cohort", "Config",
     "EarlyStopping", "Evaluator", "FedAvg", "FedAvgState", "FederatedDataset",
     "FederatedEvaluation", "FunctionTransport", "InProcessTransport", "Message", "MetricsLog",

@@ -99,6 +99,10 @@ class FederatedConfig:
     beta1: float = field(default=0.9, metadata=_check(min=0, lt=1))
     beta2: float = field(default=0.99, metadata=_check(min=0, lt=1))
     tau: float = field(default=1e-3, metadata=_check(gt=0))
+    # How the simulated clients are computed (shoal.sim.executor); workers 0: one per core.
+    executor: Literal["sequential", "vectorized", "processes", "auto"] = "sequential"
+    workers: int = field(default=0, metadata=_check(min=0))
+    worker_executor: Literal["sequential", "vectorized"] = "sequential"
 
     def __post_init__(self) -> None:
         c = self.clients_per_round

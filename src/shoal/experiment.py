@@ -62,6 +62,7 @@ from .metrics import Evaluator
 from .run import run
 from .seeding import derive_seed
 from .sim import InProcessTransport, simulated_dropout
+from .sim.executor import make_executor
 from .transport import FunctionTransport
 from .tree import Params
 
@@ -191,8 +192,9 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                        min_replies=min_replies, timeout=f.timeout_s or None,
                        client_eval=evaluator, seed=config.seed)
     mods = [simulated_dropout(f.dropout, config.seed)] if f.dropout > 0 else []
+    executor = make_executor(f.executor, workers=f.workers or None, inner=f.worker_executor)
     transport = InProcessTransport(dataset.client_ids(), dataset.client, algorithm.handlers(),
-                                   mods=mods, on_error=f.on_client_error)
+                                   mods=mods, on_error=f.on_client_error, executor=executor)
     return algorithm, transport
 
 
@@ -317,8 +319,12 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
             *(callbacks(paradigm, rounds) if callbacks else []),
         ]
-        result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs, out,
-                          resume)
+        try:
+            result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs,
+                              out, resume)
+        finally:
+            if hasattr(built.transport, "close"):  # stops an executor's worker processes
+                built.transport.close()
         results.append(result)
         setup.histories[paradigm] = result.history
     (run_dir / "summary.json").write_text(json.dumps(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import tree
@@ -25,15 +25,16 @@ from ..aggregate.stages import StageState
 from ..algorithm import RoundReport
 from ..client import ClientUpdate
 from ..data.arrays import ArrayData
-from ..errors import ConfigError, UpdateError
+from ..errors import ConfigError
 from ..message import COORDINATOR, Message
 from ..metrics import weighted_average
 from ..node import Handler, NodeContext
 from ..seeding import derive_seed
 from ..transport import Transport, replies
 from ..tree import Params
-from ..types import ClientInfo, RoundInfo
+from ..types import ClientInfo, ClientResult, RoundInfo
 from .cohort import Cohort
+from .collect import RoundFold, invalid_reply
 
 __all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "train_data", "eval_data"]
 
@@ -126,22 +127,17 @@ class FedAvg:
         requests = [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
                     for cid in chosen]
         report = RoundReport(round)
-        client_metrics: list[dict[str, float]] = []
-
-        def valid_updates() -> Iterator[tuple[str, Params, float]]:
-            # Replies are validated and reduced one at a time as the transport yields them.
-            for req, rep in zip(requests, replies(transport, requests, self.timeout),
-                                strict=True):
-                reason = self._invalid(req, rep, state.params)
-                if reason is not None:
-                    report.dropped[req.dst] = reason
-                    log.warning("round %d: dropped %s: %s", round, req.dst, reason)
-                    continue
-                weight = float(rep.config["weight"])
-                client_metrics.append({**rep.metrics, "weight": weight})
-                yield req.dst, rep.tensors, weight
-
-        reduced, count = self.pipeline.reduce(valid_updates(), configs, round, self.seed)
+        fold = RoundFold(self.pipeline, state.params, configs, round, self.seed)
+        # A transport that computes replies in parts (an executor with worker processes) folds
+        # them where they are made and merges the parts; otherwise fold them as they stream.
+        collect = getattr(transport, "collect", None)
+        part = (collect(requests, fold, self.timeout) if collect is not None
+                else fold.fold(requests, replies(transport, requests, self.timeout)))
+        for _, dst, reason in part.dropped:
+            report.dropped[dst] = reason
+            log.warning("round %d: dropped %s: %s", round, dst, reason)
+        client_metrics = part.metrics
+        reduced, count = fold.finish(part)
         m = report.metrics
         m["round/sampled"] = float(len(chosen))
         m["round/replied"] = float(count)
@@ -171,22 +167,7 @@ class FedAvg:
     @staticmethod
     def _invalid(request: Message, reply: Message, params: Params) -> str | None:
         """Why ``reply`` cannot be used, or ``None`` when it is a valid update."""
-        if reply.error is not None:
-            return reply.error
-        if reply.src != request.dst:
-            return f"reply from {reply.src!r} answers a request sent to {request.dst!r}"
-        if reply.round != request.round or reply.kind != request.kind:
-            return (f"reply is for {reply.kind!r} round {reply.round}, "
-                    f"expected {request.kind!r} round {request.round}")
-        weight = reply.config.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, int | float) \
-                or not math.isfinite(weight) or weight <= 0:
-            return f"weight must be a finite number > 0, got {weight!r}"
-        try:
-            tree.check_update(params, reply.tensors)
-        except UpdateError as e:
-            return str(e)
-        return None
+        return invalid_reply(request, reply, params)
 
     # -- client side ------------------------------------------------------------------------
 
@@ -196,9 +177,19 @@ class FedAvg:
 
     def handle_train(self, message: Message, context: NodeContext) -> Message:
         """Train on the node's data and answer with the (stage-processed) update."""
-        info = ClientInfo(context.node_id, message.round,
-                          self.client_seed(message.round, context.node_id), message.config)
+        info = self.client_info(message, context.node_id)
         result = self.client_update(message.tensors, train_data(context), info)
+        return self.train_reply(message, result, info)
+
+    def client_info(self, message: Message, node_id: str) -> ClientInfo:
+        """What client ``node_id`` knows when it answers the train ``message``."""
+        return ClientInfo(node_id, message.round, self.client_seed(message.round, node_id),
+                          message.config)
+
+    def train_reply(self, message: Message, result: ClientResult, info: ClientInfo) -> Message:
+        """The reply to a train ``message``: ``result``'s update through the client-side
+        stages, with its weight and metrics (executors that compute updates in batches use
+        this too)."""
         update = self.pipeline.client(result.update, message.config.get("stages", []), info)
         return message.reply(tensors=update, config={"weight": result.weight},
                              metrics=result.metrics)

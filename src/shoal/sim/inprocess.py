@@ -1,5 +1,6 @@
 """The in-process transport: simulated nodes answer by direct calls (no serialisation, no
-polling), one message after the other.
+polling); how the calls are computed (one after the other, batched, in worker processes) is
+its executor's business (:mod:`shoal.sim.executor`).
 
 Nodes are built on demand from their ids, so a population of 10,000 clients costs an id and an
 index tensor each; only a node's persistent ``state`` (if its handlers keep any) is stored.
@@ -12,10 +13,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+from ..algorithms.collect import Partial, RoundFold
 from ..errors import ClientError
 from ..message import Message
 from ..node import Handler, Mod, Node, NodeContext
 from ..transport import TrafficStats
+from .executor import Executor, make_executor
 
 __all__ = ["InProcessTransport"]
 
@@ -38,11 +41,16 @@ class InProcessTransport:
     request's ``timeout`` is treated as timed out: its reply is replaced by an error (direct
     calls cannot be pre-empted, so the time is spent, but the result is discarded as a real
     coordinator would).
+
+    ``executor`` computes the replies: ``"sequential"`` (default), ``"vectorized"``,
+    ``"processes"``, ``"auto"`` or an :class:`~shoal.sim.executor.Executor`; see
+    :mod:`shoal.sim.executor`. Call :meth:`close` (or use the transport as a context manager)
+    to stop an executor's worker processes.
     """
 
     def __init__(self, node_ids: Sequence[str], data_fn: Callable[[str], Any],
                  handlers: Mapping[str, Handler], *, mods: Sequence[Mod] = (),
-                 on_error: OnError = "drop"):
+                 on_error: OnError = "drop", executor: str | Executor | None = None):
         if on_error not in ("drop", "raise"):
             raise ValueError(f"InProcessTransport: on_error must be 'drop' or 'raise' "
                              f"(got {on_error!r}).")
@@ -54,15 +62,32 @@ class InProcessTransport:
         self.on_error: OnError = on_error
         self.stats = TrafficStats()
         self._states: dict[str, dict[str, Any]] = {}
+        self.executor = make_executor(executor)
+
+    def __enter__(self) -> InProcessTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the executor's resources (worker processes)."""
+        self.executor.close()
+
+    def knows(self, node_id: str) -> bool:
+        """Whether ``node_id`` is one of the simulated nodes."""
+        return node_id in self._known
 
     def nodes(self) -> list[str]:
         """Every simulated node id."""
         return list(self._ids)
 
-    def node(self, node_id: str) -> Node:
-        """The simulated node ``node_id`` (built on demand; its state persists)."""
+    def node(self, node_id: str, handlers: Mapping[str, Handler] | None = None) -> Node:
+        """The simulated node ``node_id`` (built on demand; its state persists), answering with
+        ``handlers`` (default: the transport's)."""
         state = self._states.setdefault(node_id, {})
-        return Node(NodeContext(node_id, self.data_fn(node_id), state), self.handlers, self.mods)
+        return Node(NodeContext(node_id, self.data_fn(node_id), state),
+                    self.handlers if handlers is None else handlers, self.mods)
 
     def request(self, messages: Sequence[Message], timeout: float | None = None) -> list[Message]:
         """Deliver each message in order; see the class docstring for failures."""
@@ -71,17 +96,27 @@ class InProcessTransport:
     def stream(self, messages: Sequence[Message],
                timeout: float | None = None) -> Iterator[Message]:
         """Deliver the messages one at a time as the replies are consumed (lazily, in order)."""
-        for m in messages:
-            reply = self._deliver(m, timeout)
+        for m, reply in zip(messages, self.executor.stream(self, messages, timeout), strict=True):
             self.stats.record(m, reply)
             yield reply
 
-    def _deliver(self, message: Message, timeout: float | None) -> Message:
+    def collect(self, requests: Sequence[Message], fold: RoundFold,
+                timeout: float | None = None) -> Partial:
+        """A round's train replies, folded by the executor (where they are computed)."""
+        return self.executor.collect(self, requests, fold, timeout)
+
+    def deliver(self, message: Message, timeout: float | None,
+                answer: Message | None = None) -> Message:
+        """The node's reply to ``message``, through its mods; ``answer`` is a reply computed
+        beforehand (by a batching executor) that the node's handler gives instead of computing
+        it. Failures: see the class docstring."""
         if message.dst not in self._known:
             return message.failed(f"unknown node {message.dst!r}: no simulated node has this id.")
+        handlers = None if answer is None else {**self.handlers,
+                                                message.kind: lambda m, c: answer}
         start = time.perf_counter()
         try:
-            reply = self.node(message.dst).handle(message)
+            reply = self.node(message.dst, handlers).handle(message)
         except Exception as e:
             if self.on_error == "raise":
                 if isinstance(e, ClientError):

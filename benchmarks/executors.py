@@ -1,0 +1,271 @@
+"""How fast each executor simulates a federation, against hand-written PyTorch floors.
+
+* ``--workload W1`` (compute-bound): the Fashion-MNIST CNN workload of ``overhead.py`` (100 IID
+  clients, 10 per round, 1 epoch, batch 32, lr 0.05, 20 rounds, central evaluation every round
+  in batches of 2048). Variants: ``bare`` (overhead.py's hand-written loop, one thread),
+  ``sequential`` (one thread), ``processes`` (one rank per core, each training its share).
+  -> ``speedup_vs_bare_sequential`` (best executor's time vs bare) and ``accuracy_gap_points``
+  (largest gap between the two accuracy curves, in points).
+* ``--workload W2`` (cross-device): Fashion-MNIST over 1,000 clients (Dirichlet 0.3), MLP
+  784-64-10, 100 clients per round, 1 epoch, batch 10, lr 0.05, 50 rounds, central evaluation
+  every round. Variants: ``sequential`` and ``vectorized`` on one thread, ``floor`` (a
+  hand-written loop of batched matrix products over the stacked client weights: forward,
+  backward, SGD step, the same averaging and evaluation; no framework), and ``best``
+  (``processes`` with a vectorized executor in each rank, every core). -> rounds per second.
+* ``--workload W3`` (population scale): the W2 model and cohort (100 clients of 60 examples,
+  vectorized, one thread) drawn from 10,000 clients and from 1,000 clients; each client is 60
+  row numbers into the shared pool (clients overlap). -> peak resident memory of the 10,000
+  client run and the ratio of the median round times.
+
+Setup (data, partition, schedule) happens before the clock starts; each variant runs in its own
+process, alternating, ``--reps`` times; figures are medians.
+
+    python benchmarks/executors.py --workload W2 [--reps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate, emit, final_line, machine, median, peak_rss_gib  # noqa: E402
+
+SEED = 0
+CORES = os.cpu_count() or 1
+
+
+def _shoal_run(overrides: list[str], rounds: int, threads: int, dataset=None) -> dict:
+    """Run FedAvg as ``shoal run`` builds it, timing the rounds (central evaluation included)."""
+    from shoal.callbacks import CentralEvaluation
+    from shoal.config import load_config
+    from shoal.data.tasks import load_task
+    from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
+    from shoal.metrics import Evaluator
+    from shoal.run import run
+
+    torch.set_num_threads(threads)
+    config = load_config(None, [f"seed={SEED}", "baseline=false", f"federated.rounds={rounds}",
+                                "data.eval_fraction=0", *overrides])
+    task = load_task(config.task.name, **config.task.options)
+    config = resolve_config(config, task)
+    dataset = dataset(config, task) if dataset else make_dataset(config, task)
+    model, params0 = initial_params(config, task)
+    algorithm, transport = build_federated(config, task, dataset, model)
+    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size)
+    # One warm-up round outside the clock starts the worker processes (processes executor).
+    run(algorithm, transport, rounds=1, params=params0)
+    t0 = time.perf_counter()
+    res = run(algorithm, transport, rounds=rounds, params=params0,
+              callbacks=[CentralEvaluation(lambda p: evaluator(p, task.test))])
+    seconds = time.perf_counter() - t0
+    transport.close()
+    curve = [h["central/accuracy"] for h in res.history]
+    return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
+            "curve": curve, "peak_rss_gib": peak_rss_gib(),
+            "round_s": statistics.median(h["time/round_s"] for h in res.history),
+            "executor": repr(transport.executor)}
+
+
+# -- W1 ----------------------------------------------------------------------------------------
+
+def w1(variant: str, rounds: int) -> dict:
+    import overhead
+    if variant == "bare":
+        torch.set_num_threads(1)
+        return overhead.bare_variant(rounds)
+    base = ["task.name=fashion_mnist", "data.partition=iid",
+            f"data.num_clients={overhead.CLIENTS}",
+            f"federated.clients_per_round={overhead.PER_ROUND}",
+            f"client.batch_size={overhead.BATCH}", f"client.lr={overhead.LR}", "client.epochs=1",
+            f"evaluation.batch_size={overhead.EVAL_BATCH}"]
+    if variant == "sequential":
+        return _shoal_run(base + ["federated.executor=sequential"], rounds, 1)
+    return _shoal_run(base + ["federated.executor=processes", f"federated.workers={CORES}"],
+                      rounds, CORES)
+
+
+# -- W2 ----------------------------------------------------------------------------------------
+
+W2 = ["task.name=fashion_mnist", "task.model=mlp", "data.partition=dirichlet", "data.alpha=0.3",
+      "data.num_clients=1000", "federated.clients_per_round=100", "client.batch_size=10",
+      "client.lr=0.05", "client.epochs=1", "evaluation.batch_size=2048"]
+
+
+def w2(variant: str, rounds: int) -> dict:
+    if variant == "floor":
+        return w2_floor(rounds)
+    if variant in ("sequential", "vectorized"):
+        return _shoal_run(W2 + [f"federated.executor={variant}"], rounds, 1)
+    return _shoal_run(W2 + ["federated.executor=processes", f"federated.workers={CORES}",
+                            "federated.worker_executor=vectorized"], rounds, CORES)
+
+
+def w2_floor(rounds: int) -> dict:
+    """Hand-written batched SGD for the MLP: the cohort's arithmetic with no framework."""
+    from shoal.algorithms.cohort import Cohort
+    from shoal.config import load_config
+    from shoal.data.tasks import load_task
+    from shoal.experiment import initial_params, make_dataset, resolve_config
+    from shoal.seeding import derive_seed
+
+    torch.set_num_threads(1)
+    config = load_config(None, [f"seed={SEED}", "data.eval_fraction=0", *W2])
+    task = load_task("fashion_mnist", model="mlp")
+    config = resolve_config(config, task)
+    dataset = make_dataset(config, task)
+    _, params0 = initial_params(config, task)
+    x = task.train.x.reshape(len(task.train.x), -1)  # (N, 784)
+    y = task.train.y
+    test_x, test_y = task.test.tensors()
+    test_x = test_x.reshape(len(test_x), -1)
+    lr, b = 0.05, 10
+    ids = dataset.client_ids()
+    # The schedule (same clients, same batches as shoal draws), padded: (C, S, B) rows, mask.
+    schedule = []
+    for r in range(1, rounds + 1):
+        cohort = Cohort(100).sample(ids, SEED, r)
+        plans = []
+        for c in cohort:
+            rows = dataset.client(c).train.index
+            g = torch.Generator().manual_seed(
+                derive_seed(derive_seed(SEED, "client", r, c), "batches"))
+            perm = rows[torch.randperm(len(rows), generator=g)]
+            steps = -(-len(rows) // b)
+            padded = torch.full((steps * b,), -1, dtype=torch.int64)
+            padded[:len(rows)] = perm
+            plans.append(padded.view(steps, b))
+        plans.sort(key=len, reverse=True)
+        s_max = len(plans[0])
+        idx = torch.full((len(plans), s_max, b), -1, dtype=torch.int64)
+        for i, p in enumerate(plans):
+            idx[i, :len(p)] = p
+        active = [(torch.tensor([len(p) for p in plans]) > s).sum().item() for s in range(s_max)]
+        weights = torch.tensor([float((p >= 0).sum()) for p in plans])
+        schedule.append((idx, active, weights))
+    w1g = params0["1.weight"].t().contiguous()  # (784, 64)
+    b1g, w2g, b2g = params0["1.bias"], params0["3.weight"].t().contiguous(), params0["3.bias"]
+    curve = []
+
+    t0 = time.perf_counter()
+    for idx, active, weights in schedule:
+        c = idx.shape[0]
+        W1, B1 = w1g.expand(c, -1, -1).clone(), b1g.expand(c, -1).clone()
+        W2_, B2 = w2g.expand(c, -1, -1).clone(), b2g.expand(c, -1).clone()
+        mask = (idx >= 0).float()
+        rows = idx.clamp(min=0)
+        for s, k in enumerate(active):
+            xb, yb, m = x[rows[:k, s]], y[rows[:k, s]], mask[:k, s]  # (k,B,784) (k,B) (k,B)
+            h = torch.baddbmm(B1[:k].unsqueeze(1), xb, W1[:k]).clamp_(min=0)  # (k, B, 64)
+            logits = torch.baddbmm(B2[:k].unsqueeze(1), h, W2_[:k])  # (k, B, 10)
+            d = logits.softmax(-1)
+            d.scatter_add_(-1, yb.unsqueeze(-1), -torch.ones_like(d[..., :1]))
+            d.mul_((m / m.sum(1, keepdim=True)).unsqueeze(-1))  # d loss / d logits
+            dh = torch.bmm(d, W2_[:k].transpose(1, 2)).mul_(h > 0)  # (k, B, 64)
+            W2_[:k].baddbmm_(h.transpose(1, 2), d, alpha=-lr)
+            B2[:k].sub_(d.sum(1), alpha=lr)
+            W1[:k].baddbmm_(xb.transpose(1, 2), dh, alpha=-lr)
+            B1[:k].sub_(dh.sum(1), alpha=lr)
+        w = weights / weights.sum()
+        w1g = w1g + torch.einsum("c,cij->ij", w, W1 - w1g)
+        b1g = b1g + w @ (B1 - b1g)
+        w2g = w2g + torch.einsum("c,cij->ij", w, W2_ - w2g)
+        b2g = b2g + w @ (B2 - b2g)
+        correct = 0
+        for s in range(0, len(test_y), 2048):
+            out = (test_x[s:s + 2048] @ w1g + b1g).clamp_(min=0) @ w2g + b2g
+            F.cross_entropy(out, test_y[s:s + 2048])
+            correct += int((out.argmax(1) == test_y[s:s + 2048]).sum())
+        curve.append(correct / len(test_y))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
+            "curve": curve, "peak_rss_gib": peak_rss_gib()}
+
+
+# -- W3 ----------------------------------------------------------------------------------------
+
+def w3(variant: str, rounds: int) -> dict:
+    clients = {"pop10k": 10_000, "pop1k": 1_000}[variant]
+
+    def overlapping(config, task):
+        # Each client: 60 distinct rows of the pool, drawn from the seed; clients overlap, so
+        # any population size fits in the same pool (memory: 60 row numbers per client).
+        from shoal.data.federated import FederatedDataset
+        from shoal.seeding import numpy_rng
+        rng = numpy_rng(SEED, "w3-population")
+        n = len(task.train)
+        rows = {f"client-{i:05d}": (torch.from_numpy(rng.choice(n, 60, replace=False)), None)
+                for i in range(clients)}
+        return FederatedDataset(task.train.x, task.train.y, rows, task.test)
+
+    overrides = [o for o in W2 if not o.startswith(("data.", "federated.clients"))]
+    return _shoal_run(overrides + ["federated.clients_per_round=100",
+                                   "federated.executor=vectorized"], rounds, 1,
+                      dataset=overlapping)
+
+
+WORKLOADS = {"W1": (w1, ["bare", "sequential", "processes"], 20),
+             "W2": (w2, ["sequential", "vectorized", "floor", "best"], 50),
+             "W3": (w3, ["pop10k", "pop1k"], 20)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=list(WORKLOADS), required=True)
+    ap.add_argument("--variant")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 1 rep: checks it works")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds at their defaults")
+    args = ap.parse_args()
+    fn, variants, default_rounds = WORKLOADS[args.workload]
+    rounds = args.rounds or (3 if args.quick else default_rounds)
+    if args.variant:
+        emit(fn(args.variant, rounds))
+        return
+    reps = 1 if args.quick else args.reps
+    if not args.default_malloc:
+        # glibc returns freed blocks above 128 KiB to the system and page-faults them back on
+        # the next allocation; keeping them (PyTorch's CPU tuning guide suggests the same, or
+        # jemalloc/tcmalloc) helps every variant that allocates large tensors per step.
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            os.environ.setdefault(name, str(2**32))
+    print(f"environment: MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')} "
+          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')} (every variant)")
+    print(f"executors {args.workload}: {machine()}; {reps} reps x {rounds} rounds, alternating")
+    runs = alternate(__file__, variants, reps,
+                     ["--workload", args.workload, "--rounds", str(rounds)])
+    t = {v: median(runs[v], "seconds") for v in variants}
+    for v in variants:
+        extra = runs[v][0].get("executor", "")
+        print(f"  {v:<10} {t[v]:8.2f} s  {rounds / t[v]:7.3f} rounds/s  "
+              f"final accuracy {runs[v][0]['accuracy']:.4f}  {extra}")
+    if args.workload == "W1":
+        gap = max(abs(a - b) for a, b in zip(runs["bare"][0]["curve"],
+                                             runs["processes"][0]["curve"], strict=True)) * 100
+        print(f"  accuracy curve (processes): {[round(a, 4) for a in runs['processes'][0]['curve']]}")
+        final_line(speedup_vs_bare_sequential=t["bare"] / t["processes"],
+                   accuracy_gap_points=gap, sequential_vs_bare=t["bare"] / t["sequential"])
+    elif args.workload == "W2":
+        final_line(vectorized_vs_sequential=t["sequential"] / t["vectorized"],
+                   vectorized_vs_batched_floor=t["vectorized"] / t["floor"],
+                   best_vs_sequential=t["sequential"] / t["best"],
+                   rounds_per_s=rounds / t["best"])
+    else:
+        r10k = median(runs["pop10k"], "round_s")
+        r1k = median(runs["pop1k"], "round_s")
+        print(f"  median round: {r10k * 1e3:.1f} ms (10,000 clients), {r1k * 1e3:.1f} ms (1,000)")
+        final_line(peak_rss_gib=median(runs["pop10k"], "peak_rss_gib"),
+                   round_time_ratio=r10k / r1k)
+
+
+if __name__ == "__main__":
+    main()

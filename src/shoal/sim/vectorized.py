@@ -1,0 +1,261 @@
+"""Local SGD for a whole cohort at once: stacked client params under ``torch.func.vmap``.
+
+Each client's params are one row of a stacked tensor ``(C, *shape)``; one step computes every
+active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``, all their
+gradients in one backward pass, and applies the SGD step to the stacked tensors in place.
+Clients with different data sizes are padded, not truncated: a short last batch carries a mask (padded
+examples weigh 0, the loss is the mean over the real ones, as ``local_sgd`` computes it), and
+clients are sorted by their number of steps so that the clients still training at step ``s``
+are a prefix ``[:k_s]`` of the stack (a view, no copy) and a finished client does no work.
+
+Supported: :class:`~shoal.client.LocalSGD` with ``torch.optim.SGD`` (``lr``, ``momentum``,
+``weight_decay``), FedProx's ``prox_mu``, ``epochs`` and ``max_steps``, on a model without
+training-time state or randomness. Refused with a clear error: other optimizers, SGD's
+``dampening``/``nesterov``/``maximize``, BatchNorm running statistics, Dropout (vmap would
+draw other random numbers than the sequential executor) and any model ``vmap`` cannot run.
+
+Every client draws its batches from ``torch_generator(info.seed, "batches")``, exactly as
+``local_sgd`` does, so it sees the same examples in the same order. The float results differ
+from the sequential executor's in the last bits: a batched matrix product and the masked mean
+add in another order than per-client ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ..client import LocalSGD
+from ..data.arrays import ArrayData
+from ..errors import ConfigError, ModelError
+from ..seeding import torch_generator
+from ..tree import Params
+from ..types import ClientInfo, ClientResult
+
+__all__ = ["SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
+
+_FIX = "use executor='sequential' or 'processes' (or 'auto', which falls back)"
+
+
+@dataclass(frozen=True)
+class SGDSpec:
+    """The plain-SGD hyper-parameters the batched step implements."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def sgd_spec(update: object) -> SGDSpec:
+    """The SGD settings of a ``local_sgd`` update, or a :class:`ConfigError` saying why the
+    vectorized executor cannot run it."""
+    if not isinstance(update, LocalSGD):
+        raise ConfigError(
+            f"vectorized executor: the client update is {update!r} ({type(update).__name__}); "
+            f"it runs local_sgd(...) only; {_FIX}."
+        )
+    opt = update.optimizer
+    if not (isinstance(opt, functools.partial) and opt.func is torch.optim.SGD and not opt.args):
+        raise ConfigError(
+            f"vectorized executor: the client optimizer is {opt!r}; it implements "
+            f"torch.optim.SGD (lr, momentum, weight_decay) only; {_FIX}."
+        )
+    kw = dict(opt.keywords)
+    unsupported = {k: v for k, v in kw.items()
+                   if k not in ("lr", "momentum", "weight_decay")
+                   and not (k in ("dampening",) and v == 0)
+                   and not (k in ("nesterov", "maximize", "foreach", "differentiable", "fused")
+                            and not v)}
+    if unsupported:
+        raise ConfigError(
+            f"vectorized executor: SGD option(s) {unsupported} are not supported (it implements "
+            f"lr, momentum and weight_decay); {_FIX}."
+        )
+    return SGDSpec(float(kw.get("lr", 1e-3)), float(kw.get("momentum", 0.0)),
+                   float(kw.get("weight_decay", 0.0)))
+
+
+def check_vectorizable(model: nn.Module) -> None:
+    """Raise :class:`ModelError` when ``model`` keeps training-time state or draws random
+    numbers, which per-client ``vmap`` training cannot reproduce."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ModelError(
+                f"vectorized executor: layer {name!r} ({type(module).__name__}) updates running "
+                "statistics while training, which cannot be kept per client under "
+                f"torch.func.vmap; {_FIX}, or build the layer with track_running_stats=False "
+                "(or use GroupNorm/LayerNorm)."
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ModelError(
+                f"vectorized executor: layer {name!r} ({type(module).__name__}) draws random "
+                "numbers while training, which vmap cannot draw as the sequential executor "
+                f"does; {_FIX}."
+            )
+
+
+class VectorizedLocalSGD:
+    """``local_sgd`` for many clients in one batched computation; see the module docstring."""
+
+    def __init__(self, update: LocalSGD):
+        self.update = update
+        self.spec = sgd_spec(update)
+        check_vectorizable(update.model)
+        self.model = copy.deepcopy(update.model).train()
+        self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
+        loss_fn = update.loss_fn
+        model = self.model
+
+        def loss_full(p: Params, const: Params, x: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(functional_call(model, {**p, **const}, (x,)), y)
+
+        def loss_masked(p: Params, const: Params, x: Tensor, y: Tensor, m: Tensor) -> Tensor:
+            out = functional_call(model, {**p, **const}, (x,))  # (B, ...)
+            per = vmap(loss_fn)(out.unsqueeze(1), y.unsqueeze(1))  # (B,) one loss per example
+            return (per * m).sum() / m.sum().clamp(min=1.0)
+
+        # One loss per client, (k,); the gradient of their sum with respect to the stacked
+        # params is every client's own gradient (client c's loss depends on row c only). One
+        # backward pass through the batched graph is cheaper than vmap(grad(...)).
+        self._full = vmap(loss_full, in_dims=(0, None, 0, 0))
+        self._masked = vmap(loss_masked, in_dims=(0, None, 0, 0, 0))
+
+    def __repr__(self) -> str:
+        return f"VectorizedLocalSGD({self.update!r})"
+
+    def _learn_layout(self, name: str, grad: Tensor) -> bool:
+        # The backward pass of a batched matrix product gives weight gradients in a transposed
+        # layout, shape (k, out, in) strides (out * in, 1, out); an SGD step that adds such a
+        # gradient to row-major params reads memory out of order (5x slower for a large layer).
+        # Keeping the params in the gradient's layout makes the step one sequential sweep.
+        shape = grad.shape
+        if grad.stride()[0] != math.prod(shape[1:]) or self._layouts.get(name) == grad.stride()[1:]:
+            return False
+        self._layouts[name] = grad.stride()[1:]
+        return True
+
+    def _stack(self, t: Tensor, c: int | None, name: str) -> Tensor:
+        """``t`` (one client's, or already stacked when ``c`` is None) as a stacked copy
+        ``(C, *shape)`` in the layout learned for ``name``."""
+        src = t.detach().unsqueeze(0).expand(c, *t.shape) if c is not None else t
+        inner = self._layouts.get(name)
+        if inner is None:
+            return src.clone(memory_format=torch.contiguous_format)
+        out = torch.empty_strided(src.shape, (math.prod(src.shape[1:]), *inner),
+                                  dtype=src.dtype)
+        return out.copy_(src)
+
+    def schedule(self, data: ArrayData, info: ClientInfo) -> Tensor:
+        """Client's batches as rows ``(steps, B)`` of pool row numbers, ``-1`` for padding; the
+        same batches ``local_sgd`` draws."""
+        u = self.update
+        n, b = len(data), u.batch_size
+        if n == 0:
+            return torch.empty(0, b, dtype=torch.int64)
+        g = torch_generator(info.seed, "batches")
+        per_epoch = math.ceil(n / b)
+        epochs = u.epochs if u.max_steps is None else min(u.epochs,
+                                                            math.ceil(u.max_steps / per_epoch))
+        rows = []
+        for _ in range(epochs):
+            perm = data.index[torch.randperm(n, generator=g)]
+            padded = torch.full((per_epoch * b,), -1, dtype=torch.int64)
+            padded[:n] = perm
+            rows.append(padded.view(per_epoch, b))
+        out = torch.cat(rows)
+        return out if u.max_steps is None else out[:u.max_steps]
+
+    def __call__(self, params: Params, datas: Sequence[ArrayData],
+                 infos: Sequence[ClientInfo]) -> list[ClientResult]:
+        """One :class:`ClientResult` per client, as ``local_sgd`` would compute them (within
+        float rounding). All ``datas`` must be views of the same pool tensors."""
+        if not datas:
+            return []
+        x, y = datas[0].x, datas[0].y
+        if any(d.x is not x or d.y is not y for d in datas):
+            raise ModelError("vectorized executor: the clients' data are not views of one shared "
+                             "pool (ArrayData.x / .y differ); group clients by pool.")
+        plans = [self.schedule(d, i) for d, i in zip(datas, infos, strict=True)]
+        steps = torch.tensor([len(p) for p in plans])
+        order = torch.argsort(steps, descending=True, stable=True)  # active clients: a prefix
+        c, s_max, b = len(plans), int(steps.max()), self.update.batch_size
+        rows = torch.full((c, s_max, b), -1, dtype=torch.int64)  # (C, S, B)
+        for j, i in enumerate(order.tolist()):
+            rows[j, :len(plans[i])] = plans[i]
+        mask = rows >= 0
+        # Padding reads the pool's row 0 (any real row: its output is multiplied by 0).
+        rows = rows.clamp(min=0)
+        maskf = mask.to(x.dtype if x.is_floating_point() else torch.float32)
+        active = [int((steps > s).sum()) for s in range(s_max)]
+
+        const = {k: v for k, v in params.items() if k not in self.trainable}
+        stacked = {k: self._stack(params[k], c, k) for k in self.trainable}  # (C, *shape)
+        buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} \
+            if self.spec.momentum else {}
+        loss_sum = torch.zeros(c, dtype=torch.float64)
+        lr, mom, wd, mu = self.spec.lr, self.spec.momentum, self.spec.weight_decay, \
+            self.update.prox_mu
+        for s in range(s_max):
+            k = active[s]
+            idx, m = rows[:k, s], mask[:k, s]  # (k, B)
+            xb, yb = x[idx], y[idx]  # (k, B, *x_shape), (k, B, ...)
+            view = {n: t[:k] for n, t in stacked.items()}
+            leaves = {n: t.detach().requires_grad_() for n, t in view.items()}
+            try:
+                with torch.enable_grad():
+                    loss = (self._full(leaves, const, xb, yb) if bool(m.all())
+                            else self._masked(leaves, const, xb, yb, maskf[:k, s]))  # (k,)
+                    found = torch.autograd.grad(loss.sum(), list(leaves.values()))
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+                if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
+                    raise ModelError(f"vectorized executor: the model cannot run under "
+                                     f"torch.func.vmap: {type(e).__name__}: {e}; {_FIX}.") from e
+                raise
+            grads = dict(zip(leaves, found, strict=True))
+            for n, g in grads.items():
+                if g.stride() != view[n].stride() and self._learn_layout(n, g):
+                    stacked[n] = self._stack(stacked[n], None, n)
+                    view[n] = stacked[n][:k]
+                    if n in buffers:
+                        buffers[n] = self._stack(buffers[n], None, n)
+            with torch.no_grad():
+                for n, p in view.items():
+                    g = grads[n]
+                    if mu:  # FedProx: local_sgd adds mu * (w - w_global) to the gradient
+                        g = g.add(p - params[n], alpha=mu)
+                    if wd:
+                        g = g.add(p, alpha=wd)
+                    if mom:
+                        buf = buffers[n][:k]
+                        if s == 0:
+                            buf.copy_(g)
+                        else:
+                            buf.mul_(mom).add_(g)
+                        g = buf
+                    p.add_(g, alpha=-lr)
+            loss_sum[:k] += loss.detach()
+        # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
+        # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and
+        # with the global params first copied into the stack's layout: a fresh 20 MB result
+        # costs page faults, and a subtraction across two layouts reads one out of order.
+        deltas = {k: stacked[k].sub_(self._stack(params[k], 1, k)) for k in stacked}
+        examples_per = mask.sum(dim=(1, 2)).tolist()
+        loss_per = loss_sum.tolist()
+        results: list[ClientResult | None] = [None] * c
+        for j, i in enumerate(order.tolist()):
+            n_steps = int(steps[i])
+            examples = int(examples_per[j])
+            update = {k: (deltas[k][j] if k in deltas else torch.zeros_like(v))
+                      for k, v in params.items()}
+            metrics = {"train/loss": loss_per[j] / max(n_steps, 1),
+                       "train/steps": float(n_steps), "train/examples": float(examples)}
+            results[i] = ClientResult(update, float(len(datas[i])), metrics)
+        return [r for r in results if r is not None]

@@ -1,0 +1,278 @@
+"""Executors: same seed, same global params (bit for bit where the arithmetic order is the same,
+within float rounding otherwise); clear errors for clients that fail and models that cannot be
+vectorized."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from shoal import tree
+from shoal.aggregate import Pipeline, clip_by_norm, coordinate_median, weighted_mean
+from shoal.algorithms.collect import RoundFold
+from shoal.algorithms.fedavg import FedAvg
+from shoal.client import local_sgd
+from shoal.config import load_config
+from shoal.data.arrays import ArrayData
+from shoal.data.federated import ClientData
+from shoal.errors import ClientError, ConfigError, ModelError
+from shoal.message import Message
+from shoal.run import run
+from shoal.sim import InProcessTransport, simulated_dropout
+from shoal.sim.executor import AutoExecutor, SequentialExecutor, VectorizedExecutor, make_executor
+from shoal.sim.processes import ProcessesExecutor, balance
+
+from .conftest import cross_entropy, make_tiny, sgd
+
+# Vectorized and processes add the same numbers in another order (batched matrix products, a
+# masked mean, per-rank partial sums), so they agree with sequential to float32 rounding only.
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def unequal_federation(seed: int = 0) -> tuple[dict[str, ClientData], list[str]]:
+    """Six clients of 3 to 23 examples (unequal sizes exercise padding and masking)."""
+    t = make_tiny(clients=6, per_client=25, seed=seed)
+    sizes = [23, 3, 17, 9, 12, 5]
+    data = {cid: ClientData(ArrayData(t.x, t.y, torch.arange(i * 25, i * 25 + n)), None)
+            for i, (cid, n) in enumerate(zip(t.ids, sizes, strict=True))}
+    return data, t.ids
+
+
+def tiny_model(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    if batchnorm:
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(executor, *, rounds: int = 3, pipeline: Pipeline | None = None, mods=(),
+          model: nn.Module | None = None, on_error: str = "drop", data=None, **sgd_kwargs):
+    data_map, ids = data if data is not None else unequal_federation()
+    model = model if model is not None else tiny_model()
+    opt = sgd_kwargs.pop("optimizer", sgd(0.1))
+    update = local_sgd(model, cross_entropy, batch_size=4, optimizer=opt, **sgd_kwargs)
+    fedavg = FedAvg(update, pipeline=pipeline, seed=5)
+    with InProcessTransport(ids, data_map.__getitem__, fedavg.handlers(), mods=mods,
+                            on_error=on_error, executor=executor) as transport:  # type: ignore[arg-type]
+        res = run(fedavg, transport, rounds=rounds, params=tree.params_of(model))
+    return res.state.params, res.history
+
+
+def assert_close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOL)
+
+
+def test_sequential_executor_is_bit_identical_to_the_plain_transport():
+    mods = [simulated_dropout(0.3, seed=1)]
+    plain, h1 = train(None, mods=mods)
+    seq, h2 = train(SequentialExecutor(), mods=mods)
+    assert tree.equal(plain, seq)
+    assert [h["round/dropped"] for h in h1] == [h["round/dropped"] for h in h2]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"epochs": 2},
+    {"optimizer": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-3)},
+    {"prox_mu": 0.5, "max_steps": 3},
+], ids=["plain", "momentum-wd", "prox-maxsteps"])
+def test_vectorized_matches_sequential(kwargs):
+    seq, hs = train("sequential", **dict(kwargs))
+    vec, hv = train("vectorized", **dict(kwargs))
+    assert_close(seq, vec)
+    for a, b in zip(hs, hv, strict=True):
+        assert a["train/examples"] == b["train/examples"]
+        assert a["train/steps"] == b["train/steps"]
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+
+
+def test_vectorized_with_stages_dropout_and_small_batches_matches_sequential():
+    pipe = Pipeline([clip_by_norm(0.05)], weighted_mean())
+    mods = [simulated_dropout(0.3, seed=2)]
+    seq, hs = train("sequential", pipeline=pipe, mods=mods)
+    vec, hv = train(VectorizedExecutor(max_clients=2), pipeline=pipe, mods=mods)
+    assert_close(seq, vec)
+    assert [h["round/dropped"] for h in hs] == [h["round/dropped"] for h in hv]
+
+
+def test_vectorized_refuses_batchnorm_with_a_clear_error():
+    with pytest.raises(ModelError) as e:
+        train("vectorized", model=tiny_model(batchnorm=True), rounds=1)
+    assert str(e.value) == (
+        "vectorized executor: layer '1' (BatchNorm1d) updates running statistics while "
+        "training, which cannot be kept per client under torch.func.vmap; use "
+        "executor='sequential' or 'processes' (or 'auto', which falls back), or build the "
+        "layer with track_running_stats=False (or use GroupNorm/LayerNorm).")
+
+
+def test_vectorized_refuses_other_optimizers_with_a_clear_error():
+    with pytest.raises(ConfigError, match=r"^vectorized executor: the client optimizer is "
+                       r"functools.partial\(<class 'torch.optim.adam.Adam'>, lr=0.01\); it "
+                       r"implements torch.optim.SGD \(lr, momentum, weight_decay\) only; use "
+                       r"executor='sequential' or 'processes' \(or 'auto', which falls back\)\.$"):
+        train("vectorized", rounds=1,
+              optimizer=functools.partial(torch.optim.Adam, lr=0.01))
+
+
+def test_auto_falls_back_to_sequential_for_batchnorm_and_vectorizes_otherwise():
+    auto = AutoExecutor(workers=1)
+    seq, _ = train("sequential", model=tiny_model(batchnorm=True), rounds=2)
+    got, _ = train(auto, model=tiny_model(batchnorm=True), rounds=2)
+    assert isinstance(auto.chosen, SequentialExecutor)
+    assert tree.equal(seq, got)
+    auto = AutoExecutor(workers=1)
+    train(auto, rounds=1)
+    assert isinstance(auto.chosen, VectorizedExecutor)
+
+
+class ItemNet(nn.Module):
+    """Passes the static checks, but calls .item() in forward, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out if out.abs().max().item() < 1e9 else out * 0
+
+
+def test_a_model_vmap_cannot_run_is_refused_and_auto_falls_back():
+    with pytest.raises(ModelError, match=r"^vectorized executor: the model cannot run under "
+                       r"torch\.func\.vmap: RuntimeError: .*; use executor='sequential' or "
+                       r"'processes' \(or 'auto', which falls back\)\.$"):
+        train("vectorized", model=ItemNet(), rounds=1)
+    auto = AutoExecutor(workers=1)
+    seq, _ = train("sequential", model=ItemNet(), rounds=2)
+    got, _ = train(auto, model=ItemNet(), rounds=2)
+    assert isinstance(auto.chosen, SequentialExecutor)
+    assert tree.equal(seq, got)
+
+
+def broken_federation():
+    """Client-3's examples have 5 features instead of 8: its first forward pass fails."""
+    data, ids = unequal_federation()
+    bad = make_tiny(clients=1, per_client=10)
+    x5 = bad.x[:, :5].contiguous()
+    data["client-3"] = ClientData(ArrayData(x5, bad.y, torch.arange(9)), None)
+    return data, ids
+
+
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_a_client_error_names_the_client_round_and_step(executor):
+    with pytest.raises(ClientError) as e:
+        train(executor, data=broken_federation(), on_error="raise", rounds=2)
+    err = e.value
+    assert (err.client, err.round, err.step) == ("client-3", 1, 0)
+    assert str(err).startswith("client 'client-3' failed in round 1 at local step 0: "
+                               "RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert isinstance(err.__cause__, RuntimeError)  # the original, with its traceback
+
+
+def test_a_failing_client_is_dropped_by_default_with_every_in_process_executor():
+    for executor in ("sequential", "vectorized"):
+        _, hist = train(executor, data=broken_federation(), rounds=1)
+        assert hist[0]["round/dropped"] == 1.0
+
+
+def test_balance_deals_largest_first_to_the_least_loaded_rank():
+    assert balance([5, 50, 20, 20, 10], 2) == [0, 0, 1, 1, 1]  # loads 55 and 50
+    assert balance([], 3) == []
+    assert sorted(balance([1] * 6, 3)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_fold_in_parts_equals_the_pipeline_reduction():
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    reqs = [Message("train", "coordinator", f"c{i}", 1, params) for i in range(5)]
+    reps = [r.reply(tensors={k: torch.randn(v.shape, generator=g) for k, v in params.items()},
+                    config={"weight": float(i + 1)}) for i, r in enumerate(reqs)]
+    pipe = Pipeline([clip_by_norm(1.0, runs_at="coordinator")], weighted_mean())
+    fold = RoundFold(pipe, params, pipe.client_configs(pipe.init()), 1, 0)
+    whole, n = fold.finish(fold.fold(reqs, reps))
+    expected, m = pipe.reduce(((r.src, r.tensors, r.config["weight"]) for r in reps),
+                              pipe.client_configs(pipe.init()), 1, 0)
+    assert n == m == 5 and tree.equal(whole, expected)  # one part: the same arithmetic
+    parts = [fold.fold([reqs[i] for i in ix], [reps[i] for i in ix], ix) for ix in ([3, 0], [4, 1, 2])]
+    merged = fold.merge(parts)
+    assert merged.positions == [0, 1, 2, 3, 4]
+    split, _ = fold.finish(merged)
+    assert_close(whole, split)
+
+
+def test_config_selects_the_executor():
+    from shoal.data.tasks import load_task
+    from shoal.experiment import build_federated, make_dataset, resolve_config
+    config = load_config(None, ["federated.executor=vectorized", "task.name=digits"])
+    task = load_task("digits")
+    config = resolve_config(config, task)
+    _, transport = build_federated(config, task, make_dataset(config, task), task.model_fn())
+    assert isinstance(transport.executor, VectorizedExecutor)
+    with pytest.raises(ConfigError, match="expected one of 'sequential', 'vectorized', "
+                       "'processes', 'auto', got 'gpu'"):
+        load_config(None, ["federated.executor=gpu"])
+    with pytest.raises(ConfigError, match=r"^executor: unknown executor 'fast'; expected one of "
+                       r"'sequential', 'vectorized', 'processes', 'auto'\.$"):
+        make_executor("fast")
+
+
+# -- processes: 2 ranks (this process and one worker), a few rounds ------------------------------
+
+@pytest.mark.parametrize("reducer, inner", [(weighted_mean(), "vectorized"),
+                                            (coordinate_median(), "sequential")],
+                         ids=["mean-streamed", "median-gathered"])
+def test_processes_matches_sequential(reducer, inner):
+    pipe = Pipeline([], reducer)
+    mods = [simulated_dropout(0.2, seed=3)]
+    seq, hs = train("sequential", pipeline=pipe, mods=mods, rounds=2)
+    got, hp = train(ProcessesExecutor(2, inner=inner), pipeline=pipe, mods=mods, rounds=2)
+    assert_close(seq, got)
+    for a, b in zip(hs, hp, strict=True):
+        assert a["round/replied"] == b["round/replied"]
+        assert a["comm/bytes_down"] == b["comm/bytes_down"]
+
+
+def test_processes_client_error_names_the_client_and_round():
+    with pytest.raises(ClientError) as e:
+        train(ProcessesExecutor(2), data=broken_federation(), on_error="raise", rounds=1)
+    assert (e.value.client, e.value.round, e.value.step) == ("client-3", 1, 0)
+    assert str(e.value).startswith("ClientError: client 'client-3' failed in round 1 at local "
+                                   "step 0: RuntimeError: mat1 and mat2 shapes")
+    assert "raised in a worker process; its traceback:" in str(e.value)
+
+
+def test_processes_refuses_unpicklable_federations_clearly():
+    data, ids = unequal_federation()
+    with pytest.raises(ConfigError, match=r"^processes executor: cannot send the federation to "
+                       r"worker processes: .*; or use executor='sequential' or 'vectorized'\.$"):
+        train(ProcessesExecutor(2), data=({k: v for k, v in data.items()}, ids),
+              mods=[lambda m, c, h: h(m, c)], rounds=1)
+
+
+@pytest.mark.slow
+def test_torchrun_example_matches_the_sequential_executor(tmp_path):
+    """Two ranks under torchrun (rank 0 runs the loop, rank 1 serves) reach the accuracy the
+    sequential executor reaches from the same config."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shoal.experiment import run_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2",
+                          str(root / "examples" / "torchrun_processes.py"), "federated.rounds=3"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    got = float(re.search(r"central accuracy (\d\.\d+)", out).group(1))
+    config = load_config(None, ["task.name=digits", "federated.rounds=3", "baseline=false"])
+    (result,) = run_experiment(config, tmp_path)
+    assert got == pytest.approx(result.final["accuracy"], abs=1e-4)
