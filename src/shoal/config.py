@@ -153,7 +153,7 @@ class SecAggConfig:
     clip: float = field(default=10.0, metadata=_check(gt=0))
     max_weight: float = field(default=1000.0, metadata=_check(gt=0))
     neighbours: int = field(default=0, metadata=_check(min=0))
-    threshold: float = field(default=0.5, metadata=_check(gt=0))
+    threshold: float = field(default=0.4, metadata=_check(gt=0))
 
     def __post_init__(self) -> None:
         if self.threshold > 1:

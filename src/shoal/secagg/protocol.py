@@ -317,7 +317,7 @@ def _problem(request: Message, reply: Message, names: Callable[[Message], Iterab
 def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, session: str,
                task: str, length: int, payload: Params | None = None,
                config: Mapping[str, Any] | None = None, neighbours: int | None = None,
-               threshold: float = 0.5, seed: int = 0, timeout: float | None = None,
+               threshold: float = 0.4, seed: int = 0, timeout: float | None = None,
                min_contributors: int = 1) -> SecureSum:
     """Run one SecAgg+ session over ``clients``: the exact sum of their quantized inputs.
 

@@ -35,7 +35,7 @@ class SecureAggregation(Stage):
     hides_individual_updates = True
 
     def __init__(self, clip: float = 10.0, max_weight: float = 1000.0,
-                 neighbours: int | None = None, threshold: float = 0.5):
+                 neighbours: int | None = None, threshold: float = 0.4):
         if not clip > 0:
             raise ConfigError(f"secure_aggregation: clip must be > 0 (got {clip}).")
         if not max_weight > 0:
@@ -66,7 +66,7 @@ class SecureAggregation(Stage):
 
 
 def secure_aggregation(clip: float = 10.0, max_weight: float = 1000.0,
-                       neighbours: int | None = None, threshold: float = 0.5,
+                       neighbours: int | None = None, threshold: float = 0.4,
                        ) -> SecureAggregation:
     """The secure-aggregation stage; see :class:`SecureAggregation`."""
     return SecureAggregation(clip, max_weight, neighbours, threshold)
