@@ -35,6 +35,16 @@ _NONCE = 12
 _ZERO_COUNTER = bytes(16)
 
 
+_ZEROS = [b""]
+
+
+def _zeros(nbytes: int) -> memoryview:
+    """``nbytes`` zero bytes, from one shared read-only buffer grown on demand."""
+    if len(_ZEROS[0]) < nbytes:
+        _ZEROS[0] = bytes(nbytes)
+    return memoryview(_ZEROS[0])[:nbytes]
+
+
 def random_key() -> bytes:
     """A fresh 256-bit key from the operating system's CSPRNG."""
     return os.urandom(KEY_BYTES)
@@ -110,5 +120,5 @@ def mask_stream(key: bytes, length: int, out: bytearray | None = None) -> np.nda
     if out is None or len(out) < nbytes + 15:  # update_into wants a block of slack
         out = bytearray(nbytes + 15)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER)).encryptor()
-    encryptor.update_into(bytes(nbytes), out)  # keystream XOR zeros = keystream
+    encryptor.update_into(_zeros(nbytes), out)  # keystream XOR zeros = keystream
     return np.frombuffer(out, dtype=np.uint32, count=length)

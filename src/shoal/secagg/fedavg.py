@@ -192,7 +192,7 @@ class SecureFedAvg(FedAvg):
         flat, _ = tree.flatten({k: update[k] for k in message.tensors})
         x = flat.detach().to(torch.float64).numpy()
         np.clip(x, -clip, clip, out=x)
-        x *= w
+        x *= w  # |w x| <= clip since w <= 1
         loss = result.metrics.get("train/loss")
         has = loss is not None and math.isfinite(loss)
         examples = result.metrics.get("train/examples", float(result.weight))

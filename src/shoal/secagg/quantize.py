@@ -43,17 +43,20 @@ def levels_for(n: int) -> int:
 
 def quantize(blocks: Sequence[Block], levels: int, rng: np.random.Generator) -> np.ndarray:
     """The blocks clipped, scaled, stochastically rounded and concatenated, as ``uint32``."""
-    parts = []
+    out = np.empty(sum(np.size(values) for values, _ in blocks), dtype=np.int32)
+    offset = 0
     for values, bound in blocks:
         if not bound > 0:
             raise SecAggError(f"secagg: a block's bound must be > 0 (got {bound}).")
-        x = np.asarray(values, dtype=np.float64).reshape(-1)
-        z = np.clip(x, -bound, bound) * (levels / bound)
+        x = np.asarray(values).reshape(-1)
+        z = np.clip(x, -bound, bound, dtype=np.float64)
+        z *= levels / bound
         z += rng.random(z.shape[0])
         np.floor(z, out=z)
         np.clip(z, -levels, levels, out=z)  # guards float rounding at the very edge
-        parts.append(z.astype(np.int64).astype(np.uint32))
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+        np.copyto(out[offset:offset + z.shape[0]], z, casting="unsafe")  # exact integers
+        offset += z.shape[0]
+    return out.view(np.uint32)
 
 
 def dequantize(total: np.ndarray, bounds: Sequence[tuple[int, float]],
