@@ -425,11 +425,11 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
             (s_shares if which == "s" else b_shares)[v].append(
                 (int.from_bytes(raw[:2], "big"), raw[2:]))
     needed_s = [d for d in gone if any(v in alive for v in active[d])]
-    short = [(u, len(b_shares[u])) for u in u2 if len(b_shares[u]) < t]
-    short += [(d, len(s_shares[d])) for d in needed_s if len(s_shares[d]) < t]
-    if short:
-        u, have = short[0]
-        return result(f"secure aggregation cannot unmask: {len(short)} client(s) have fewer "
+    lacking = [(u, len(b_shares[u])) for u in u2 if len(b_shares[u]) < t]
+    lacking += [(d, len(s_shares[d])) for d in needed_s if len(s_shares[d]) < t]
+    if lacking:
+        u, have = lacking[0]
+        return result(f"secure aggregation cannot unmask: {len(lacking)} client(s) have fewer "
                       f"than t={t} surviving neighbours holding their shares (e.g. {u!r}: "
                       f"{have} of {t}); no partial result is used. Lower secagg.threshold, "
                       "raise secagg.neighbours, or reduce dropouts.", k=k, t=t, levels=levels)
