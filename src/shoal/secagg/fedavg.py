@@ -131,7 +131,7 @@ class SecureFedAvg(FedAvg):
         wx, w, wloss, wcount, examples = dequantize(
             res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
         total_weight = float(w[0])
-        m["train/examples"] = float(round_half(examples[0]))  # a sum of integer counts
+        m["train/examples"] = float(_nearest(examples[0]))  # a sum of integer counts
         if wcount[0] > 0:
             m["train/loss"] = float(wloss[0] / wcount[0])
         if not total_weight > 0:
@@ -159,8 +159,8 @@ class SecureFedAvg(FedAvg):
         cap = self._eval_cap()
         examples, correct, loss, counted = dequantize(
             res.total, [(1, cap), (1, cap), (1, cap * LOSS_CLIP), (1, 1.0)], res.levels)
-        out["fed_eval/clients"] = float(round_half(counted[0]))
-        out["fed_eval/examples"] = float(round_half(examples[0]))
+        out["fed_eval/clients"] = float(_nearest(counted[0]))
+        out["fed_eval/examples"] = float(_nearest(examples[0]))
         if examples[0] > 0:
             out["fed_eval/accuracy"] = float(correct[0] / examples[0])
             out["fed_eval/loss"] = float(loss[0] / examples[0])
@@ -215,6 +215,6 @@ class SecureFedAvg(FedAvg):
                 (np.array([ex * loss]), cap * LOSS_CLIP), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
 
 
-def round_half(x: float) -> int:
+def _nearest(x: float) -> int:
     """``x`` rounded to the nearest integer (a securely summed count)."""
     return int(math.floor(x + 0.5))
