@@ -135,8 +135,20 @@ def test_every_mask_is_generated_from_a_256_bit_key(monkeypatch):
 def test_a_client_refuses_to_reveal_both_shares_of_a_neighbour():
     ids, transport = federation(4, seed=0)
     node = transport.inner.node("c000")
-    node.context.state["secagg"] = {"x": {"stage": 3, "active": ["c001"]}}
+    node.context.state["secagg"] = {"x": {"stage": 3, "active": ["c001", "c002"], "t": 1}}
     reply = transport.inner.request([Message(protocol.UNMASK, "coordinator", "c000", 1, config={
         "session": "x", "dropped": ["c001"], "survivors": ["c001"]})])[0]
     assert reply.error == ("SecAggError: secagg.unmask: client 'c000' was asked for both shares "
                            "of ['c001']; that would unmask their input, so it refuses.")
+
+
+def test_a_client_told_of_fewer_than_t_survivors_reveals_nothing():
+    ids, transport = federation(4, seed=0)
+    node = transport.inner.node("c000")
+    node.context.state["secagg"] = {"x": {"stage": 3, "active": ["c001", "c002"], "t": 2}}
+    reply = transport.inner.request([Message(protocol.UNMASK, "coordinator", "c000", 1, config={
+        "session": "x", "dropped": ["c001"], "survivors": ["c002"]})])[0]
+    assert reply.error == ("SecAggError: secagg.unmask: client 'c000' is told only 1 of its "
+                           "neighbours survived, fewer than the threshold 2; its input could "
+                           "not be unmasked, so it reveals no shares.")
+    assert not reply.tensors

@@ -258,6 +258,10 @@ class SecAggClient:
             raise SecAggError(f"{UNMASK}: client {me!r} was asked for both shares of "
                               f"{sorted(set(dropped) & set(survivors))!r}; that would unmask "
                               "their input, so it refuses.")
+        if len(survivors) < st["t"]:
+            raise SecAggError(f"{UNMASK}: client {me!r} is told only {len(survivors)} of its "
+                              f"neighbours survived, fewer than the threshold {st['t']}; its "
+                              "input could not be unmasked, so it reveals no shares.")
         unknown = (set(dropped) | set(survivors)) - set(st["active"])
         if unknown:
             raise SecAggError(f"{UNMASK}: client {me!r} holds no shares of "
