@@ -48,7 +48,7 @@ import tomli_w
 from .errors import ConfigError
 
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "EvaluationConfig",
-           "FederatedConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
+           "FederatedConfig", "SecAggConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
            "to_dict", "to_toml"]
 
 
@@ -146,6 +146,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, ``shoal.secagg``): the coordinator sees only sums.
+
+    ``clip`` bounds each update coordinate, ``max_weight`` a client's weight (examples);
+    ``neighbours`` is the degree of the neighbour graph (0: 3*ceil(log2 n)); ``threshold`` the
+    fraction of a client's neighbours needed to unmask it."""
+
+    enabled: bool = False
+    clip: float = field(default=10.0, metadata=_check(gt=0))
+    max_weight: float = field(default=1000.0, metadata=_check(gt=0))
+    neighbours: int = field(default=0, metadata=_check(min=0))
+    threshold: float = field(default=0.4, metadata=_check(gt=0))
+
+    def __post_init__(self) -> None:
+        if self.threshold > 1:
+            raise ConfigError(
+                f"config field 'secagg.threshold': expected a fraction of the neighbours in "
+                f"(0, 1], got {self.threshold}."
+            )
+
+
+@dataclass
 class Config:
     """A whole run; see the module docstring for the file format."""
 
@@ -159,6 +181,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 # -- parsing ---------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ from .data.tasks import Task, load_task
 from .errors import CheckpointError, ConfigError
 from .metrics import Evaluator
 from .run import run
+from .secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
+from .secagg.protocol import MASKED_INPUT
 from .seeding import derive_seed
 from .sim import InProcessTransport, simulated_dropout
 from .sim.executor import make_executor
@@ -188,10 +190,16 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                        max_steps=c.max_steps or None)
     evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
                           auc=task.num_classes == 2)
-    algorithm = FedAvg(update, pipeline=pipeline, server_opt=_server_opt(config), cohort=cohort,
-                       min_replies=min_replies, timeout=f.timeout_s or None,
-                       client_eval=evaluator, seed=config.seed)
-    mods = [simulated_dropout(f.dropout, config.seed)] if f.dropout > 0 else []
+    kwargs: dict[str, Any] = dict(
+        pipeline=pipeline, server_opt=_server_opt(config), cohort=cohort,
+        min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
+        seed=config.seed)
+    s = config.secagg
+    algorithm = (SecureFedAvg(update, secagg=secure_aggregation(
+                     s.clip, s.max_weight, s.neighbours or None, s.threshold), **kwargs)
+                 if s.enabled else FedAvg(update, **kwargs))
+    kinds = ("train", MASKED_INPUT) if s.enabled else ("train",)
+    mods = [simulated_dropout(f.dropout, config.seed, kinds)] if f.dropout > 0 else []
     executor = make_executor(f.executor, workers=f.workers or None, inner=f.worker_executor)
     transport = InProcessTransport(dataset.client_ids(), dataset.client, algorithm.handlers(),
                                    mods=mods, on_error=f.on_client_error, executor=executor)
@@ -260,8 +268,9 @@ def federated_paradigm(setup: Setup) -> Built:
     algorithm, transport = build_federated(config, setup.task, setup.dataset, setup.model)
     callbacks: list[Any] = []
     if config.data.eval_fraction > 0:
-        callbacks.append(FederatedEvaluation(config.evaluation.federated_every
-                                             or config.federated.rounds))
+        every = config.evaluation.federated_every or config.federated.rounds
+        callbacks.append(SecureFederatedEvaluation(every) if config.secagg.enabled
+                         else FederatedEvaluation(every))
     return Built(algorithm, transport, callbacks)
 
 

@@ -151,14 +151,20 @@ class FedAvg:
                              f"min_replies is {self.min_replies}")
             log.warning("round %d not applied: %s", round, report.failed)
             return state, report
+        return self.apply(state, reduced, RoundInfo(round, self.seed, len(chosen), count,
+                                                    len(population)), report)
 
-        info = RoundInfo(round, self.seed, len(chosen), count, len(population))
+    def apply(self, state: FedAvgState, reduced: Params, info: RoundInfo,
+              report: RoundReport) -> tuple[FedAvgState, RoundReport]:
+        """Finish a round from the reduced update: the pipeline's server halves, a finiteness
+        check (a non-finite aggregate fails the round, model unchanged), the server optimizer."""
+        m = report.metrics
         aggregate, stage_states, stage_metrics = self.pipeline.finish(
             reduced, state.stage_states, info)
         m.update(stage_metrics)
         if not tree.is_finite(aggregate):
             report.failed = "the aggregated update is not finite (NaN or inf); model left unchanged"
-            log.warning("round %d not applied: %s", round, report.failed)
+            log.warning("round %d not applied: %s", info.round, report.failed)
             return state, report
         m["update/norm"] = tree.norm(aggregate)
         params, opt_state = self.server_opt.apply(state.params, aggregate, state.opt_state)

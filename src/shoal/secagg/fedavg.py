@@ -1,0 +1,220 @@
+"""``SecureFedAvg``: FedAvg whose coordinator learns only the sum of the updates.
+
+The same cohort sampling, client update, client-side stages, server-side stage halves and
+server optimizer as :class:`~shoal.algorithms.fedavg.FedAvg`; only the conversation differs: a
+round is one SecAgg+ session (:mod:`shoal.secagg.protocol`) in place of ``"train"``. Each client
+trains, runs the pipeline's client-side stages, checks its update, clips it per coordinate and
+sends the masked quantization of the vector::
+
+    [w * x (one value per parameter), w, w * train_loss, w * has_loss, train_examples]
+
+with ``w = min(weight, max_weight) / max_weight``. The coordinator unmasks the sums and gets
+the weighted mean ``sum(w x) / sum(w)`` (the reducer's ``finalize``), then runs the pipeline's
+server halves on it — where coordinator-side stages such as central DP noise operate on the
+securely aggregated sum — and the server optimizer. Training metrics are aggregated securely
+too. Clients also answer secure federated evaluation (task ``"evaluate"``): the counts behind
+the metrics (examples, correct predictions, summed loss) are summed securely.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from .. import tree
+from ..aggregate import Pipeline, ServerOpt, WeightedMean
+from ..algorithm import RoundReport
+from ..algorithms.cohort import Cohort
+from ..algorithms.fedavg import ClientEvaluate, FedAvg, FedAvgState, eval_data, train_data
+from ..client import ClientUpdate
+from ..errors import AggregationError, UpdateError
+from ..message import Message
+from ..node import Handler, NodeContext
+from ..transport import Transport
+from ..tree import Params
+from ..types import ClientInfo, RoundInfo
+from .errors import SecAggError
+from .protocol import SecAggClient, SecureSum, secure_sum
+from .quantize import Block, dequantize
+from .stage import SecureAggregation
+
+__all__ = ["EXAMPLES_FACTOR", "LOSS_CLIP", "SecureFedAvg"]
+
+log = logging.getLogger(__name__)
+
+LOSS_CLIP = 100.0
+"""Losses are clipped to [0, LOSS_CLIP] before they are summed securely."""
+
+EXAMPLES_FACTOR = 100.0
+"""A client's examples trained per round are clipped to ``EXAMPLES_FACTOR * max_weight``."""
+
+
+class SecureFedAvg(FedAvg):
+    """FedAvg over secure aggregation; arguments as :class:`FedAvg`, plus ``secagg``.
+
+    ``secagg`` is the :class:`SecureAggregation` stage (default settings if ``None``); it is
+    appended to the pipeline unless the pipeline already holds one, so the pipeline's secrecy
+    check rejects, at construction, reducers that need individual updates.
+    """
+
+    def __init__(self, client_update: ClientUpdate, *, secagg: SecureAggregation | None = None,
+                 pipeline: Pipeline | None = None, server_opt: ServerOpt | None = None,
+                 cohort: Cohort | None = None, min_replies: int = 1,
+                 timeout: float | None = None, client_eval: ClientEvaluate | None = None,
+                 seed: int = 0):
+        base = pipeline if pipeline is not None else Pipeline()
+        present = [s for s in base.stages if isinstance(s, SecureAggregation)]
+        if present:
+            secagg = present[0]
+        else:
+            secagg = secagg if secagg is not None else SecureAggregation()
+            base = Pipeline([*base.stages, secagg], base.reducer)
+        if not isinstance(base.reducer, WeightedMean):
+            raise AggregationError(
+                f"SecureFedAvg: {base.reducer!r} is not a weighted mean; secure aggregation "
+                "reveals only sums, so use weighted_mean()."
+            )
+        super().__init__(client_update, pipeline=base, server_opt=server_opt, cohort=cohort,
+                         min_replies=min_replies, timeout=timeout, client_eval=client_eval,
+                         seed=seed)
+        self.secagg = secagg
+        self.protocol = SecAggClient({"train": self.train_input,
+                                      "evaluate": self.evaluate_input}, seed)
+
+    def __repr__(self) -> str:
+        return (f"SecureFedAvg({self.client_update!r}, {self.pipeline!r}, {self.server_opt!r}, "
+                f"{self.cohort!r}, min_replies={self.min_replies})")
+
+    def _max_weight(self) -> float:
+        reducer = self.pipeline.reducer
+        assert isinstance(reducer, WeightedMean)
+        return 1.0 if reducer.weighting == "uniform" else self.secagg.max_weight
+
+    def _sum(self, transport: Transport, clients: list[str], round: int, session: str,
+             task: str, length: int, payload: Params, config: dict) -> SecureSum:
+        s = self.secagg
+        return secure_sum(transport, clients, round=round, session=session, task=task,
+                          length=length, payload=payload,
+                          config={**config, "clip": s.clip, "max_weight": self._max_weight()},
+                          neighbours=s.neighbours, threshold=s.threshold, seed=self.seed,
+                          timeout=self.timeout, min_contributors=self.min_replies)
+
+    # -- coordinator side -------------------------------------------------------------------
+
+    def round(self, state: FedAvgState, transport: Transport,
+              round: int) -> tuple[FedAvgState, RoundReport]:
+        """One round of FedAvg in which the coordinator sees only the secure sum."""
+        population = transport.nodes()
+        chosen = self.cohort.sample(population, self.seed, round)
+        configs = self.pipeline.client_configs(state.stage_states)
+        n = tree.numel(state.params)
+        res = self._sum(transport, chosen, round, f"train-{round}", "train", n + 4,
+                        state.params, {"stages": configs})
+        report = RoundReport(round, dropped=dict(res.dropped))
+        for c, why in res.dropped.items():
+            log.warning("round %d: dropped %s: %s", round, c, why)
+        m = report.metrics
+        m["round/sampled"] = float(len(chosen))
+        m["round/replied"] = float(len(res.contributors))
+        m["round/dropped"] = float(len(res.dropped))
+        m["secagg/neighbours"] = float(res.neighbours)
+        m["secagg/threshold"] = float(res.threshold)
+        m.update({f"secagg/{k}": v for k, v in res.timings.items()})
+        if res.failed is not None or res.total is None:
+            report.failed = res.failed
+            log.warning("round %d not applied: %s", round, report.failed)
+            return state, report
+        clip, big = self.secagg.clip, EXAMPLES_FACTOR * self._max_weight()
+        wx, w, wloss, wcount, examples = dequantize(
+            res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
+        total_weight = float(w[0])
+        m["train/examples"] = float(_nearest(examples[0]))  # a sum of integer counts
+        if wcount[0] > 0:
+            m["train/loss"] = float(wloss[0] / wcount[0])
+        if not total_weight > 0:
+            report.failed = (f"the securely summed weight is {total_weight:g}; expected > 0 "
+                             "(raise secagg.max_weight if clients are small)")
+            return state, report
+        _, spec = tree.flatten(state.params)
+        weighted = tree.unflatten(torch.from_numpy(wx), [(k, s, torch.float64)
+                                                         for k, s, _ in spec])
+        mean = self.pipeline.reducer.finalize(weighted, total_weight)  # type: ignore[attr-defined]
+        reduced = {k: mean[k].to(dtype) for k, _, dtype in spec}
+        info = RoundInfo(round, self.seed, len(chosen), len(res.contributors), len(population))
+        return self.apply(state, reduced, info, report)
+
+    def evaluate_securely(self, params: Params, transport: Transport, round: int,
+                          clients: list[str] | None = None) -> dict[str, float]:
+        """Secure federated evaluation of ``params``: metrics from securely summed counts."""
+        targets = clients if clients is not None else transport.nodes()
+        res = self._sum(transport, targets, round, f"evaluate-{round}", "evaluate", 4, params, {})
+        out = {"fed_eval/secure": 1.0}
+        if res.failed is not None or res.total is None:
+            log.warning("round %d: secure federated evaluation failed: %s", round, res.failed)
+            out["fed_eval/clients"] = 0.0
+            return out
+        cap = self._eval_cap()
+        examples, correct, loss, counted = dequantize(
+            res.total, [(1, cap), (1, cap), (1, cap * LOSS_CLIP), (1, 1.0)], res.levels)
+        out["fed_eval/clients"] = float(_nearest(counted[0]))
+        out["fed_eval/examples"] = float(_nearest(examples[0]))
+        if examples[0] > 0:
+            out["fed_eval/accuracy"] = float(correct[0] / examples[0])
+            out["fed_eval/loss"] = float(loss[0] / examples[0])
+        return out
+
+    def _eval_cap(self) -> float:
+        return self.secagg.max_weight
+
+    # -- client side ------------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        """The four ``secagg.*`` kinds only: a secure client never answers plain ``"train"``
+        or ``"evaluate"``, which would reveal its update or metrics."""
+        return self.protocol.handlers()
+
+    def train_input(self, message: Message, context: NodeContext) -> list[Block]:
+        """Train, run the client-side stages, check the update; the blocks to sum securely."""
+        info = ClientInfo(context.node_id, message.round,
+                          self.client_seed(message.round, context.node_id), message.config)
+        result = self.client_update(message.tensors, train_data(context), info)
+        update = self.pipeline.client(result.update, message.config.get("stages", []), info)
+        tree.check_update(message.tensors, update)
+        weight = self.pipeline.reducer.client_weight(float(result.weight))  # type: ignore[attr-defined]
+        if not (math.isfinite(weight) and weight > 0):
+            raise UpdateError(f"client {context.node_id!r}: weight must be a finite number > 0, "
+                              f"got {weight!r}.")
+        clip, cap = float(message.config["clip"]), float(message.config["max_weight"])
+        w = min(weight, cap) / cap
+        flat, _ = tree.flatten({k: update[k] for k in message.tensors})
+        x = flat.detach().to(torch.float64).numpy()
+        np.clip(x, -clip, clip, out=x)
+        x *= w  # |w x| <= clip since w <= 1
+        loss = result.metrics.get("train/loss")
+        has = loss is not None and math.isfinite(loss)
+        examples = result.metrics.get("train/examples", float(result.weight))
+        return [(x, clip), (np.array([w]), 1.0),
+                (np.array([w * min(max(loss, 0.0), LOSS_CLIP) if has else 0.0]), LOSS_CLIP),  # type: ignore[type-var]
+                (np.array([w if has else 0.0]), 1.0),
+                (np.array([examples]), EXAMPLES_FACTOR * cap)]
+
+    def evaluate_input(self, message: Message, context: NodeContext) -> list[Block]:
+        """Evaluate the params sent on the node's held-out data; the counts to sum securely."""
+        if self.client_eval is None:
+            raise SecAggError("this federation has no client evaluation function; pass "
+                              "client_eval to SecureFedAvg.")
+        data = eval_data(context)
+        m = self.client_eval(message.tensors, data) if data is not None and len(data) else {}
+        cap = self._eval_cap()
+        ex = min(float(m.get("examples", 0.0)), cap)
+        loss = min(max(float(m.get("loss", 0.0)), 0.0), LOSS_CLIP)
+        return [(np.array([ex]), cap), (np.array([ex * float(m.get("accuracy", 0.0))]), cap),
+                (np.array([ex * loss]), cap * LOSS_CLIP), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
+
+
+def _nearest(x: float) -> int:
+    """``x`` rounded to the nearest integer (a securely summed count)."""
+    return int(math.floor(x + 0.5))

@@ -1,0 +1,161 @@
+"""SecureFedAvg: as accurate as FedAvg, refuses reducers that need individual updates, fails
+rounds cleanly, evaluates securely, and is wired into the config and the runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from shoal import tree
+from shoal.aggregate import Pipeline, clip_by_norm, coordinate_median, krum, weighted_mean
+from shoal.algorithms.fedavg import FedAvg
+from shoal.callbacks import FederatedEvaluation
+from shoal.client import local_sgd
+from shoal.config import load_config
+from shoal.errors import AggregationError, ClientError, ConfigError
+from shoal.experiment import run_experiment
+from shoal.metrics import Evaluator
+from shoal.run import run
+from shoal.secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
+from shoal.secagg.protocol import MASKED_INPUT
+from shoal.sim import InProcessTransport, simulated_dropout
+
+from ..conftest import cross_entropy, make_tiny, sgd
+from ._helpers import Recording
+
+
+def _pair(tiny, **secagg):
+    model = tiny.model()
+    update = local_sgd(model, cross_entropy, epochs=1, batch_size=8, optimizer=sgd(0.1))
+    ev = Evaluator(model, cross_entropy)
+    plain = FedAvg(update, client_eval=ev, seed=7)
+    secure = SecureFedAvg(update, secagg=secure_aggregation(**secagg), client_eval=ev, seed=7)
+    return model, plain, secure
+
+
+def test_secure_fedavg_matches_plain_fedavg():
+    torch.set_num_threads(1)
+    tiny = make_tiny(clients=6)
+    model, plain, secure = _pair(tiny, clip=10.0)
+    params0 = tree.params_of(model)
+    results = {}
+    for name, alg in (("plain", plain), ("secure", secure)):
+        transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, alg.handlers(),
+                                       on_error="raise")
+        results[name] = run(alg, transport, params=params0, rounds=3)
+    p, s = (alg_result.state.params for alg_result in (results["plain"], results["secure"]))
+    for k in p:
+        torch.testing.assert_close(s[k], p[k], rtol=0, atol=1e-5)
+    assert not tree.equal(p, params0)
+    hp, hs = results["plain"].history[-1], results["secure"].history[-1]
+    assert hs["train/examples"] == hp["train/examples"]
+    assert hs["train/loss"] == pytest.approx(hp["train/loss"], abs=1e-5)
+    assert hs["round/replied"] == 6 and hs["secagg/neighbours"] == 5
+
+
+def test_the_coordinator_sees_no_update_in_the_clear():
+    tiny = make_tiny(clients=5)
+    model, _, secure = _pair(tiny)
+    transport = Recording(InProcessTransport(tiny.ids, tiny.data.__getitem__, secure.handlers()))
+    state, report = secure.round(secure.init(tree.params_of(model)), transport, 1)
+    assert report.failed is None
+    n = tree.numel(state.params)
+    for reply in transport.received:
+        assert not reply.metrics and "weight" not in reply.config
+        for t in reply.tensors.values():
+            assert not t.dtype.is_floating_point
+        if reply.kind == MASKED_INPUT:
+            assert reply.tensors["masked"].shape == (n + 4,)
+    # The clients will not answer the plain kinds, which would reveal updates or metrics.
+    assert set(secure.handlers()) == {"secagg.advertise", "secagg.share_keys",
+                                      MASKED_INPUT, "secagg.unmask"}
+
+
+@pytest.mark.parametrize("reducer", [coordinate_median(), krum(1)])
+def test_reducers_that_need_individual_updates_fail_at_construction(reducer):
+    with pytest.raises(AggregationError) as e:
+        SecureFedAvg(None, pipeline=Pipeline([], reducer))  # type: ignore[arg-type]
+    assert str(e.value) == (
+        f"{reducer!r} needs individual updates, but secure_aggregation(clip=10, "
+        "max_weight=1000, neighbours=None, threshold=0.4) reveals only their sum; use "
+        "weighted_mean().")
+
+
+def test_coordinator_side_stages_fail_at_construction():
+    with pytest.raises(AggregationError, match="runs on each update at the coordinator"):
+        SecureFedAvg(None, pipeline=Pipeline([clip_by_norm(1.0, "coordinator")]))  # type: ignore[arg-type]
+    SecureFedAvg(None, pipeline=Pipeline([clip_by_norm(1.0)], weighted_mean()))  # type: ignore[arg-type]
+
+
+def test_the_stage_never_lets_plain_fedavg_send_updates_in_the_clear(tiny):
+    model = tiny.model()
+    update = local_sgd(model, cross_entropy, epochs=1, optimizer=sgd(0.1))
+    fedavg = FedAvg(update, pipeline=Pipeline([secure_aggregation()]))
+    transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, fedavg.handlers(),
+                                   on_error="raise")
+    with pytest.raises(ClientError) as e:
+        fedavg.round(fedavg.init(tree.params_of(model)), transport, 1)
+    assert "ran outside a secure-aggregation session: plain FedAvg would send this update in " \
+           "the clear. Use shoal.secagg.SecureFedAvg with this pipeline." in str(e.value)
+
+
+def test_a_round_with_too_few_survivors_fails_and_leaves_the_model_unchanged():
+    tiny = make_tiny(clients=6)
+    model, _, secure = _pair(tiny)
+    transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, secure.handlers(),
+                                   mods=[simulated_dropout(0.9, 0, kinds=(MASKED_INPUT,))])
+    state0 = secure.init(tree.params_of(model))
+    state, report = secure.round(state0, transport, 1)
+    assert report.failed is not None and report.failed.startswith("secure aggregation got ")
+    assert "no partial result is used" in report.failed
+    assert state is state0 and tree.equal(state.params, tree.params_of(model))
+
+
+def test_secure_federated_evaluation_equals_plain_federated_evaluation():
+    tiny = make_tiny(clients=6)
+    model, plain, secure = _pair(tiny)
+    params = tree.params_of(model)
+    t_plain = InProcessTransport(tiny.ids, tiny.data.__getitem__, plain.handlers())
+    t_secure = Recording(InProcessTransport(tiny.ids, tiny.data.__getitem__, secure.handlers()))
+
+    class Ctx:
+        def __init__(self, alg, transport):
+            self.algorithm, self.transport, self.round = alg, transport, 1
+            self.state = alg.init(params)
+
+        def params(self):
+            return params
+
+    want = FederatedEvaluation().evaluate(Ctx(plain, t_plain))
+    got = SecureFederatedEvaluation().evaluate(Ctx(secure, t_secure))
+    assert got["fed_eval/clients"] == want["fed_eval/clients"] == 6
+    assert got["fed_eval/examples"] == want["fed_eval/examples"]
+    assert got["fed_eval/accuracy"] == pytest.approx(want["fed_eval/accuracy"], abs=1e-6)
+    assert got["fed_eval/loss"] == pytest.approx(want["fed_eval/loss"], abs=1e-5)
+    assert all(not r.metrics for r in t_secure.received)  # no per-client metric went up
+
+
+def test_config_section_and_errors(tmp_path):
+    config = load_config(None, ["secagg.enabled=true", "secagg.neighbours=4"])
+    assert config.secagg.enabled and config.secagg.neighbours == 4
+    assert config.secagg.threshold == 0.4
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["secagg.threshold=1.5"])
+    assert str(e.value) == ("config field 'secagg.threshold': expected a fraction of the "
+                            "neighbours in (0, 1], got 1.5.")
+    with pytest.raises(AggregationError, match="needs individual updates"):
+        run_experiment(load_config(None, ["secagg.enabled=true", "federated.reducer=median",
+                                          "federated.rounds=1"]), tmp_path)
+
+
+def test_run_experiment_with_secure_aggregation(tmp_path):
+    config = load_config(None, ["secagg.enabled=true", "federated.rounds=2", "client.epochs=1",
+                                "federated.clients_per_round=6", "baseline=false",
+                                "evaluation.federated_every=1"])
+    (fed,) = run_experiment(config, tmp_path)
+    assert fed.rounds == 2
+    last = fed.history[-1]
+    assert last["round/replied"] == 6 and last["secagg/neighbours"] == 5
+    assert last["fed_eval/secure"] == 1.0 and last["fed_eval/clients"] == 20
+    assert 0 < fed.final["accuracy"] <= 1 and np.isfinite(last["train/loss"])
