@@ -126,13 +126,14 @@ class FedAvg:
         requests = [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
                     for cid in chosen]
         report = RoundReport(round)
+        reference = {**state.params, **self.pipeline.extra_tensors}  # what a reply must hold
         client_metrics: list[dict[str, float]] = []
 
         def valid_updates() -> Iterator[tuple[str, Params, float]]:
             # Replies are validated and reduced one at a time as the transport yields them.
             for req, rep in zip(requests, replies(transport, requests, self.timeout),
                                 strict=True):
-                reason = self._invalid(req, rep, state.params)
+                reason = self._invalid(req, rep, reference)
                 if reason is not None:
                     report.dropped[req.dst] = reason
                     log.warning("round %d: dropped %s: %s", round, req.dst, reason)
