@@ -124,13 +124,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, steps: int,
     def eps(z: float, kind: AccountantKind) -> float:
         return epsilon(event(z), delta, kind, sampling)
 
-    if eps(_MIN_NOISE, accountant) <= target_epsilon:
-        raise ConfigError(
-            f"calibrate_noise_multiplier: even noise multiplier {_MIN_NOISE} spends no more "
-            f"than ε = {target_epsilon} at δ = {delta} in {steps} steps at sampling rate "
-            f"{sampling_rate}; the target is too loose to calibrate (lower target_epsilon, or "
-            "set the noise multiplier yourself)."
-        )
+    too_loose = ConfigError(
+        f"calibrate_noise_multiplier: even noise multiplier {_MIN_NOISE} spends no more "
+        f"than ε = {target_epsilon} at δ = {delta} in {steps} steps at sampling rate "
+        f"{sampling_rate}; the target is too loose to calibrate (lower target_epsilon, or "
+        "set the noise multiplier yourself)."
+    )
+    logging.disable(logging.WARNING)  # RDP warns of orders it drops; they don't matter here
+    try:
+        loose = eps(_MIN_NOISE, "rdp") <= target_epsilon  # RDP bounds PLD from above; fast
+    finally:
+        logging.disable(logging.NOTSET)
+    if loose:
+        raise too_loose
     # RDP is fast and never tighter than PLD, so its answer bounds PLD's from above; PLD then
     # searches only between 0.5x and 1x of it.
     bracket: dp_accounting.LowerEndpointAndGuess | dp_accounting.ExplicitBracketInterval = \
@@ -144,7 +150,16 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, steps: int,
         finally:
             logging.disable(logging.NOTSET)
         bracket = dp_accounting.ExplicitBracketInterval(max(_MIN_NOISE, 0.5 * upper), upper)
-    z = dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(accountant, sampling), event, target_epsilon, delta,
-        bracket_interval=bracket, tol=tol)
+    try:
+        z = dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant, sampling), event, target_epsilon, delta,
+            bracket_interval=bracket, tol=tol)
+    except ValueError as e:  # no sign change in the bracket
+        if not isinstance(bracket, dp_accounting.ExplicitBracketInterval) \
+                or bracket.endpoint_1 <= _MIN_NOISE:
+            raise too_loose from e
+        z = dp_accounting.calibrate_dp_mechanism(
+            lambda: make_accountant(accountant, sampling), event, target_epsilon, delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(_MIN_NOISE,
+                                                                   bracket.endpoint_2), tol=tol)
     return float(z)

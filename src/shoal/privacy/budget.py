@@ -167,9 +167,9 @@ class PrivacyAccounting(Callback):
         if after <= self.target_epsilon:
             return None
         spent = self.ledger.epsilon_after(ctx, round - 1, self.delta) if round > 1 else 0.0
-        return (f"privacy budget: round {round} would raise ε to {after:.4g} > target "
+        return (f"privacy budget: round {round} would raise ε to {after:.3f} > target "
                 f"ε = {self.target_epsilon:g} (δ = {self.delta:g}); stopped after round "
-                f"{round - 1} at ε = {spent:.4g}")
+                f"{round - 1} at ε = {spent:.3f}")
 
     def after_round(self, ctx: RunContext, report: RoundReport) -> None:
         """Add this round's ε."""
