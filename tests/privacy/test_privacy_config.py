@@ -79,3 +79,28 @@ def test_sample_level_run_trains_with_dp_sgd(tmp_path):
     for h in result.history:
         assert h["dp/noise_multiplier"] == 1.0 and h["dp/epsilon"] > 0
     assert result.history[1]["dp/epsilon"] > result.history[0]["dp/epsilon"]
+
+
+def test_resume_with_adaptive_clipping_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    from shoal import tree
+    config = load_config(None, USER + ["federated.rounds=4", "privacy.adaptive_clipping=true",
+                                       "privacy.count_stddev=2.0", "privacy.noise_multiplier=1.0"])
+    full = run_experiment(config, tmp_path / "full")
+
+    class Interrupt:
+        def after_round(self, ctx, report):
+            if report.round == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", callbacks=lambda p, r: [Interrupt()])
+    resumed = run_experiment(config, tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "federated" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "federated" / "model.safetensors"))
+    assert tree.equal(a, b)
+    keys = ("dp/epsilon", "dp/clip_norm")
+    assert [[h[k] for k in keys] for h in resumed[0].history] == \
+        [[h[k] for k in keys] for h in full[0].history]
+    assert full[0].history[-1]["dp/clip_norm"] != 1.0  # the clip norm adapted and was restored
