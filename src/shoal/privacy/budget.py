@@ -35,7 +35,9 @@ __all__ = ["PrivacyAccounting", "PrivacyLedger", "SampleLevelLedger", "UserLevel
 class PrivacyLedger(Protocol):
     """Answers the worst privacy unit's ε at ``delta`` after rounds ``1..round``."""
 
-    def epsilon_after(self, ctx: RunContext, round: int, delta: float) -> float: ...
+    def epsilon_after(self, ctx: RunContext, round: int, delta: float) -> float:
+        """ε at ``delta`` of the worst privacy unit after rounds ``1..round``."""
+        ...
 
 
 def cohort_sampling(cohort: Cohort, population: int) -> tuple[float, Sampling]:
