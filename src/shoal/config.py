@@ -163,7 +163,7 @@ class PrivacyConfig:
     target_quantile: float = field(default=0.5, metadata=_check(gt=0, lt=1))
     clip_lr: float = field(default=0.2, metadata=_check(gt=0))
     count_stddev: float = field(default=0.0, metadata=_check(min=0))
-    grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
+    grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
 
 
 @dataclass

@@ -46,7 +46,7 @@ def _per_sample_clipped_mean(model: nn.Module, data: ArrayData, clip: float) -> 
             for k, g in grads.items()}
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_one_full_batch_step_is_the_clipped_mean_gradient(mode):
     """With q = 1 (batch >= data), one step and negligible noise, the update is -lr times the
     mean of the per-example gradients, each clipped to C."""
@@ -61,6 +61,26 @@ def test_one_full_batch_step_is_the_clipped_mean_gradient(mode):
         torch.testing.assert_close(result.update[k], -lr * g, rtol=1e-4, atol=1e-6)
     assert result.metrics["train/steps"] == 1.0
     assert result.metrics["dp/sampling_rate"] == 1.0
+
+
+def test_bookkeeping_equals_hooks_on_a_cnn():
+    """Book-keeping (one backward pass) gives Opacus' per-example clipping on convolutions and
+    linear layers alike, noise included (same seed, same noise)."""
+    torch.manual_seed(0)
+    model = tramer_boneh_cnn()
+    g = torch.Generator().manual_seed(0)
+    data = ArrayData.of(torch.randn(48, 1, 28, 28, generator=g),
+                        torch.randint(0, 10, (48,), generator=g))
+    params = tree.params_of(model)
+    results = {}
+    for mode in ("bookkeeping", "hooks"):
+        update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=0.7, max_grad_norm=0.05,
+                           batch_size=16, max_steps=3, grad_sample_mode=mode,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+        results[mode] = update_fn(params, data, ClientInfo("c", 2, 9)).update
+    for k in params:
+        torch.testing.assert_close(results["bookkeeping"][k], results["hooks"][k],
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_noise_has_the_calibrated_standard_deviation():
@@ -140,6 +160,6 @@ def test_tramer_boneh_cnn_has_26k_parameters_and_passes_the_check():
 def test_bad_arguments_are_named():
     with pytest.raises(ConfigError, match=r"dp_sgd: max_grad_norm must be > 0 \(got 0\)"):
         dp_sgd(_model(), F.cross_entropy, noise_multiplier=1.0, max_grad_norm=0)
-    with pytest.raises(ConfigError, match="grad_sample_mode must be 'ghost' or 'hooks'"):
+    with pytest.raises(ConfigError, match="grad_sample_mode must be 'bookkeeping', 'ghost' or 'hooks'"):
         dp_sgd(_model(), F.cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0,
                grad_sample_mode="ew")  # type: ignore[arg-type]

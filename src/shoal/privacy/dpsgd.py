@@ -4,8 +4,10 @@ Each local step draws a Poisson sample of the client's examples (each one indepe
 probability ``q = batch_size / n``), clips every example's gradient to L2 norm ``max_grad_norm``
 and adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` to their
 sum, which is divided by the expected batch size ``q * n``. Opacus computes the per-sample
-gradients (``grad_sample_mode``: ``"ghost"`` clipping by default, the fastest for models with
-large linear layers; ``"hooks"`` materialises them).
+gradients or their norms (``grad_sample_mode``): ``"bookkeeping"`` (default; Opacus' ghost
+clipping finished in one backward pass, see :mod:`shoal.privacy.bookkeeping`), ``"ghost"``
+(Opacus' ghost clipping, two backward passes) or ``"hooks"`` (materialises every per-sample
+gradient; slow for large linear layers).
 
 A round of DP-SGD on a client is the DP event ``steps`` x PoissonSampled(q, Gaussian(σ)), a
 pure function of the client's number of examples (:meth:`DPSGD.event`). A client's accountant
@@ -37,11 +39,12 @@ from ..seeding import torch_generator
 from ..tree import Params
 from ..types import ClientInfo, ClientResult
 from .accounting import gaussian_event
+from .bookkeeping import BookKeepingModule
 from .models import check_dp_model
 
 __all__ = ["DPSGD", "GradSampleMode", "dp_sgd"]
 
-GradSampleMode = Literal["ghost", "hooks"]
+GradSampleMode = Literal["bookkeeping", "ghost", "hooks"]
 
 
 class _PerSampleLoss:
@@ -74,7 +77,7 @@ class DPSGD:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, noise_multiplier: float,
                  max_grad_norm: float, batch_size: int = 64, epochs: int = 1,
                  max_steps: int | None = None, optimizer: OptimizerFn | None = None,
-                 grad_sample_mode: GradSampleMode = "ghost"):
+                 grad_sample_mode: GradSampleMode = "bookkeeping"):
         if not noise_multiplier > 0:
             raise ConfigError(f"dp_sgd: noise_multiplier must be > 0 (got {noise_multiplier}).")
         if not max_grad_norm > 0:
@@ -84,9 +87,9 @@ class DPSGD:
                               f"(got {batch_size}, {epochs}).")
         if max_steps is not None and max_steps < 1:
             raise ConfigError(f"dp_sgd: max_steps must be >= 1 or None (got {max_steps}).")
-        if grad_sample_mode not in ("ghost", "hooks"):
-            raise ConfigError(f"dp_sgd: grad_sample_mode must be 'ghost' or 'hooks' "
-                              f"(got {grad_sample_mode!r}).")
+        if grad_sample_mode not in ("bookkeeping", "ghost", "hooks"):
+            raise ConfigError(f"dp_sgd: grad_sample_mode must be 'bookkeeping', 'ghost' or "
+                              f"'hooks' (got {grad_sample_mode!r}).")
         check_dp_model(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -129,10 +132,11 @@ class DPSGD:
         """The Opacus-wrapped private replica of ``model`` (made on first use)."""
         if self._wrapped is None:
             replica = copy.deepcopy(self.model)
-            if self.grad_sample_mode == "ghost":
-                self._wrapped = get_gsm_class("ghost")(
-                    replica, max_grad_norm=self.max_grad_norm, use_ghost_clipping=True,
-                    loss_reduction="mean")
+            if self.grad_sample_mode in ("ghost", "bookkeeping"):
+                cls = (BookKeepingModule if self.grad_sample_mode == "bookkeeping"
+                       else get_gsm_class("ghost"))
+                self._wrapped = cls(replica, max_grad_norm=self.max_grad_norm,
+                                    use_ghost_clipping=True, loss_reduction="mean")
             else:
                 self._wrapped = get_gsm_class("hooks")(replica, loss_reduction="mean")
         return self._wrapped
@@ -145,13 +149,15 @@ class DPSGD:
         q, steps = self.sampling_rate(n), self.steps(n)
         expected = max(1, round(q * n))
         trainable = [p for p in gsm.parameters() if p.requires_grad]
-        opt = get_optimizer_class("flat", False, self.grad_sample_mode)(
+        kind = "hooks" if self.grad_sample_mode == "hooks" else "ghost"
+        opt = get_optimizer_class("flat", False, kind)(
             self.optimizer(trainable), noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
             loss_reduction="mean", generator=torch_generator(info.seed, "dp-noise"))
         criterion: Any = (DPLossFastGradientClipping(gsm, opt, _PerSampleLoss(self.loss_fn),
                                                       "mean")
                           if self.grad_sample_mode == "ghost" else self.loss_fn)
+        gsm.zero_grad(set_to_none=True)
         sampler = torch_generator(info.seed, "dp-batches")
         noise = torch_generator(info.seed, "dp-noise-empty")
         loss_sum, examples, step = 0.0, 0, 0
@@ -167,8 +173,11 @@ class DPSGD:
                     opt.original_optimizer.step()
                     continue
                 xb, yb = data.x[rows], data.y[rows]
-                loss = criterion(gsm(xb), yb)
-                loss.backward()
+                if self.grad_sample_mode == "bookkeeping":
+                    loss = self._bookkeeping_backward(gsm, xb, yb)
+                else:
+                    loss = criterion(gsm(xb), yb)
+                    loss.backward()
                 opt.step()
                 loss_sum += float(loss.detach()) * len(rows)
                 examples += len(rows)
@@ -186,10 +195,23 @@ class DPSGD:
         return ClientResult(update=update, weight=float(n), metrics=metrics)
 
 
+    def _bookkeeping_backward(self, gsm: Any, xb: Tensor, yb: Tensor) -> Tensor:
+        """One backward pass for the norms, then the clipped sum from what it kept."""
+        if xb.is_floating_point():
+            xb = xb.detach().requires_grad_(True)
+        loss = self.loss_fn(gsm(xb), yb)  # mean over the batch
+        if xb.requires_grad:  # only activation gradients: no parameter gradient is wasted
+            torch.autograd.grad(loss, [xb])
+        else:
+            loss.backward()
+        gsm.clip_and_sum_()
+        return loss
+
+
 def dp_sgd(model: nn.Module, loss_fn: LossFn, *, noise_multiplier: float,
            max_grad_norm: float, batch_size: int = 64, epochs: int = 1,
            max_steps: int | None = None, optimizer: OptimizerFn | None = None,
-           grad_sample_mode: GradSampleMode = "ghost") -> DPSGD:
+           grad_sample_mode: GradSampleMode = "bookkeeping") -> DPSGD:
     """A DP-SGD client update; see :class:`DPSGD`.
 
     >>> update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=1.1, max_grad_norm=1.0,
