@@ -16,7 +16,9 @@ A Gaussian mechanism run ``steps`` times on a subsample is one :class:`dp_accoun
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import dp_accounting
@@ -101,6 +103,18 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: AccountantKi
     return float(acc.get_epsilon(delta))
 
 
+@contextlib.contextmanager
+def _quiet_rdp() -> Iterator[None]:
+    """Silence dp-accounting's RDP warnings about orders it drops (they do not matter to a
+    search), restoring the previous logging level after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, steps: int,
                                sampling_rate: float, *, accountant: AccountantKind = "pld",
                                sampling: Sampling = "poisson", population: int | None = None,
@@ -130,11 +144,8 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, steps: int,
         f"{sampling_rate}; the target is too loose to calibrate (lower target_epsilon, or "
         "set the noise multiplier yourself)."
     )
-    logging.disable(logging.WARNING)  # RDP warns of orders it drops; they don't matter here
-    try:
+    with _quiet_rdp():
         loose = eps(_MIN_NOISE, "rdp") <= target_epsilon  # RDP bounds PLD from above; fast
-    finally:
-        logging.disable(logging.NOTSET)
     if loose:
         raise too_loose
     # RDP is fast and never tighter than PLD, so its answer bounds PLD's from above; PLD then
@@ -142,13 +153,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, steps: int,
     bracket: dp_accounting.LowerEndpointAndGuess | dp_accounting.ExplicitBracketInterval = \
         dp_accounting.LowerEndpointAndGuess(_MIN_NOISE, 1.0)
     if accountant == "pld":
-        logging.disable(logging.WARNING)  # RDP warns of orders it drops; they don't matter here
-        try:
+        with _quiet_rdp():
             upper = calibrate_noise_multiplier(target_epsilon, delta, steps, sampling_rate,
                                                accountant="rdp", sampling=sampling,
                                                population=population, tol=tol)
-        finally:
-            logging.disable(logging.NOTSET)
         bracket = dp_accounting.ExplicitBracketInterval(max(_MIN_NOISE, 0.5 * upper), upper)
     try:
         z = dp_accounting.calibrate_dp_mechanism(
