@@ -20,6 +20,8 @@ against per-example gradients from ``torch.func``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample.conv import compute_conv_grad_sample
@@ -45,7 +47,7 @@ def _conv2d_grad_sample(layer: nn.Conv2d, activations: list[Tensor],
     n, c = x.shape[:2]
     o, (kh, kw) = backprops.shape[1], layer.kernel_size
     g = backprops  # (B, O, H', W')
-    out: dict[nn.Parameter, Tensor] = {}
+    out: dict[Any, Tensor] = {}
     if layer.weight.requires_grad:
         w = F.conv2d(x.transpose(0, 1), g.reshape(n * o, 1, *g.shape[2:]),
                      padding=layer.padding, stride=layer.dilation, dilation=layer.stride,
@@ -78,14 +80,15 @@ class BookKeepingModule(GradSampleModuleFastGradientClipping):
         if type(module) is nn.Linear and backprops.dim() == 2:
             for param, norm in compute_linear_norm_sample(module, activations, backprops).items():
                 param._norm_sample = norm
-            module._bk = (activations[0].to(backprops.dtype), backprops)  # (B, in), (B, out)
+            module.__dict__["_bk"] = (activations[0].to(backprops.dtype),
+                                      backprops)  # (B, in), (B, out)
         else:
-            sampler = (_conv2d_grad_sample if type(module) is nn.Conv2d
+            sampler: Any = (_conv2d_grad_sample if type(module) is nn.Conv2d
                        else self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient))
             for param, gs in sampler(module, activations, backprops).items():
                 if param.requires_grad:
-                    param._bk_grad_sample = gs  # (B, *param.shape)
-                    param._norm_sample = gs.flatten(1).norm(2, dim=1)
+                    param.__dict__["_bk_grad_sample"] = gs  # (B, *param.shape)
+                    param.__dict__["_norm_sample"] = gs.flatten(1).norm(2, dim=1)
         for _, p in trainable_parameters(module):
             p._forward_counter -= 1
 

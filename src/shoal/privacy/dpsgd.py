@@ -142,7 +142,7 @@ class DPSGD:
         return self._wrapped
 
     def __call__(self, params: Params, data: ArrayData, info: ClientInfo) -> ClientResult:
-        gsm = self.wrapped()
+        gsm: Any = self.wrapped()
         tree.load_params_(gsm._module, params)
         gsm.train()
         n = len(data)
