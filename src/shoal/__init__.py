@@ -12,6 +12,7 @@ The public API, by layer (see the README for a tour)::
     the loop         run, RunResult, Callback, CentralEvaluation, FederatedEvaluation,
                      MetricsLog, EarlyStopping, Checkpoint, Evaluator
     whole runs       Config, load_config, run_experiment
+    privacy          dp_sgd, dp_fedavg, PrivacyAccounting, calibrate_noise_multiplier
 """
 
 from . import errors, tree
@@ -46,6 +47,7 @@ from .experiment import run_experiment
 from .message import Message
 from .metrics import Evaluator
 from .node import Node, NodeContext
+from .privacy import PrivacyAccounting, calibrate_noise_multiplier, dp_fedavg, dp_sgd
 from .run import Callback, RunResult, run
 from .seeding import derive_seed
 from .sim import Executor, InProcessTransport, make_executor, simulated_dropout
@@ -67,3 +69,4 @@ __all__ = [
     "load_task", "local_sgd", "momentum", "multi_krum", "optimizer_fn", "register_task", "run",
     "run_experiment", "sgd", "simulated_dropout", "tree", "trimmed_mean", "weighted_mean", "yogi",
 ]
+__all__ += ["PrivacyAccounting", "calibrate_noise_multiplier", "dp_fedavg", "dp_sgd"]

@@ -48,8 +48,8 @@ import tomli_w
 from .errors import ConfigError
 
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "EvaluationConfig",
-           "FederatedConfig", "SecAggConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
-           "to_dict", "to_toml"]
+           "FederatedConfig", "PrivacyConfig", "SecAggConfig", "TaskConfig", "apply_overrides",
+           "load_config", "parse_config", "to_dict", "to_toml"]
 
 
 def _check(**constraints: Any) -> dict[str, Any]:
@@ -168,6 +168,30 @@ class SecAggConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (see the README, "Differential privacy").
+
+    ``mode``: ``"off"``, ``"sample"`` (DP-SGD on every client; ``clip_norm`` per example) or
+    ``"user"`` (DP-FedAvg; ``clip_norm`` per client update, needs ``federated.weighting =
+    "uniform"``). ``noise_multiplier = 0`` calibrates it so the planned rounds spend
+    ``target_epsilon``; ``target_epsilon > 0`` is also a budget that stops training before the
+    round that would exceed it. ``count_stddev = 0``: expected cohort size / 20.
+    """
+
+    mode: Literal["off", "sample", "user"] = "off"
+    accountant: Literal["pld", "rdp"] = "pld"
+    delta: float = field(default=1e-5, metadata=_check(gt=0, lt=1))
+    target_epsilon: float = field(default=0.0, metadata=_check(min=0))
+    noise_multiplier: float = field(default=0.0, metadata=_check(min=0))
+    clip_norm: float = field(default=1.0, metadata=_check(gt=0))
+    adaptive_clipping: bool = False
+    target_quantile: float = field(default=0.5, metadata=_check(gt=0, lt=1))
+    clip_lr: float = field(default=0.2, metadata=_check(gt=0))
+    count_stddev: float = field(default=0.0, metadata=_check(min=0))
+    grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
+
+
+@dataclass
 class Config:
     """A whole run; see the module docstring for the file format."""
 
@@ -182,6 +206,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # -- parsing ---------------------------------------------------------------------------------

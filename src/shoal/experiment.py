@@ -59,6 +59,7 @@ from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import CheckpointError, ConfigError
 from .metrics import Evaluator
+from .privacy import configure as privacy
 from .run import run
 from .secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
 from .secagg.protocol import MASKED_INPUT
@@ -171,9 +172,13 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
     """The FedAvg-family algorithm and the simulated federation the config describes."""
     f, c = config.federated, config.client
     stages: list[Stage] = [clip_by_norm(f.clip_norm, f.clip_at)] if f.clip_norm > 0 else []
+    cohort = Cohort(f.clients_per_round, f.sampling)
+    noise = (privacy.noise_for(config, len(dataset), min(map(dataset.num_examples,
+                                                              dataset.client_ids())))
+             if config.privacy.mode != "off" else 0.0)
+    stages += [s for s in [privacy.dp_stage(config, cohort, noise)] if s is not None]
     reducer = _reducer(config)
     pipeline = Pipeline(stages, reducer)
-    cohort = Cohort(f.clients_per_round, f.sampling)
     min_replies = max(f.min_replies, reducer.min_updates)
     if min_replies > f.min_replies:
         log.info("min_replies raised from %d to %d: %r needs that many updates",
@@ -185,9 +190,11 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
             f"{expected:g} clients per round, but at least {min_replies} valid replies are "
             f"needed (min_replies / {reducer!r}); sample more clients."
         )
-    update = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
-                       optimizer=_optimizer(config), prox_mu=c.prox_mu,
-                       max_steps=c.max_steps or None)
+    update: Any = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
+                            optimizer=_optimizer(config), prox_mu=c.prox_mu,
+                            max_steps=c.max_steps or None)
+    update = privacy.dp_client_update(config, model, task.loss_fn, _optimizer(config),
+                                      noise) or update
     evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
                           auc=task.num_classes == 2)
     kwargs: dict[str, Any] = dict(
@@ -266,7 +273,8 @@ def federated_paradigm(setup: Setup) -> Built:
     """FedAvg and its family over the simulated federation, with federated evaluation."""
     config = setup.config
     algorithm, transport = build_federated(config, setup.task, setup.dataset, setup.model)
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [cb for cb in [privacy.dp_callback(
+        config, algorithm, len(setup.dataset), setup.dataset.num_examples)] if cb is not None]
     if config.data.eval_fraction > 0:
         every = config.evaluation.federated_every or config.federated.rounds
         callbacks.append(SecureFederatedEvaluation(every) if config.secagg.enabled

@@ -44,6 +44,8 @@ class Pipeline:
                 "expected a Reducer (e.g. weighted_mean())."
             )
         self._check_secrecy()
+        for s in self.stages:
+            s.check_reducer(self.reducer)
 
     def _check_secrecy(self) -> None:
         hiding = [s for s in self.stages if getattr(s, "hides_individual_updates", False)]
@@ -64,6 +66,14 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline([{', '.join(repr(s) for s in self.stages)}], {self.reducer!r})"
+
+    @property
+    def extra_tensors(self) -> Params:
+        """Tensors the stages add to each update besides the model's (name -> template)."""
+        out: Params = {}
+        for s in self.stages:
+            out.update(s.extra_tensors())
+        return out
 
     @property
     def client_stages(self) -> tuple[Stage, ...]:

@@ -49,6 +49,15 @@ class Stage:
         """What the per-update half needs to know this round (sent to clients; JSON-able)."""
         return {}
 
+    def extra_tensors(self) -> Params:
+        """Tensors (name -> zero template) the per-update half adds to each update, reduced
+        with it and removed by the server half (e.g. DP-FedAvg's clipped-count bit)."""
+        return {}
+
+    def check_reducer(self, reducer: Any) -> None:
+        """Raise :class:`~shoal.errors.AggregationError` if this stage cannot work with
+        ``reducer`` (called by :class:`~shoal.aggregate.Pipeline` at construction)."""
+
     def client(self, update: Params, config: Mapping[str, Any], info: ClientInfo) -> Params:
         """The per-update half."""
         return update

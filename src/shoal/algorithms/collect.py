@@ -83,6 +83,7 @@ class RoundFold:
                  round: int, seed: int):
         self.pipeline = pipeline
         self.params = params
+        self.reference = {**params, **pipeline.extra_tensors}  # what a reply must hold
         self.configs = list(configs)
         self.round = round
         self.seed = seed
@@ -96,7 +97,7 @@ class RoundFold:
 
     def add(self, part: Partial, position: int, request: Message, reply: Message) -> None:
         """Fold the reply to the request at cohort ``position`` into ``part``."""
-        reason = invalid_reply(request, reply, self.params)
+        reason = invalid_reply(request, reply, self.reference)
         if reason is not None:
             part.dropped.append((position, request.dst, reason))
             return

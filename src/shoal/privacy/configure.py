@@ -1,0 +1,112 @@
+"""From a config's ``[privacy]`` section to the DP pieces of a federated run.
+
+``build_federated`` (in :mod:`shoal.experiment`) asks this module for the DP-SGD client update
+(``mode = "sample"``), the DP-FedAvg stage (``mode = "user"``) and the accounting callback.
+When ``noise_multiplier = 0`` the noise is calibrated so the planned rounds spend
+``target_epsilon``: for DP-FedAvg over the cohort's sampling; for DP-SGD for the smallest
+client (the largest sampling rate) as if it took part in every round, a bound on every client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from ..algorithms.cohort import Cohort
+from ..algorithms.fedavg import FedAvg
+from ..client import LossFn, OptimizerFn
+from ..config import Config
+from ..errors import ConfigError
+from .accounting import calibrate_noise_multiplier
+from .budget import PrivacyAccounting, SampleLevelLedger, UserLevelLedger, cohort_sampling
+from .dpfedavg import DPFedAvg
+from .dpsgd import DPSGD
+
+__all__ = ["dp_callback", "dp_client_update", "dp_stage", "noise_for"]
+
+log = logging.getLogger(__name__)
+
+
+def _check(config: Config) -> None:
+    p = config.privacy
+    if p.mode != "off" and p.noise_multiplier == 0 and p.target_epsilon == 0:
+        raise ConfigError(
+            f"config [privacy]: mode = {p.mode!r} needs noise: set privacy.noise_multiplier "
+            "> 0, or privacy.target_epsilon > 0 to calibrate it to the planned rounds."
+        )
+
+
+def noise_for(config: Config, population: int,
+              smallest_client: int | None = None) -> float:
+    """The noise multiplier of the run: the configured one, or one calibrated to spend
+    ``target_epsilon`` at ``delta`` in ``federated.rounds`` rounds."""
+    _check(config)
+    p, f, c = config.privacy, config.federated, config.client
+    if p.noise_multiplier > 0:
+        return p.noise_multiplier
+    if p.mode == "user":
+        rate, sampling = cohort_sampling(Cohort(f.clients_per_round, f.sampling), population)
+        z = calibrate_noise_multiplier(p.target_epsilon, p.delta, f.rounds, rate,
+                                       accountant=p.accountant, sampling=sampling,
+                                       population=population)
+    else:
+        n = max(smallest_client or 1, 1)
+        probe = DPSGD(nn.Linear(1, 1), lambda o, t: o.sum(), noise_multiplier=1.0,
+                      max_grad_norm=1.0, batch_size=c.batch_size, epochs=c.epochs,
+                      max_steps=c.max_steps or None)
+        z = calibrate_noise_multiplier(p.target_epsilon, p.delta,
+                                       probe.steps(n) * f.rounds, probe.sampling_rate(n),
+                                       accountant=p.accountant)
+    log.info("privacy: noise multiplier %.4f calibrated to ε = %g at δ = %g over %d rounds",
+             z, p.target_epsilon, p.delta, f.rounds)
+    return z
+
+
+def dp_client_update(config: Config, model: nn.Module, loss_fn: LossFn,
+                     optimizer: OptimizerFn, noise_multiplier: float) -> DPSGD | None:
+    """The DP-SGD client update for ``mode = "sample"`` (else ``None``)."""
+    p, c = config.privacy, config.client
+    if p.mode != "sample":
+        return None
+    return DPSGD(model, loss_fn, noise_multiplier=noise_multiplier, max_grad_norm=p.clip_norm,
+                 batch_size=c.batch_size, epochs=c.epochs, max_steps=c.max_steps or None,
+                 optimizer=optimizer, grad_sample_mode=p.grad_sample_mode)
+
+
+def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float) -> DPFedAvg | None:
+    """The DP-FedAvg stage for ``mode = "user"`` (else ``None``)."""
+    p, f = config.privacy, config.federated
+    if p.mode != "user":
+        return None
+    if f.reducer != "mean" or f.weighting != "uniform":
+        raise ConfigError(
+            f"config [privacy]: mode = 'user' (DP-FedAvg) needs the uniform mean, but "
+            f"federated.reducer = {f.reducer!r} and federated.weighting = {f.weighting!r}; set "
+            "federated.reducer = \"mean\" and federated.weighting = \"uniform\"."
+        )
+    return DPFedAvg(noise_multiplier, p.clip_norm, cohort, adaptive=p.adaptive_clipping,
+                    target_quantile=p.target_quantile, clip_lr=p.clip_lr,
+                    count_stddev=p.count_stddev or None)
+
+
+def dp_callback(config: Config, algorithm: FedAvg, population: int,
+                num_examples: Callable[[str], int]) -> PrivacyAccounting | None:
+    """The accounting callback (``dp/epsilon`` every round; the budget) of ``algorithm``, a
+    FedAvg built with :func:`dp_client_update` or :func:`dp_stage`; it accounts the very
+    cohort sampling and seed the algorithm uses."""
+    p = config.privacy
+    if p.mode == "off":
+        return None
+    budget = p.target_epsilon or None
+    if p.mode == "user":
+        stage = next(s for s in algorithm.pipeline.stages if isinstance(s, DPFedAvg))
+        ledger = UserLevelLedger(stage.noise_multiplier, algorithm.cohort, p.accountant)
+        ledger.check(population)
+        return PrivacyAccounting(ledger, p.delta, budget)
+    update = algorithm.client_update
+    assert isinstance(update, DPSGD)
+    return PrivacyAccounting(
+        SampleLevelLedger(update, num_examples, algorithm.cohort, algorithm.seed, p.accountant),
+        p.delta, budget)

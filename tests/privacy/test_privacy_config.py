@@ -1,0 +1,106 @@
+"""The [privacy] config section, wired through `shoal run`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shoal.config import PrivacyConfig, load_config, parse_config, to_toml
+from shoal.errors import ConfigError
+from shoal.experiment import run_experiment
+
+USER = ["privacy.mode=user", "federated.weighting=uniform", "federated.sampling=poisson",
+        "federated.clients_per_round=0.5", "privacy.noise_multiplier=2.0",
+        "federated.rounds=6", "client.epochs=1", "baseline=false", "privacy.accountant=rdp"]
+
+
+def test_section_defaults_and_round_trip():
+    config = load_config(None, ["privacy.mode=user", "privacy.target_epsilon=3"])
+    assert config.privacy == PrivacyConfig(mode="user", target_epsilon=3.0)
+    assert PrivacyConfig().mode == "off"
+    assert parse_config({}).privacy == PrivacyConfig()
+    import tomllib
+    assert parse_config(tomllib.loads(to_toml(config))) == config
+
+
+def test_bad_privacy_fields_are_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["privacy.mode=central"])
+    assert str(e.value) == ("config field 'privacy.mode': expected one of 'off', 'sample', "
+                            "'user', got 'central' (str).")
+    with pytest.raises(ConfigError, match=r"'privacy.delta': expected a value < 1, got 1.5"):
+        load_config(None, ["privacy.delta=1.5"])
+
+
+def test_user_level_run_reports_epsilon_and_stops_at_the_budget(tmp_path):
+    config = load_config(None, USER + ["privacy.target_epsilon=2.5"])
+    (result,) = run_experiment(config, tmp_path)
+    eps = [h["dp/epsilon"] for h in result.history]
+    assert eps == sorted(eps) and eps[-1] <= 2.5
+    assert result.rounds < 6
+    assert result.stopped.startswith(f"privacy budget: round {result.rounds + 1} would raise ε")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"][0]["stopped"] == result.stopped
+    assert summary["config"]["privacy"]["mode"] == "user"
+
+
+def test_user_level_needs_the_uniform_mean_and_noise(tmp_path):
+    config = load_config(None, [u for u in USER if "weighting" not in u])
+    with pytest.raises(ConfigError) as e:
+        run_experiment(config, tmp_path)
+    assert str(e.value) == (
+        "config [privacy]: mode = 'user' (DP-FedAvg) needs the uniform mean, but "
+        "federated.reducer = 'mean' and federated.weighting = 'examples'; set "
+        "federated.reducer = \"mean\" and federated.weighting = \"uniform\".")
+    config = load_config(None, [u for u in USER if "noise" not in u])
+    with pytest.raises(ConfigError) as e:
+        run_experiment(config, tmp_path)
+    assert str(e.value) == (
+        "config [privacy]: mode = 'user' needs noise: set privacy.noise_multiplier > 0, or "
+        "privacy.target_epsilon > 0 to calibrate it to the planned rounds.")
+
+
+def test_calibrated_noise_spends_the_target_over_the_planned_rounds(tmp_path):
+    config = load_config(None, [u for u in USER if "noise" not in u]
+                         + ["privacy.target_epsilon=4", "federated.rounds=3"])
+    (result,) = run_experiment(config, tmp_path)
+    assert result.rounds == 3 and result.stopped is None
+    assert result.history[-1]["dp/epsilon"] == pytest.approx(4.0, rel=0.01)
+
+
+def test_sample_level_run_trains_with_dp_sgd(tmp_path):
+    config = load_config(None, ["privacy.mode=sample", "privacy.noise_multiplier=1.0",
+                                "privacy.accountant=rdp", "federated.rounds=2",
+                                "client.epochs=1", "baseline=false",
+                                "privacy.grad_sample_mode=hooks"])
+    (result,) = run_experiment(config, tmp_path)
+    assert result.rounds == 2
+    for h in result.history:
+        assert h["dp/noise_multiplier"] == 1.0 and h["dp/epsilon"] > 0
+    assert result.history[1]["dp/epsilon"] > result.history[0]["dp/epsilon"]
+
+
+def test_resume_with_adaptive_clipping_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+
+    from shoal import tree
+    config = load_config(None, USER + ["federated.rounds=4", "privacy.adaptive_clipping=true",
+                                       "privacy.count_stddev=2.0", "privacy.noise_multiplier=1.0"])
+    full = run_experiment(config, tmp_path / "full")
+
+    class Interrupt:
+        def after_round(self, ctx, report):
+            if report.round == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", callbacks=lambda p, r: [Interrupt()])
+    resumed = run_experiment(config, tmp_path / "cut", resume=True)
+    a = load_file(str(tmp_path / "full" / "federated" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "federated" / "model.safetensors"))
+    assert tree.equal(a, b)
+    keys = ("dp/epsilon", "dp/clip_norm")
+    assert [[h[k] for k in keys] for h in resumed[0].history] == \
+        [[h[k] for k in keys] for h in full[0].history]
+    assert full[0].history[-1]["dp/clip_norm"] != 1.0  # the clip norm adapted and was restored
