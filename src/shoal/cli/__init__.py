@@ -103,3 +103,6 @@ def main() -> None:
     except ShoalError as e:
         err_console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
+
+
+from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)

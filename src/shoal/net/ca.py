@@ -94,7 +94,7 @@ class CertificateAuthority:
         (root / "issued").mkdir(exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - _DAY).not_valid_after(now + days * _DAY)
@@ -118,7 +118,7 @@ class CertificateAuthority:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
                    .issuer_name(self.cert.subject).public_key(key.public_key())
@@ -171,7 +171,7 @@ class CertificateAuthority:
         return RevocationList(self.dir / "crl.pem", self.dir / "ca.crt").serials()
 
     def _write_crl(self, serials: list[int]) -> None:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
              .last_update(now).next_update(now + 365 * _DAY))
         for s in serials:

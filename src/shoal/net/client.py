@@ -13,7 +13,6 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
