@@ -14,6 +14,7 @@ The public API, by layer (see the README for a tour)::
     whole runs       Config, load_config, run_experiment
 """
 
+from . import data_parallel as _data_parallel  # noqa: F401  (registers paradigm "data_parallel")
 from . import errors, tree
 from .aggregate import (
     Pipeline,
