@@ -59,7 +59,8 @@ from .seeding import torch_generator
 from .transport import FunctionTransport, Transport
 from .tree import Params
 
-__all__ = ["DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm", "main"]
+__all__ = ["DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm", "main",
+           "serve_rank"]
 
 log = logging.getLogger(__name__)
 

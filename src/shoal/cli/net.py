@@ -20,7 +20,8 @@ from ..config import load_config
 from ..errors import ShoalError
 from . import _new_run_dir, app, console, err_console
 
-__all__ = ["ca_app"]
+__all__ = ["ca_app", "ca_enroll", "ca_init", "ca_revoke", "join_command", "serve_command",
+           "split_command"]
 
 ca_app = typer.Typer(no_args_is_help=True, help="The project's certificate authority.")
 app.add_typer(ca_app, name="ca")

@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["CertificateAuthority", "Identity", "NODE_ID_PATTERN", "peer_identity"]
+__all__ = ["CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "peer_identity"]
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Allowed node ids: letters, digits, ``.``, ``_`` and ``-``, at most 64 characters."""
