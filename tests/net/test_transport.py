@@ -116,6 +116,9 @@ def _bad(kind: str, tiny):
             return reply.with_tensors(t)
         if kind == "oversized":
             return reply.with_tensors({**reply.tensors, "pad": torch.zeros(1 << 16)})
+        if kind == "spoof":
+            return Message(reply.kind, "client-0", reply.dst, reply.round, reply.tensors,
+                           reply.config, reply.metrics)
         if kind == "old_round":
             return Message(reply.kind, reply.src, reply.dst, message.round - 1, reply.tensors,
                            reply.config, reply.metrics)
@@ -130,7 +133,7 @@ def test_bad_replies_are_rejected_and_logged_while_the_round_goes_on(
     for i in range(4, 8):
         ca.enroll(f"client-{i}", ca_dir / "nodes")
     bad = {"client-1": "shape", "client-3": "nan", "client-5": "oversized",
-           "client-6": "old_round"}
+           "client-6": "old_round", "client-7": "spoof"}
     caplog.set_level(logging.WARNING)
     with _coordinator(ca_dir, max_message_bytes=64 << 10) as coord:
         clients = []
@@ -142,10 +145,10 @@ def test_bad_replies_are_rejected_and_logged_while_the_round_goes_on(
                                                             handlers), ca_dir))
         with running(clients):
             assert coord.wait_for_nodes(8, 30)
-            res = run(_algorithm(tiny, min_replies=4, timeout=60), coord, rounds=2,
+            res = run(_algorithm(tiny, min_replies=3, timeout=60), coord, rounds=2,
                       params=tiny.model().state_dict())
     for h in res.history:
-        assert h["round/replied"] == 4.0 and h["round/dropped"] == 4.0 and "round/failed" not in h
+        assert h["round/replied"] == 3.0 and h["round/dropped"] == 5.0 and "round/failed" not in h
     text = caplog.text
     assert "dropped client-1: update: '0.bias' has shape (3,), expected (16,)." in text
     assert ("dropped client-3: update: '0.weight' holds 1 non-finite value(s) (NaN or inf); "
@@ -157,7 +160,9 @@ def test_bad_replies_are_rejected_and_logged_while_the_round_goes_on(
     assert ("round 1: rejected reply from client-6: reply is for 'train' round 0, the request "
             "was 'train' round 1") in text
 
-    assert sorted({c for c, _ in coord.rejected}) == ["client-5", "client-6"]
+    assert ("round 2: rejected reply from client-7: sender claims to be 'client-0' but the "
+            "stream belongs to 'client-7'") in text
+    assert sorted({c for c, _ in coord.rejected}) == ["client-5", "client-6", "client-7"]
 
 
 def test_a_100_mb_model_travels_in_chunks(ca_dir) -> None:

@@ -96,7 +96,7 @@ class NodeClient:
             self._creds = grpc.ssl_channel_credentials(ca, key, cert)
 
     def _channel(self) -> grpc.Channel:
-        options = [("grpc.max_receive_message_length", FRAME_LIMIT),
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", FRAME_LIMIT),
                    ("grpc.max_send_message_length", FRAME_LIMIT),
                    ("grpc.keepalive_time_ms", 20_000),
                    ("grpc.enable_retries", 0)]

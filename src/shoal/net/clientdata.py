@@ -32,7 +32,7 @@ def save_client_data(data: ClientData, path: str | Path) -> Path:
         arrays |= {"x_eval": xe.numpy(), "y_eval": ye.numpy()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
 
 

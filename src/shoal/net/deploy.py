@@ -125,7 +125,10 @@ def join(config: Config, node_id: str, data: str | Path, *, address: str | None 
     """Run a client until the coordinator ends the run; returns the coordinator's reason."""
     client = node_client(config, node_id, data, address=address)
     if stop is not None:
-        threading.Thread(target=lambda: (stop.wait(), client.stop()), daemon=True).start()
+        def watch() -> None:
+            stop.wait()
+            client.stop()
+        threading.Thread(target=watch, daemon=True).start()
     return client.run()
 
 

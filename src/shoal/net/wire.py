@@ -98,7 +98,7 @@ def encode_message(message: Message, seq: int, chunk_size: int = 1 << 20) -> Ite
     for v in tensors.values():
         if v.numel() == 0:
             continue
-        raw = memoryview(v.reshape(-1).view(torch.uint8).numpy())
+        raw = memoryview(v.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         pos = 0
         while pos < len(raw):
             take = min(chunk_size - len(buf), len(raw) - pos)
