@@ -3,8 +3,12 @@ batch; local SGD with H = 1 equals synchronous DDP (plain SGD)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -59,3 +63,20 @@ def test_local_sgd_every_step_equals_synchronous_ddp() -> None:
                     "client.batch_size=8"])
     for k in one:
         torch.testing.assert_close(local[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_worker(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    one = _train(["data_parallel.workers=1", "client.batch_size=16"])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "shoal",
+         "data-parallel", "/dev/null", "--out", str(tmp_path / "run"),
+         *(a for s in BASE + ["client.batch_size=8"] for a in ("--set", s))],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two = load_file(str(tmp_path / "run" / "data_parallel" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)

@@ -14,8 +14,8 @@ Launch:
   is the ``shoal run`` process (it runs the loop, evaluation and checkpoints), ranks 1..N-1
   are spawned locally;
 * across machines with ``torchrun``: ``torchrun --nnodes M --nproc-per-node K
-  --rdzv-endpoint HOST:PORT -m shoal.data_parallel CONFIG --out DIR``; rank 0 runs the
-  experiment, the other ranks serve it.
+  --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m shoal data-parallel CONFIG --out DIR``;
+  rank 0 runs the experiment, the other ranks serve it.
 
 A round is one pass over the pooled data (or ``steps_per_round`` steps). Each round starts by
 broadcasting rank 0's params, so a resumed run continues from its checkpoint; the torch
@@ -292,12 +292,12 @@ def data_parallel_paradigm(setup: Setup) -> Built:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun ... -m shoal.data_parallel CONFIG --out DIR``: rank 0 runs the experiment
+    """``torchrun ... -m shoal data-parallel CONFIG --out DIR``: rank 0 runs the experiment
     (``paradigm`` forced to ``data_parallel``), the other ranks train with it."""
     from .config import load_config
     from .experiment import run_experiment
 
-    ap = argparse.ArgumentParser(prog="python -m shoal.data_parallel")
+    ap = argparse.ArgumentParser(prog="shoal data-parallel")
     ap.add_argument("config")
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     config = load_config(args.config, [*args.set, "paradigm=data_parallel"])
     if "RANK" not in os.environ:
-        raise ConfigError("python -m shoal.data_parallel is started by torchrun (RANK, "
-                          "WORLD_SIZE and MASTER_ADDR unset); for one machine use `shoal run` "
-                          "with paradigm = \"data_parallel\".")
+        raise ConfigError("`shoal data-parallel` is one rank of a job started by torchrun, but "
+                          "RANK, WORLD_SIZE and MASTER_ADDR are unset; on one machine use "
+                          "`shoal run` with paradigm = \"data_parallel\".")
     dist.init_process_group(_backend(config.data_parallel.backend))
     try:
         if dist.get_rank() == 0:
@@ -318,7 +318,4 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-if __name__ == "__main__":
-    main()
 

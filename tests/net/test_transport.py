@@ -219,3 +219,14 @@ def test_timeout_and_disconnect_drop_the_node_not_the_round(ca_dir) -> None:
             late.connected.wait(30)
             assert coord.wait_for_nodes(2, 30)
             assert [r.error for r in coord.request(msgs, timeout=30)] == [None, None]
+
+
+def test_backoff_grows_exponentially_to_its_cap() -> None:
+    from shoal.net import Backoff
+
+    b = Backoff(0.1, 1.0)
+    delays = [b.next() for _ in range(8)]
+    caps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, caps, strict=True))
+    b.reset()
+    assert b.next() <= 0.1

@@ -105,4 +105,5 @@ def main() -> None:
         sys.exit(2)
 
 
+from . import dp as _dp  # noqa: E402,F401  (registers data-parallel, the torchrun entry)
 from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)
