@@ -100,6 +100,27 @@ def test_refusals(ca_dir, tmp_path) -> None:
             (reply,) = coord.request([Message("echo", "coordinator", "client-0", 1,
                                               {"w": torch.ones(3)})], timeout=30)
         assert reply.error is None and torch.equal(reply.tensors["w"], torch.full((3,), 2.0))
+        # Revoked while connected: disconnected at its next request, refused when it returns.
+        ca.enroll("late-revoked", tmp_path / "late")
+        late = Identity(tmp_path / "late" / "late-revoked.key",
+                        tmp_path / "late" / "late-revoked.crt", ident.ca)
+        client = NodeClient(coord.address, node("late-revoked"), identity=late)
+        errors: list[BaseException] = []
+        t = threading.Thread(target=lambda: _collect(client, errors), daemon=True)
+        t.start()
+        assert coord.wait_for_nodes(1, 30)
+        ca.revoke("late-revoked")
+        (reply,) = coord.request([Message("echo", "coordinator", "late-revoked", 2)], timeout=30)
+        assert reply.error == "node 'late-revoked': its certificate was revoked"
+        t.join(30)
+        assert len(errors) == 1 and "is revoked; ask the project's CA" in str(errors[0])
+
+
+def _collect(client: NodeClient, errors: list[BaseException]) -> None:
+    try:
+        client.run()
+    except TransportError as e:
+        errors.append(e)
 
 
 def _bad(kind: str, tiny):

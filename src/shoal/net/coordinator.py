@@ -8,8 +8,9 @@ runs over it unchanged.
 
 Identity: with mutual TLS (the default) the handshake refuses a client without a certificate
 from the project's CA; the stream handler then reads the peer certificate from the auth context,
-refuses a revoked one (the CRL is re-read when it changes) and a HELLO claiming another id than
-the certificate's common name. Every reply is checked before it reaches the algorithm: size
+refuses a revoked one (the CRL is re-read when it changes; a connected node whose certificate
+is revoked is disconnected at its next request) and a HELLO claiming another id than the
+certificate's common name. Every reply is checked before it reaches the algorithm: size
 limit (refused unread), sender bound to the TLS identity, and kind, round and sequence number
 matching an outstanding request (no replay of an old round); a rejected reply becomes an error
 reply with the reason logged, and the round goes on.
@@ -59,9 +60,10 @@ class _Pending:
 class _Conn:
     """One client's stream: an outbox of frames and its outstanding requests by seq."""
 
-    def __init__(self, node_id: str, peer: str):
+    def __init__(self, node_id: str, peer: str, serial: int | None):
         self.node_id = node_id
         self.peer = peer
+        self.serial = serial
         self.outbox: queue.Queue[Any] = queue.Queue()
         self.pending: dict[int, _Pending] = {}
         self.lock = threading.Lock()
@@ -207,6 +209,11 @@ class GrpcTransport:
             seq = self._seq
         if conn is None:
             return message.failed(f"node {message.dst!r} is not connected")
+        if self._crl is not None and conn.serial in self._crl.serials():
+            log.warning("closing the stream of node %s: its certificate was revoked",
+                        conn.node_id)
+            conn.close("was revoked")
+            return message.failed(f"node {message.dst!r}: its certificate was revoked")
         p = _Pending(message)
         with conn.lock:
             if conn.closed:
@@ -224,10 +231,11 @@ class GrpcTransport:
                     if p is pending:
                         del conn.pending[seq]
 
-    def _authenticate(self, context: grpc.ServicerContext) -> str | None:
-        """The TLS identity of the peer (``None`` in insecure mode); aborts when revoked."""
+    def _authenticate(self, context: grpc.ServicerContext) -> tuple[str | None, int | None]:
+        """The TLS identity (node id, serial) of the peer (``None`` in insecure mode); aborts
+        when revoked."""
         if self.insecure:
-            return None
+            return None, None
         auth = context.auth_context()
         pems = auth.get("x509_pem_cert")
         if not pems:  # the handshake requires a certificate; this is a second line of defence
@@ -240,11 +248,11 @@ class GrpcTransport:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the certificate of node {node_id!r} (serial {serial:x}) is revoked; "
                           "ask the project's CA to enroll this node again.")
-        return node_id
+        return node_id, serial
 
     def _connect(self, requests: Iterator[bytes], context: grpc.ServicerContext,
                  ) -> Iterator[bytes]:
-        cert_id = self._authenticate(context)
+        cert_id, serial = self._authenticate(context)
         try:
             hello = wire.decode_frame(next(requests))
         except StopIteration:
@@ -266,7 +274,7 @@ class GrpcTransport:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"node id {claimed!r} is not allowed; expected 1-64 letters, digits, "
                           "'.', '_' or '-', and not 'coordinator'.")
-        conn = _Conn(claimed, context.peer())
+        conn = _Conn(claimed, context.peer(), serial)
         with self._cond:
             old = self._conns.get(claimed)
             self._conns[claimed] = conn

@@ -70,7 +70,8 @@ def coordinator_transport(config: Config, address: str | None = None) -> GrpcTra
     return GrpcTransport(address or net.address, identity=ident, insecure=net.insecure,
                          crl=None if net.insecure else Path(net.tls_dir) / "crl.pem",
                          max_message_bytes=int(net.max_message_mb * 2**20),
-                         chunk_size=net.chunk_kb * 1024)
+                         chunk_size=net.chunk_kb * 1024,
+                         max_workers=max(256, 2 * net.min_nodes + 32))
 
 
 def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
