@@ -14,7 +14,9 @@ next round.
 Figures: ``rounds_completed`` (rounds whose update was applied), ``rounds_lost`` (rounds that
 failed or did not run), ``network_overhead_ratio`` (median round time over gRPC / in
 simulation), ``bytes_per_client_round`` (wire frame bytes both ways per sampled client and
-round, before TLS and HTTP/2 framing).
+round, before TLS and HTTP/2 framing). The network variant trains its clients in 5 processes
+at once while the simulation runs them one after the other in one process, so on a machine with
+free cores the ratio can fall below 1: it compares the two ways a round is actually run.
 
     python benchmarks/network_load.py [--quick] [--reps 1]
 """

@@ -23,7 +23,4 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory):
     ca = CertificateAuthority.init(root / "ca")
     for i in range(4):
         ca.enroll(f"client-{i}", root / "nodes")
-    ca.enroll("client-000", root / "nodes")
-    for i in range(4):
-        ca.enroll(f"client-00{i}", root / "nodes")
     return root

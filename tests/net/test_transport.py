@@ -251,3 +251,25 @@ def test_backoff_grows_exponentially_to_its_cap() -> None:
     assert all(c / 2 <= d <= c for d, c in zip(delays, caps, strict=True))
     b.reset()
     assert b.next() <= 0.1
+
+
+def test_a_peer_speaking_another_wire_version_is_refused(ca_dir) -> None:
+    import struct
+
+    import grpc
+
+    from shoal.net import wire
+    from shoal.net.coordinator import METHOD
+
+    ident = node_identity(ca_dir, "client-0")
+    key, cert, ca = ident.read()
+    hello = wire.control(wire.HELLO, {"node_id": "client-0"})
+    old = struct.pack(">4sHB", wire.MAGIC, 99, wire.HELLO) + hello[7:]
+    with _coordinator(ca_dir) as coord, grpc.secure_channel(
+            coord.address, grpc.ssl_channel_credentials(ca, key, cert)) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            list(channel.stream_stream(METHOD)(iter([old]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == ("wire: the peer speaks shoal wire format version 99, this "
+                                    "node speaks version 1; run the same shoal release on the "
+                                    "coordinator and the clients.")
