@@ -15,6 +15,7 @@ The public API, by layer (see the README for a tour)::
     privacy          dp_sgd, dp_fedavg, PrivacyAccounting, calibrate_noise_multiplier
 """
 
+from . import data_parallel as _data_parallel  # noqa: F401  (registers paradigm "data_parallel")
 from . import errors, tree
 from .aggregate import (
     Pipeline,

@@ -47,9 +47,9 @@ import tomli_w
 
 from .errors import ConfigError
 
-__all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "EvaluationConfig",
-           "FederatedConfig", "PrivacyConfig", "SecAggConfig", "TaskConfig", "apply_overrides",
-           "load_config", "parse_config", "to_dict", "to_toml"]
+__all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
+           "EvaluationConfig", "FederatedConfig", "NetworkConfig", "PrivacyConfig", "SecAggConfig",
+           "TaskConfig", "apply_overrides", "load_config", "parse_config", "to_dict", "to_toml"]
 
 
 def _check(**constraints: Any) -> dict[str, Any]:
@@ -192,11 +192,39 @@ class PrivacyConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """Deployment (``shoal serve`` / ``shoal join``): where the coordinator listens, the TLS
+    files, message limits, how long to wait for clients and how clients reconnect."""
+
+    address: str = "127.0.0.1:50051"
+    tls_dir: str = "certs"
+    server_name: str = ""
+    insecure: bool = False
+    min_nodes: int = field(default=1, metadata=_check(min=1))
+    wait_s: float = field(default=300.0, metadata=_check(min=0))
+    max_message_mb: float = field(default=512.0, metadata=_check(gt=0))
+    chunk_kb: int = field(default=1024, metadata=_check(min=1, lt=4096))
+    reconnect_max_s: float = field(default=30.0, metadata=_check(gt=0))
+
+
+@dataclass
+class DataParallelConfig:
+    """``paradigm = "data_parallel"``: ``workers`` processes train one model on shards of the
+    pooled data with torch.distributed; ``local_steps`` > 0 averages the models every that many
+    steps (local SGD) instead of all-reducing gradients every step."""
+
+    workers: int = field(default=2, metadata=_check(min=1))
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    local_steps: int = field(default=0, metadata=_check(min=0))
+    steps_per_round: int = field(default=0, metadata=_check(min=0))
+
+
+@dataclass
 class Config:
     """A whole run; see the module docstring for the file format."""
 
     seed: int = field(default=0, metadata=_check(min=0))
-    paradigm: Literal["federated", "centralized"] = "federated"
+    paradigm: Literal["federated", "centralized", "data_parallel"] = "federated"
     baseline: bool = True
     out_dir: str = "runs"
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -207,6 +235,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
 
 
 # -- parsing ---------------------------------------------------------------------------------

@@ -299,8 +299,13 @@ def centralized_paradigm(setup: Setup) -> Built:
 # -- running -----------------------------------------------------------------------------------
 
 def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
-                   callbacks: CallbackFactory | None = None) -> list[ParadigmResult]:
-    """Run what ``config`` asks for into ``run_dir``; see the module docstring."""
+                   callbacks: CallbackFactory | None = None,
+                   transport: Callable[[str, Built], Any] | None = None,
+                   ) -> list[ParadigmResult]:
+    """Run what ``config`` asks for into ``run_dir``; see the module docstring.
+
+    ``transport(paradigm, built)``, when given, supplies the transport each paradigm runs over
+    instead of its simulated one (``shoal serve`` passes the gRPC coordinator)."""
     run_dir = Path(run_dir)
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
@@ -329,6 +334,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     for paradigm in paradigms:
         out = run_dir / paradigm
         built = PARADIGMS[paradigm](setup)
+        if transport is not None:
+            built.transport = transport(paradigm, built)
         cbs: list[Any] = [
             CentralEvaluation(central, every=config.evaluation.central_every or rounds),
             *built.callbacks,

@@ -103,3 +103,7 @@ def main() -> None:
     except ShoalError as e:
         err_console.print(f"[red]error:[/red] {e}")
         sys.exit(2)
+
+
+from . import dp as _dp  # noqa: E402,F401  (registers data-parallel, the torchrun entry)
+from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)

@@ -1,0 +1,321 @@
+"""Data-parallel training on ``torch.distributed``: the seeds' classic distributed learning.
+
+The pooled training set is sharded across ``workers`` processes that train one model
+synchronously with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU): every step, each
+worker takes its slice of a global batch (``workers x batch_size`` rows of one shuffled order
+drawn from the seed and the round), and DDP averages the gradients, so N workers compute the
+same step as one worker on the combined batch. With ``local_steps = H > 0`` the workers step
+on their own and average their models every H steps instead (local SGD, the bridge to federated
+averaging: H = one round's steps is FedAvg with IID clients).
+
+Launch:
+
+* ``shoal run`` with ``paradigm = "data_parallel"`` and ``[data_parallel] workers = N``: rank 0
+  is the ``shoal run`` process (it runs the loop, evaluation and checkpoints), ranks 1..N-1
+  are spawned locally;
+* across machines with ``torchrun``: ``torchrun --nnodes M --nproc-per-node K
+  --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m shoal data-parallel CONFIG --out DIR``;
+  rank 0 runs the experiment, the other ranks serve it.
+
+A round is one pass over the pooled data (or ``steps_per_round`` steps). Each round starts by
+broadcasting rank 0's params, so a resumed run continues from its checkpoint; the torch
+optimizer is rebuilt each round (its state, e.g. momentum, does not persist across rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import tree
+from .algorithm import RoundReport
+from .client import LossFn, OptimizerFn
+from .config import Config, parse_config, to_dict
+from .data.arrays import ArrayData
+from .errors import ConfigError
+from .experiment import (
+    Built,
+    Setup,
+    _optimizer,
+    initial_params,
+    make_dataset,
+    register_paradigm,
+    resolve_config,
+)
+from .node import Handler
+from .seeding import torch_generator
+from .transport import FunctionTransport, Transport
+from .tree import Params
+
+__all__ = ["DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm", "main",
+           "serve_rank"]
+
+log = logging.getLogger(__name__)
+
+_STOP, _ROUND = 0, 1
+
+
+@dataclass
+class DataParallelState:
+    """The model's params after the last completed round."""
+
+    params: Params
+
+
+def _backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    return name
+
+
+class Trainer:
+    """One rank's training: its shard of each global batch, DDP or local SGD.
+
+    Every rank holds the same ``data`` (the pooled training set) and draws the same shuffled
+    order; rank ``r`` of ``world`` trains on rows ``[r*B, (r+1)*B)`` of each global batch.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: ArrayData, *, batch_size: int,
+                 optimizer: OptimizerFn, seed: int, local_steps: int = 0,
+                 steps_per_round: int = 0):
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.device = (torch.device("cuda", self.rank % torch.cuda.device_count())
+                       if dist.get_backend() == "nccl" else torch.device("cpu"))
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.data = data
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.seed = seed
+        self.local_steps = local_steps
+        self.global_batch = batch_size * self.world
+        self.steps = steps_per_round or max(1, len(data) // self.global_batch)
+        self.net: nn.Module = (self.model if local_steps else DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None))
+
+    def _average(self) -> None:
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                if t.is_floating_point():
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                    t.div_(self.world)
+
+    def train_round(self, round: int, params: Params | None) -> tuple[Params, dict[str, float]]:
+        """Train one round from rank 0's ``params``; returns the params and the metrics."""
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for k, t in state.items():
+                if self.rank == 0 and params is not None:
+                    t.copy_(params[k])
+                dist.broadcast(t, 0)
+        self.model.train()
+        opt = self.optimizer([p for p in self.model.parameters() if p.requires_grad])
+        n = len(self.data)
+        order = torch.randperm(n, generator=torch_generator(self.seed, "data_parallel", round))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        start = time.perf_counter()
+        for step in range(self.steps):
+            lo = step * self.global_batch + self.rank * self.batch_size
+            pos = order[torch.arange(lo, lo + self.batch_size) % n]
+            rows = self.data.index[pos]
+            xb = self.data.x[rows].to(self.device)
+            yb = self.data.y[rows].to(self.device)
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.net(xb), yb)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double().cpu()
+            if self.local_steps and (step + 1) % self.local_steps == 0:
+                self._average()
+        if self.local_steps and self.steps % self.local_steps:
+            self._average()
+        seconds = time.perf_counter() - start
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        examples = float(self.steps * self.global_batch)
+        metrics = {"train/loss": float(loss_sum) / (self.steps * self.world),
+                   "train/steps": float(self.steps), "train/examples": examples,
+                   "dp/workers": float(self.world), "dp/samples_per_s": examples / seconds}
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, metrics
+
+
+def _trainer_from_config(config: Config) -> Trainer:
+    from .data.tasks import load_task
+
+    task = load_task(config.task.name, **config.task.options)
+    config = resolve_config(config, task)
+    model, _ = initial_params(config, task)
+    data = make_dataset(config, task).pooled_train()
+    d = config.data_parallel
+    return Trainer(model, task.loss_fn, data, batch_size=config.client.batch_size,
+                   optimizer=_optimizer(config), seed=config.seed, local_steps=d.local_steps,
+                   steps_per_round=d.steps_per_round)
+
+
+def serve_rank(trainer: Trainer) -> None:
+    """A rank other than 0: train each round rank 0 announces, until it says stop."""
+    cmd = torch.zeros(2, dtype=torch.int64)
+    while True:
+        dist.broadcast(cmd, 0)
+        if int(cmd[0]) == _STOP:
+            return
+        trainer.train_round(int(cmd[1]), None)
+
+
+def _spawned(rank: int, world: int, init_method: str, backend: str,
+             config: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=dt.timedelta(minutes=30))
+    try:
+        serve_rank(_trainer_from_config(parse_config(config)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DataParallel:
+    """The data-parallel algorithm (see the module docstring); rank 0's side of the run loop.
+
+    With torch.distributed already initialised (``torchrun``) it uses that process group;
+    otherwise it spawns ``workers - 1`` local processes on the first round.
+    """
+
+    def __init__(self, config: Config, *, trainer: Trainer | None = None):
+        d = config.data_parallel
+        if d.workers < 1:
+            raise ConfigError(f"config field 'data_parallel.workers': expected >= 1, "
+                              f"got {d.workers}.")
+        self.config = config
+        self.workers = d.workers
+        self.backend = _backend(d.backend)
+        self._trainer = trainer
+        self._procs: list[Any] = []
+        self._own_group = False
+
+    def __repr__(self) -> str:
+        d = self.config.data_parallel
+        return (f"DataParallel(workers={self.workers}, backend={self.backend!r}, "
+                f"local_steps={d.local_steps})")
+
+    def init(self, params: Params) -> DataParallelState:
+        """The state before round 1."""
+        return DataParallelState(tree.clone(params))
+
+    def params(self, state: DataParallelState) -> Params:
+        """The model's params."""
+        return state.params
+
+    def handlers(self) -> dict[str, Handler]:
+        """No messages: the workers talk through torch.distributed."""
+        return {}
+
+    def _start(self) -> Trainer:
+        if self._trainer is not None:
+            return self._trainer
+        if not dist.is_initialized():
+            port = _free_port()
+            init = f"tcp://127.0.0.1:{port}"
+            ctx = mp.get_context("spawn")
+            cfg = to_dict(self.config)
+            self._procs = [ctx.Process(target=_spawned, daemon=True,
+                                       args=(r, self.workers, init, self.backend, cfg))
+                           for r in range(1, self.workers)]
+            for p in self._procs:
+                p.start()
+            dist.init_process_group(self.backend, init_method=init, rank=0,
+                                    world_size=self.workers, timeout=dt.timedelta(minutes=30))
+            self._own_group = True
+        elif dist.get_world_size() != self.workers:
+            log.info("data_parallel: using the launcher's %d ranks (config asked for %d)",
+                     dist.get_world_size(), self.workers)
+        self._trainer = _trainer_from_config(self.config)
+        return self._trainer
+
+    def round(self, state: DataParallelState, transport: Transport,
+              round: int) -> tuple[DataParallelState, RoundReport]:
+        """Train one round on every rank; rank 0 returns the new params."""
+        trainer = self._start()
+        dist.broadcast(torch.tensor([_ROUND, round], dtype=torch.int64), 0)
+        params, metrics = trainer.train_round(round, state.params)
+        report = RoundReport(round, metrics)
+        if not tree.is_finite(params):
+            report.failed = "the model is not finite (NaN or inf) after the round; kept the last"
+            return state, report
+        return DataParallelState(params), report
+
+    def close(self) -> None:
+        """Tell the other ranks to stop; end the process group this object started."""
+        if self._trainer is None or not dist.is_initialized():
+            return
+        dist.broadcast(torch.tensor([_STOP, 0], dtype=torch.int64), 0)
+        self._trainer = None
+        if self._own_group:
+            dist.destroy_process_group()
+            self._own_group = False
+        for p in self._procs:
+            p.join(60)
+        self._procs = []
+
+
+class _Close:
+    def __init__(self, algorithm: DataParallel):
+        self.algorithm = algorithm
+
+    def on_run_end(self, ctx: Any) -> None:
+        self.algorithm.close()
+
+
+@register_paradigm("data_parallel")
+def data_parallel_paradigm(setup: Setup) -> Built:
+    """``paradigm = "data_parallel"``: DDP over ``[data_parallel] workers`` processes."""
+    algorithm = DataParallel(setup.config)
+    return Built(algorithm, FunctionTransport([], lambda m: m.failed("no nodes")),
+                 [_Close(algorithm)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun ... -m shoal data-parallel CONFIG --out DIR``: rank 0 runs the experiment
+    (``paradigm`` forced to ``data_parallel``), the other ranks train with it."""
+    from .config import load_config
+    from .experiment import run_experiment
+
+    ap = argparse.ArgumentParser(prog="shoal data-parallel")
+    ap.add_argument("config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    config = load_config(args.config, [*args.set, "paradigm=data_parallel"])
+    if "RANK" not in os.environ:
+        raise ConfigError("`shoal data-parallel` is one rank of a job started by torchrun, but "
+                          "RANK, WORLD_SIZE and MASTER_ADDR are unset; on one machine use "
+                          "`shoal run` with paradigm = \"data_parallel\".")
+    dist.init_process_group(_backend(config.data_parallel.backend))
+    try:
+        if dist.get_rank() == 0:
+            run_experiment(config, args.out, resume=args.resume)
+        else:
+            serve_rank(_trainer_from_config(config))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+

@@ -1,0 +1,135 @@
+"""``serve`` and ``join``: the algorithm ``shoal run`` simulates, run over the network.
+
+Both sides build the algorithm with the same builder as the simulation
+(:func:`shoal.experiment.build_federated`) from the same config, so what was measured in
+simulation is what runs: the coordinator runs :func:`shoal.experiment.run_experiment` with the
+simulated transport replaced by a :class:`GrpcTransport` (same callbacks, metrics, checkpoints
+after every round, ``resume``), and each client runs a :class:`NodeClient` whose node answers
+with the algorithm's handlers on the client's own data file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, NetworkConfig
+from ..data.tasks import load_task
+from ..errors import ConfigError
+from ..experiment import (
+    Built,
+    ParadigmResult,
+    build_federated,
+    initial_params,
+    make_dataset,
+    resolve_config,
+    run_experiment,
+)
+from ..node import Node, NodeContext
+from .ca import Identity
+from .client import Backoff, NodeClient
+from .clientdata import load_client_data
+from .coordinator import GrpcTransport
+
+__all__ = ["WaitForNodes", "coordinator_transport", "join", "node_client", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def _identity(net: NetworkConfig, node_id: str) -> Identity | None:
+    if net.insecure:
+        return None
+    d = Path(net.tls_dir)
+    return Identity(d / f"{node_id}.key", d / f"{node_id}.crt", d / "ca.crt")
+
+
+class WaitForNodes:
+    """A callback: before each round, wait up to ``wait_s`` for ``count`` connected clients
+    (a round started with fewer samples from fewer clients)."""
+
+    def __init__(self, transport: GrpcTransport, count: int, wait_s: float):
+        self.transport = transport
+        self.count = count
+        self.wait_s = wait_s
+
+    def before_round(self, ctx: Any, round: int) -> None:
+        """Block until enough clients are connected, or ``wait_s`` passed (then log it)."""
+        if not self.transport.wait_for_nodes(self.count, self.wait_s):
+            log.warning("round %d starts with %d connected clients; waited %g s for %d",
+                        round, len(self.transport.nodes()), self.wait_s, self.count)
+
+
+def coordinator_transport(config: Config, address: str | None = None) -> GrpcTransport:
+    """The coordinator's gRPC transport as ``[network]`` describes it (TLS files in
+    ``tls_dir``: ``coordinator.key``, ``coordinator.crt``, ``ca.crt``, ``crl.pem``)."""
+    net = config.network
+    ident = _identity(net, "coordinator")
+    return GrpcTransport(address or net.address, identity=ident, insecure=net.insecure,
+                         crl=None if net.insecure else Path(net.tls_dir) / "crl.pem",
+                         max_message_bytes=int(net.max_message_mb * 2**20),
+                         chunk_size=net.chunk_kb * 1024,
+                         max_workers=max(256, 2 * net.min_nodes + 32))
+
+
+def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
+          transport: GrpcTransport | None = None, callbacks: Any = None,
+          ) -> list[ParadigmResult]:
+    """Run ``config``'s federated job as the coordinator; clients connect with :func:`join`.
+
+    Writes the same run directory as ``shoal run`` (checkpoint after every round by default);
+    ``resume=True`` continues from the newest checkpoint. The centralized baseline is not run.
+    """
+    if config.paradigm != "federated":
+        raise ConfigError(f"serve: paradigm is {config.paradigm!r}; the coordinator runs "
+                          "federated jobs (paradigm = \"federated\").")
+    config = dataclasses.replace(config, baseline=False)
+    own = transport is None
+    grpc_transport = transport or coordinator_transport(config)
+    log.info("coordinator listening on %s", grpc_transport.address)
+    net = config.network
+
+    def factory(paradigm: str, rounds: int) -> list[Any]:
+        extra = list(callbacks(paradigm, rounds)) if callbacks else []
+        return [WaitForNodes(grpc_transport, net.min_nodes, net.wait_s), *extra]
+
+    def swap(paradigm: str, built: Built) -> GrpcTransport:
+        return grpc_transport
+
+    try:
+        return run_experiment(config, run_dir, resume=resume, callbacks=factory, transport=swap)
+    finally:
+        if own:
+            grpc_transport.close()
+
+
+def node_client(config: Config, node_id: str, data: str | Path, *,
+                address: str | None = None, max_attempts: int | None = None) -> NodeClient:
+    """A client node for ``config``'s algorithm holding the examples in ``data`` (``.npz``)."""
+    task = load_task(config.task.name, **config.task.options)
+    config = resolve_config(config, task)
+    model, _ = initial_params(config, task)
+    algorithm, _ = build_federated(config, task, make_dataset(config, task), model)
+    net = config.network
+    node = Node(NodeContext(node_id, load_client_data(data)), algorithm.handlers())
+    return NodeClient(address or net.address, node, identity=_identity(net, node_id),
+                      insecure=net.insecure, server_name=net.server_name or None,
+                      max_message_bytes=int(net.max_message_mb * 2**20),
+                      chunk_size=net.chunk_kb * 1024,
+                      backoff=Backoff(0.2, net.reconnect_max_s), max_attempts=max_attempts)
+
+
+def join(config: Config, node_id: str, data: str | Path, *, address: str | None = None,
+         stop: threading.Event | None = None) -> str:
+    """Run a client until the coordinator ends the run; returns the coordinator's reason."""
+    client = node_client(config, node_id, data, address=address)
+    if stop is not None:
+        def watch() -> None:
+            stop.wait()
+            client.stop()
+        threading.Thread(target=watch, daemon=True).start()
+    return client.run()
+
+
