@@ -37,7 +37,7 @@ def distance_correlation(x: Tensor, z: Tensor) -> Tensor:
     a, b = _centered_distances(x), _centered_distances(z)
     xy, xx, yy = (a * b).mean(), (a * a).mean(), (b * b).mean()
     denom = (xx * yy).sqrt()
-    if float(denom) <= 0:
+    if float(denom.detach()) <= 0:
         return torch.zeros((), dtype=z.dtype)
     return (xy.clamp_min(0) / denom).sqrt()
 
