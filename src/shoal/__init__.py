@@ -14,7 +14,7 @@ The public API, by layer (see the README for a tour)::
     whole runs       Config, load_config, run_experiment
 """
 
-from . import errors, tree
+from . import errors, split, tree  # split registers paradigm "split"
 from .aggregate import (
     Pipeline,
     Reducer,
@@ -64,5 +64,6 @@ __all__ = [
     "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "adagrad", "adam", "clip_by_norm",
     "cohort", "coordinate_median", "derive_seed", "errors", "federate", "krum", "load_config",
     "load_task", "local_sgd", "momentum", "multi_krum", "optimizer_fn", "register_task", "run",
-    "run_experiment", "sgd", "simulated_dropout", "tree", "trimmed_mean", "weighted_mean", "yogi",
+    "run_experiment", "sgd", "simulated_dropout", "split", "tree", "trimmed_mean", "weighted_mean",
+    "yogi",
 ]

@@ -12,15 +12,18 @@ Protections are :class:`CutStage` s on the tensors crossing the cut; leakage mea
 from .algorithm import KINDS, LabelFn, SplitLearning, SplitState
 from .cut import SplitModel, check_activations, cut_model
 from .leakage import (
+    DecoderLeakage,
     decoder_attack,
     direction_attack_auc,
     distance_correlation,
     norm_attack_auc,
 )
+from .paradigm import DEFAULT_CUTS, default_cut, split_paradigm
 from .protect import ActivationNoise, CutContext, CutStage, GradientNoise, NoPeek
 
 __all__ = [
-    "KINDS", "ActivationNoise", "CutContext", "CutStage", "GradientNoise", "LabelFn", "NoPeek",
+    "DEFAULT_CUTS", "KINDS", "ActivationNoise", "CutContext", "CutStage", "DecoderLeakage",
+    "GradientNoise", "LabelFn", "NoPeek", "default_cut", "split_paradigm",
     "SplitLearning", "SplitModel", "SplitState", "check_activations", "cut_model",
     "decoder_attack", "direction_attack_auc", "distance_correlation", "norm_attack_auc",
 ]

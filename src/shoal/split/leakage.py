@@ -11,14 +11,18 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
+from .. import tree
 from ..seeding import derive_seed
 
-__all__ = ["decoder_attack", "direction_attack_auc", "distance_correlation", "norm_attack_auc"]
+__all__ = ["DecoderLeakage", "decoder_attack", "direction_attack_auc", "distance_correlation", "norm_attack_auc"]
 
 
 def _centered_distances(x: Tensor) -> Tensor:
@@ -98,3 +102,24 @@ def decoder_attack(bottom: nn.Module, leaked: Tensor, target: Tensor, *, hidden:
         opt.step()
     with torch.no_grad():
         return float(F.mse_loss(decoder(a_target), x_target))
+
+
+class DecoderLeakage:
+    """A callback: every ``every`` rounds (and after the last), :func:`decoder_attack` on the
+    current bottom of ``split`` with ``leaked`` pairs and ``target`` inputs, written as
+    ``leak/decoder_mse`` in the round's metrics."""
+
+    def __init__(self, split: Any, leaked: Tensor, target: Tensor, *, every: int = 1,
+                 rounds: int | None = None, seed: int = 0):
+        self.bottom = copy.deepcopy(split.bottom)
+        self.leaked, self.target = leaked, target
+        self.every, self.rounds, self.seed = every, rounds, seed
+
+    def after_round(self, ctx: Any, report: Any) -> None:
+        """Run the attack on this round's bottom when due."""
+        if report.round % self.every and report.round != self.rounds:
+            return
+        params = ctx.params()
+        tree.load_params_(self.bottom, {k: params[k] for k in tree.params_of(self.bottom)})
+        report.metrics["leak/decoder_mse"] = decoder_attack(self.bottom, self.leaked,
+                                                            self.target, seed=self.seed)
