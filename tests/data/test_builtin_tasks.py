@@ -28,16 +28,16 @@ def n_params(model: torch.nn.Module) -> int:
 # -- registry ---------------------------------------------------------------------------------
 
 def test_registry_lists_the_builtin_tasks() -> None:
-    assert task_names() == ["digits", "fashion_mnist", "heart"]
-    assert task_names(natural_ids=True) == ["heart"]
+    assert task_names() == ["ai4i", "digits", "fashion_mnist", "heart"]
+    assert task_names(natural_ids=True) == ["ai4i", "heart"]
     assert task_options("digits") == {"hidden": 128}
 
 
 def test_unknown_task_and_option_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_task("mnist")
-    assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of digits, "
-                               "fashion_mnist, heart.")
+    assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of ai4i, "
+                               "digits, fashion_mnist, heart.")
     with pytest.raises(ConfigError) as info:
         load_task("digits", width=3)
     assert str(info.value) == ("load_task('digits'): unknown option 'width'; accepted "
@@ -228,3 +228,19 @@ def test_fashion_mnist_real_files() -> None:
     assert n_params(task.model_fn()) == 1_663_370
     other = load_task("fashion_mnist")
     assert other.train.x.data_ptr() != task.train.x.data_ptr()  # no shared mutable tensors
+
+
+# -- ai4i -------------------------------------------------------------------------------------
+
+def test_ai4i_rare_positives_and_standardised_features() -> None:
+    task = load_task("ai4i")
+    x, y = task.train.tensors()
+    assert (len(task.train), len(task.test)) == (2712, 678)
+    assert abs(float(y.float().mean()) - 0.1) < 0.002
+    assert torch.allclose(x[:, :5].mean(0), torch.zeros(5), atol=1e-5)
+    full = load_task("ai4i", positive_fraction=0)
+    assert len(full.train) + len(full.test) == 10_000
+    assert int(full.train.tensors()[1].sum() + full.test.tensors()[1].sum()) == 339
+    assert task.model_fn()(x[:3]).shape == (3, 2)
+    with pytest.raises(ConfigError, match=r"positive_fraction must be a number in \[0, 1\)"):
+        load_task("ai4i", positive_fraction=1.5)

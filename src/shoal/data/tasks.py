@@ -75,7 +75,7 @@ class _Entry:
 
 _REGISTRY: dict[str, _Entry] = {}
 # Imported on first lookup, so that importing this module stays cheap and cycle-free.
-_BUILTIN_MODULES = ("task_digits", "task_fashion_mnist", "task_heart")
+_BUILTIN_MODULES = ("task_ai4i", "task_digits", "task_fashion_mnist", "task_heart")
 _builtins_loaded = False
 
 
