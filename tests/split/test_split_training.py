@@ -8,6 +8,7 @@ from torch import nn
 
 from shoal import tree
 from shoal.client import local_sgd
+from shoal.data.arrays import ArrayData
 from shoal.message import Message
 from shoal.run import run
 from shoal.seeding import derive_seed
@@ -133,3 +134,19 @@ def test_server_pretraining_is_unsplit_training_on_the_servers_data():
     update = local_sgd(model, cross_entropy, epochs=2, batch_size=8, optimizer=sgd(0.1))
     info = ClientInfo("coordinator", 0, derive_seed(4, "split.pretrain"))
     assert_close(state.params, tree.add(params0, update(params0, own, info).update))
+
+
+def test_splitfed_one_full_batch_step_each_equals_one_sgd_step_on_the_pooled_data():
+    """SplitFed oracle with several clients: one full-batch step per client, server step on the
+    example-weighted mean loss, client parts averaged by examples = one step of plain SGD on
+    all the clients' data together (the mean loss over the pooled examples)."""
+    tiny = make_tiny(clients=3, per_client=30)
+    model = deep_model()
+    params0 = tree.params_of(model)
+    algo = SplitLearning(cut_model(model, "1", "3"), cross_entropy, schedule="splitfed",
+                         batch_size=25, max_steps=1, optimizer=sgd(0.5), seed=0)
+    res = run(algo, transport_for(tiny, algo), params=params0, rounds=1)
+    pooled = ArrayData(tiny.x, tiny.y, torch.cat([tiny.data[c].train.index for c in tiny.ids]))
+    update = local_sgd(model, cross_entropy, epochs=1, batch_size=75, optimizer=sgd(0.5))
+    expected = tree.add(params0, update(params0, pooled, ClientInfo("all", 1, 0)).update)
+    assert_close(algo.params(res.state), expected, tol=1e-5)

@@ -180,7 +180,6 @@ class SplitLearning:
         self.timeout = timeout
         self.seed = seed
         self._server: nn.Module | None = None
-        self._client: nn.ModuleList | None = None
 
     def __repr__(self) -> str:
         shape = "U-shaped" if self.split.ushaped else "cut"
@@ -459,10 +458,8 @@ class SplitLearning:
                 "split.end": self.handle_end}
 
     def client_modules(self) -> nn.ModuleList:
-        """A client's private copy of its parts (made on first use, reloaded every turn)."""
-        if self._client is None:
-            self._client = copy.deepcopy(self.split.client_modules())
-        return self._client
+        """A fresh private copy of the client's parts (each client trains its own)."""
+        return copy.deepcopy(self.split.client_modules())
 
     def handle_begin(self, message: Message, context: NodeContext) -> Message:
         """Load the client part sent, and plan the round's batches."""
@@ -485,7 +482,7 @@ class SplitLearning:
         rows = itertools.chain.from_iterable(
             data.batch_rows(self.batch_size, generator) for _ in range(self.epochs))
         context.state["split"] = {
-            "info": info, "start": tree.clone(message.tensors), "rows": rows, "step": 0,
+            "parts": parts, "info": info, "start": tree.clone(message.tensors), "rows": rows, "step": 0,
             "steps": steps, "data": data, "examples": 0,
             "opt": self.optimizer([p for p in parts.parameters() if p.requires_grad]),
         }
@@ -508,7 +505,7 @@ class SplitLearning:
         rows = next(s["rows"])
         data: ArrayData = s["data"]
         x, y = data.x[rows], data.y[rows]
-        parts = self.client_modules()
+        parts = s["parts"]
         s["opt"].zero_grad(set_to_none=True)
         acts = parts[0](x)
         s["batch"] = (x, y, acts)
@@ -526,7 +523,7 @@ class SplitLearning:
         s = self._session(message, context)
         _, y, _ = s["batch"]
         h = message.tensors["activations"].detach().clone().requires_grad_(True)
-        loss = self.loss_fn(self.client_modules()[1](h), y)
+        loss = self.loss_fn(s["parts"][1](h), y)
         loss.backward()
         return message.reply(tensors={"grad": h.grad}, metrics={"loss": float(loss.detach())})
 
@@ -559,7 +556,7 @@ class SplitLearning:
         s = context.state.pop("split", None)
         if s is None:
             raise RuntimeError(f"split.end in round {message.round} before split.begin")
-        parts = self.client_modules()
+        parts = s["parts"]
         now = {k: v for part in parts for k, v in tree.params_of(part).items()}
         update = tree.sub(now, s["start"])
         if self.schedule == "splitfed":
