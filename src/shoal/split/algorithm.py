@@ -332,8 +332,8 @@ class SplitLearning:
             if rep is None:
                 continue
             try:
-                acts = rep.tensors.get("activations")
-                check_activations(self.split, acts, sender=turn.client)  # type: ignore[arg-type]
+                acts = check_activations(self.split, rep.tensors.get("activations"),
+                                         sender=turn.client)
                 y = None if self.split.ushaped else self._labels(turn, rep, acts.shape[0])
             except UpdateError as e:
                 self._drop(report, turn.client, str(e))
@@ -341,48 +341,31 @@ class SplitLearning:
             live.append((turn, acts.detach().clone().requires_grad_(True), y))
         if not live:
             return []
-        sizes = [a.shape[0] for _, a, _ in live]
-        total = float(sum(sizes))
         opt.zero_grad(set_to_none=True)
         outputs = [server(a) for _, a, _ in live]
         if self.split.ushaped:
-            head = [Message("split.head", COORDINATOR, t.client, round,
-                            {"activations": out.detach()}, {"step": step})
-                    for (t, _, _), out in zip(live, outputs, strict=True)]
-            kept, grads_out = [], []
-            for i, rep in enumerate(self._ask(transport, head, report)):
-                turn = live[i][0]
-                if rep is None:
-                    continue
-                g = rep.tensors.get("grad")
-                try:
-                    check_activations(self.split, g, sender=turn.client,  # type: ignore[arg-type]
-                                      where="head_cut")
-                    if g.shape != outputs[i].shape:  # type: ignore[union-attr]
-                        raise UpdateError(
-                            f"gradient from {turn.client!r} at the cut after layer "
-                            f"{self.split.describe(self.split.head_cut)}: shape "  # type: ignore[arg-type]
-                            f"{tuple(g.shape)}, expected {tuple(outputs[i].shape)}.")  # type: ignore[union-attr]
-                except UpdateError as e:
-                    self._drop(report, turn.client, str(e))
-                    continue
-                kept.append(i)
-                grads_out.append(g * (sizes[i] / total))  # type: ignore[operator]
-                rlog.loss += rep.metrics.get("loss", math.nan) * sizes[i]
-            if not kept:
+            live, outputs, grads = self._heads(transport, live, outputs, round, step, report,
+                                               rlog)
+            if not live:
                 return []
-            torch.autograd.backward([outputs[i] for i in kept], grads_out)
-            live = [live[i] for i in kept]
-            sizes = [sizes[i] for i in kept]
+            total = float(sum(a.shape[0] for _, a, _ in live))
+            torch.autograd.backward(outputs, [g * (a.shape[0] / total)
+                                              for g, (_, a, _) in zip(grads, live, strict=True)])
         else:
-            losses = [self.loss_fn(out, y) for out, (_, _, y) in zip(outputs, live, strict=True)]
-            weighted = sum(loss * (n / total) for loss, n in zip(losses, sizes, strict=True))
-            weighted.backward()  # type: ignore[union-attr]
-            rlog.loss += sum(float(loss.detach()) * n for loss, n in zip(losses, sizes, strict=True))
+            total = float(sum(a.shape[0] for _, a, _ in live))
+            losses = [self.loss_fn(out, y) for out, (_, _, y) in zip(outputs, live, strict=True)
+                      if y is not None]
+            weighted = torch.stack([loss * (a.shape[0] / total)
+                                    for loss, (_, a, _) in zip(losses, live, strict=True)]).sum()
+            weighted.backward()
+            rlog.loss += sum(float(loss.detach()) * a.shape[0]
+                             for loss, (_, a, _) in zip(losses, live, strict=True))
         opt.step()
         back = []
+        sizes = [a.shape[0] for _, a, _ in live]
         for (turn, a, y), n in zip(live, sizes, strict=True):
-            g = a.grad * (total / n)  # type: ignore[operator]
+            assert a.grad is not None
+            g = a.grad * (total / n)
             ctx = CutContext(turn.client, round, step, self.client_seed(round, turn.client))
             for p in self.protections:
                 g = p.gradient(g, ctx)
@@ -402,6 +385,36 @@ class SplitLearning:
             survivors.append(turn)
         rlog.steps += 1
         return survivors
+
+    def _heads(self, transport: Transport, live: list[tuple[_Turn, Tensor, Tensor | None]],
+               outputs: list[Tensor], round: int, step: int, report: RoundReport,
+               rlog: _RoundLog,
+               ) -> tuple[list[tuple[_Turn, Tensor, Tensor | None]], list[Tensor], list[Tensor]]:
+        """U-shaped: send the server's outputs to the clients' heads; the clients that answered
+        with a valid gradient, their outputs and those gradients."""
+        msgs = [Message("split.head", COORDINATOR, t.client, round, {"activations": o.detach()},
+                        {"step": step}) for (t, _, _), o in zip(live, outputs, strict=True)]
+        kept, kept_out, grads = [], [], []
+        for item, out, rep in zip(live, outputs, self._ask(transport, msgs, report),
+                                  strict=True):
+            if rep is None:
+                continue
+            try:
+                g = check_activations(self.split, rep.tensors.get("grad"), sender=item[0].client,
+                                      where="head_cut")
+                if g.shape != out.shape:
+                    raise UpdateError(
+                        f"gradient from {item[0].client!r} at the cut after layer "
+                        f"{self.split.describe(str(self.split.head_cut))}: shape "
+                        f"{tuple(g.shape)}, expected {tuple(out.shape)}.")
+            except UpdateError as e:
+                self._drop(report, item[0].client, str(e))
+                continue
+            kept.append(item)
+            kept_out.append(out)
+            grads.append(g)
+            rlog.loss += rep.metrics.get("loss", math.nan) * out.shape[0]
+        return kept, kept_out, grads
 
     def _record_leak(self, rlog: _RoundLog, grad: Tensor, labels: Tensor) -> None:
         if not self.leakage or rlog.leak_rows >= self.leak_examples:
@@ -525,6 +538,7 @@ class SplitLearning:
         h = message.tensors["activations"].detach().clone().requires_grad_(True)
         loss = self.loss_fn(s["parts"][1](h), y)
         loss.backward()
+        assert h.grad is not None
         return message.reply(tensors={"grad": h.grad}, metrics={"loss": float(loss.detach())})
 
     def handle_backward(self, message: Message, context: NodeContext) -> Message:
@@ -538,8 +552,8 @@ class SplitLearning:
         extra = [t for p in self.protections if (t := p.client_loss(x, acts)) is not None]
         roots, grads = [acts], [g]
         if extra:
-            roots.append(sum(extra))  # type: ignore[arg-type]
-            grads.append(torch.ones(()))
+            roots.append(torch.stack(extra).sum())
+            grads.append(torch.ones((), dtype=acts.dtype))
         torch.autograd.backward(roots, grads)
         s["opt"].step()
         metrics = {}

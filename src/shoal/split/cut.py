@@ -137,10 +137,10 @@ def cut_model(model: nn.Module, cut: str | int, head_cut: str | int | None = Non
     return split
 
 
-def check_activations(split: SplitModel, activations: Tensor, *, sender: str,
-                      where: str = "cut") -> None:
-    """Raise :class:`~shoal.errors.UpdateError` naming the layer when ``activations`` (a batch
-    sent across the cut by ``sender``) is not a finite floating tensor of the expected shape.
+def check_activations(split: SplitModel, activations: object, *, sender: str,
+                      where: str = "cut") -> Tensor:
+    """``activations`` (a batch sent across the cut by ``sender``) when it is a finite floating
+    tensor of the expected shape; else :class:`~shoal.errors.UpdateError` naming the layer.
 
     ``where`` is ``"cut"`` (the bottom's output, checked by the server) or ``"head_cut"`` (the
     gradient at the head's input, sent back by a U-shaped client).
@@ -148,7 +148,7 @@ def check_activations(split: SplitModel, activations: Tensor, *, sender: str,
     layer = split.cut if where == "cut" else split.head_cut
     expected = split.activation_shape if where == "cut" else split.head_input_shape
     what = "activations" if where == "cut" else "gradient"
-    at = f"at the cut after layer {split.describe(layer)}"  # type: ignore[arg-type]
+    at = f"at the cut after layer {split.describe(str(layer))}"
     if not isinstance(activations, Tensor) or not activations.is_floating_point():
         got = activations.dtype if isinstance(activations, Tensor) else type(activations).__name__
         raise UpdateError(f"{what} from {sender!r} {at}: expected a floating-point tensor, "
@@ -164,6 +164,7 @@ def check_activations(split: SplitModel, activations: Tensor, *, sender: str,
         )
     if not bool(torch.isfinite(activations).all()):
         raise UpdateError(f"{what} from {sender!r} {at} contain NaN or inf values.")
+    return activations
 
 
 def _position(model: nn.Sequential, names: list[str], cut: str | int, what: str) -> int:
