@@ -37,13 +37,13 @@ def distance_correlation(x: Tensor, z: Tensor) -> Tensor:
     """The sample distance correlation of ``x`` and ``z`` (rows are examples), in ``[0, 1]``;
     0 when a batch has fewer than 2 examples or one side is constant."""
     if x.shape[0] < 2:
-        return torch.zeros((), dtype=z.dtype)
+        return z.sum() * 0  # zero, still attached to z's graph
     a, b = _centered_distances(x), _centered_distances(z)
     xy, xx, yy = (a * b).mean(), (a * a).mean(), (b * b).mean()
     denom = (xx * yy).sqrt()
-    if float(denom.detach()) <= 0:
-        return torch.zeros((), dtype=z.dtype)
-    return (xy.clamp_min(0) / denom).sqrt()
+    if float(denom.detach()) <= 1e-12:  # one side constant: no dependence to measure
+        return z.sum() * 0
+    return (xy.clamp_min(1e-12) / denom).sqrt()
 
 
 def _binary(labels: Tensor) -> Tensor:
