@@ -100,6 +100,11 @@ def test_label_leakage_attacks_and_distance_correlation():
     x = torch.randn(200, 5, generator=g)
     assert float(distance_correlation(x, x * 3 + 1)) == pytest.approx(1.0, abs=1e-4)
     assert float(distance_correlation(x, torch.randn(200, 4, generator=g))) < 0.3
+    # Constant activations (every unit dead): zero, and NoPeek can still back-propagate it.
+    z = torch.zeros(10, 4, requires_grad=True)
+    d = distance_correlation(x[:10], z)
+    d.backward()
+    assert float(d) == 0 and z.grad is not None and not z.grad.any()
     with pytest.raises(ValueError, match="binary labels"):
         norm_attack_auc(grads, y + 1)
 
