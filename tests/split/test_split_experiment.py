@@ -40,7 +40,7 @@ def test_split_config_protections_labels_and_decoder(tmp_path):
     cfg = load_config(None, ["task.name=ai4i", *FAST, "split.labels=server",
                              "split.gradient_noise=1.0", "split.decoder_every=2",
                              "split.decoder_examples=50", "baseline=false",
-                             "client.batch_size=64"])
+                             "client.batch_size=64", "split.pretrain_examples=300"])
     (res,) = run_experiment(cfg, tmp_path)
     last = res.history[-1]
     for key in ("leak/label_auc_norm", "leak/label_auc_direction", "leak/decoder_mse",

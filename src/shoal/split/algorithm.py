@@ -24,6 +24,10 @@ Labels: with ``labels="client"`` the client sends its batch's labels with the ac
 learning, Li et al. 2021): the client sends the ids of its examples and the server looks the
 labels up with ``label_fn``. U-shaped models keep the labels on the client.
 
+A client that fails mid-turn is dropped from the rest of the round: the server keeps the steps
+it took on that client's batches, the client part it was training is discarded (vanilla hands
+on the part it was given; SplitFed averages the others).
+
 The server's and the clients' torch optimizers are built afresh every round (as FedAvg's
 clients' are); use plain SGD for results that do not depend on the round length.
 """
