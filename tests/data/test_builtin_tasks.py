@@ -29,7 +29,7 @@ def n_params(model: torch.nn.Module) -> int:
 
 def test_registry_lists_the_builtin_tasks() -> None:
     assert task_names() == ["ai4i", "digits", "fashion_mnist", "heart"]
-    assert task_names(natural_ids=True) == ["ai4i", "heart"]
+    assert task_names(natural_ids=True) == ["heart"]
     assert task_options("digits") == {"hidden": 128}
 
 

@@ -63,12 +63,12 @@ def ai4i_mlp(d: int = len(FEATURES), hidden: int = 32) -> nn.Module:
                          nn.ReLU(), nn.Linear(hidden // 2, 2))
 
 
-@register_task("ai4i", natural_ids=True)
+@register_task("ai4i")
 def ai4i(*, positive_fraction: float = 0.1, hidden: int = 32) -> Task:
     """Machine failure (1) or not (0) from 8 features; ``positive_fraction`` of the examples
     positive (negatives subsampled; 0 keeps all 10,000 rows, 3.4 % positive). Features are
     standardised with the training rows' mean and deviation. Default partition: IID over 4
-    clients; ``partition = "natural"`` gives one client per product type (L, M, H)."""
+    clients."""
     if isinstance(positive_fraction, bool) or not isinstance(positive_fraction, int | float) \
             or not 0 <= positive_fraction < 1:
         raise ConfigError(f"ai4i: positive_fraction must be a number in [0, 1) "
@@ -97,8 +97,6 @@ def ai4i(*, positive_fraction: float = 0.1, hidden: int = 32) -> Task:
         train=ArrayData(xt, yt, torch.from_numpy(train_rows)),
         test=ArrayData(xt, yt, torch.from_numpy(test_rows)),
         num_classes=2,
-        groups=np.array(_TYPES)[kind[train_rows]],
-        test_groups=np.array(_TYPES)[kind[test_rows]],
         default_partition={"partition": "iid", "num_clients": 4},
         description=(
             f"AI4I 2020 predictive maintenance: {len(train_rows):,} training and "
