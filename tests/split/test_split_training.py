@@ -150,3 +150,37 @@ def test_splitfed_one_full_batch_step_each_equals_one_sgd_step_on_the_pooled_dat
     update = local_sgd(model, cross_entropy, epochs=1, batch_size=75, optimizer=sgd(0.5))
     expected = tree.add(params0, update(params0, pooled, ClientInfo("all", 1, 0)).update)
     assert_close(algo.params(res.state), expected, tol=1e-5)
+
+
+class WireTransport(InProcessTransport):
+    """Every message and reply goes through bytes (a JSON header + safetensors), as on a
+    network: nothing but tensors, numbers and strings can cross."""
+
+    @staticmethod
+    def wire(m: Message) -> Message:
+        import json
+
+        from safetensors.torch import load, save
+        header = json.loads(json.dumps(m.header()))
+        tensors = load(save({k: v.contiguous() for k, v in m.tensors.items()})) \
+            if m.tensors else {}
+        return Message(header["kind"], header["src"], header["dst"], header["round"], tensors,
+                       header["config"], header["metrics"], header["error"])
+
+    def _deliver(self, message, timeout):
+        return self.wire(super()._deliver(self.wire(message), timeout))
+
+
+def test_the_conversation_crosses_a_wire_unchanged():
+    tiny = make_tiny(clients=2, per_client=30)
+    model = deep_model()
+    params0 = tree.params_of(model)
+    for cuts, schedule in ((("1",), "vanilla"), (("1", "3"), "splitfed")):
+        split = cut_model(model, *cuts, input_shape=(8,))
+        out = []
+        for cls in (InProcessTransport, WireTransport):
+            algo = SplitLearning(split, cross_entropy, schedule=schedule, batch_size=8,
+                                 optimizer=sgd(0.1), seed=6)
+            t = cls(tiny.ids, tiny.data.__getitem__, algo.handlers(), on_error="raise")
+            out.append(algo.params(run(algo, t, params=params0, rounds=2).state))
+        assert tree.equal(out[0], out[1])
