@@ -16,7 +16,7 @@ The public API, by layer (see the README for a tour)::
 """
 
 from . import data_parallel as _data_parallel  # noqa: F401  (registers paradigm "data_parallel")
-from . import errors, tree
+from . import errors, split, tree  # split registers paradigm "split"
 from .aggregate import (
     Pipeline,
     Reducer,
@@ -68,6 +68,7 @@ __all__ = [
     "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "adagrad", "adam", "clip_by_norm",
     "cohort", "coordinate_median", "derive_seed", "errors", "federate", "krum", "load_config",
     "load_task", "local_sgd", "momentum", "multi_krum", "optimizer_fn", "register_task", "run",
-    "run_experiment", "sgd", "simulated_dropout", "tree", "trimmed_mean", "weighted_mean", "yogi",
+    "run_experiment", "sgd", "simulated_dropout", "split", "tree", "trimmed_mean", "weighted_mean",
+    "yogi",
 ]
 __all__ += ["PrivacyAccounting", "calibrate_noise_multiplier", "dp_fedavg", "dp_sgd"]

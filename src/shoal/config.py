@@ -6,7 +6,7 @@ and suggests the closest known field for a typo. ``--set section.field=value`` o
 field from the command line.
 
     seed = 0
-    paradigm = "federated"        # federated | centralized
+    paradigm = "federated"        # federated | centralized | data_parallel | split
     baseline = true               # also train the centralized baseline and report the gap
 
     [task]                        # name plus the task's own options (data_dir, model, ...)
@@ -49,7 +49,8 @@ from .errors import ConfigError
 
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
            "EvaluationConfig", "FederatedConfig", "NetworkConfig", "PrivacyConfig", "SecAggConfig",
-           "TaskConfig", "apply_overrides", "load_config", "parse_config", "to_dict", "to_toml"]
+           "SplitConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config", "to_dict",
+           "to_toml"]
 
 
 def _check(**constraints: Any) -> dict[str, Any]:
@@ -220,11 +221,31 @@ class DataParallelConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Split learning (``paradigm = "split"``): where the model is cut, the schedule, who holds
+    the labels, the protections on what crosses the cut, server pre-training and leakage
+    measures. ``cut = ""`` takes the task's default cut; a ``head_cut`` makes it U-shaped."""
+
+    cut: str | int = ""
+    head_cut: str | int = ""
+    schedule: Literal["vanilla", "splitfed"] = "vanilla"
+    labels: Literal["client", "server"] = "client"
+    activation_noise: float = field(default=0.0, metadata=_check(min=0))
+    gradient_noise: float = field(default=0.0, metadata=_check(min=0))
+    nopeek_alpha: float = field(default=0.0, metadata=_check(min=0))
+    pretrain_examples: int = field(default=0, metadata=_check(min=0))
+    pretrain_epochs: int = field(default=1, metadata=_check(min=1))
+    leakage: bool = True
+    decoder_every: int = field(default=0, metadata=_check(min=0))
+    decoder_examples: int = field(default=200, metadata=_check(min=2))
+
+
+@dataclass
 class Config:
     """A whole run; see the module docstring for the file format."""
 
     seed: int = field(default=0, metadata=_check(min=0))
-    paradigm: Literal["federated", "centralized", "data_parallel"] = "federated"
+    paradigm: Literal["federated", "centralized", "data_parallel", "split"] = "federated"
     baseline: bool = True
     out_dir: str = "runs"
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -237,6 +258,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
 
 # -- parsing ---------------------------------------------------------------------------------

@@ -248,6 +248,18 @@ def test_ai4i_lines_records_and_failures() -> None:
     assert task.model_fn()(xtr[:3]).shape == (3, 2)
 
 
+def test_ai4i_positive_fraction_keeps_every_failure() -> None:
+    task = load_task("ai4i", positive_fraction=0.1)
+    y = torch.cat([task.train.tensors()[1], task.test.tensors()[1]])
+    assert len(y) == 3390 and int(y.sum()) == 339
+    assert set(task.groups.tolist()) == {"L", "M", "H"}
+    assert len(load_task("ai4i", positive_fraction=0.01).train) == 7499  # below 3.4 %: all rows
+    with pytest.raises(ConfigError) as info:
+        load_task("ai4i", positive_fraction=1.5)
+    assert str(info.value) == ("ai4i: positive_fraction must be a number in [0, 1) (got 1.5); "
+                               "0 keeps every record.")
+
+
 def test_ai4i_file_matches_its_attribution() -> None:
     folder = importlib.resources.files("shoal") / "data" / "builtin" / "ai4i"
     text = (folder / "ATTRIBUTION.md").read_text()

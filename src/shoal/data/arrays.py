@@ -82,9 +82,14 @@ class ArrayData:
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 *, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Mini-batches of ``(x, y)``; shuffled with ``generator`` when one is given."""
+        for sel in self.batch_rows(batch_size, generator, drop_last=drop_last):
+            yield self.x[sel], self.y[sel]
+
+    def batch_rows(self, batch_size: int, generator: torch.Generator | None = None,
+                   *, drop_last: bool = False) -> Iterator[Tensor]:
+        """The row numbers of each mini-batch :meth:`batches` yields (same order, same draws)."""
         n = len(self)
         rows = self.index if generator is None else self.index[torch.randperm(n, generator=generator)]
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
-            sel = rows[start:start + batch_size]
-            yield self.x[sel], self.y[sel]
+            yield rows[start:start + batch_size]
