@@ -2,6 +2,7 @@
 
     shoal run [CONFIG.toml] [--set key=value ...] [--out DIR]
     shoal run --resume DIR
+    shoal config [CONFIG.toml] [--set key=value ...]
     shoal tasks
 """
 
@@ -15,11 +16,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import load_config
 from ..errors import ShoalError
 
-__all__ = ["app", "main", "run_command", "tasks_command"]
+__all__ = ["app", "config_command", "main", "run_command", "tasks_command"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="shoal: train models on data that never leaves its owners.")
@@ -40,7 +42,7 @@ def run_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
-    """Run a federated job in simulation (with its centralized baseline) and summarise it."""
+    """Run a job in simulation (its paradigm, with the centralized baseline) and summarise it."""
     from ..experiment import run_experiment
     from .display import ProgressBar, cost_line, summary_table
 
@@ -73,7 +75,20 @@ def run_command(
         console.print(line)
     for r in results:
         if r.stopped:
-            console.print(f"{r.paradigm} stopped early: {r.stopped}")
+            console.print(escape(f"{r.paradigm} stopped early: {r.stopped}"))
+
+
+@app.command("config")
+def config_command(
+    config: Annotated[Path | None, typer.Argument(
+        help="TOML config; none shows the built-in default.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config field: section.field=value (repeatable).")] = None,
+) -> None:
+    """Print the resolved config, every section and field with its value (validated)."""
+    from ..config import to_toml
+
+    print(to_toml(load_config(config, set_ or [])), end="")
 
 
 @app.command("tasks")
@@ -101,7 +116,7 @@ def main() -> None:
     try:
         app()
     except ShoalError as e:
-        err_console.print(f"[red]error:[/red] {e}")
+        err_console.print(f"[red]error:[/red] {escape(str(e))}")
         sys.exit(2)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..config import load_config
 from ..errors import ShoalError
@@ -140,7 +141,7 @@ def join_command(
     _logging(verbose)
     cfg = load_config(config, _net_overrides(set_, address, insecure))
     reason = join(cfg, node_id, data)
-    console.print(f"{node_id}: the coordinator ended the session ({reason}).")
+    console.print(escape(f"{node_id}: the coordinator ended the session ({reason})."))
 
 
 @app.command("split")

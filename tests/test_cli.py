@@ -1,0 +1,32 @@
+"""The ``shoal`` command: exit status and error text as a user sees them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+from shoal.config import load_config, to_dict
+
+
+def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True,
+                          timeout=120, env={"COLUMNS": "200", "PATH": ""})
+
+
+def test_config_prints_the_resolved_config_which_reads_back_the_same() -> None:
+    proc = shoal("config", "--set", "secagg.enabled=true", "--set", "task.name=heart")
+    assert proc.returncode == 0, proc.stderr
+    data = tomllib.loads(proc.stdout)
+    assert data["secagg"]["enabled"] is True and data["task"]["name"] == "heart"
+    expected = load_config(None, ["secagg.enabled=true", "task.name=heart"])
+    assert to_dict(load_config(None)) != to_dict(expected)
+    assert data == to_dict(expected)
+
+
+def test_errors_print_their_full_text_with_status_2() -> None:
+    proc = shoal("config", "--set", "secagg.enabld=true")
+    assert proc.returncode == 2
+    text = " ".join(proc.stderr.split())
+    assert ("error: config: unknown field 'secagg.enabld'. Did you mean 'enabled'? Known fields "
+            "in [secagg]: enabled, clip, max_weight, neighbours, threshold.") in text
