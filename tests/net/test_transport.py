@@ -12,14 +12,17 @@ from shoal import FedAvg, InProcessTransport, Message, Node, NodeContext, local_
 from shoal.errors import TransportError
 from shoal.net import CertificateAuthority, GrpcTransport, NodeClient
 from shoal.net.ca import Identity
+from shoal.secagg import SecureFedAvg, secure_aggregation
 
 from ..conftest import cross_entropy, make_tiny, sgd
 from ._helpers import coordinator_identity, make_client, node_identity, running
 
 
-def _algorithm(tiny, **kw) -> FedAvg:
-    return FedAvg(local_sgd(tiny.model(), cross_entropy, epochs=1, batch_size=8,
-                            optimizer=sgd(0.1)), seed=3, **kw)
+def _algorithm(tiny, secure: bool = False, **kw) -> FedAvg:
+    update = local_sgd(tiny.model(), cross_entropy, epochs=1, batch_size=8, optimizer=sgd(0.1))
+    if secure:
+        return SecureFedAvg(update, secagg=secure_aggregation(clip=1.0), seed=3, **kw)
+    return FedAvg(update, seed=3, **kw)
 
 
 def _coordinator(ca_dir, **kw) -> GrpcTransport:
@@ -27,20 +30,21 @@ def _coordinator(ca_dir, **kw) -> GrpcTransport:
                          crl=ca_dir / "ca" / "crl.pem", **kw)
 
 
-def test_fedavg_over_tls_is_bit_identical_to_simulation(ca_dir) -> None:
+@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secure-aggregation"])
+def test_fedavg_over_tls_is_bit_identical_to_simulation(ca_dir, secure: bool) -> None:
     tiny = make_tiny()
     params0 = tiny.model().state_dict()
     with _coordinator(ca_dir) as coord:
         # Each client builds its own algorithm object, as `shoal join` does on its machine.
         clients = [make_client(coord.address, Node(NodeContext(cid, tiny.data[cid]),
-                                                   _algorithm(tiny).handlers()), ca_dir)
+                                                   _algorithm(tiny, secure).handlers()), ca_dir)
                    for cid in tiny.ids]
         with running(clients):
             assert coord.wait_for_nodes(len(tiny.ids), 30)
-            served = run(_algorithm(tiny), coord, rounds=3, params=params0)
+            served = run(_algorithm(tiny, secure), coord, rounds=3, params=params0)
         assert coord.wire_bytes_down > 0 and coord.wire_bytes_up > 0
-    sim = InProcessTransport(tiny.ids, tiny.data.__getitem__, _algorithm(tiny).handlers())
-    simulated = run(_algorithm(tiny), sim, rounds=3, params=params0)
+    sim = InProcessTransport(tiny.ids, tiny.data.__getitem__, _algorithm(tiny, secure).handlers())
+    simulated = run(_algorithm(tiny, secure), sim, rounds=3, params=params0)
     for k in params0:
         assert torch.equal(served.state.params[k], simulated.state.params[k]), k
     assert [h["round/replied"] for h in served.history] == [4.0, 4.0, 4.0]
