@@ -120,7 +120,7 @@ class MetricsLog(Callback):
 
     def after_round(self, ctx: RunContext, report: RoundReport) -> None:
         """Write this round's line."""
-        rec = dict(report.metrics)
+        rec: dict[str, Any] = dict(report.metrics)
         if report.dropped:
             rec["dropped"] = report.dropped
         if report.failed:

@@ -73,7 +73,8 @@ def unflatten_state(skeleton: Any, tensors: dict[str, Tensor], template: Any = N
             )
         fields = {k: unflatten_state(v, tensors, getattr(template, k, None))
                   for k, v in body.items()}
-        return type(template)(**fields)
+        cls: Any = type(template)
+        return cls(**fields)
     if tag == "$d":
         return {k: unflatten_state(v, tensors, _child(template, k)) for k, v in body.items()}
     if tag == "$dk":
@@ -102,7 +103,7 @@ def save_checkpoint(directory: str | os.PathLike, round: int, state: Any,
     # safetensors refuses tensors that share storage; clone only those that do.
     seen: set[tuple[int, int]] = set()
     for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        key = (int(v.untyped_storage().data_ptr()), int(v.storage_offset()))
         if key in seen or v.untyped_storage().nbytes() != v.numel() * v.element_size():
             tensors[k] = v.clone()
         seen.add(key)

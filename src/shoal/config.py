@@ -332,7 +332,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         where = _join(path, name)
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], where)
+            kwargs[name] = _build(typing.cast(type, tp), data[name], where)
         else:
             kwargs[name] = _value(tp, data[name], where, f.metadata.get("check", {}))
     return cls(**kwargs)

@@ -135,7 +135,7 @@ def initial_params(config: Config, task: Task) -> tuple[torch.nn.Module, Params]
     return model, tree.params_of(model)
 
 
-def _optimizer(config: Config):  # type: ignore[no-untyped-def]
+def _optimizer(config: Config):
     c = config.client
     kwargs: dict[str, Any] = {"lr": c.lr}
     if c.momentum:

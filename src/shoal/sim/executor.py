@@ -242,7 +242,7 @@ class AutoExecutor(Executor):
         workers = self.workers if self.workers else (os.cpu_count() or 1)
         if workers > 1:
             from .processes import ProcessesExecutor
-            self.chosen = ProcessesExecutor(workers, inner=inner)  # type: ignore[arg-type]
+            self.chosen = ProcessesExecutor(workers, inner=inner)
         else:
             self.chosen = VectorizedExecutor() if inner == "vectorized" else SequentialExecutor()
         log.info("executor auto: chose %r", self.chosen)
