@@ -98,3 +98,32 @@ def test_repr_is_readable():
     u = local_sgd(torch.nn.Linear(1, 1), cross_entropy, batch_size=16,
                   optimizer=functools.partial(torch.optim.SGD, lr=0.05), prox_mu=0.01)
     assert repr(u) == "local_sgd(epochs=1, batch_size=16, optimizer=SGD(lr=0.05), prox_mu=0.01)"
+
+
+def test_explicit_device_trains_there_and_returns_the_update_beside_the_params(tiny):
+    model = tiny.model()
+    params = tree.params_of(model)
+    info = ClientInfo("client-0", 1, 7)
+    data = tiny.data["client-0"].train
+    base = local_sgd(model, cross_entropy, epochs=2, batch_size=8, optimizer=sgd(0.1))
+    placed = local_sgd(model, cross_entropy, epochs=2, batch_size=8, optimizer=sgd(0.1),
+                       device="cpu")
+    assert "device='cpu'" in repr(placed) and placed.device == torch.device("cpu")
+    a, b = base(params, data, info), placed(params, data, info)
+    assert tree.equal(a.update, b.update) and a.metrics == b.metrics
+    assert all(v.device == params[k].device for k, v in b.update.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_gpu_matches_cpu_within_float_tolerance(tiny):
+    model = tiny.model()
+    params = tree.params_of(model)
+    info = ClientInfo("client-0", 1, 7)
+    data = tiny.data["client-0"].train
+    cpu = local_sgd(model, cross_entropy, epochs=2, batch_size=8, optimizer=sgd(0.1))
+    gpu = local_sgd(model, cross_entropy, epochs=2, batch_size=8, optimizer=sgd(0.1),
+                    device="cuda")
+    a, b = cpu(params, data, info), gpu(params, data, info)
+    assert all(b.update[k].device.type == "cpu" for k in params)
+    for k in params:
+        torch.testing.assert_close(b.update[k], a.update[k], rtol=1e-4, atol=1e-5)

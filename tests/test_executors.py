@@ -23,7 +23,7 @@ from shoal.message import Message
 from shoal.run import run
 from shoal.sim import InProcessTransport, simulated_dropout
 from shoal.sim.executor import AutoExecutor, SequentialExecutor, VectorizedExecutor, make_executor
-from shoal.sim.processes import ProcessesExecutor, balance
+from shoal.sim.processes import ProcessesExecutor, balance, use_gpu
 
 from .conftest import cross_entropy, make_tiny, sgd
 
@@ -276,3 +276,16 @@ def test_torchrun_example_matches_the_sequential_executor(tmp_path):
     config = load_config(None, ["task.name=digits", "federated.rounds=3", "baseline=false"])
     (result,) = run_experiment(config, tmp_path)
     assert got == pytest.approx(result.final["accuracy"], abs=1e-4)
+
+
+def test_use_gpu_places_a_ranks_local_sgd_only_when_cuda_and_sequential(monkeypatch) -> None:
+    tiny = make_tiny()
+    algo = FedAvg(local_sgd(tiny.model(), cross_entropy, optimizer=sgd(0.1)), seed=0)
+    transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, algo.handlers())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert use_gpu(transport, 1, "sequential") is None and algo.client_update.device is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert use_gpu(transport, 3, "vectorized") is None and algo.client_update.device is None
+    assert use_gpu(transport, 3, "sequential") == torch.device("cuda", 1)  # ranks share GPUs
+    assert algo.client_update.device == torch.device("cuda", 1)

@@ -74,11 +74,16 @@ class LocalSGD:
 
     ``prox_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` to the loss
     (Li et al. 2020); its gradient ``mu * (w - w_global)`` is added to the gradients directly.
+
+    ``device`` (``None``: where the params are) is where the replica trains: each batch is
+    moved there, and the update comes back on the params' device, so aggregation is unchanged.
+    The processes executor sets it to a GPU per worker rank when CUDA is present.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, epochs: int = 1,
                  batch_size: int = 32, optimizer: OptimizerFn | None = None,
-                 prox_mu: float = 0.0, max_steps: int | None = None):
+                 prox_mu: float = 0.0, max_steps: int | None = None,
+                 device: str | torch.device | None = None):
         if epochs < 1:
             raise ConfigError(f"local_sgd: epochs must be >= 1 (got {epochs}).")
         if batch_size < 1:
@@ -94,6 +99,7 @@ class LocalSGD:
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01)
         self.prox_mu = prox_mu
         self.max_steps = max_steps
+        self.device = None if device is None else torch.device(device)
         self._replica: nn.Module | None = None
 
     def __repr__(self) -> str:
@@ -102,6 +108,7 @@ class LocalSGD:
                  if isinstance(opt, functools.partial) else repr(opt))
         extra = f", prox_mu={self.prox_mu}" if self.prox_mu else ""
         extra += f", max_steps={self.max_steps}" if self.max_steps else ""
+        extra += f", device='{self.device}'" if self.device is not None else ""
         return (f"local_sgd(epochs={self.epochs}, batch_size={self.batch_size}, "
                 f"optimizer={opt_s}{extra})")
 
@@ -110,13 +117,17 @@ class LocalSGD:
         return {**self.__dict__, "_replica": None}
 
     def replica(self) -> nn.Module:
-        """The private copy of the model this update trains in place (made on first use)."""
+        """The private copy of the model this update trains in place (made on first use, on
+        ``device`` when set)."""
         if self._replica is None:
             self._replica = copy.deepcopy(self.model)
+        if self.device is not None:
+            self._replica.to(self.device)
         return self._replica
 
     def __call__(self, params: Params, data: ArrayData, info: ClientInfo) -> ClientResult:
         model = self.replica()
+        device = self.device
         tree.load_params_(model, params)
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -124,11 +135,13 @@ class LocalSGD:
         opt = self.optimizer(trainable)
         generator = torch_generator(info.seed, "batches")
         step = 0
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         examples = 0
         try:
             for _ in range(self.epochs):
                 for xb, yb in data.batches(self.batch_size, generator):
+                    if device is not None:
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                     opt.zero_grad(set_to_none=True)
                     loss = self.loss_fn(model(xb), yb)
                     loss.backward()
@@ -152,7 +165,7 @@ class LocalSGD:
                 client=info.client_id, round=info.round, step=step,
             ) from e
         state = model.state_dict()
-        update = {k: state[k].detach() - v for k, v in params.items()}
+        update = {k: state[k].detach().to(v.device) - v for k, v in params.items()}
         metrics = {"train/loss": float(loss_sum) / max(step, 1), "train/steps": float(step),
                    "train/examples": float(examples)}
         return ClientResult(update=update, weight=float(len(data)), metrics=metrics)
@@ -160,11 +173,12 @@ class LocalSGD:
 
 def local_sgd(model: nn.Module, loss_fn: LossFn, *, epochs: int = 1, batch_size: int = 32,
               optimizer: OptimizerFn | None = None, prox_mu: float = 0.0,
-              max_steps: int | None = None) -> LocalSGD:
+              max_steps: int | None = None, device: str | torch.device | None = None,
+              ) -> LocalSGD:
     """FedAvg's client update (FedProx with ``prox_mu > 0``); see :class:`LocalSGD`.
 
     >>> update_fn = local_sgd(model, F.cross_entropy, epochs=1, batch_size=32,
     ...                       optimizer=partial(torch.optim.SGD, lr=0.05))
     """
     return LocalSGD(model, loss_fn, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-                    prox_mu=prox_mu, max_steps=max_steps)
+                    prox_mu=prox_mu, max_steps=max_steps, device=device)

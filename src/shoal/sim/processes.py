@@ -15,6 +15,10 @@ first used and stops them at :meth:`close`. Across machines, launch the same scr
 ``torchrun``: every rank builds the same federation from the same seed, rank 0 runs the loop and
 the others call :func:`serve` (see the README, "Performance").
 
+With CUDA present, each rank trains on GPU ``rank % device_count`` (several ranks may share a
+GPU) when its inner executor is ``sequential`` and the client update is ``local_sgd``
+(:func:`use_gpu`); updates come back to the CPU for folding, so the reduction stays on gloo.
+
 Results equal the sequential executor's up to float rounding: each rank adds its own clients'
 updates, and the ranks' sums are then added together, a different order of the same additions.
 Node state (``NodeContext.state``) lives in the process that ran the client; it is kept only
@@ -50,7 +54,7 @@ from .executor import EXECUTORS, Executor, make_executor
 if TYPE_CHECKING:
     from .inprocess import InProcessTransport
 
-__all__ = ["ProcessesExecutor", "balance", "serve"]
+__all__ = ["ProcessesExecutor", "balance", "serve", "use_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,21 @@ def _reduce_round(transport: InProcessTransport, inner: Executor, plan: dict[str
     return merged, total, [g[2] for g in gathered if g[2] is not None]
 
 
+def use_gpu(transport: InProcessTransport, rank: int, inner: str) -> torch.device | None:
+    """Train this rank's clients on GPU ``rank % device_count`` when CUDA is present, the inner
+    executor is ``sequential`` and the train handler's client update can move (``local_sgd``:
+    it has a ``device``); returns the device, or ``None`` when training stays on the CPU."""
+    if not torch.cuda.is_available() or inner != "sequential":
+        return None
+    update = getattr(getattr(transport.handlers.get("train"), "__self__", None), "client_update",
+                     None)
+    if update is None or not hasattr(update, "device"):
+        return None
+    update.device = torch.device("cuda", rank % torch.cuda.device_count())
+    log.info("rank %d trains on %s", rank, update.device)
+    return update.device
+
+
 def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -> None:
     """The loop of every rank but 0: answer rounds until rank 0 closes its executor.
 
@@ -154,6 +173,8 @@ def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -
     transport built exactly as rank 0 builds its own (same seed, same data, same algorithm).
     """
     executor = make_executor(inner)
+    if isinstance(inner, str):
+        use_gpu(transport, dist.get_rank(), inner)
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
@@ -238,6 +259,7 @@ class ProcessesExecutor(Executor):
                                   f"{dist.get_rank()}; only rank 0 runs rounds, the other ranks "
                                   "call shoal.sim.processes.serve(transport).")
             self.workers = dist.get_world_size()
+            use_gpu(transport, 0, self.inner_name)
             self._started = True
             return
         spec = _Spec(transport.nodes(), transport.data_fn, transport.handlers, transport.mods,
@@ -271,6 +293,7 @@ class ProcessesExecutor(Executor):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=self.workers, timeout=_TIMEOUT)
         self._own_group = True
+        use_gpu(transport, 0, self.inner_name)
         self._started = True
         _OWNER = weakref.ref(self)
         self._finalizer = weakref.finalize(self, ProcessesExecutor._shutdown, self._procs,
