@@ -13,6 +13,10 @@ The public API, by layer (see the README for a tour)::
                      MetricsLog, EarlyStopping, Checkpoint, Evaluator
     whole runs       Config, load_config, run_experiment
     privacy          dp_sgd, dp_fedavg, PrivacyAccounting, calibrate_noise_multiplier
+
+Subpackages with their own API: ``shoal.secagg`` (SecureFedAvg, secure_aggregation),
+``shoal.split`` (SplitLearning, cut_model, GradientNoise, NoPeek), ``shoal.sim`` (executors),
+``shoal.net`` (GrpcTransport, NodeClient, CertificateAuthority), ``shoal.data_parallel``.
 """
 
 from . import data_parallel as _data_parallel  # noqa: F401  (registers paradigm "data_parallel")
