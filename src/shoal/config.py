@@ -177,6 +177,8 @@ class PrivacyConfig:
     "uniform"``). ``noise_multiplier = 0`` calibrates it so the planned rounds spend
     ``target_epsilon``; ``target_epsilon > 0`` is also a budget that stops training before the
     round that would exceed it. ``count_stddev = 0``: expected cohort size / 20.
+    ``secret_noise``: DP-FedAvg's noise from the OS CSPRNG, not the run's seed (``shoal serve``
+    always sets it).
     """
 
     mode: Literal["off", "sample", "user"] = "off"
@@ -190,6 +192,7 @@ class PrivacyConfig:
     clip_lr: float = field(default=0.2, metadata=_check(gt=0))
     count_stddev: float = field(default=0.0, metadata=_check(min=0))
     grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
+    secret_noise: bool = False
 
 
 @dataclass

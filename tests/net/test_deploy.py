@@ -23,7 +23,7 @@ from shoal.experiment import make_dataset, resolve_config, run_experiment
 from shoal.message import Message
 from shoal.net import CertificateAuthority
 from shoal.net.clientdata import load_client_data, split_federation
-from shoal.net.deploy import node_client
+from shoal.net.deploy import coordinator_config, node_client
 from shoal.node import Handler, NodeContext
 
 from ._helpers import running
@@ -147,3 +147,12 @@ def test_client_data_files(tmp_path: Path) -> None:
     assert str(info.value) == (f"client data file {str(tmp_path / 'bad.npz')!r} has no array "
                                "x, y; expected x and y (and optionally x_eval, y_eval), got "
                                "features.")
+
+
+def test_the_coordinator_draws_dp_noise_from_the_os_not_the_shared_seed() -> None:
+    user_dp = load_config(None, ["privacy.mode=user", "federated.weighting=uniform",
+                                 "privacy.noise_multiplier=1.0"])
+    served = coordinator_config(user_dp)
+    assert served.privacy.secret_noise and not served.baseline
+    assert not user_dp.privacy.secret_noise  # the simulation keeps reproducible noise
+    assert not coordinator_config(load_config(None)).privacy.secret_noise  # no DP: unchanged

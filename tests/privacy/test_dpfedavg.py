@@ -54,6 +54,21 @@ def test_noise_std_is_z_times_clip_over_expected_cohort_and_mean_is_unbiased():
     assert torch.equal(again["w"], w)  # the noise derives from the seed and the round
 
 
+def test_secret_noise_does_not_derive_from_the_seed_and_keeps_its_scale():
+    z, clip, d = 1.5, 0.8, 20_000
+    stage = dp_fedavg(z, clip, cohort(0.1, "poisson"), secret_noise=True)
+    assert "secret_noise=True" in repr(stage)
+    mean_of_replies = {"w": torch.full((d,), 0.3)}
+    info = RoundInfo(round=4, seed=9, sampled=12, replied=12, population=100)
+    a, _, _ = stage.server(mean_of_replies, stage.init(), info)
+    b, _, _ = stage.server(mean_of_replies, stage.init(), info)
+    seeded, _, _ = dp_fedavg(z, clip, cohort(0.1, "poisson")).server(
+        mean_of_replies, stage.init(), info)
+    assert not torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], seeded["w"])
+    for out in (a, b):
+        assert out["w"].std().item() == pytest.approx(z * clip / 10, rel=0.03)
+
+
 def test_adaptive_clipping_splits_the_noise_as_andrew_et_al():
     stage = dp_fedavg(1.0, 1.0, cohort(100), adaptive=True)  # sigma_b = 100 / 20 = 5
     z_delta = stage.update_noise_multiplier(1000)

@@ -34,7 +34,8 @@ from .client import Backoff, NodeClient
 from .clientdata import load_client_data
 from .coordinator import GrpcTransport
 
-__all__ = ["WaitForNodes", "coordinator_transport", "join", "node_client", "serve"]
+__all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client",
+           "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,18 @@ def coordinator_transport(config: Config, address: str | None = None) -> GrpcTra
                          max_workers=max(256, 2 * net.min_nodes + 32))
 
 
+def coordinator_config(config: Config) -> Config:
+    """What the coordinator runs of ``config``: no centralized baseline, and DP-FedAvg noise
+    from the OS CSPRNG (the config and its seed are shared with every client, so noise drawn
+    from the seed could be regenerated and subtracted)."""
+    config = dataclasses.replace(config, baseline=False)
+    if config.privacy.mode == "user" and not config.privacy.secret_noise:
+        log.info("serve: DP-FedAvg noise is drawn from the OS CSPRNG (privacy.secret_noise)")
+        config = dataclasses.replace(
+            config, privacy=dataclasses.replace(config.privacy, secret_noise=True))
+    return config
+
+
 def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
           transport: GrpcTransport | None = None, callbacks: Any = None,
           ) -> list[ParadigmResult]:
@@ -85,7 +98,7 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
     if config.paradigm != "federated":
         raise ConfigError(f"serve: paradigm is {config.paradigm!r}; the coordinator runs "
                           "federated jobs (paradigm = \"federated\").")
-    config = dataclasses.replace(config, baseline=False)
+    config = coordinator_config(config)
     own = transport is None
     grpc_transport = transport or coordinator_transport(config)
     log.info("coordinator listening on %s", grpc_transport.address)

@@ -88,7 +88,7 @@ def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float) -> DPFedAv
         )
     return DPFedAvg(noise_multiplier, p.clip_norm, cohort, adaptive=p.adaptive_clipping,
                     target_quantile=p.target_quantile, clip_lr=p.clip_lr,
-                    count_stddev=p.count_stddev or None)
+                    count_stddev=p.count_stddev or None, secret_noise=p.secret_noise)
 
 
 def dp_callback(config: Config, algorithm: FedAvg, population: int,

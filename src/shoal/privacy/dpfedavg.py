@@ -24,6 +24,7 @@ would let one client's weight, not just C, set its influence.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,13 +55,17 @@ class DPFedAvg(Stage):
         adaptive: adapt C toward the ``target_quantile`` of update norms.
         target_quantile: γ; clip_lr: η (geometric step); count_stddev: σ_b (default: expected
             cohort size / 20, as Andrew et al. suggest).
+        secret_noise: draw each round's noise from a generator seeded by the operating
+            system's CSPRNG instead of the run's seed. A simulation keeps it off to reproduce
+            runs; a deployment (``shoal serve``) turns it on, since anyone who knows the config's
+            seed could otherwise regenerate the noise and subtract it.
     """
 
     runs_at = "client"
 
     def __init__(self, noise_multiplier: float, clip_norm: float, cohort: Cohort, *,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 count_stddev: float | None = None):
+                 count_stddev: float | None = None, secret_noise: bool = False):
         if not noise_multiplier > 0:
             raise ConfigError(f"dp_fedavg: noise_multiplier must be > 0 (got {noise_multiplier}).")
         if not clip_norm > 0:
@@ -79,10 +84,12 @@ class DPFedAvg(Stage):
         self.target_quantile = float(target_quantile)
         self.clip_lr = float(clip_lr)
         self.count_stddev = count_stddev
+        self.secret_noise = secret_noise
 
     def __repr__(self) -> str:
         extra = (f", adaptive=True, target_quantile={self.target_quantile:g}"
                  if self.adaptive else "")
+        extra += ", secret_noise=True" if self.secret_noise else ""
         return (f"dp_fedavg(noise_multiplier={self.noise_multiplier:g}, "
                 f"clip_norm={self.clip_norm:g}, {self.cohort!r}{extra})")
 
@@ -151,7 +158,8 @@ class DPFedAvg(Stage):
         m = info.replied
         expected = self.expected_clients(info.population)
         std = self.update_noise_multiplier(info.population) * c
-        gen = torch_generator(info.seed, "dp-fedavg-noise", info.round)
+        gen = (torch.Generator().manual_seed(secrets.randbits(64)) if self.secret_noise
+               else torch_generator(info.seed, "dp-fedavg-noise", info.round))
         out: Params = {}
         for k, v in aggregate.items():  # v: the uniform mean of m updates
             if k == BELOW_CLIP:
@@ -171,7 +179,8 @@ class DPFedAvg(Stage):
 
 def dp_fedavg(noise_multiplier: float, clip_norm: float, cohort: Cohort, *,
               adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-              count_stddev: float | None = None) -> DPFedAvg:
+              count_stddev: float | None = None, secret_noise: bool = False) -> DPFedAvg:
     """The DP-FedAvg stage; see :class:`DPFedAvg`. Pair it with ``weighted_mean("uniform")``."""
     return DPFedAvg(noise_multiplier, clip_norm, cohort, adaptive=adaptive,
-                    target_quantile=target_quantile, clip_lr=clip_lr, count_stddev=count_stddev)
+                    target_quantile=target_quantile, clip_lr=clip_lr, count_stddev=count_stddev,
+                    secret_noise=secret_noise)
