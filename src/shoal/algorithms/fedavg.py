@@ -34,7 +34,7 @@ from ..transport import Transport, replies
 from ..tree import Params
 from ..types import ClientInfo, ClientResult, RoundInfo
 from .cohort import Cohort
-from .collect import RoundFold, invalid_reply
+from .collect import RoundFold
 
 __all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "train_data", "eval_data"]
 
@@ -169,11 +169,6 @@ class FedAvg:
         m["update/norm"] = tree.norm(aggregate)
         params, opt_state = self.server_opt.apply(state.params, aggregate, state.opt_state)
         return FedAvgState(params, opt_state, stage_states), report
-
-    @staticmethod
-    def _invalid(request: Message, reply: Message, params: Params) -> str | None:
-        """Why ``reply`` cannot be used, or ``None`` when it is a valid update."""
-        return invalid_reply(request, reply, params)
 
     # -- client side ------------------------------------------------------------------------
 
