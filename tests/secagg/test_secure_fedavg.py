@@ -9,6 +9,7 @@ import torch
 
 from shoal import tree
 from shoal.aggregate import Pipeline, clip_by_norm, coordinate_median, krum, weighted_mean
+from shoal.algorithms.cohort import cohort
 from shoal.algorithms.fedavg import FedAvg
 from shoal.callbacks import FederatedEvaluation
 from shoal.client import local_sgd
@@ -16,6 +17,7 @@ from shoal.config import load_config
 from shoal.errors import AggregationError, ClientError, ConfigError
 from shoal.experiment import run_experiment
 from shoal.metrics import Evaluator
+from shoal.privacy import dp_fedavg
 from shoal.run import run
 from shoal.secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
 from shoal.secagg.protocol import MASKED_INPUT
@@ -52,6 +54,31 @@ def test_secure_fedavg_matches_plain_fedavg():
     assert hs["train/examples"] == hp["train/examples"]
     assert hs["train/loss"] == pytest.approx(hp["train/loss"], abs=1e-5)
     assert hs["round/replied"] == 6 and hs["secagg/neighbours"] == 5
+
+
+def test_dp_fedavg_with_adaptive_clipping_runs_over_secure_aggregation():
+    # The DP stage adds a scalar to each update (the below-clip bit): the secure sum must carry
+    # it, and the example count must survive uniform weighting (each client's weight is 1).
+    torch.set_num_threads(1)
+    tiny = make_tiny(clients=6)
+    model = tiny.model()
+    update = local_sgd(model, cross_entropy, epochs=1, batch_size=8, optimizer=sgd(0.1))
+    params0 = tree.params_of(model)
+    results = {}
+    for name, cls, extra in (("plain", FedAvg, {}),
+                             ("secure", SecureFedAvg, {"secagg": secure_aggregation(clip=10.0)})):
+        stage = dp_fedavg(1.0, 0.5, cohort(), adaptive=True, count_stddev=1.0)
+        alg = cls(update, pipeline=Pipeline([stage], weighted_mean("uniform")), seed=7, **extra)
+        transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, alg.handlers(),
+                                       on_error="raise")
+        results[name] = run(alg, transport, params=params0, rounds=3)
+    hp, hs = results["plain"].history[-1], results["secure"].history[-1]
+    assert hs["round/replied"] == 6 and hs["train/examples"] == hp["train/examples"] > 6
+    assert hs["dp/clip_norm"] == pytest.approx(hp["dp/clip_norm"], rel=1e-4)
+    assert hs["dp/below_clip_fraction"] == pytest.approx(hp["dp/below_clip_fraction"], abs=1e-4)
+    p, s = results["plain"].state.params, results["secure"].state.params
+    for k in p:
+        torch.testing.assert_close(s[k], p[k], rtol=0, atol=1e-4)
 
 
 def test_the_coordinator_sees_no_update_in_the_clear():

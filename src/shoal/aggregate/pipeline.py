@@ -75,6 +75,11 @@ class Pipeline:
             out.update(s.extra_tensors())
         return out
 
+    def update_template(self, params: Params) -> Params:
+        """What one client's update must hold after the client-side stages: a tensor per model
+        parameter plus the stages' :attr:`extra_tensors` (names, shapes and dtypes)."""
+        return {**params, **self.extra_tensors}
+
     @property
     def client_stages(self) -> tuple[Stage, ...]:
         """The stages whose per-update half runs on the clients."""

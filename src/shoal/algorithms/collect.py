@@ -83,7 +83,7 @@ class RoundFold:
                  round: int, seed: int):
         self.pipeline = pipeline
         self.params = params
-        self.reference = {**params, **pipeline.extra_tensors}  # what a reply must hold
+        self.reference = pipeline.update_template(params)  # what a reply must hold
         self.configs = list(configs)
         self.round = round
         self.seed = seed

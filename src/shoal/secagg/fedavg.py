@@ -49,7 +49,8 @@ LOSS_CLIP = 100.0
 """Losses are clipped to [0, LOSS_CLIP] before they are summed securely."""
 
 EXAMPLES_FACTOR = 100.0
-"""A client's examples trained per round are clipped to ``EXAMPLES_FACTOR * max_weight``."""
+"""A client's examples trained per round are clipped to ``EXAMPLES_FACTOR * secagg.max_weight``
+(whatever the weighting: with uniform weights a client's weight is 1, its examples are not)."""
 
 
 class SecureFedAvg(FedAvg):
@@ -93,12 +94,16 @@ class SecureFedAvg(FedAvg):
         assert isinstance(reducer, WeightedMean)
         return 1.0 if reducer.weighting == "uniform" else self.secagg.max_weight
 
+    def _max_examples(self) -> float:
+        return EXAMPLES_FACTOR * self.secagg.max_weight
+
     def _sum(self, transport: Transport, clients: list[str], round: int, session: str,
              task: str, length: int, payload: Params, config: dict) -> SecureSum:
         s = self.secagg
         return secure_sum(transport, clients, round=round, session=session, task=task,
                           length=length, payload=payload,
-                          config={**config, "clip": s.clip, "max_weight": self._max_weight()},
+                          config={**config, "clip": s.clip, "max_weight": self._max_weight(),
+                                  "max_examples": self._max_examples()},
                           neighbours=s.neighbours, threshold=s.threshold, seed=self.seed,
                           timeout=self.timeout, min_contributors=self.min_replies)
 
@@ -110,7 +115,8 @@ class SecureFedAvg(FedAvg):
         population = transport.nodes()
         chosen = self.cohort.sample(population, self.seed, round)
         configs = self.pipeline.client_configs(state.stage_states)
-        n = tree.numel(state.params)
+        template = self.pipeline.update_template(state.params)  # stages may add tensors
+        n = tree.numel(template)
         res = self._sum(transport, chosen, round, f"train-{round}", "train", n + 4,
                         state.params, {"stages": configs})
         report = RoundReport(round, dropped=dict(res.dropped))
@@ -127,7 +133,7 @@ class SecureFedAvg(FedAvg):
             report.failed = res.failed
             log.warning("round %d not applied: %s", round, report.failed)
             return state, report
-        clip, big = self.secagg.clip, EXAMPLES_FACTOR * self._max_weight()
+        clip, big = self.secagg.clip, self._max_examples()
         wx, w, wloss, wcount, examples = dequantize(
             res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
         total_weight = float(w[0])
@@ -138,7 +144,7 @@ class SecureFedAvg(FedAvg):
             report.failed = (f"the securely summed weight is {total_weight:g}; expected > 0 "
                              "(raise secagg.max_weight if clients are small)")
             return state, report
-        _, spec = tree.flatten(state.params)
+        _, spec = tree.flatten(template)
         weighted = tree.unflatten(torch.from_numpy(wx), [(k, s, torch.float64)
                                                          for k, s, _ in spec])
         mean = self.pipeline.reducer.finalize(weighted, total_weight)  # type: ignore[attr-defined]
@@ -182,14 +188,15 @@ class SecureFedAvg(FedAvg):
                           self.client_seed(message.round, context.node_id), message.config)
         result = self.client_update(message.tensors, train_data(context), info)
         update = self.pipeline.client(result.update, message.config.get("stages", []), info)
-        tree.check_update(message.tensors, update)
+        template = self.pipeline.update_template(message.tensors)
+        tree.check_update(template, update)
         weight = self.pipeline.reducer.client_weight(float(result.weight))  # type: ignore[attr-defined]
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateError(f"client {context.node_id!r}: weight must be a finite number > 0, "
                               f"got {weight!r}.")
         clip, cap = float(message.config["clip"]), float(message.config["max_weight"])
         w = min(weight, cap) / cap
-        flat, _ = tree.flatten({k: update[k] for k in message.tensors})
+        flat, _ = tree.flatten({k: update[k] for k in template})
         x = flat.detach().to(torch.float64).numpy()
         np.clip(x, -clip, clip, out=x)
         x *= w  # |w x| <= clip since w <= 1
@@ -199,7 +206,7 @@ class SecureFedAvg(FedAvg):
         return [(x, clip), (np.array([w]), 1.0),
                 (np.array([w * min(max(loss, 0.0), LOSS_CLIP) if has else 0.0]), LOSS_CLIP),  # type: ignore[type-var]
                 (np.array([w if has else 0.0]), 1.0),
-                (np.array([examples]), EXAMPLES_FACTOR * cap)]
+                (np.array([examples]), float(message.config["max_examples"]))]
 
     def evaluate_input(self, message: Message, context: NodeContext) -> list[Block]:
         """Evaluate the params sent on the node's held-out data; the counts to sum securely."""
