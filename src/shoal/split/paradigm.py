@@ -16,7 +16,7 @@ import torch
 from ..aggregate import Pipeline, Stage, clip_by_norm
 from ..algorithms.cohort import Cohort
 from ..config import Config
-from ..data.tasks import Task
+from ..data.tasks import Task, task_options
 from ..errors import ConfigError
 from ..experiment import (
     Built,
@@ -47,7 +47,8 @@ DEFAULT_CUTS: dict[tuple[str, str | None], str] = {
 
 def default_cut(task: str, options: dict[str, Any]) -> str:
     """The default cut of a built-in task with these options."""
-    for key in ((task, options.get("model", _DEFAULT_MODEL.get(task))), (task, None)):
+    model = options.get("model", task_options(task).get("model"))
+    for key in ((task, model), (task, None)):
         if key in DEFAULT_CUTS:
             return DEFAULT_CUTS[key]
     raise ConfigError(
@@ -55,8 +56,6 @@ def default_cut(task: str, options: dict[str, Any]) -> str:
         "after (its name in the nn.Sequential, or its index), e.g. split.cut=\"1\"."
     )
 
-
-_DEFAULT_MODEL = {"fashion_mnist": "cnn", "heart": "logistic"}
 
 
 def protections(config: Config) -> list[CutStage]:
