@@ -48,7 +48,7 @@ from .errors import ConfigError
 from .experiment import (
     Built,
     Setup,
-    _optimizer,
+    client_optimizer,
     initial_params,
     make_dataset,
     register_paradigm,
@@ -160,7 +160,7 @@ def _trainer_from_config(config: Config) -> Trainer:
     data = make_dataset(config, task).pooled_train()
     d = config.data_parallel
     return Trainer(model, task.loss_fn, data, batch_size=config.client.batch_size,
-                   optimizer=_optimizer(config), seed=config.seed, local_steps=d.local_steps,
+                   optimizer=client_optimizer(config), seed=config.seed, local_steps=d.local_steps,
                    steps_per_round=d.steps_per_round)
 
 

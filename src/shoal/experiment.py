@@ -70,8 +70,9 @@ from .transport import FunctionTransport
 from .tree import Params
 
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
-           "centralized_paradigm", "federated_paradigm", "initial_params", "make_dataset",
-           "register_paradigm", "resolve_config", "run_experiment", "scheduled_examples"]
+           "centralized_paradigm", "client_optimizer", "config_reducer", "config_server_opt",
+           "federated_paradigm", "initial_params", "make_dataset", "register_paradigm",
+           "resolve_config", "run_experiment", "scheduled_examples"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ def initial_params(config: Config, task: Task) -> tuple[torch.nn.Module, Params]
     return model, tree.params_of(model)
 
 
-def _optimizer(config: Config):
+def client_optimizer(config: Config):  # -> OptimizerFn
+    """The ``[client]`` optimizer: a factory from parameters to a ``torch.optim`` optimizer."""
     c = config.client
     kwargs: dict[str, Any] = {"lr": c.lr}
     if c.momentum:
@@ -145,7 +147,8 @@ def _optimizer(config: Config):
     return optimizer_fn(c.optimizer, **kwargs)
 
 
-def _reducer(config: Config) -> Reducer:
+def config_reducer(config: Config) -> Reducer:
+    """The ``[federated]`` reducer (``reducer``, ``weighting``, trimming and Krum options)."""
     f = config.federated
     return {
         "mean": lambda: weighted_mean(f.weighting),
@@ -156,7 +159,8 @@ def _reducer(config: Config) -> Reducer:
     }[f.reducer]()
 
 
-def _server_opt(config: Config) -> ServerOpt:
+def config_server_opt(config: Config) -> ServerOpt:
+    """The ``[federated]`` server optimizer (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad)."""
     f = config.federated
     return {
         "fedavg": lambda: sgd(f.server_lr),
@@ -177,7 +181,7 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                                                               dataset.client_ids())))
              if config.privacy.mode != "off" else 0.0)
     stages += [s for s in [privacy.dp_stage(config, cohort, noise)] if s is not None]
-    reducer = _reducer(config)
+    reducer = config_reducer(config)
     pipeline = Pipeline(stages, reducer)
     min_replies = max(f.min_replies, reducer.min_updates)
     if min_replies > f.min_replies:
@@ -191,14 +195,14 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
             f"needed (min_replies / {reducer!r}); sample more clients."
         )
     update: Any = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
-                            optimizer=_optimizer(config), prox_mu=c.prox_mu,
+                            optimizer=client_optimizer(config), prox_mu=c.prox_mu,
                             max_steps=c.max_steps or None)
-    update = privacy.dp_client_update(config, model, task.loss_fn, _optimizer(config),
+    update = privacy.dp_client_update(config, model, task.loss_fn, client_optimizer(config),
                                       noise) or update
     evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
                           auc=task.num_classes == 2)
     kwargs: dict[str, Any] = dict(
-        pipeline=pipeline, server_opt=_server_opt(config), cohort=cohort,
+        pipeline=pipeline, server_opt=config_server_opt(config), cohort=cohort,
         min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
         seed=config.seed)
     s = config.secagg
@@ -292,7 +296,7 @@ def centralized_paradigm(setup: Setup) -> Built:
                 else scheduled_examples(config, setup.dataset))
     algorithm = Centralized(setup.model, setup.task.loss_fn, setup.dataset.pooled_train(),
                             examples_per_round=examples, batch_size=config.client.batch_size,
-                            optimizer=_optimizer(config), seed=config.seed)
+                            optimizer=client_optimizer(config), seed=config.seed)
     return Built(algorithm, FunctionTransport([], lambda m: m.failed("no nodes")))
 
 

@@ -21,9 +21,9 @@ from ..errors import ConfigError
 from ..experiment import (
     Built,
     Setup,
-    _optimizer,  # noqa: PLC2701 - the experiment's own builders, reused
-    _reducer,
-    _server_opt,
+    client_optimizer,
+    config_reducer,
+    config_server_opt,
     register_paradigm,
 )
 from ..seeding import numpy_rng
@@ -90,9 +90,9 @@ def build_split(config: Config, task: Task, setup: Setup) -> SplitLearning:
 
     return SplitLearning(
         split, task.loss_fn, schedule=s.schedule, epochs=c.epochs, batch_size=c.batch_size,
-        optimizer=_optimizer(config), max_steps=c.max_steps or None,
-        protections=protections(config), pipeline=Pipeline(stages, _reducer(config)),
-        server_opt=_server_opt(config), cohort=Cohort(f.clients_per_round, f.sampling),
+        optimizer=client_optimizer(config), max_steps=c.max_steps or None,
+        protections=protections(config), pipeline=Pipeline(stages, config_reducer(config)),
+        server_opt=config_server_opt(config), cohort=Cohort(f.clients_per_round, f.sampling),
         labels=s.labels, label_fn=label_fn if s.labels == "server" else None,
         pretrain=pretrain, pretrain_epochs=s.pretrain_epochs, leakage=s.leakage,
         timeout=f.timeout_s or None, seed=config.seed)
