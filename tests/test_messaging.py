@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -27,6 +28,18 @@ def test_reply_swaps_ends_and_keeps_kind_and_round():
 def test_nbytes_counts_tensor_data_and_header():
     m = Message("train", "a", "b", 1, {"w": torch.zeros(1000)})
     assert 4000 < m.nbytes() < 4200
+
+
+@pytest.mark.parametrize("m", [
+    Message("train", "coordinator", "client-\u00e9", 3,
+            {"1.weight": torch.zeros(4, 5), "b\"q": torch.zeros(2, dtype=torch.float64)},
+            {"stages": [{"clip": 1.5}], "weight": 7}, {"train/loss": 0.25}, None),
+    Message("evaluate", "c", "coordinator", 0, error="timed out: \"x\""),
+], ids=["tensors", "error-only"])
+def test_nbytes_is_the_data_plus_the_compact_json_header(m):
+    header = json.dumps(m.header(), separators=(",", ":"))
+    assert m.nbytes() == sum(v.numel() * v.element_size() for v in m.tensors.values()) \
+        + len(header)
 
 
 def test_unknown_kind_gets_an_error_reply_naming_the_known_kinds():

@@ -6,6 +6,7 @@ Multi-step protocols are message *kinds* (``"train"``, ``"evaluate"``, ``"secagg
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,12 +54,30 @@ class Message:
         """Everything but the tensor data, as JSON-able values (tensor names, dtypes, shapes)."""
         return {
             "kind": self.kind, "src": self.src, "dst": self.dst, "round": self.round,
-            "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape)]
-                        for k, v in self.tensors.items()},
+            "tensors": _tensor_specs(self.tensors),
             "config": self.config, "metrics": self.metrics, "error": self.error,
         }
 
     def nbytes(self) -> int:
         """The size this message has on a wire: tensor data plus its JSON header."""
         data = sum(v.numel() * v.element_size() for v in self.tensors.values())
-        return data + len(json.dumps(self.header(), separators=(",", ":")))
+        # len(json.dumps(header)), with the tensor specs' part (the same for every message of
+        # a round) measured once: "null" stands in for it, then its length is swapped in.
+        rest = {"kind": self.kind, "src": self.src, "dst": self.dst, "round": self.round,
+                "tensors": None, "config": self.config, "metrics": self.metrics,
+                "error": self.error}
+        specs = tuple((k, v.dtype, tuple(v.shape)) for k, v in self.tensors.items())
+        return data + len(json.dumps(rest, separators=_COMPACT)) - 4 + _specs_length(specs)
+
+
+_COMPACT = (",", ":")
+
+
+def _tensor_specs(tensors: Params) -> dict[str, list[Any]]:
+    return {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _specs_length(specs: tuple[tuple[str, Any, tuple[int, ...]], ...]) -> int:
+    return len(json.dumps({k: [str(d).removeprefix("torch."), list(s)] for k, d, s in specs},
+                          separators=_COMPACT))

@@ -25,10 +25,24 @@ def _key_int(key: int | str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
+def _words(key: int) -> list[int]:
+    # The 32-bit little-endian words NumPy's SeedSequence makes of a non-negative int (at least
+    # one), so the entropy can be handed to it as a uint32 array: same seed, half the time.
+    words = [key & 0xFFFFFFFF]
+    key >>= 32
+    while key:
+        words.append(key & 0xFFFFFFFF)
+        key >>= 32
+    return words
+
+
 def derive_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed derived from ``seed`` and ``keys`` (ints or strings), stable everywhere."""
-    ss = np.random.SeedSequence([_key_int(seed), *(_key_int(k) for k in keys)])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed derived from ``seed`` and ``keys`` (ints or strings), stable everywhere:
+    the first word of ``np.random.SeedSequence([seed, *keys])``'s state, shifted right by one
+    (strings enter as their 64-bit BLAKE2b hash)."""
+    words = [w for k in (seed, *keys) for w in _words(_key_int(k))]
+    lo, hi = np.random.SeedSequence(np.array(words, dtype=np.uint32)).generate_state(2).tolist()
+    return (lo | hi << 32) >> 1  # generate_state(1, np.uint64), without NumPy's errstate
 
 
 def numpy_rng(seed: int, *keys: int | str) -> np.random.Generator:

@@ -81,9 +81,31 @@ class ArrayData:
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 *, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        """Mini-batches of ``(x, y)``; shuffled with ``generator`` when one is given."""
+        """Mini-batches of ``(x, y)``; shuffled with ``generator`` when one is given.
+
+        Unshuffled batches of rows that lie next to each other in the pool (a test set, say)
+        are views of the pool, not copies: treat them as read-only."""
+        first = self._first_row_if_consecutive() if generator is None else None
+        if first is not None:
+            n = len(self)
+            stop = n - n % batch_size if drop_last else n
+            for start in range(first, first + stop, batch_size):
+                end = min(start + batch_size, first + stop)
+                yield self.x[start:end], self.y[start:end]
+            return
         for sel in self.batch_rows(batch_size, generator, drop_last=drop_last):
             yield self.x[sel], self.y[sel]
+
+    def _first_row_if_consecutive(self) -> int | None:
+        """``index[0]`` when ``index`` is ``index[0], index[0] + 1, ...``; else ``None``."""
+        idx = self.index
+        if len(idx) == 0:
+            return None
+        first = int(idx[0])
+        if int(idx[-1]) - first != len(idx) - 1 or (len(idx) > 1 and not bool(
+                (idx[1:] - idx[:-1] == 1).all())):
+            return None
+        return first
 
     def batch_rows(self, batch_size: int, generator: torch.Generator | None = None,
                    *, drop_last: bool = False) -> Iterator[Tensor]:

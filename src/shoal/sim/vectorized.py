@@ -38,6 +38,7 @@ from ..errors import ConfigError, ModelError
 from ..seeding import torch_generator
 from ..tree import Params
 from ..types import ClientInfo, ClientResult
+from .fused import SGDStep, step_linear_layers
 
 __all__ = ["SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
 
@@ -104,13 +105,21 @@ def check_vectorizable(model: nn.Module) -> None:
 class VectorizedLocalSGD:
     """``local_sgd`` for many clients in one batched computation; see the module docstring."""
 
-    def __init__(self, update: LocalSGD):
+    def __init__(self, update: LocalSGD, *, fuse_linear: bool = True):
         self.update = update
         self.spec = sgd_spec(update)
         check_vectorizable(update.model)
         self.model = copy.deepcopy(update.model).train()
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.step = SGDStep(self.spec.lr, self.spec.momentum, self.spec.weight_decay,
+                            update.prox_mu)
+        # Linear layers take their SGD step inside the backward pass (shoal.sim.fused).
+        self.fused = step_linear_layers(self.model, set(self.trainable), self.step) \
+            if fuse_linear else []
         self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
+        for n, p in self.model.named_parameters():
+            if n in self.fused and p.dim() == 2:  # (out, in) stored as (in, out)
+                self._layouts[n] = (1, p.shape[0])
         loss_fn = update.loss_fn
         model = self.model
 
@@ -145,33 +154,47 @@ class VectorizedLocalSGD:
     def _stack(self, t: Tensor, c: int | None, name: str) -> Tensor:
         """``t`` (one client's, or already stacked when ``c`` is None) as a stacked copy
         ``(C, *shape)`` in the layout learned for ``name``."""
-        src = t.detach().unsqueeze(0).expand(c, *t.shape) if c is not None else t
         inner = self._layouts.get(name)
         if inner is None:
+            src = t.detach().unsqueeze(0).expand(c, *t.shape) if c is not None else t
             return src.clone(memory_format=torch.contiguous_format)
-        out = torch.empty_strided(src.shape, (math.prod(src.shape[1:]), *inner),
-                                  dtype=src.dtype)
-        return out.copy_(src)
+        # The dims from outermost to innermost in memory; copy in that order (sequential
+        # writes), then view the result in the param's own dim order.
+        order = sorted(range(len(inner)), key=lambda d: -inner[d])
+        back = [0] + [order.index(d) + 1 for d in range(len(inner))]
+        if c is not None:
+            one = t.detach().permute(order).contiguous()
+            out = one.unsqueeze(0).expand(c, *one.shape).clone()
+        else:
+            out = t.permute(0, *[d + 1 for d in order]).contiguous()
+        return out.permute(back)
 
-    def schedule(self, data: ArrayData, info: ClientInfo) -> Tensor:
+    def steps(self, n: int) -> int:
+        """How many local steps a client of ``n`` examples takes (as ``local_sgd``)."""
+        u = self.update
+        per_epoch = math.ceil(n / u.batch_size)
+        total = per_epoch * u.epochs
+        return total if u.max_steps is None else min(total, u.max_steps)
+
+    def schedule(self, data: ArrayData, info: ClientInfo, out: Tensor | None = None) -> Tensor:
         """Client's batches as rows ``(steps, B)`` of pool row numbers, ``-1`` for padding; the
-        same batches ``local_sgd`` draws."""
+        same batches ``local_sgd`` draws. Written into ``out`` (``(S, B)`` with
+        ``S >= steps``, filled with ``-1``) when given."""
         u = self.update
         n, b = len(data), u.batch_size
+        steps = self.steps(n)
+        if out is None:
+            out = torch.full((steps, b), -1, dtype=torch.int64)
         if n == 0:
-            return torch.empty(0, b, dtype=torch.int64)
+            return out[:0]
         g = torch_generator(info.seed, "batches")
         per_epoch = math.ceil(n / b)
-        epochs = u.epochs if u.max_steps is None else min(u.epochs,
-                                                            math.ceil(u.max_steps / per_epoch))
-        rows = []
-        for _ in range(epochs):
-            perm = data.index[torch.randperm(n, generator=g)]
-            padded = torch.full((per_epoch * b,), -1, dtype=torch.int64)
-            padded[:n] = perm
-            rows.append(padded.view(per_epoch, b))
-        out = torch.cat(rows)
-        return out if u.max_steps is None else out[:u.max_steps]
+        flat = out.view(-1)
+        for e in range(math.ceil(steps / per_epoch)):  # epoch e fills rows e*per_epoch...
+            start = e * per_epoch * b
+            keep = min(n, (steps - e * per_epoch) * b)  # max_steps may cut the last epoch
+            flat[start:start + keep] = data.index[torch.randperm(n, generator=g)[:keep]]
+        return out[:steps]
 
     def __call__(self, params: Params, datas: Sequence[ArrayData],
                  infos: Sequence[ClientInfo]) -> list[ClientResult]:
@@ -183,13 +206,12 @@ class VectorizedLocalSGD:
         if any(d.x is not x or d.y is not y for d in datas):
             raise ModelError("vectorized executor: the clients' data are not views of one shared "
                              "pool (ArrayData.x / .y differ); group clients by pool.")
-        plans = [self.schedule(d, i) for d, i in zip(datas, infos, strict=True)]
-        steps = torch.tensor([len(p) for p in plans])
+        steps = torch.tensor([self.steps(len(d)) for d in datas])
         order = torch.argsort(steps, descending=True, stable=True)  # active clients: a prefix
-        c, s_max, b = len(plans), int(steps.max()), self.update.batch_size
+        c, s_max, b = len(datas), int(steps.max()), self.update.batch_size
         rows = torch.full((c, s_max, b), -1, dtype=torch.int64)  # (C, S, B)
         for j, i in enumerate(order.tolist()):
-            rows[j, :len(plans[i])] = plans[i]
+            self.schedule(datas[i], infos[i], rows[j])
         mask = rows >= 0
         # Padding reads the pool's row 0 (any real row: its output is multiplied by 0).
         rows = rows.clamp(min=0)
@@ -198,13 +220,15 @@ class VectorizedLocalSGD:
 
         const = {k: v for k, v in params.items() if k not in self.trainable}
         stacked = {k: self._stack(params[k], c, k) for k in self.trainable}  # (C, *shape)
-        buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} \
-            if self.spec.momentum else {}
+        step = self.step
+        step.anchors = {k: self._stack(params[k], 1, k) for k in stacked} \
+            if step.prox_mu else {}
+        step.buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} \
+            if step.momentum else {}
         loss_sum = torch.zeros(c, dtype=torch.float64)
-        lr, mom, wd, mu = self.spec.lr, self.spec.momentum, self.spec.weight_decay, \
-            self.update.prox_mu
         for s in range(s_max):
             k = active[s]
+            step.begin(k, first=s == 0)
             idx, m = rows[:k, s], mask[:k, s]  # (k, B)
             xb, yb = x[idx], y[idx]  # (k, B, *x_shape), (k, B, ...)
             view = {n: t[:k] for n, t in stacked.items()}
@@ -213,34 +237,25 @@ class VectorizedLocalSGD:
                 with torch.enable_grad():
                     loss = (self._full(leaves, const, xb, yb) if bool(m.all())
                             else self._masked(leaves, const, xb, yb, maskf[:k, s]))  # (k,)
-                    found = torch.autograd.grad(loss.sum(), list(leaves.values()))
+                    # The fused layers step themselves in this pass (their gradient: None).
+                    found = torch.autograd.grad(loss.sum(), list(leaves.values()),
+                                                allow_unused=bool(self.fused))
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
                 if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
                     raise ModelError(f"vectorized executor: the model cannot run under "
                                      f"torch.func.vmap: {type(e).__name__}: {e}; {_FIX}.") from e
                 raise
-            grads = dict(zip(leaves, found, strict=True))
-            for n, g in grads.items():
+            for n, g in zip(leaves, found, strict=True):
+                if g is None:
+                    continue
                 if g.stride() != view[n].stride() and self._learn_layout(n, g):
                     stacked[n] = self._stack(stacked[n], None, n)
                     view[n] = stacked[n][:k]
-                    if n in buffers:
-                        buffers[n] = self._stack(buffers[n], None, n)
-            with torch.no_grad():
-                for n, p in view.items():
-                    g = grads[n]
-                    if mu:  # FedProx: local_sgd adds mu * (w - w_global) to the gradient
-                        g = g.add(p - params[n], alpha=mu)
-                    if wd:
-                        g = g.add(p, alpha=wd)
-                    if mom:
-                        buf = buffers[n][:k]
-                        if s == 0:
-                            buf.copy_(g)
-                        else:
-                            buf.mul_(mom).add_(g)
-                        g = buf
-                    p.add_(g, alpha=-lr)
+                    if n in step.buffers:
+                        step.buffers[n] = self._stack(step.buffers[n], None, n)
+                    if n in step.anchors:
+                        step.anchors[n] = self._stack(params[n], 1, n)
+                step.apply_(n, view[n], g)
             loss_sum[:k] += loss.detach()
         # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
         # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and
