@@ -205,6 +205,61 @@ def test_fold_in_parts_equals_the_pipeline_reduction():
     assert_close(whole, split)
 
 
+def _stacked_replies(nan_row: int | None = None):
+    """Five replies whose tensors are rows of two stacks (rows in another order than the
+    cohort, as the vectorized trainer sorts clients), one of them an error."""
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    # The weight stack in a transposed memory layout, as the trainer keeps linear weights.
+    stacks = {"w": torch.randn(5, 2, 3, generator=g).transpose(1, 2),
+              "b": torch.randn(5, 2, generator=g)}
+    if nan_row is not None:
+        stacks["w"][nan_row, 1, 0] = float("nan")
+    order = [2, 0, 4, 1, 3]  # client i is row order[i]
+    reqs = [Message("train", "coordinator", f"c{i}", 1, params) for i in range(5)]
+    reps = [r.reply(tensors={k: t[order[i]] for k, t in stacks.items()},
+                    config={"weight": float(i + 1)}) for i, r in enumerate(reqs)]
+    reps[3] = reqs[3].failed("simulated dropout")
+    rows = {id(rep.tensors): (stacks, order[i]) for i, rep in enumerate(reps)}
+    return params, reqs, reps, lambda rep: rows.get(id(rep.tensors))
+
+
+@pytest.mark.parametrize("nan_row", [None, 4], ids=["finite", "nan-row"])
+def test_folding_rows_of_stacks_equals_folding_reply_by_reply(nan_row):
+    params, reqs, reps, rows = _stacked_replies(nan_row)
+    pipe = Pipeline([], weighted_mean())
+    fold = RoundFold(pipe, params, [], 1, 0)
+    one_by_one = fold.fold(reqs, reps)
+    stacked = fold.fold(reqs, reps, rows=rows)
+    assert stacked.positions == one_by_one.positions
+    assert stacked.weights == one_by_one.weights and stacked.metrics == one_by_one.metrics
+    assert stacked.dropped == one_by_one.dropped  # same reasons, word for word
+    assert_close(fold.finish(stacked)[0], fold.finish(one_by_one)[0])
+    if nan_row is not None:
+        assert [d[1] for d in stacked.dropped] == ["c2", "c3"]
+        assert stacked.dropped[0][2].startswith("update: 'w' holds 1 non-finite value(s)")
+
+
+def test_the_vectorized_executor_folds_its_batch_as_rows_unless_a_mod_replaced_them():
+    def poison(m, ctx, handler):  # replaces client-2's update; in place for client-4
+        reply = handler(m, ctx)
+        if m.kind == "train" and m.dst == "client-2":
+            return reply.with_tensors({k: torch.full_like(v, 0.01) for k, v in reply.tensors.items()})
+        if m.kind == "train" and m.dst == "client-4":
+            reply.tensors["0.weight"].fill_(float("inf"))
+        return reply
+
+    seen: list[tuple[str, bool]] = []
+    executor = VectorizedExecutor()
+    rows_of = executor.rows_of
+    executor.rows_of = lambda rep: seen.append((rep.src, rows_of(rep) is not None)) or rows_of(rep)  # type: ignore[method-assign]
+    vec, hv = train(executor, mods=[poison], rounds=1)
+    seq, hs = train("sequential", mods=[poison], rounds=1)
+    assert dict(seen) == {f"client-{i}": i != 2 for i in range(6)}
+    assert hv[0]["round/dropped"] == hs[0]["round/dropped"] == 1.0  # client-4: not finite
+    assert_close(seq, vec)
+
+
 def test_config_selects_the_executor():
     from shoal.data.tasks import load_task
     from shoal.experiment import build_federated, make_dataset, resolve_config

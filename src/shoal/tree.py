@@ -19,6 +19,7 @@ __all__ = [
     "Params",
     "add",
     "add_",
+    "check_finite",
     "check_update",
     "clone",
     "dot",
@@ -176,11 +177,12 @@ def unflatten(vector: Tensor, spec: Iterable[tuple[str, torch.Size, torch.dtype]
 
 
 def check_update(reference: Mapping[str, Tensor], update: Mapping[str, Tensor],
-                 *, what: str = "update") -> None:
+                 *, what: str = "update", finite: bool = True) -> None:
     """Raise :class:`UpdateError` unless ``update`` matches ``reference`` and is finite.
 
-    Checks the tensor names, then each tensor's shape and dtype, then that every value is
-    finite. The message names the first problem found.
+    Checks the tensor names, then each tensor's shape and dtype, then (unless ``finite`` is
+    false: a caller that checks many updates at once) that every value is finite. The message
+    names the first problem found.
     """
     missing = [k for k in reference if k not in update]
     extra = [k for k in update if k not in reference]
@@ -206,13 +208,18 @@ def check_update(reference: Mapping[str, Tensor], update: Mapping[str, Tensor],
             raise UpdateError(f"{what}: '{k}' has dtype {got.dtype}, expected {ref.dtype}.")
         # A finite sum proves every value finite, and costs far less than isfinite().all();
         # only a non-finite sum (or an overflowing one) needs the exact check.
-        if got.is_floating_point() and not math.isfinite(float(got.sum())) \
-                and not bool(torch.isfinite(got).all()):
-            bad = int((~torch.isfinite(got)).sum())
-            raise UpdateError(
-                f"{what}: '{k}' holds {bad} non-finite value(s) (NaN or inf); "
-                "expected finite numbers. Lower the learning rate or clip the update."
-            )
+        if finite and got.is_floating_point() and not math.isfinite(float(got.sum())):
+            check_finite(k, got, what=what)
+
+
+def check_finite(name: str, tensor: Tensor, *, what: str = "update") -> None:
+    """Raise :class:`UpdateError` if ``tensor`` (the update's ``name``) holds NaN or inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UpdateError(
+            f"{what}: '{name}' holds {bad} non-finite value(s) (NaN or inf); "
+            "expected finite numbers. Lower the learning rate or clip the update."
+        )
 
 
 def _names(names: list[str], limit: int = 4) -> str:

@@ -9,16 +9,21 @@ which the merge puts back in cohort order before the reducer sees them.
 
 Folding every reply in one part, in cohort order, does exactly the arithmetic of
 ``Pipeline.reduce`` (bit for bit); merging parts adds the running sums in another order, which
-changes the last bits of the float sums.
+changes the last bits of the float sums. So does folding the replies of an executor that trains
+clients as rows of stacked tensors (``rows`` of :meth:`RoundFold.fold`): their finiteness
+checks and weighted sum take one reduction per stacked tensor, not one per client.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from .. import tree
 from ..aggregate import Pipeline
@@ -27,15 +32,16 @@ from ..message import Message
 from ..tree import Params
 from ..types import ClientInfo
 
-__all__ = ["Partial", "RoundFold", "invalid_reply"]
+__all__ = ["Partial", "RoundFold", "RowsOf", "invalid_reply"]
 
 log = logging.getLogger(__name__)
 
 
-def invalid_reply(request: Message, reply: Message, params: Params) -> str | None:
+def invalid_reply(request: Message, reply: Message, params: Params, *,
+                  finite: bool = True) -> str | None:
     """Why ``reply`` cannot be used as a train update for ``request``, or ``None`` if it can:
     checks the error, sender, round, kind, weight (finite, > 0) and the update's names, shapes,
-    dtypes and finiteness against ``params``."""
+    dtypes and (unless ``finite`` is false) finiteness against ``params``."""
     if reply.error is not None:
         return reply.error
     if reply.src != request.dst:
@@ -48,10 +54,31 @@ def invalid_reply(request: Message, reply: Message, params: Params) -> str | Non
             or not math.isfinite(weight) or weight <= 0:
         return f"weight must be a finite number > 0, got {weight!r}"
     try:
-        tree.check_update(params, reply.tensors)
+        tree.check_update(params, reply.tensors, finite=finite)
     except UpdateError as e:
         return str(e)
     return None
+
+
+RowsOf = Callable[[Message], "tuple[Params, int] | None"]
+"""``rows(reply) -> (stacks, j)`` when every tensor of the reply's update is row ``j`` of the
+stacked tensor of the same name (``(C, *shape)``), else ``None`` (see :meth:`RoundFold.fold`)."""
+
+
+def _weighted_rows(stack: Tensor, rows: list[int], weights: list[float]) -> Tensor:
+    """``sum_i weights[i] * stack[rows[i]]`` as a new contiguous tensor of one row's shape."""
+    c = stack.shape[0]
+    rows, weights = (list(t) for t in zip(*sorted(zip(rows, weights, strict=True)), strict=True))
+    # View the stack in its memory order, so the rows are one (C, numel) matrix, no copy.
+    inner = sorted(range(1, stack.dim()), key=lambda d: -stack.stride()[d])
+    mem = stack.permute(0, *inner)
+    matrix = mem.reshape(c, -1)  # a view when the stack is dense (as the trainer makes it)
+    if rows != list(range(c)):
+        matrix = matrix[rows]
+    w = torch.tensor(weights, dtype=stack.dtype)
+    flat = w @ matrix  # (numel,)
+    back = [inner.index(d) for d in range(1, stack.dim())]
+    return flat.view(mem.shape[1:]).permute(back).contiguous()
 
 
 @dataclass
@@ -121,13 +148,70 @@ class RoundFold:
             part.weights.append(weight)
 
     def fold(self, requests: Sequence[Message], replies: Iterable[Message],
-             positions: Sequence[int] | None = None) -> Partial:
-        """Fold replies as they come (one update held at a time when the reducer streams)."""
+             positions: Sequence[int] | None = None, rows: RowsOf | None = None) -> Partial:
+        """Fold replies as they come (one update held at a time when the reducer streams).
+
+        ``rows`` (from an executor that trains clients as rows of stacked tensors) gives, for
+        a reply whose update tensors are all rows ``j`` of stacks ``(C, *shape)``,
+        ``(stacks, j)``: such replies are checked for finiteness and summed with one
+        reduction per stacked tensor instead of one per client (when the reducer streams and
+        no stage runs at the coordinator); the result equals :meth:`add`'s up to float
+        rounding (another order of the same additions)."""
         part = self.start()
         pos = range(len(requests)) if positions is None else positions
+        batched = rows is not None and self.streams and not any(
+            st.runs_at == "coordinator" for st in self.pipeline.stages)
+        stacked: list[tuple[int, Message, Message, Params, int]] = []
         for p, req, rep in zip(pos, requests, replies, strict=True):
-            self.add(part, p, req, rep)
+            hit = rows(rep) if batched and rows is not None else None
+            if hit is None:
+                self.add(part, p, req, rep)
+            else:
+                stacked.append((p, req, rep, *hit))
+        groups: dict[int, list[tuple[int, Message, Message, Params, int]]] = {}
+        for item in stacked:
+            groups.setdefault(id(item[3]), []).append(item)
+        for group in groups.values():
+            self._add_rows(part, group)
         return part
+
+    def _add_rows(self, part: Partial, items: list[tuple[int, Message, Message, Params, int]],
+                  ) -> None:
+        """Fold replies whose updates are rows of the same stacks (see :meth:`fold`)."""
+        stacks = items[0][3]
+        # One sum per stacked tensor gives every row's sum; a finite sum proves the row finite
+        # (as in tree.check_update), and only the others get the exact, per-row check.
+        dims = {k: tuple(range(1, t.dim())) for k, t in stacks.items()}
+        sums = [t.sum(dim=dims[k]) for k, t in stacks.items() if t.is_floating_point()]
+        finite = torch.stack([s.isfinite() for s in sums]).all(0).tolist() if sums else None
+        chosen: list[int] = []
+        weights: list[float] = []
+        for position, request, reply, _, j in items:
+            reason = invalid_reply(request, reply, self.reference, finite=False)
+            if reason is None and finite is not None and not finite[j]:
+                try:
+                    for k, t in reply.tensors.items():
+                        if t.is_floating_point():
+                            tree.check_finite(k, t)
+                except UpdateError as e:
+                    reason = str(e)
+            if reason is not None:
+                part.dropped.append((position, request.dst, reason))
+                continue
+            weight = float(reply.config["weight"])
+            w = self.pipeline.reducer.client_weight(weight)  # type: ignore[attr-defined]
+            part.positions.append(position)
+            part.metrics.append({**reply.metrics, "weight": weight})
+            part.weights.append(w)
+            chosen.append(j)
+            weights.append(w)
+        if not chosen:
+            return
+        total = {k: _weighted_rows(t, chosen, weights) for k, t in stacks.items()}
+        if part.running_sum is None:
+            part.running_sum = total
+        else:
+            tree.add_(part.running_sum, total)
 
     def merge(self, parts: Sequence[Partial]) -> Partial:
         """One part from several: running sums added in the order given, everything else put

@@ -36,6 +36,7 @@ from ..algorithms.fedavg import FedAvg, train_data
 from ..errors import ConfigError, ModelError
 from ..message import Message
 from ..node import NodeContext
+from ..tree import Params
 from ..types import ClientInfo
 from .vectorized import VectorizedLocalSGD, check_vectorizable, sgd_spec
 
@@ -73,7 +74,12 @@ class Executor:
     def collect(self, transport: InProcessTransport, requests: Sequence[Message],
                 fold: RoundFold, timeout: float | None) -> Partial:
         """The round's train replies, folded (see :class:`~shoal.algorithms.collect.RoundFold`)."""
-        return fold.fold(requests, transport.stream(requests, timeout))
+        return fold.fold(requests, transport.stream(requests, timeout), rows=self.rows_of)
+
+    def rows_of(self, reply: Message) -> tuple[Params, int] | None:
+        """``(stacks, j)`` when ``reply``'s update tensors are all row ``j`` of stacked tensors
+        this executor computed (see ``RoundFold.fold``); ``None`` by default."""
+        return None
 
     def close(self) -> None:
         """Release workers or other resources (nothing by default)."""
@@ -138,6 +144,9 @@ class VectorizedExecutor(Executor):
                               f"(got {max_clients}).")
         self.max_clients = max_clients
         self._trainers: dict[int, tuple[Any, VectorizedLocalSGD]] = {}
+        # id(reply.tensors) -> (the batch's stacked updates, row, the row views handed out):
+        # the replies of the latest stream, for rows_of.
+        self._rows: dict[int, tuple[Params, int, Params]] = {}
 
     def __repr__(self) -> str:
         return f"vectorized({'' if self.max_clients is None else self.max_clients})"
@@ -156,6 +165,7 @@ class VectorizedExecutor(Executor):
                timeout: float | None) -> Iterator[Message]:
         train = [m for m in messages if m.kind == "train" and transport.knows(m.dst)]
         done: dict[int, Message] = {}
+        self._rows.clear()
         if train:
             algorithm = _fedavg_of(transport)
             trainer = self.trainer(algorithm)
@@ -167,7 +177,7 @@ class VectorizedExecutor(Executor):
             for group in groups.values():
                 for start in range(0, len(group), size or len(group)):
                     chunk = group[start:start + (size or len(group))]
-                    self._batch(algorithm, trainer, chunk, done)
+                    self._batch(algorithm, trainer, chunk, done, self._rows)
         for m in messages:
             reply = done.get(id(m))
             if reply is None:
@@ -175,21 +185,38 @@ class VectorizedExecutor(Executor):
             else:
                 yield transport.deliver(m, None, answer=reply)
 
+    def rows_of(self, reply: Message) -> tuple[Params, int] | None:
+        """``(stacks, j)`` for a reply of the latest batch whose tensors are still the rows it
+        was given (a mod or stage that replaced one makes it an ordinary reply)."""
+        held = self._rows.get(id(reply.tensors))
+        if held is None:
+            return None
+        stacks, j, views = held
+        t = reply.tensors
+        if t.keys() != views.keys() or any(t[k] is not v for k, v in views.items()):
+            return None
+        return stacks, j
+
     @staticmethod
     def _batch(algorithm: FedAvg, trainer: VectorizedLocalSGD,
-               chunk: list[tuple[Message, Any]], done: dict[int, Message]) -> None:
+               chunk: list[tuple[Message, Any]], done: dict[int, Message],
+               rows: dict[int, tuple[Params, int, Params]]) -> None:
         infos = [algorithm.client_info(m, m.dst) for m, _ in chunk]
         params = chunk[0][0].tensors
         try:
-            results = trainer(params, [d for _, d in chunk], infos)
+            batch = trainer.cohort(params, [d for _, d in chunk], infos)
         except ModelError:
             raise
         except Exception as e:  # find the failing client: the sequential path names it
             log.warning("round %d: a batch of %d clients failed (%s: %s); running them one by "
                         "one", chunk[0][0].round, len(chunk), type(e).__name__, e)
             return
-        for (m, _), r, info in zip(chunk, results, infos, strict=True):
-            done[id(m)] = algorithm.train_reply(m, r, info)
+        for (m, _), r, info, j in zip(chunk, batch.results, infos, batch.row, strict=True):
+            reply = algorithm.train_reply(m, r, info)
+            done[id(m)] = reply
+            t = reply.tensors
+            if t.keys() <= batch.deltas.keys() and all(t[k] is r.update.get(k) for k in t):
+                rows[id(t)] = (batch.deltas, j, dict(t))
 
 
 def _probe(transport: InProcessTransport) -> str | None:

@@ -97,19 +97,17 @@ class SGDStep:
 
 class _StackedLinearStep(torch.autograd.Function):
     """``y = x @ W^T + b`` for ``k`` clients at once (``x (k, n, in)``, ``W (k, out, in)``);
-    the backward pass returns ``dx`` and applies the SGD step to ``W`` and ``b`` in place."""
+    the backward pass returns ``dx`` and applies the SGD step to ``W`` and ``b`` in place.
+    Called on plain tensors only (inside the vmap rule), so it keeps the classic
+    ``forward(ctx, ...)`` form, which ``apply`` does not have to bind by signature."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None,
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,
                 layer: SteppedLinear) -> Tensor:
-        wt = weight.transpose(1, 2)  # (k, in, out)
-        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, layer = inputs
         ctx.save_for_backward(x, weight, bias)
         ctx.layer = layer
+        wt = weight.transpose(1, 2)  # (k, in, out)
+        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, None, None, None]:

@@ -100,11 +100,14 @@ def _work(transport: InProcessTransport, inner: Executor, requests: Sequence[Mes
     so the rank still takes part in the round's collectives."""
     msgs = [requests[i] for i in mine]
     stats = TrafficStats()
-    part = fold.start()
-    try:
-        for pos, m, reply in zip(mine, msgs, inner.stream(transport, msgs, timeout), strict=True):
+
+    def recorded() -> Iterator[Message]:
+        for m, reply in zip(msgs, inner.stream(transport, msgs, timeout), strict=True):
             stats.record(m, reply)
-            fold.add(part, pos, m, reply)
+            yield reply
+
+    try:
+        part = fold.fold(msgs, recorded(), mine, rows=inner.rows_of)
     except Exception as e:  # noqa: BLE001 - sent to rank 0, which raises it
         client = getattr(e, "client", "?")
         rnd = getattr(e, "round", requests[0].round if requests else 0)

@@ -40,7 +40,7 @@ from ..tree import Params
 from ..types import ClientInfo, ClientResult
 from .fused import SGDStep, step_linear_layers
 
-__all__ = ["SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
+__all__ = ["CohortResult", "SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
 
 _FIX = "use executor='sequential' or 'processes' (or 'auto', which falls back)"
 
@@ -100,6 +100,17 @@ def check_vectorizable(model: nn.Module) -> None:
                 "numbers while training, which vmap cannot draw as the sequential executor "
                 f"does; {_FIX}."
             )
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """A batch's results: ``results[i]`` is client ``i``'s (in the order given), and the
+    tensors of its update are row ``row[i]`` of the stacks ``deltas`` (``(C, *shape)``, one
+    per trainable param), so a consumer can reduce every client's update at once."""
+
+    results: list[ClientResult]
+    deltas: Params
+    row: list[int]
 
 
 class VectorizedLocalSGD:
@@ -200,8 +211,14 @@ class VectorizedLocalSGD:
                  infos: Sequence[ClientInfo]) -> list[ClientResult]:
         """One :class:`ClientResult` per client, as ``local_sgd`` would compute them (within
         float rounding). All ``datas`` must be views of the same pool tensors."""
+        return self.cohort(params, datas, infos).results
+
+    def cohort(self, params: Params, datas: Sequence[ArrayData],
+               infos: Sequence[ClientInfo]) -> CohortResult:
+        """Like calling the trainer, but also giving the stacked updates the results are rows
+        of (see :class:`CohortResult`)."""
         if not datas:
-            return []
+            return CohortResult([], {}, [])
         x, y = datas[0].x, datas[0].y
         if any(d.x is not x or d.y is not y for d in datas):
             raise ModelError("vectorized executor: the clients' data are not views of one shared "
@@ -265,6 +282,7 @@ class VectorizedLocalSGD:
         examples_per = mask.sum(dim=(1, 2)).tolist()
         loss_per = loss_sum.tolist()
         results: list[ClientResult | None] = [None] * c
+        row = [0] * c
         for j, i in enumerate(order.tolist()):
             n_steps = int(steps[i])
             examples = int(examples_per[j])
@@ -273,4 +291,5 @@ class VectorizedLocalSGD:
             metrics = {"train/loss": loss_per[j] / max(n_steps, 1),
                        "train/steps": float(n_steps), "train/examples": float(examples)}
             results[i] = ClientResult(update, float(len(datas[i])), metrics)
-        return [r for r in results if r is not None]
+            row[i] = j
+        return CohortResult([r for r in results if r is not None], deltas, row)
