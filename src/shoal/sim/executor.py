@@ -185,6 +185,13 @@ class VectorizedExecutor(Executor):
             else:
                 yield transport.deliver(m, None, answer=reply)
 
+    def collect(self, transport: InProcessTransport, requests: Sequence[Message],
+                fold: RoundFold, timeout: float | None) -> Partial:
+        try:
+            return super().collect(transport, requests, fold, timeout)
+        finally:
+            self._rows.clear()  # the batch's stacks stay alive only as long as a reply needs them
+
     def rows_of(self, reply: Message) -> tuple[Params, int] | None:
         """``(stacks, j)`` for a reply of the latest batch whose tensors are still the rows it
         was given (a mod or stage that replaced one makes it an ordinary reply)."""

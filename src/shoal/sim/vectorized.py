@@ -2,11 +2,16 @@
 
 Each client's params are one row of a stacked tensor ``(C, *shape)``; one step computes every
 active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``, all their
-gradients in one backward pass, and applies the SGD step to the stacked tensors in place.
-Clients with different data sizes are padded, not truncated: a short last batch carries a mask (padded
-examples weigh 0, the loss is the mean over the real ones, as ``local_sgd`` computes it), and
-clients are sorted by their number of steps so that the clients still training at step ``s``
-are a prefix ``[:k_s]`` of the stack (a view, no copy) and a finished client does no work.
+gradients in one backward pass, and applies the SGD step to the stacked tensors in place. The
+model's ``nn.Linear`` layers take their step inside that backward pass, accumulating each
+client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; ``fuse_linear=False``
+turns it off); the other params get autograd's gradients and the same step afterwards. The
+results' updates are rows of the stacked deltas (:class:`CohortResult`), which the round's fold
+can reduce in one operation per tensor. Clients with different data sizes are padded, not
+truncated: a short last batch carries a mask (padded examples weigh 0, the loss is the mean
+over the real ones, as ``local_sgd`` computes it), and clients are sorted by their number of
+steps so that the clients still training at step ``s`` are a prefix ``[:k_s]`` of the stack (a
+view, no copy) and a finished client does no work.
 
 Supported: :class:`~shoal.client.LocalSGD` with ``torch.optim.SGD`` (``lr``, ``momentum``,
 ``weight_decay``), FedProx's ``prox_mu``, ``epochs`` and ``max_steps``, on a model without
@@ -16,8 +21,8 @@ draw other random numbers than the sequential executor) and any model ``vmap`` c
 
 Every client draws its batches from ``torch_generator(info.seed, "batches")``, exactly as
 ``local_sgd`` does, so it sees the same examples in the same order. The float results differ
-from the sequential executor's in the last bits: a batched matrix product and the masked mean
-add in another order than per-client ones.
+from the sequential executor's in the last bits: a batched matrix product, the gradient
+accumulated into the weights and the masked mean add in another order than per-client ones.
 """
 
 from __future__ import annotations
@@ -254,9 +259,10 @@ class VectorizedLocalSGD:
                 with torch.enable_grad():
                     loss = (self._full(leaves, const, xb, yb) if bool(m.all())
                             else self._masked(leaves, const, xb, yb, maskf[:k, s]))  # (k,)
-                    # The fused layers step themselves in this pass (their gradient: None).
+                    # The fused layers step themselves in this pass (their gradient: None);
+                    # a param the loss does not use gets None too, and no step (as SGD).
                     found = torch.autograd.grad(loss.sum(), list(leaves.values()),
-                                                allow_unused=bool(self.fused))
+                                                allow_unused=True)
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
                 if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
                     raise ModelError(f"vectorized executor: the model cannot run under "
