@@ -90,6 +90,54 @@ def test_vectorized_matches_sequential(kwargs):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize(("sizes", "epochs", "max_steps"), [
+    ([23, 3, 17, 0, 9], 1, None), ([23, 3, 17, 9], 2, None), ([23, 3, 17, 9], 3, 7)],
+    ids=["one-epoch-with-empty", "two-epochs", "max-steps-cuts-an-epoch"])
+def test_the_batched_schedules_are_the_batches_local_sgd_draws(sizes, epochs, max_steps):
+    from shoal.seeding import torch_generator
+    from shoal.sim.vectorized import VectorizedLocalSGD
+    from shoal.types import ClientInfo
+    x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    datas = [ArrayData(x, y, torch.randperm(100)[:n]) for n in sizes]
+    infos = [ClientInfo(f"c{i}", 2, 40 + i) for i in range(len(sizes))]
+    update = local_sgd(tiny_model(), cross_entropy, batch_size=4, epochs=epochs,
+                       max_steps=max_steps)
+    trainer = VectorizedLocalSGD(update)
+    s_max = max(trainer.steps(n) for n in sizes)
+    rows = torch.full((len(sizes), s_max, 4), -1, dtype=torch.int64)
+    trainer.schedules(datas, infos, rows)
+    for j, (data, info) in enumerate(zip(datas, infos, strict=True)):
+        g = torch_generator(info.seed, "batches")  # what local_sgd draws, batch by batch
+        want = [b for _ in range(epochs) for b in data.batch_rows(4, g)][:max_steps]
+        assert len(want) == trainer.steps(len(data))
+        for s in range(s_max):
+            got = rows[j, s]
+            if s < len(want):
+                assert got[:len(want[s])].tolist() == want[s].tolist()
+                assert (got[len(want[s]):] == -1).all()
+            else:
+                assert (got == -1).all()
+        assert torch.equal(trainer.schedule(data, info), rows[j, :len(want)])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"optimizer": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9,
+                                        weight_decay=1e-3), "prox_mu": 0.1}],
+    ids=["plain", "momentum-wd-prox"])
+def test_vectorized_with_fused_linear_layers_matches_sequential(kwargs):
+    from shoal.sim.fused import FUSE_MIN_WEIGHTS
+    torch.manual_seed(3)
+    wide = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 3))  # 4,096 weights
+    assert wide[0].weight.numel() >= FUSE_MIN_WEIGHTS > wide[2].weight.numel()
+    seq, hs = train("sequential", model=wide, **dict(kwargs))
+    executor = VectorizedExecutor()
+    vec, hv = train(executor, model=wide, **dict(kwargs))
+    assert next(iter(executor._trainers.values()))[1].fused == ["0.weight", "0.bias"]
+    assert_close(seq, vec)
+    assert [h["train/loss"] for h in hs] == pytest.approx([h["train/loss"] for h in hv],
+                                                         rel=1e-5)
+
+
 def test_vectorized_with_stages_dropout_and_small_batches_matches_sequential():
     pipe = Pipeline([clip_by_norm(0.05)], weighted_mean())
     mods = [simulated_dropout(0.3, seed=2)]
@@ -205,9 +253,10 @@ def test_fold_in_parts_equals_the_pipeline_reduction():
     assert_close(whole, split)
 
 
-def _stacked_replies(nan_row: int | None = None):
+def _stacked_replies(nan_row: int | None = None, overflow: bool = False):
     """Five replies whose tensors are rows of two stacks (rows in another order than the
-    cohort, as the vectorized trainer sorts clients), one of them an error."""
+    cohort, as the vectorized trainer sorts clients), one of them an error and one with a
+    weight of 0."""
     g = torch.Generator().manual_seed(1)
     params = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
     # The weight stack in a transposed memory layout, as the trainer keeps linear weights.
@@ -215,18 +264,22 @@ def _stacked_replies(nan_row: int | None = None):
               "b": torch.randn(5, 2, generator=g)}
     if nan_row is not None:
         stacks["w"][nan_row, 1, 0] = float("nan")
+    if overflow:  # every row finite, their weighted sum is not
+        stacks["b"].fill_(3e38)
     order = [2, 0, 4, 1, 3]  # client i is row order[i]
     reqs = [Message("train", "coordinator", f"c{i}", 1, params) for i in range(5)]
     reps = [r.reply(tensors={k: t[order[i]] for k, t in stacks.items()},
                     config={"weight": float(i + 1)}) for i, r in enumerate(reqs)]
     reps[3] = reqs[3].failed("simulated dropout")
+    reps[1].config["weight"] = 0
     rows = {id(rep.tensors): (stacks, order[i]) for i, rep in enumerate(reps)}
     return params, reqs, reps, lambda rep: rows.get(id(rep.tensors))
 
 
-@pytest.mark.parametrize("nan_row", [None, 4], ids=["finite", "nan-row"])
-def test_folding_rows_of_stacks_equals_folding_reply_by_reply(nan_row):
-    params, reqs, reps, rows = _stacked_replies(nan_row)
+@pytest.mark.parametrize(("nan_row", "overflow"), [(None, False), (4, False), (None, True)],
+                         ids=["finite", "nan-row", "overflowing-sum"])
+def test_folding_rows_of_stacks_equals_folding_reply_by_reply(nan_row, overflow):
+    params, reqs, reps, rows = _stacked_replies(nan_row, overflow)
     pipe = Pipeline([], weighted_mean())
     fold = RoundFold(pipe, params, [], 1, 0)
     one_by_one = fold.fold(reqs, reps)
@@ -235,9 +288,13 @@ def test_folding_rows_of_stacks_equals_folding_reply_by_reply(nan_row):
     assert stacked.weights == one_by_one.weights and stacked.metrics == one_by_one.metrics
     assert stacked.dropped == one_by_one.dropped  # same reasons, word for word
     assert_close(fold.finish(stacked)[0], fold.finish(one_by_one)[0])
+    dropped = {d[1]: d[2] for d in stacked.dropped}
+    assert dropped["c1"] == "weight must be a finite number > 0, got 0"
     if nan_row is not None:
-        assert [d[1] for d in stacked.dropped] == ["c2", "c3"]
-        assert stacked.dropped[0][2].startswith("update: 'w' holds 1 non-finite value(s)")
+        assert sorted(dropped) == ["c1", "c2", "c3"]
+        assert dropped["c2"].startswith("update: 'w' holds 1 non-finite value(s)")
+    else:
+        assert sorted(dropped) == ["c1", "c3"]
 
 
 def test_the_vectorized_executor_folds_its_batch_as_rows_unless_a_mod_replaced_them():

@@ -70,8 +70,8 @@ def test_fused_linear_steps_equal_autograd_then_step(name: str, opt: str) -> Non
     infos = [ClientInfo(f"c{i}", 1, 100 + i) for i in range(len(datas))]
     update = local_sgd(model, cross_entropy, batch_size=4, **OPTS[opt])
     params = tree.params_of(model)
-    fused = VectorizedLocalSGD(update)
-    plain = VectorizedLocalSGD(update, fuse_linear=False)
+    fused = VectorizedLocalSGD(update, fuse_min_weights=0)
+    plain = VectorizedLocalSGD(update, fuse_min_weights=None)
     assert fused.fused and not plain.fused
     for _ in range(2):  # the second call reuses the learned layouts
         a, b = fused(params, datas, infos), plain(params, datas, infos)
@@ -87,13 +87,17 @@ def test_only_plain_linear_layers_whose_params_all_train_are_fused() -> None:
     step = SGDStep(0.1)
     frozen = ms["frozen-weight"]
     trainable = [n for n, p in frozen.named_parameters() if p.requires_grad]
-    assert step_linear_layers(frozen, trainable, step) == ["2.weight", "2.bias"]
+    assert step_linear_layers(frozen, trainable, step, min_weights=0) == ["2.weight", "2.bias"]
     assert type(frozen[0]) is nn.Linear and isinstance(frozen[2], SteppedLinear)
 
     tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2))
     tied[2].weight = tied[0].weight  # tied weights get gradients from two layers
     names = [n for n, _ in tied.named_parameters()]
-    assert step_linear_layers(tied, names, step) == ["3.weight", "3.bias"]
+    assert step_linear_layers(tied, names, step, min_weights=0) == ["3.weight", "3.bias"]
+    small = ms["mlp"]  # 8x16 and 16x3 weights: below the default size, nothing is fused
+    assert step_linear_layers(small, [n for n, _ in small.named_parameters()], step) == []
+    assert step_linear_layers(small, [n for n, _ in small.named_parameters()], step,
+                              min_weights=128) == ["0.weight", "0.bias"]
 
 
 def test_stepped_linear_outside_vmap_is_an_ordinary_linear_layer() -> None:

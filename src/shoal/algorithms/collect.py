@@ -179,39 +179,50 @@ class RoundFold:
                   ) -> None:
         """Fold replies whose updates are rows of the same stacks (see :meth:`fold`)."""
         stacks = items[0][3]
-        # One sum per stacked tensor gives every row's sum; a finite sum proves the row finite
-        # (as in tree.check_update), and only the others get the exact, per-row check.
-        dims = {k: tuple(range(1, t.dim())) for k, t in stacks.items()}
-        sums = [t.sum(dim=dims[k]) for k, t in stacks.items() if t.is_floating_point()]
-        finite = torch.stack([s.isfinite() for s in sums]).all(0).tolist() if sums else None
-        chosen: list[int] = []
-        weights: list[float] = []
-        for position, request, reply, _, j in items:
-            reason = invalid_reply(request, reply, self.reference, finite=False)
-            if reason is None and finite is not None and not finite[j]:
-                try:
-                    for k, t in reply.tensors.items():
-                        if t.is_floating_point():
-                            tree.check_finite(k, t)
-                except UpdateError as e:
-                    reason = str(e)
+        reasons: list[str | None] = [invalid_reply(req, rep, self.reference, finite=False)
+                                     for _, req, rep, _, _ in items]
+        weight = [float(rep.config["weight"]) if r is None else 0.0
+                  for (_, _, rep, _, _), r in zip(items, reasons, strict=True)]
+        client_weight = self.pipeline.reducer.client_weight  # type: ignore[attr-defined]
+        w = [client_weight(x) if r is None else 0.0 for x, r in zip(weight, reasons, strict=True)]
+
+        def total() -> Params:
+            kept = [(item[4], wi) for item, r, wi in zip(items, reasons, w, strict=True)
+                    if r is None]
+            return {k: _weighted_rows(t, [j for j, _ in kept], [wi for _, wi in kept])
+                    for k, t in stacks.items()}
+
+        if all(r is not None for r in reasons):
+            summed = None
+        else:
+            # A weighted sum with weights > 0 is finite only if every row is (a NaN or inf
+            # spreads), so one pass checks them all; only a non-finite sum (a bad row, or an
+            # overflow) needs the exact check of each row, and a second sum without the bad.
+            summed = total()
+            if not tree.is_finite(summed):
+                for i, (_, _, rep, _, _) in enumerate(items):
+                    if reasons[i] is None:
+                        try:
+                            for k, t in rep.tensors.items():
+                                if t.is_floating_point():
+                                    tree.check_finite(k, t)
+                        except UpdateError as e:
+                            reasons[i] = str(e)
+                summed = total() if any(r is None for r in reasons) else None
+        for (position, request, reply, _, _), reason, x, wi in zip(items, reasons, weight, w,
+                                                                  strict=True):
             if reason is not None:
                 part.dropped.append((position, request.dst, reason))
                 continue
-            weight = float(reply.config["weight"])
-            w = self.pipeline.reducer.client_weight(weight)  # type: ignore[attr-defined]
             part.positions.append(position)
-            part.metrics.append({**reply.metrics, "weight": weight})
-            part.weights.append(w)
-            chosen.append(j)
-            weights.append(w)
-        if not chosen:
+            part.metrics.append({**reply.metrics, "weight": x})
+            part.weights.append(wi)
+        if summed is None:
             return
-        total = {k: _weighted_rows(t, chosen, weights) for k, t in stacks.items()}
         if part.running_sum is None:
-            part.running_sum = total
+            part.running_sum = summed
         else:
-            tree.add_(part.running_sum, total)
+            tree.add_(part.running_sum, summed)
 
     def merge(self, parts: Sequence[Partial]) -> Partial:
         """One part from several: running sums added in the order given, everything else put

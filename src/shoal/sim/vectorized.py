@@ -4,8 +4,8 @@ Each client's params are one row of a stacked tensor ``(C, *shape)``; one step c
 active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``, all their
 gradients in one backward pass, and applies the SGD step to the stacked tensors in place. The
 model's ``nn.Linear`` layers take their step inside that backward pass, accumulating each
-client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; ``fuse_linear=False``
-turns it off); the other params get autograd's gradients and the same step afterwards. The
+client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; layers of at
+least ``fuse_min_weights`` weights, ``None`` turns it off); the other params get autograd's gradients and the same step afterwards. The
 results' updates are rows of the stacked deltas (:class:`CohortResult`), which the round's fold
 can reduce in one operation per tensor. Clients with different data sizes are padded, not
 truncated: a short last batch carries a mask (padded examples weigh 0, the loss is the mean
@@ -43,7 +43,7 @@ from ..errors import ConfigError, ModelError
 from ..seeding import torch_generator
 from ..tree import Params
 from ..types import ClientInfo, ClientResult
-from .fused import SGDStep, step_linear_layers
+from .fused import FUSE_MIN_WEIGHTS, SGDStep, step_linear_layers
 
 __all__ = ["CohortResult", "SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
 
@@ -121,7 +121,7 @@ class CohortResult:
 class VectorizedLocalSGD:
     """``local_sgd`` for many clients in one batched computation; see the module docstring."""
 
-    def __init__(self, update: LocalSGD, *, fuse_linear: bool = True):
+    def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None = FUSE_MIN_WEIGHTS):
         self.update = update
         self.spec = sgd_spec(update)
         check_vectorizable(update.model)
@@ -129,9 +129,10 @@ class VectorizedLocalSGD:
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.step = SGDStep(self.spec.lr, self.spec.momentum, self.spec.weight_decay,
                             update.prox_mu)
-        # Linear layers take their SGD step inside the backward pass (shoal.sim.fused).
-        self.fused = step_linear_layers(self.model, set(self.trainable), self.step) \
-            if fuse_linear else []
+        # Linear layers take their SGD step inside the backward pass (shoal.sim.fused): those
+        # with at least fuse_min_weights weights (None: none).
+        self.fused = [] if fuse_min_weights is None else step_linear_layers(
+            self.model, set(self.trainable), self.step, min_weights=fuse_min_weights)
         self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
         for n, p in self.model.named_parameters():
             if n in self.fused and p.dim() == 2:  # (out, in) stored as (in, out)
@@ -192,25 +193,49 @@ class VectorizedLocalSGD:
         total = per_epoch * u.epochs
         return total if u.max_steps is None else min(total, u.max_steps)
 
-    def schedule(self, data: ArrayData, info: ClientInfo, out: Tensor | None = None) -> Tensor:
+    def schedule(self, data: ArrayData, info: ClientInfo) -> Tensor:
         """Client's batches as rows ``(steps, B)`` of pool row numbers, ``-1`` for padding; the
-        same batches ``local_sgd`` draws. Written into ``out`` (``(S, B)`` with
-        ``S >= steps``, filled with ``-1``) when given."""
-        u = self.update
-        n, b = len(data), u.batch_size
-        steps = self.steps(n)
-        if out is None:
-            out = torch.full((steps, b), -1, dtype=torch.int64)
-        if n == 0:
-            return out[:0]
-        g = torch_generator(info.seed, "batches")
-        per_epoch = math.ceil(n / b)
-        flat = out.view(-1)
-        for e in range(math.ceil(steps / per_epoch)):  # epoch e fills rows e*per_epoch...
-            start = e * per_epoch * b
-            keep = min(n, (steps - e * per_epoch) * b)  # max_steps may cut the last epoch
-            flat[start:start + keep] = data.index[torch.randperm(n, generator=g)[:keep]]
-        return out[:steps]
+        same batches ``local_sgd`` draws."""
+        rows = torch.full((1, self.steps(len(data)), self.update.batch_size), -1,
+                          dtype=torch.int64)
+        self.schedules([data], [info], rows)
+        return rows[0]
+
+    def schedules(self, datas: Sequence[ArrayData], infos: Sequence[ClientInfo],
+                  rows: Tensor) -> None:
+        """Write client ``j``'s batches (see :meth:`schedule`) into ``rows[j]`` (``(C, S, B)``,
+        filled with ``-1``): one permutation per client and epoch from the client's own
+        generator, then one gather and one scatter for the whole cohort."""
+        b, s_max = self.update.batch_size, rows.shape[1]
+        perms: list[Tensor] = []  # positions within the client's rows, one piece per epoch
+        keeps: list[int] = []  # examples each piece places (max_steps may cut the last epoch)
+        offsets: list[int] = []  # where the piece's client starts in the concatenated indices
+        starts: list[int] = []  # where the piece goes in rows.view(-1)
+        offset = 0
+        for j, (data, info) in enumerate(zip(datas, infos, strict=True)):
+            n = len(data)
+            steps = self.steps(n)
+            if n:
+                g = torch_generator(info.seed, "batches")
+                per_epoch = math.ceil(n / b)
+                for e in range(math.ceil(steps / per_epoch)):
+                    keep = min(n, (steps - e * per_epoch) * b)
+                    perm = torch.randperm(n, generator=g)
+                    perms.append(perm if keep == n else perm[:keep])
+                    keeps.append(keep)
+                    offsets.append(offset)
+                    starts.append((j * s_max + e * per_epoch) * b)
+            offset += n
+        if not perms:
+            return
+        local = torch.cat(perms)
+        counts = torch.tensor(keeps)
+        pool_rows = torch.cat([d.index for d in datas])[
+            local + torch.repeat_interleave(torch.tensor(offsets), counts)]
+        first = torch.cumsum(counts, 0) - counts  # where each piece starts in `local`
+        where = torch.repeat_interleave(torch.tensor(starts) - first, counts) \
+            + torch.arange(len(local))
+        rows.view(-1)[where] = pool_rows
 
     def __call__(self, params: Params, datas: Sequence[ArrayData],
                  infos: Sequence[ClientInfo]) -> list[ClientResult]:
@@ -232,8 +257,8 @@ class VectorizedLocalSGD:
         order = torch.argsort(steps, descending=True, stable=True)  # active clients: a prefix
         c, s_max, b = len(datas), int(steps.max()), self.update.batch_size
         rows = torch.full((c, s_max, b), -1, dtype=torch.int64)  # (C, S, B)
-        for j, i in enumerate(order.tolist()):
-            self.schedule(datas[i], infos[i], rows[j])
+        ordered = order.tolist()
+        self.schedules([datas[i] for i in ordered], [infos[i] for i in ordered], rows)
         mask = rows >= 0
         # Padding reads the pool's row 0 (any real row: its output is multiplied by 0).
         rows = rows.clamp(min=0)
