@@ -54,7 +54,7 @@ class Message:
         """Everything but the tensor data, as JSON-able values (tensor names, dtypes, shapes)."""
         return {
             "kind": self.kind, "src": self.src, "dst": self.dst, "round": self.round,
-            "tensors": _tensor_specs(self.tensors),
+            "tensors": _specs_json(_specs(self.tensors)),
             "config": self.config, "metrics": self.metrics, "error": self.error,
         }
 
@@ -66,18 +66,24 @@ class Message:
         rest = {"kind": self.kind, "src": self.src, "dst": self.dst, "round": self.round,
                 "tensors": None, "config": self.config, "metrics": self.metrics,
                 "error": self.error}
-        specs = tuple((k, v.dtype, tuple(v.shape)) for k, v in self.tensors.items())
-        return data + len(json.dumps(rest, separators=_COMPACT)) - 4 + _specs_length(specs)
+        return data + len(json.dumps(rest, separators=_COMPACT)) - 4 \
+            + _specs_length(_specs(self.tensors))
 
 
 _COMPACT = (",", ":")
 
 
-def _tensor_specs(tensors: Params) -> dict[str, list[Any]]:
-    return {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()}
+Specs = tuple[tuple[str, Any, tuple[int, ...]], ...]
+
+
+def _specs(tensors: Params) -> Specs:
+    return tuple((k, v.dtype, tuple(v.shape)) for k, v in tensors.items())
+
+
+def _specs_json(specs: Specs) -> dict[str, list[Any]]:
+    return {k: [str(d).removeprefix("torch."), list(s)] for k, d, s in specs}
 
 
 @functools.lru_cache(maxsize=256)
-def _specs_length(specs: tuple[tuple[str, Any, tuple[int, ...]], ...]) -> int:
-    return len(json.dumps({k: [str(d).removeprefix("torch."), list(s)] for k, d, s in specs},
-                          separators=_COMPACT))
+def _specs_length(specs: Specs) -> int:
+    return len(json.dumps(_specs_json(specs), separators=_COMPACT))

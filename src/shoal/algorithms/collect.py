@@ -159,11 +159,11 @@ class RoundFold:
         rounding (another order of the same additions)."""
         part = self.start()
         pos = range(len(requests)) if positions is None else positions
-        batched = rows is not None and self.streams and not any(
-            st.runs_at == "coordinator" for st in self.pipeline.stages)
+        if not self.streams or any(st.runs_at == "coordinator" for st in self.pipeline.stages):
+            rows = None
         stacked: list[tuple[int, Message, Message, Params, int]] = []
         for p, req, rep in zip(pos, requests, replies, strict=True):
-            hit = rows(rep) if batched and rows is not None else None
+            hit = rows(rep) if rows is not None else None
             if hit is None:
                 self.add(part, p, req, rep)
             else:

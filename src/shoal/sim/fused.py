@@ -221,4 +221,3 @@ def step_linear_layers(model: nn.Module, trainable: Collection[str], step: SGDSt
             setattr(module, child_name, layer)
             fused += names
     return fused
-

@@ -5,9 +5,9 @@ active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``,
 gradients in one backward pass, and applies the SGD step to the stacked tensors in place. The
 model's ``nn.Linear`` layers take their step inside that backward pass, accumulating each
 client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; layers of at
-least ``fuse_min_weights`` weights, ``None`` turns it off); the other params get autograd's gradients and the same step afterwards. The
-results' updates are rows of the stacked deltas (:class:`CohortResult`), which the round's fold
-can reduce in one operation per tensor. Clients with different data sizes are padded, not
+least ``fuse_min_weights`` weights, ``None`` turns it off); the other params get autograd's
+gradients and the same step afterwards. The results' updates are rows of the stacked deltas
+(:class:`CohortResult`), which the round's fold can reduce in one operation per tensor. Clients with different data sizes are padded, not
 truncated: a short last batch carries a mask (padded examples weigh 0, the loss is the mean
 over the real ones, as ``local_sgd`` computes it), and clients are sorted by their number of
 steps so that the clients still training at step ``s`` are a prefix ``[:k_s]`` of the stack (a
