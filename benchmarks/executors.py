@@ -160,9 +160,11 @@ def w2_floor(rounds: int) -> dict:
         W1, B1 = w1g.expand(c, -1, -1).clone(), b1g.expand(c, -1).clone()
         W2_, B2 = w2g.expand(c, -1, -1).clone(), b2g.expand(c, -1).clone()
         mask = (idx >= 0).float()
-        rows = idx.clamp(min=0)
+        rows = idx.clamp(min=0).transpose(0, 1).contiguous()  # (S, C, B): index_select per step
         for s, k in enumerate(active):
-            xb, yb, m = x[rows[:k, s]], y[rows[:k, s]], mask[:k, s]  # (k,B,784) (k,B) (k,B)
+            sel = rows[s, :k].view(-1)
+            xb = x.index_select(0, sel).view(k, b, -1)  # (k, B, 784)
+            yb, m = y.index_select(0, sel).view(k, b), mask[:k, s]  # (k, B), (k, B)
             h = torch.baddbmm(B1[:k].unsqueeze(1), xb, W1[:k]).clamp_(min=0)  # (k, B, 64)
             logits = torch.baddbmm(B2[:k].unsqueeze(1), h, W2_[:k])  # (k, B, 10)
             d = logits.softmax(-1)

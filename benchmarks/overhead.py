@@ -120,7 +120,7 @@ def bare_variant(rounds: int) -> dict:
             for s in range(0, len(order), BATCH):
                 sel = order[s:s + BATCH]
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x[sel]), y[sel]).backward()
+                F.cross_entropy(model(x.index_select(0, sel)), y.index_select(0, sel)).backward()
                 opt.step()
             w = float(len(rows))
             for k in names:

@@ -2,7 +2,8 @@
 
 A federation is described by indices into one pool of tensors, not by copies: a client is the
 tensor of its row numbers. Memory grows with the data, not with the number of clients, and a
-batch is one ``index_select``, exactly what a hand-written loop does.
+batch is one ``index_select`` (several times faster than indexing ``x[rows]``, which goes
+through advanced indexing, for the same copy).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class ArrayData:
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         """This node's examples as two new tensors ``(x, y)``."""
-        return self.x[self.index], self.y[self.index]
+        return self.x.index_select(0, self.index), self.y.index_select(0, self.index)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None,
                 *, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
@@ -94,7 +95,7 @@ class ArrayData:
                 yield self.x[start:end], self.y[start:end]
             return
         for sel in self.batch_rows(batch_size, generator, drop_last=drop_last):
-            yield self.x[sel], self.y[sel]
+            yield self.x.index_select(0, sel), self.y.index_select(0, sel)
 
     def _first_row_if_consecutive(self) -> int | None:
         """``index[0]`` when ``index`` is ``index[0], index[0] + 1, ...``; else ``None``."""
