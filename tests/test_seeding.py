@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shoal.seeding import _key_int, derive_seed, torch_generator
+from shoal.seeding import _key_int, derive_seed, derive_seeds, torch_generator
 
 keys = st.lists(st.one_of(st.integers(0, 2**80), st.text(max_size=12)), max_size=5)
 
@@ -30,3 +30,23 @@ def test_derive_seed_is_stable_and_keyed() -> None:
 def test_negative_keys_are_refused() -> None:
     with pytest.raises(ValueError, match=r"derive_seed: keys must be >= 0 \(got -1\)"):
         derive_seed(0, -1)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**70), keys), min_size=0, max_size=40))
+def test_derive_seeds_equals_derive_seed_of_each_row(rows: list) -> None:
+    flat = [(seed, *ks) for seed, ks in rows]
+    assert derive_seeds(flat) == [derive_seed(*r) for r in flat]
+
+
+def test_derive_seeds_hashes_a_cohort_together() -> None:
+    # 100 rows of one length go through the array hash (not the per-row fallback).
+    rows = [(7, "client", 3, f"client-{i:04d}") for i in range(100)] + [(1,), (2, "x")]
+    assert derive_seeds(rows) == [derive_seed(*r) for r in rows]
+
+
+@pytest.mark.parametrize("n_keys", [0, 1, 2, 3, 4, 5, 8])
+def test_derive_seeds_array_hash_matches_for_short_and_long_entropy(n_keys: int) -> None:
+    # Fewer words than SeedSequence's pool of four, exactly four, and more.
+    rng = np.random.default_rng(n_keys)
+    rows = [tuple(int(v) for v in rng.integers(0, 2**32, n_keys + 1)) for _ in range(20)]
+    assert derive_seeds(rows) == [derive_seed(*r) for r in rows]

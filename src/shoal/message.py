@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,17 +61,17 @@ class Message:
 
     def nbytes(self) -> int:
         """The size this message has on a wire: tensor data plus its JSON header."""
-        data = sum(v.numel() * v.element_size() for v in self.tensors.values())
-        # len(json.dumps(header)), with the tensor specs' part (the same for every message of
-        # a round) measured once: "null" stands in for it, then its length is swapped in.
+        specs = _specs(self.tensors)
+        # Data plus len(json.dumps(header)); the tensor specs' part of the header and the data
+        # size follow from the specs (the same for every message of a round) and are measured
+        # once: "null" stands in for the specs, then their length is swapped in.
         rest = {"kind": self.kind, "src": self.src, "dst": self.dst, "round": self.round,
                 "tensors": None, "config": self.config, "metrics": self.metrics,
                 "error": self.error}
-        return data + len(json.dumps(rest, separators=_COMPACT)) - 4 \
-            + _specs_length(_specs(self.tensors))
+        return len(_COMPACT.encode(rest)) - 4 + _specs_bytes(specs)
 
 
-_COMPACT = (",", ":")
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps(..., separators=...) as one
 
 
 Specs = tuple[tuple[str, Any, tuple[int, ...]], ...]
@@ -85,5 +86,7 @@ def _specs_json(specs: Specs) -> dict[str, list[Any]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _specs_length(specs: Specs) -> int:
-    return len(json.dumps(_specs_json(specs), separators=_COMPACT))
+def _specs_bytes(specs: Specs) -> int:
+    """The tensors' data bytes plus the length of their specs in the JSON header."""
+    data = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
+    return data + len(_COMPACT.encode(_specs_json(specs)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .. import tree
@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..message import COORDINATOR, Message
 from ..metrics import weighted_average
 from ..node import Handler, NodeContext
-from ..seeding import derive_seed
+from ..seeding import derive_seed, derive_seeds
 from ..transport import Transport, replies
 from ..tree import Params
 from ..types import ClientInfo, ClientResult, RoundInfo
@@ -117,6 +117,16 @@ class FedAvg:
     def client_seed(self, round: int, client_id: str) -> int:
         """The seed of ``client_id``'s randomness in ``round``."""
         return derive_seed(self.seed, "client", round, client_id)
+
+    def client_infos(self, messages: Sequence[Message]) -> list[ClientInfo]:
+        """``client_info(m, m.dst)`` for each of ``messages``, the seeds derived together
+        (:func:`~shoal.seeding.derive_seeds`) unless a subclass derives them otherwise."""
+        cls = type(self)
+        if cls.client_seed is not FedAvg.client_seed or cls.client_info is not FedAvg.client_info:
+            return [self.client_info(m, m.dst) for m in messages]
+        seeds = derive_seeds([(self.seed, "client", m.round, m.dst) for m in messages])
+        return [ClientInfo(m.dst, m.round, s, m.config)
+                for m, s in zip(messages, seeds, strict=True)]
 
     def round(self, state: FedAvgState, transport: Transport,
               round: int) -> tuple[FedAvgState, RoundReport]:

@@ -208,7 +208,7 @@ class VectorizedExecutor(Executor):
     def _batch(algorithm: FedAvg, trainer: VectorizedLocalSGD,
                chunk: list[tuple[Message, Any]], done: dict[int, Message],
                rows: dict[int, tuple[Params, int, Params]]) -> None:
-        infos = [algorithm.client_info(m, m.dst) for m, _ in chunk]
+        infos = algorithm.client_infos([m for m, _ in chunk])
         params = chunk[0][0].tensors
         try:
             batch = trainer.cohort(params, [d for _, d in chunk], infos)
