@@ -27,10 +27,11 @@ accumulated into the weights and the masked mean add in another order than per-c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,11 @@ from torch.func import functional_call, vmap
 from ..client import LocalSGD
 from ..data.arrays import ArrayData
 from ..errors import ConfigError, ModelError
-from ..seeding import torch_generator
+from ..seeding import derive_seeds
 from ..tree import Params
 from ..types import ClientInfo, ClientResult
 from .fused import FUSE_MIN_WEIGHTS, SGDStep, step_linear_layers
+from .traced import TracedStep
 
 __all__ = ["CohortResult", "SGDSpec", "VectorizedLocalSGD", "check_vectorizable", "sgd_spec"]
 
@@ -107,6 +109,18 @@ def check_vectorizable(model: nn.Module) -> None:
             )
 
 
+@contextlib.contextmanager
+def _vmap_errors() -> Iterator[None]:
+    """Re-raise an error of ``torch.func.vmap`` running the model as a :class:`ModelError`."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
+        if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
+            raise ModelError(f"vectorized executor: the model cannot run under "
+                             f"torch.func.vmap: {type(e).__name__}: {e}; {_FIX}.") from e
+        raise
+
+
 @dataclass(frozen=True)
 class CohortResult:
     """A batch's results: ``results[i]`` is client ``i``'s (in the order given), and the
@@ -121,7 +135,8 @@ class CohortResult:
 class VectorizedLocalSGD:
     """``local_sgd`` for many clients in one batched computation; see the module docstring."""
 
-    def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None = FUSE_MIN_WEIGHTS):
+    def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None = FUSE_MIN_WEIGHTS,
+                 trace: bool = True):
         self.update = update
         self.spec = sgd_spec(update)
         check_vectorizable(update.model)
@@ -134,6 +149,10 @@ class VectorizedLocalSGD:
         self.fused = [] if fuse_min_weights is None else step_linear_layers(
             self.model, set(self.trainable), self.step, min_weights=fuse_min_weights)
         self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
+        self._probed = False  # whether _learn_layouts ran
+        # The step, replayed as the graph of operations it ran (shoal.sim.traced); trace=False
+        # always runs it as Python.
+        self._traced = TracedStep(self._local_step, enabled=trace)
         for n, p in self.model.named_parameters():
             if n in self.fused and p.dim() == 2:  # (out, in) stored as (in, out)
                 self._layouts[n] = (1, p.shape[0])
@@ -157,16 +176,13 @@ class VectorizedLocalSGD:
     def __repr__(self) -> str:
         return f"VectorizedLocalSGD({self.update!r})"
 
-    def _learn_layout(self, name: str, grad: Tensor) -> bool:
+    def _learn_layout(self, name: str, grad: Tensor) -> None:
         # The backward pass of a batched matrix product gives weight gradients in a transposed
         # layout, shape (k, out, in) strides (out * in, 1, out); an SGD step that adds such a
         # gradient to row-major params reads memory out of order (5x slower for a large layer).
         # Keeping the params in the gradient's layout makes the step one sequential sweep.
-        shape = grad.shape
-        if grad.stride()[0] != math.prod(shape[1:]) or self._layouts.get(name) == grad.stride()[1:]:
-            return False
-        self._layouts[name] = grad.stride()[1:]
-        return True
+        if grad.stride()[0] == math.prod(grad.shape[1:]):
+            self._layouts[name] = grad.stride()[1:]
 
     def _stack(self, t: Tensor, c: int | None, name: str) -> Tensor:
         """``t`` (one client's, or already stacked when ``c`` is None) as a stacked copy
@@ -185,6 +201,55 @@ class VectorizedLocalSGD:
         else:
             out = t.permute(0, *[d + 1 for d in order]).contiguous()
         return out.permute(back)
+
+    def _gradients(self, view: Params, const: Params, xb: Tensor, yb: Tensor,
+                   weights: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The clients' losses ``(k,)`` and the gradients of the params that are not fused
+        (the fused layers take their step inside this backward pass)."""
+        leaves = {n: t.detach().requires_grad_() for n, t in view.items()}
+        with torch.enable_grad():
+            loss = (self._full(leaves, const, xb, yb) if weights is None
+                    else self._masked(leaves, const, xb, yb, weights))  # (k,)
+            # A fused layer's gradient is None; so is that of a param the loss does not use,
+            # which takes no step (as SGD).
+            found = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+        return loss.detach(), {n: g for n, g in zip(leaves, found, strict=True) if g is not None}
+
+    def _local_step(self, view: Params, buffers: Params, anchors: Params, const: Params,
+                    xb: Tensor, yb: Tensor, weights: Tensor | None) -> Tensor:
+        """One local step of the ``k`` clients whose params are ``view`` (rows ``[:k]`` of the
+        stacks), in place, with momentum ``buffers`` and FedProx ``anchors``; their losses.
+        Every tensor it reads or writes is an argument, so :class:`TracedStep` can replay it
+        (``weights``: the batch mask, ``None`` when every example is real)."""
+        step = self.step
+        step.buffers, step.anchors = buffers, anchors
+        loss, grads = self._gradients(view, const, xb, yb, weights)
+        for n, g in grads.items():
+            step.apply_(n, view[n], g)
+        return loss
+
+    def _learn_layouts(self, params: Params, const: Params, datas: Sequence[ArrayData],
+                       x: Tensor, y: Tensor) -> None:
+        """Once per trainer: one throwaway step of two clients on a real batch, keeping for
+        each param the memory layout autograd gives its gradient (see ``_learn_layout``), so
+        that every stack is made in that layout from the start."""
+        if self._probed:
+            return
+        data = next((d for d in datas if len(d)), None)
+        if data is None:
+            return
+        self._probed = True
+        b = self.update.batch_size
+        rows = data.index[torch.arange(b) % len(data)]
+        xb = x.index_select(0, rows).expand(2, *x[rows].shape)
+        yb = y.index_select(0, rows).expand(2, *y[rows].shape)
+        two = {n: self._stack(params[n], 2, n) for n in self.trainable}
+        step = self.step
+        step.begin(2, first=True)
+        step.buffers = {n: torch.zeros_like(t) for n, t in two.items()}
+        step.anchors = {n: self._stack(params[n], 1, n) for n in two}
+        for n, g in self._gradients(two, const, xb, yb, None)[1].items():
+            self._learn_layout(n, g)
 
     def steps(self, n: int) -> int:
         """How many local steps a client of ``n`` examples takes (as ``local_sgd``)."""
@@ -212,11 +277,13 @@ class VectorizedLocalSGD:
         offsets: list[int] = []  # where the piece's client starts in the concatenated indices
         starts: list[int] = []  # where the piece goes in rows.view(-1)
         offset = 0
-        for j, (data, info) in enumerate(zip(datas, infos, strict=True)):
+        # torch_generator(info.seed, "batches") for every client, the seeds derived together.
+        seeds = derive_seeds([(info.seed, "batches") for info in infos])
+        for j, (data, seed) in enumerate(zip(datas, seeds, strict=True)):
             n = len(data)
             steps = self.steps(n)
             if n:
-                g = torch_generator(info.seed, "batches")
+                g = torch.Generator().manual_seed(seed)
                 per_epoch = math.ceil(n / b)
                 for e in range(math.ceil(steps / per_epoch)):
                     keep = min(n, (steps - e * per_epoch) * b)
@@ -260,51 +327,33 @@ class VectorizedLocalSGD:
         ordered = order.tolist()
         self.schedules([datas[i] for i in ordered], [infos[i] for i in ordered], rows)
         mask = rows >= 0
-        # Padding reads the pool's row 0 (any real row: its output is multiplied by 0).
-        rows = rows.clamp(min=0)
+        # Padding reads the pool's row 0 (any real row: its output is multiplied by 0). Step
+        # major, so that a step's rows are one contiguous index for index_select (several
+        # times faster than x[rows], which goes through advanced indexing).
+        by_step = rows.clamp(min=0).transpose(0, 1).contiguous()  # (S, C, B)
         maskf = mask.to(x.dtype if x.is_floating_point() else torch.float32)
         active = [int((steps > s).sum()) for s in range(s_max)]
 
         const = {k: v for k, v in params.items() if k not in self.trainable}
+        with _vmap_errors():
+            self._learn_layouts(params, const, datas, x, y)
         stacked = {k: self._stack(params[k], c, k) for k in self.trainable}  # (C, *shape)
         step = self.step
-        step.anchors = {k: self._stack(params[k], 1, k) for k in stacked} \
-            if step.prox_mu else {}
-        step.buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} \
-            if step.momentum else {}
+        anchors = {k: self._stack(params[k], 1, k) for k in stacked} if step.prox_mu else {}
+        buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} if step.momentum else {}
         loss_sum = torch.zeros(c, dtype=torch.float64)
         for s in range(s_max):
             k = active[s]
             step.begin(k, first=s == 0)
-            idx, m = rows[:k, s], mask[:k, s]  # (k, B)
-            xb, yb = x[idx], y[idx]  # (k, B, *x_shape), (k, B, ...)
+            idx, m = by_step[s, :k].view(-1), mask[:k, s]  # (k * B,), (k, B)
+            xb = x.index_select(0, idx).view(k, b, *x.shape[1:])  # (k, B, *x_shape)
+            yb = y.index_select(0, idx).view(k, b, *y.shape[1:])  # (k, B, ...)
             view = {n: t[:k] for n, t in stacked.items()}
-            leaves = {n: t.detach().requires_grad_() for n, t in view.items()}
-            try:
-                with torch.enable_grad():
-                    loss = (self._full(leaves, const, xb, yb) if bool(m.all())
-                            else self._masked(leaves, const, xb, yb, maskf[:k, s]))  # (k,)
-                    # The fused layers step themselves in this pass (their gradient: None);
-                    # a param the loss does not use gets None too, and no step (as SGD).
-                    found = torch.autograd.grad(loss.sum(), list(leaves.values()),
-                                                allow_unused=True)
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
-                if "vmap" in str(e) or "functorch" in str(e) or "batching rule" in str(e):
-                    raise ModelError(f"vectorized executor: the model cannot run under "
-                                     f"torch.func.vmap: {type(e).__name__}: {e}; {_FIX}.") from e
-                raise
-            for n, g in zip(leaves, found, strict=True):
-                if g is None:
-                    continue
-                if g.stride() != view[n].stride() and self._learn_layout(n, g):
-                    stacked[n] = self._stack(stacked[n], None, n)
-                    view[n] = stacked[n][:k]
-                    if n in step.buffers:
-                        step.buffers[n] = self._stack(step.buffers[n], None, n)
-                    if n in step.anchors:
-                        step.anchors[n] = self._stack(params[n], 1, n)
-                step.apply_(n, view[n], g)
-            loss_sum[:k] += loss.detach()
+            weights = None if bool(m.all()) else maskf[:k, s]
+            with _vmap_errors():
+                # k and (with momentum) whether this is the first step shape the step's graph.
+                loss_sum[:k] += self._traced((k, step.first and bool(step.momentum)), view,
+                                             buffers, anchors, const, xb, yb, weights)
         # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
         # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and
         # with the global params first copied into the stack's layout: a fresh 20 MB result
@@ -312,15 +361,16 @@ class VectorizedLocalSGD:
         deltas = {k: stacked[k].sub_(self._stack(params[k], 1, k)) for k in stacked}
         examples_per = mask.sum(dim=(1, 2)).tolist()
         loss_per = loss_sum.tolist()
+        steps_per = steps.tolist()
+        rows_of = {k: t.unbind(0) for k, t in deltas.items()}  # every row's view in one call
+        frozen = {k: torch.zeros_like(v) for k, v in params.items() if k not in deltas}
         results: list[ClientResult | None] = [None] * c
         row = [0] * c
-        for j, i in enumerate(order.tolist()):
-            n_steps = int(steps[i])
-            examples = int(examples_per[j])
-            update = {k: (deltas[k][j] if k in deltas else torch.zeros_like(v))
-                      for k, v in params.items()}
+        for j, i in enumerate(ordered):
+            n_steps = steps_per[i]
+            update = {k: (rows_of[k][j] if k in rows_of else frozen[k].clone()) for k in params}
             metrics = {"train/loss": loss_per[j] / max(n_steps, 1),
-                       "train/steps": float(n_steps), "train/examples": float(examples)}
+                       "train/steps": float(n_steps), "train/examples": float(examples_per[j])}
             results[i] = ClientResult(update, float(len(datas[i])), metrics)
             row[i] = j
         return CohortResult([r for r in results if r is not None], deltas, row)
