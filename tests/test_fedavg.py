@@ -189,3 +189,17 @@ def test_fedprox_pulls_updates_towards_the_global_model(tiny):
         _, report = fedavg.round(fedavg.init(params), transport, 1)
         norms[mu] = report.metrics["update/norm"]
     assert norms[10.0] < 0.8 * norms[0.0]
+
+
+def test_client_infos_of_a_cohort_equal_client_info_of_each(tiny):
+    algorithm = FedAvg(local_sgd(tiny.model, cross_entropy, optimizer=sgd(0.1)), seed=11)
+    msgs = [Message("train", "coordinator", f"client-{i:03d}", 4, {}, {"stages": []})
+            for i in range(30)]
+    assert algorithm.client_infos(msgs) == [algorithm.client_info(m, m.dst) for m in msgs]
+
+    class Reseeded(FedAvg):
+        def client_seed(self, round: int, client_id: str) -> int:
+            return round  # a subclass's own seeds are kept
+
+    other = Reseeded(algorithm.client_update, seed=11)
+    assert [i.seed for i in other.client_infos(msgs)] == [4] * 30
