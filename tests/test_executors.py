@@ -125,14 +125,15 @@ def test_the_batched_schedules_are_the_batches_local_sgd_draws(sizes, epochs, ma
                                         weight_decay=1e-3), "prox_mu": 0.1}],
     ids=["plain", "momentum-wd-prox"])
 def test_vectorized_with_fused_linear_layers_matches_sequential(kwargs):
-    from shoal.sim.fused import FUSE_MIN_WEIGHTS
     torch.manual_seed(3)
     wide = nn.Sequential(nn.Linear(8, 512), nn.ReLU(), nn.Linear(512, 3))  # 4,096 weights
-    assert wide[0].weight.numel() >= FUSE_MIN_WEIGHTS > wide[2].weight.numel()
     seq, hs = train("sequential", model=wide, **dict(kwargs))
     executor = VectorizedExecutor()
     vec, hv = train(executor, model=wide, **dict(kwargs))
-    assert next(iter(executor._trainers.values()))[1].fused == ["0.weight", "0.bias"]
+    # Steps are replayed, so every linear layer is fused (fuse_min_weights="auto").
+    trainer = next(iter(executor._trainers.values()))[1]
+    assert trainer.fused == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert trainer._traced.graphs
     assert_close(seq, vec)
     assert [h["train/loss"] for h in hs] == pytest.approx([h["train/loss"] for h in hv],
                                                          rel=1e-5)

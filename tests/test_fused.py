@@ -118,3 +118,28 @@ def test_stepped_linear_outside_vmap_is_an_ordinary_linear_layer() -> None:
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, ref.weight.grad)
     torch.testing.assert_close(gb, ref.bias.grad)
+
+
+@pytest.mark.parametrize("name", ["mlp", "sequence"])
+def test_cross_entropy_taken_outside_vmap_equals_the_per_client_loss(name: str) -> None:
+    model = models()[name]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 8, generator=g)
+    y = targets(name, torch.randint(0, 3, (60,), generator=g))
+    datas = [ArrayData(x, y, torch.arange(s, s + n)) for s, n in ((0, 13), (13, 3), (16, 8))]
+    infos = [ClientInfo(f"c{i}", 1, 7 + i) for i in range(3)]
+    params = tree.params_of(model)
+    kw = {"batch_size": 4, "optimizer": functools.partial(torch.optim.SGD, lr=0.1)}
+    fast = VectorizedLocalSGD(local_sgd(model, torch.nn.functional.cross_entropy, **kw))
+    generic = VectorizedLocalSGD(local_sgd(
+        model, lambda o, t: torch.nn.functional.cross_entropy(o, t), **kw))
+    assert fast._cross_entropy_outside(y) and not generic._cross_entropy_outside(y)
+    for ra, rb in zip(fast(params, datas, infos), generic(params, datas, infos), strict=True):
+        for k in params:
+            torch.testing.assert_close(ra.update[k], rb.update[k], rtol=1e-5, atol=1e-6)
+        assert ra.metrics["train/loss"] == pytest.approx(rb.metrics["train/loss"], rel=1e-5)
+    # A target equal to ignore_index (-100) is left out of cross_entropy's mean: such pools
+    # keep the per-client loss under vmap.
+    y_ignored = y.clone()
+    y_ignored[5] = -100
+    assert not fast._cross_entropy_outside(y_ignored)

@@ -16,9 +16,11 @@ gradients). Everything else in the model gets its gradients from autograd and th
 :meth:`SGDStep.apply_` afterwards.
 
 The fused weights are stored transposed, ``(C, in, out)`` in memory (viewed as
-``(C, out, in)``), so ``baddbmm_`` writes them in memory order. Only layers of at least
-:data:`FUSE_MIN_WEIGHTS` weights are fused by default: for a small layer the stack stays in
-cache and the Python of the ``vmap`` rule costs more than it saves.
+``(C, out, in)``), so ``baddbmm_`` writes them in memory order. When steps run eagerly, only
+layers of at least :data:`FUSE_MIN_WEIGHTS` weights are worth fusing: for a small layer the
+stack stays in cache and the Python of the ``vmap`` rule costs more than it saves; a replayed
+step (:mod:`shoal.sim.traced`) runs no such Python, so the vectorized trainer then fuses every
+layer it can.
 """
 
 from __future__ import annotations
@@ -187,8 +189,8 @@ class SteppedLinear(nn.Module):
 
 
 FUSE_MIN_WEIGHTS = 4096
-"""The smallest linear layer (weights per client) :func:`step_linear_layers` fuses by default.
-Below it the weight stack is small enough to stay in cache, and the fused layer's Python (its
+"""The smallest linear layer (weights per client) :func:`step_linear_layers` fuses by default
+(and the vectorized trainer when its steps are not replayed). Below it the weight stack is small enough to stay in cache, and the fused layer's Python (its
 ``vmap`` rule and autograd function: about 0.4 ms a layer and step, measured) costs more than
 the round trip through memory it saves."""
 

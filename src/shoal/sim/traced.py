@@ -73,5 +73,20 @@ class TracedStep:
             log.info("the vectorized step cannot be traced (%s); it runs eagerly",
                      self.failure)
             return self.fn(*args)
-        self.graphs[sig] = graph
-        return graph(*args)
+        self.graphs[sig] = _without_aliases(graph)
+        return self.graphs[sig](*args)
+
+
+def _without_aliases(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` without the operations that only alias their input (``detach``, a permute to
+    the same order): each costs a Python call on replay and computes nothing."""
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function":
+            continue
+        dims = node.args[1] if node.target is torch.ops.aten.permute.default else None
+        if node.target is torch.ops.aten.detach.default \
+                or (dims is not None and list(dims) == list(range(len(dims)))):
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph

@@ -5,13 +5,24 @@ active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``,
 gradients in one backward pass, and applies the SGD step to the stacked tensors in place. The
 model's ``nn.Linear`` layers take their step inside that backward pass, accumulating each
 client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; layers of at
-least ``fuse_min_weights`` weights, ``None`` turns it off); the other params get autograd's
-gradients and the same step afterwards. The results' updates are rows of the stacked deltas
-(:class:`CohortResult`), which the round's fold can reduce in one operation per tensor. Clients with different data sizes are padded, not
-truncated: a short last batch carries a mask (padded examples weigh 0, the loss is the mean
-over the real ones, as ``local_sgd`` computes it), and clients are sorted by their number of
-steps so that the clients still training at step ``s`` are a prefix ``[:k_s]`` of the stack (a
-view, no copy) and a finished client does no work.
+least ``fuse_min_weights`` weights, by default all when steps are replayed and those of at
+least 4,096 weights otherwise, ``None`` turns it off); the other params get autograd's
+gradients and the same step afterwards. A loss of ``F.cross_entropy`` is taken on the whole
+batch's outputs outside ``vmap`` (one loss per example, then each client's mean). The results' updates are rows of the stacked deltas
+(:class:`CohortResult`), which the round's fold can reduce in one operation per tensor.
+Clients with different data sizes are padded, not truncated: a short last batch carries a mask
+(padded examples weigh 0, the loss is the mean over the real ones, as ``local_sgd`` computes
+it), and clients are sorted by their number of steps so that the clients still training at
+step ``s`` are a prefix ``[:k_s]`` of the stack (a view, no copy) and a finished client does no
+work.
+
+A step is one function of tensors (:meth:`VectorizedLocalSGD._local_step`); the second time a
+step of the same shape comes (same number of active clients, masked or not, same layouts), it
+is traced into the graph of ATen operations that vmap and autograd dispatched and replayed from
+then on (:mod:`shoal.sim.traced`): the same operations on the same tensors, bit-identical, without
+the Python of vmap, ``functional_call``, autograd and the fused layers' rules (about 1.5 ms a
+step). Each param's stack is laid out, from the first step on, in the memory layout autograd
+gives its gradient (learned once, by a throwaway step of two clients).
 
 Supported: :class:`~shoal.client.LocalSGD` with ``torch.optim.SGD`` (``lr``, ``momentum``,
 ``weight_decay``), FedProx's ``prox_mu``, ``epochs`` and ``max_steps``, on a model without
@@ -35,6 +46,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -133,9 +145,14 @@ class CohortResult:
 
 
 class VectorizedLocalSGD:
-    """``local_sgd`` for many clients in one batched computation; see the module docstring."""
+    """``local_sgd`` for many clients in one batched computation; see the module docstring.
 
-    def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None = FUSE_MIN_WEIGHTS,
+    ``fuse_min_weights``: the smallest linear layer that takes its step inside the backward
+    pass (``None``: none; ``"auto"``: every layer when steps are replayed, else
+    :data:`~shoal.sim.fused.FUSE_MIN_WEIGHTS`); ``trace=False`` runs every step as Python,
+    never replayed."""
+
+    def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None | str = "auto",
                  trace: bool = True):
         self.update = update
         self.spec = sgd_spec(update)
@@ -145,7 +162,13 @@ class VectorizedLocalSGD:
         self.step = SGDStep(self.spec.lr, self.spec.momentum, self.spec.weight_decay,
                             update.prox_mu)
         # Linear layers take their SGD step inside the backward pass (shoal.sim.fused): those
-        # with at least fuse_min_weights weights (None: none).
+        # with at least fuse_min_weights weights (None: none). "auto": all of them when steps
+        # are replayed (the fused layers' Python is not), else the large ones.
+        if fuse_min_weights == "auto":
+            fuse_min_weights = 0 if trace else FUSE_MIN_WEIGHTS
+        if not (fuse_min_weights is None or isinstance(fuse_min_weights, int)):
+            raise ValueError(f"VectorizedLocalSGD: fuse_min_weights must be an int, None or "
+                             f"'auto' (got {fuse_min_weights!r}).")
         self.fused = [] if fuse_min_weights is None else step_linear_layers(
             self.model, set(self.trainable), self.step, min_weights=fuse_min_weights)
         self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
@@ -172,6 +195,12 @@ class VectorizedLocalSGD:
         # backward pass through the batched graph is cheaper than vmap(grad(...)).
         self._full = vmap(loss_full, in_dims=(0, None, 0, 0))
         self._masked = vmap(loss_masked, in_dims=(0, None, 0, 0, 0))
+        # F.cross_entropy (the loss of every built-in task) is taken outside vmap instead, on
+        # the whole batch's outputs with one loss per example: the same losses in a few
+        # operations, where vmap runs a decomposition of about twenty.
+        self._outputs = vmap(lambda p, const, x: functional_call(model, {**p, **const}, (x,)),
+                             in_dims=(0, None, 0)) if loss_fn is F.cross_entropy else None
+        self._pool_ignores: tuple[Tensor, bool] | None = None  # (targets, any == -100)
 
     def __repr__(self) -> str:
         return f"VectorizedLocalSGD({self.update!r})"
@@ -202,30 +231,56 @@ class VectorizedLocalSGD:
             out = t.permute(0, *[d + 1 for d in order]).contiguous()
         return out.permute(back)
 
+    def _cross_entropy_outside(self, y: Tensor) -> bool:
+        """Whether the loss is taken outside vmap for targets from the pool ``y``: the loss is
+        ``F.cross_entropy`` and no target is its ``ignore_index`` (-100), which its mean
+        leaves out of the count."""
+        if self._outputs is None:
+            return False
+        if self._pool_ignores is None or self._pool_ignores[0] is not y:
+            ignores = not y.is_floating_point() and bool((y == -100).any())
+            self._pool_ignores = (y, ignores)
+        return not self._pool_ignores[1]
+
+    def _losses(self, leaves: Params, const: Params, xb: Tensor, yb: Tensor,
+                weights: Tensor | None, outside: bool) -> Tensor:
+        """Every client's loss ``(k,)`` (see ``_cross_entropy_outside`` for ``outside``)."""
+        if not outside:
+            return (self._full(leaves, const, xb, yb) if weights is None
+                    else self._masked(leaves, const, xb, yb, weights))
+        assert self._outputs is not None
+        out = self._outputs(leaves, const, xb)  # (k, B, ...)
+        k, b = yb.shape[:2]
+        per = F.cross_entropy(out.flatten(0, 1), yb.flatten(0, 1), reduction="none")
+        per = per.view(k, b, -1)  # (k, B, positions): one loss per example and position
+        if weights is None:
+            return per.flatten(1).mean(1)  # loss_fn's mean over the batch
+        return (per.mean(2) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
     def _gradients(self, view: Params, const: Params, xb: Tensor, yb: Tensor,
-                   weights: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+                   weights: Tensor | None, outside: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """The clients' losses ``(k,)`` and the gradients of the params that are not fused
         (the fused layers take their step inside this backward pass)."""
         leaves = {n: t.detach().requires_grad_() for n, t in view.items()}
         with torch.enable_grad():
-            loss = (self._full(leaves, const, xb, yb) if weights is None
-                    else self._masked(leaves, const, xb, yb, weights))  # (k,)
+            loss = self._losses(leaves, const, xb, yb, weights, outside)
             # A fused layer's gradient is None; so is that of a param the loss does not use,
             # which takes no step (as SGD).
             found = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
         return loss.detach(), {n: g for n, g in zip(leaves, found, strict=True) if g is not None}
 
     def _local_step(self, view: Params, buffers: Params, anchors: Params, const: Params,
-                    xb: Tensor, yb: Tensor, weights: Tensor | None) -> Tensor:
+                    xb: Tensor, yb: Tensor, weights: Tensor | None, outside: bool) -> Tensor:
         """One local step of the ``k`` clients whose params are ``view`` (rows ``[:k]`` of the
         stacks), in place, with momentum ``buffers`` and FedProx ``anchors``; their losses.
         Every tensor it reads or writes is an argument, so :class:`TracedStep` can replay it
         (``weights``: the batch mask, ``None`` when every example is real)."""
         step = self.step
         step.buffers, step.anchors = buffers, anchors
-        loss, grads = self._gradients(view, const, xb, yb, weights)
+        loss, grads = self._gradients(view, const, xb, yb, weights, outside)
         for n, g in grads.items():
             step.apply_(n, view[n], g)
+        step.buffers, step.anchors = {}, {}  # held by the caller (a trace's are fake)
         return loss
 
     def _learn_layouts(self, params: Params, const: Params, datas: Sequence[ArrayData],
@@ -241,15 +296,17 @@ class VectorizedLocalSGD:
         self._probed = True
         b = self.update.batch_size
         rows = data.index[torch.arange(b) % len(data)]
-        xb = x.index_select(0, rows).expand(2, *x[rows].shape)
-        yb = y.index_select(0, rows).expand(2, *y[rows].shape)
+        xr, yr = x.index_select(0, rows), y.index_select(0, rows)
+        xb = xr.expand(2, *xr.shape).contiguous()  # (2, B, *x_shape), as a gathered batch
+        yb = yr.expand(2, *yr.shape).contiguous()
         two = {n: self._stack(params[n], 2, n) for n in self.trainable}
         step = self.step
         step.begin(2, first=True)
         step.buffers = {n: torch.zeros_like(t) for n, t in two.items()}
         step.anchors = {n: self._stack(params[n], 1, n) for n in two}
-        for n, g in self._gradients(two, const, xb, yb, None)[1].items():
+        for n, g in self._gradients(two, const, xb, yb, None, False)[1].items():
             self._learn_layout(n, g)
+        step.buffers, step.anchors = {}, {}
 
     def steps(self, n: int) -> int:
         """How many local steps a client of ``n`` examples takes (as ``local_sgd``)."""
@@ -342,6 +399,7 @@ class VectorizedLocalSGD:
         anchors = {k: self._stack(params[k], 1, k) for k in stacked} if step.prox_mu else {}
         buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} if step.momentum else {}
         loss_sum = torch.zeros(c, dtype=torch.float64)
+        outside = self._cross_entropy_outside(y)
         for s in range(s_max):
             k = active[s]
             step.begin(k, first=s == 0)
@@ -351,9 +409,11 @@ class VectorizedLocalSGD:
             view = {n: t[:k] for n, t in stacked.items()}
             weights = None if bool(m.all()) else maskf[:k, s]
             with _vmap_errors():
-                # k and (with momentum) whether this is the first step shape the step's graph.
+                # The step's graph depends on k and, with momentum, on whether this is the
+                # round's first step (the buffers start from the gradient).
                 loss_sum[:k] += self._traced((k, step.first and bool(step.momentum)), view,
-                                             buffers, anchors, const, xb, yb, weights)
+                                             buffers, anchors, const, xb, yb, weights,
+                                             outside)
         # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
         # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and
         # with the global params first copied into the stack's layout: a fresh 20 MB result
