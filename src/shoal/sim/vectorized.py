@@ -205,31 +205,19 @@ class VectorizedLocalSGD:
     def __repr__(self) -> str:
         return f"VectorizedLocalSGD({self.update!r})"
 
-    def _learn_layout(self, name: str, grad: Tensor) -> None:
-        # The backward pass of a batched matrix product gives weight gradients in a transposed
-        # layout, shape (k, out, in) strides (out * in, 1, out); an SGD step that adds such a
-        # gradient to row-major params reads memory out of order (5x slower for a large layer).
-        # Keeping the params in the gradient's layout makes the step one sequential sweep.
-        if grad.stride()[0] == math.prod(grad.shape[1:]):
-            self._layouts[name] = grad.stride()[1:]
-
-    def _stack(self, t: Tensor, c: int | None, name: str) -> Tensor:
-        """``t`` (one client's, or already stacked when ``c`` is None) as a stacked copy
-        ``(C, *shape)`` in the layout learned for ``name``."""
+    def _stack(self, t: Tensor, c: int, name: str) -> Tensor:
+        """``c`` copies of one client's ``t`` as a stack ``(c, *shape)`` in the layout learned
+        for ``name`` (see ``_learn_layouts``)."""
         inner = self._layouts.get(name)
         if inner is None:
-            src = t.detach().unsqueeze(0).expand(c, *t.shape) if c is not None else t
-            return src.clone(memory_format=torch.contiguous_format)
+            return t.detach().unsqueeze(0).expand(c, *t.shape).clone(
+                memory_format=torch.contiguous_format)
         # The dims from outermost to innermost in memory; copy in that order (sequential
         # writes), then view the result in the param's own dim order.
         order = sorted(range(len(inner)), key=lambda d: -inner[d])
         back = [0] + [order.index(d) + 1 for d in range(len(inner))]
-        if c is not None:
-            one = t.detach().permute(order).contiguous()
-            out = one.unsqueeze(0).expand(c, *one.shape).clone()
-        else:
-            out = t.permute(0, *[d + 1 for d in order]).contiguous()
-        return out.permute(back)
+        one = t.detach().permute(order).contiguous()
+        return one.unsqueeze(0).expand(c, *one.shape).clone().permute(back)
 
     def _cross_entropy_outside(self, y: Tensor) -> bool:
         """Whether the loss is taken outside vmap for targets from the pool ``y``: the loss is
@@ -286,7 +274,7 @@ class VectorizedLocalSGD:
     def _learn_layouts(self, params: Params, const: Params, datas: Sequence[ArrayData],
                        x: Tensor, y: Tensor) -> None:
         """Once per trainer: one throwaway step of two clients on a real batch, keeping for
-        each param the memory layout autograd gives its gradient (see ``_learn_layout``), so
+        each param the memory layout autograd gives its gradient, so
         that every stack is made in that layout from the start."""
         if self._probed:
             return
@@ -305,7 +293,12 @@ class VectorizedLocalSGD:
         step.buffers = {n: torch.zeros_like(t) for n, t in two.items()}
         step.anchors = {n: self._stack(params[n], 1, n) for n in two}
         for n, g in self._gradients(two, const, xb, yb, None, False)[1].items():
-            self._learn_layout(n, g)
+            # The backward pass of a batched matrix product gives weight gradients in a
+            # transposed layout, (k, out, in) with strides (out * in, 1, out); a step adding
+            # such a gradient to row-major params reads memory out of order (5x slower for a
+            # large layer). Params kept in the gradient's layout make the step one sweep.
+            if g.stride()[0] == math.prod(g.shape[1:]):
+                self._layouts[n] = g.stride()[1:]
         step.buffers, step.anchors = {}, {}
 
     def steps(self, n: int) -> int:
