@@ -3,7 +3,8 @@
 Every rank runs this same file and builds the same federation from the same config and seed
 (the data are read locally on each machine; only params and updates travel). Rank 0 runs the
 rounds and evaluates; the other ranks train their share of each round's cohort and send one
-summed update per round (gloo on CPU).
+summed update per round (gloo on CPU; on machines with a GPU per rank the sums are reduced
+with NCCL, see ``shoal.sim.processes.backend``).
 
 One machine, two ranks::
 
@@ -34,16 +35,16 @@ from shoal.data.tasks import load_task
 from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
 from shoal.metrics import Evaluator
 from shoal.run import run
-from shoal.sim.processes import serve
+from shoal.sim.processes import backend, serve
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get(
-        "LOCAL_WORLD_SIZE", "1"))))
     config = load_config(None, ["task.name=digits", "federated.rounds=10", "baseline=false",
                                 "federated.executor=processes", *sys.argv[1:]])
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # ranks on this machine
+    dist.init_process_group(backend(local_ranks, config.federated.worker_executor))
+    rank = dist.get_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
     dataset = make_dataset(config, task)

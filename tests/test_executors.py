@@ -23,7 +23,7 @@ from shoal.message import Message
 from shoal.run import run
 from shoal.sim import InProcessTransport, simulated_dropout
 from shoal.sim.executor import AutoExecutor, SequentialExecutor, VectorizedExecutor, make_executor
-from shoal.sim.processes import ProcessesExecutor, balance, use_gpu
+from shoal.sim.processes import ProcessesExecutor, backend, balance, use_gpu
 
 from .conftest import cross_entropy, make_tiny, sgd
 
@@ -402,3 +402,17 @@ def test_use_gpu_places_a_ranks_local_sgd_only_when_cuda_and_sequential(monkeypa
     assert use_gpu(transport, 3, "vectorized") is None and algo.client_update.device is None
     assert use_gpu(transport, 3, "sequential") == torch.device("cuda", 1)  # ranks share GPUs
     assert algo.client_update.device == torch.device("cuda", 1)
+
+
+def test_backend_is_nccl_for_gpus_of_their_own_and_gloo_otherwise(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend(2, "sequential") == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    assert backend(2, "sequential") == "cpu:gloo,cuda:nccl"  # sums on NCCL, objects on gloo
+    assert backend(1, "sequential") == "cpu:gloo,cuda:nccl"
+    assert backend(3, "sequential") == "gloo"  # two ranks would share a GPU: NCCL refuses
+    assert backend(2, "vectorized") == "gloo"  # the ranks train on the CPU
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    assert backend(2, "sequential") == "gloo"

@@ -10,14 +10,18 @@ meet in one ``reduce`` to rank 0. Non-linear reducers (median, Krum) need the in
 updates, so then the updates are gathered instead. Clients are dealt out largest first to the
 least loaded rank (by number of examples), which balances the ranks.
 
-Locally, ``ProcessesExecutor(workers)`` spawns ``workers - 1`` processes (gloo on CPU) when it is
-first used and stops them at :meth:`close`. Across machines, launch the same script with
+Locally, ``ProcessesExecutor(workers)`` spawns ``workers - 1`` processes when it is first used
+and stops them at :meth:`close`. Across machines, launch the same script with
 ``torchrun``: every rank builds the same federation from the same seed, rank 0 runs the loop and
 the others call :func:`serve` (see the README, "Performance").
 
 With CUDA present, each rank trains on GPU ``rank % device_count`` (several ranks may share a
 GPU) when its inner executor is ``sequential`` and the client update is ``local_sgd``
-(:func:`use_gpu`); updates come back to the CPU for folding, so the reduction stays on gloo.
+(:func:`use_gpu`); updates come back to the CPU for folding. The process group
+(:func:`backend`) is gloo on CPU; when the ranks train on GPUs and each has a GPU of its own, it
+is ``"cpu:gloo,cuda:nccl"``: the round's sums meet in an NCCL ``reduce`` on the GPUs, while the
+plans and the gathered objects travel over gloo. Ranks sharing a GPU stay on gloo (NCCL refuses
+two ranks of one group on the same device).
 
 Results equal the sequential executor's up to float rounding: each rank adds its own clients'
 updates, and the ranks' sums are then added together, a different order of the same additions.
@@ -54,7 +58,7 @@ from .executor import EXECUTORS, Executor, make_executor
 if TYPE_CHECKING:
     from .inprocess import InProcessTransport
 
-__all__ = ["ProcessesExecutor", "balance", "serve", "use_gpu"]
+__all__ = ["ProcessesExecutor", "backend", "balance", "serve", "use_gpu"]
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +129,16 @@ def _reduce_round(transport: InProcessTransport, inner: Executor, plan: dict[str
     part, stats, error = _work(transport, inner, requests, mine, fold, plan["timeout"])
     summed = None
     if fold.streams:
-        # One reduction of every rank's running sum: a flat vector, zeros for a rank with none.
+        # One reduction of every rank's running sum: a flat vector, zeros for a rank with none,
+        # on the rank's GPU when the group reduces with NCCL.
         vec, spec = tree.flatten(fold.params)
         vec = torch.zeros_like(vec)
         if part.running_sum is not None:
             vec = tree.flatten(part.running_sum)[0].clone()
+        device = _reduce_device()
+        vec = vec.to(device)
         dist.reduce(vec, dst=0, op=dist.ReduceOp.SUM)
-        summed = tree.unflatten(vec, spec) if rank == 0 else None
+        summed = tree.unflatten(vec.cpu(), spec) if rank == 0 else None
         part.running_sum = None
     # Updates may be views into a batch's stacked tensors: clone them, or pickling would send
     # the whole batch with each one.
@@ -152,6 +159,32 @@ def _reduce_round(transport: InProcessTransport, inner: Executor, plan: dict[str
         total.bytes_down += s.bytes_down
         total.bytes_up += s.bytes_up
     return merged, total, [g[2] for g in gathered if g[2] is not None]
+
+
+def backend(ranks: int, inner: str) -> str:
+    """The ``torch.distributed`` backend for ``ranks`` ranks (on one machine) whose inner
+    executor is ``inner``: ``"cpu:gloo,cuda:nccl"`` when CUDA and NCCL are present, the ranks
+    train on GPUs (``sequential``, see :func:`use_gpu`) and every rank has a GPU of its own;
+    ``"gloo"`` otherwise. With both, CUDA tensors (the round's sums) are reduced by NCCL and CPU
+    objects (plans, parts) by gloo."""
+    if inner == "sequential" and torch.cuda.is_available() and dist.is_nccl_available() \
+            and ranks <= torch.cuda.device_count():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def _reduce_device() -> torch.device:
+    """Where a round's sums meet: this rank's GPU when the group has NCCL, else the CPU."""
+    if "nccl" in dist.get_backend_config():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _bind_gpu(rank: int) -> None:
+    """Make GPU ``rank % device_count`` this rank's current device when the group has NCCL
+    (NCCL reduces on the current device; two ranks on the same one would fail)."""
+    if "nccl" in dist.get_backend_config():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
 
 
 def use_gpu(transport: InProcessTransport, rank: int, inner: str) -> torch.device | None:
@@ -176,6 +209,7 @@ def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -
     transport built exactly as rank 0 builds its own (same seed, same data, same algorithm).
     """
     executor = make_executor(inner)
+    _bind_gpu(dist.get_rank())
     if isinstance(inner, str):
         use_gpu(transport, dist.get_rank(), inner)
     while True:
@@ -198,8 +232,8 @@ def _worker_main(rank: int, world: int, port: int, payload: bytes, ready: Any) -
     except BaseException:  # noqa: BLE001 - reported to the coordinator, which raises it
         ready.put((rank, traceback.format_exc()))
         return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=_TIMEOUT)
+    dist.init_process_group(backend(world, spec.inner), init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=_TIMEOUT)
     try:
         serve(transport, spec.inner)
     finally:
@@ -262,6 +296,7 @@ class ProcessesExecutor(Executor):
                                   f"{dist.get_rank()}; only rank 0 runs rounds, the other ranks "
                                   "call shoal.sim.processes.serve(transport).")
             self.workers = dist.get_world_size()
+            _bind_gpu(0)
             use_gpu(transport, 0, self.inner_name)
             self._started = True
             return
@@ -293,9 +328,11 @@ class ProcessesExecutor(Executor):
             self._stop_procs()
             raise ShoalError("processes executor: a worker process could not start:\n"
                              + "\n".join(errors))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+        dist.init_process_group(backend(self.workers, self.inner_name),
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=self.workers, timeout=_TIMEOUT)
         self._own_group = True
+        _bind_gpu(0)
         use_gpu(transport, 0, self.inner_name)
         self._started = True
         _OWNER = weakref.ref(self)
