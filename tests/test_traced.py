@@ -95,3 +95,22 @@ def test_a_step_that_cannot_be_traced_runs_eagerly_for_good(
     assert not step.enabled and not step.graphs
     assert step.failure is not None and "data-dependent" in step.failure.lower()
     assert "the vectorized step cannot be traced" in caplog.text
+
+
+def test_replayed_graphs_drop_operations_that_only_alias_their_input() -> None:
+    def aliases(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        same = x.view(x.shape).detach().permute(0, 1)  # three aliases of x: computed nothing
+        w.add_(same.view(-1)[:2])  # a view to another shape stays
+        return (w * 2).sum()
+
+    step = TracedStep(aliases)
+    w, ref = torch.zeros(2), torch.zeros(2)
+    x = torch.arange(4.0).view(2, 2)
+    for _ in range(3):
+        assert torch.equal(step("k", w, x), aliases(ref, x))
+        assert torch.equal(w, ref)
+    (graph,) = step.graphs.values()
+    ops = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.detach.default not in ops and torch.ops.aten.permute.default not in ops
+    views = [n for n in graph.graph.nodes if n.target is torch.ops.aten.view.default]
+    assert [tuple(n.args[1]) for n in views] == [(-1,)]

@@ -79,14 +79,25 @@ class TracedStep:
 
 def _without_aliases(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``graph`` without the operations that only alias their input (``detach``, a permute to
-    the same order): each costs a Python call on replay and computes nothing."""
+    the same order, a view to the same shape): each costs a Python call on replay and computes
+    nothing."""
     for node in list(graph.graph.nodes):
         if node.op != "call_function":
             continue
         dims = node.args[1] if node.target is torch.ops.aten.permute.default else None
         if node.target is torch.ops.aten.detach.default \
-                or (dims is not None and list(dims) == list(range(len(dims)))):
+                or (dims is not None and list(dims) == list(range(len(dims)))) \
+                or (node.target is torch.ops.aten.view.default and _same_layout(node)):
             node.replace_all_uses_with(node.args[0])
             graph.graph.erase_node(node)
     graph.recompile()
     return graph
+
+
+def _same_layout(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s (traced, fake) output has its first argument's shape and strides."""
+    src = node.args[0]
+    a = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+    b = node.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+        and a.shape == b.shape and a.stride() == b.stride()
