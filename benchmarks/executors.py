@@ -8,17 +8,22 @@
   (largest gap between the two accuracy curves, in points).
 * ``--workload W2`` (cross-device): Fashion-MNIST over 1,000 clients (Dirichlet 0.3), MLP
   784-64-10, 100 clients per round, 1 epoch, batch 10, lr 0.05, 50 rounds, central evaluation
-  every round. Variants: ``sequential`` and ``vectorized`` on one thread, ``floor`` (a
-  hand-written loop of batched matrix products over the stacked client weights: forward,
-  backward, SGD step, the same averaging and evaluation; no framework), and ``best``
-  (``processes`` with a vectorized executor in each rank, every core). -> rounds per second.
+  every round. Variants: ``sequential`` on one thread; ``paired``: the ``vectorized`` executor
+  on one thread and the ``floor`` (a hand-written loop of batched matrix products over the
+  stacked client weights: forward, backward, SGD step, the same averaging and evaluation; no
+  framework) in one process, round by round in turn, so that the ratio of the two is measured
+  in one run under the same spells of a noisy machine; and ``best`` (``processes`` with a
+  vectorized executor in each rank, every core). ``--variant vectorized`` and ``--variant
+  floor`` run one of the pair alone. -> rounds per second; ``vectorized_vs_batched_floor`` is
+  the median over reps of the paired runs' ratios.
 * ``--workload W3`` (population scale): the W2 model and cohort (100 clients of 60 examples,
   vectorized, one thread) drawn from 10,000 clients and from 1,000 clients; each client is 60
   row numbers into the shared pool (clients overlap). -> peak resident memory of the 10,000
   client run and the ratio of the median round times.
 
-Setup (data, partition, schedule) happens before the clock starts; each variant runs in its own
-process, alternating, ``--reps`` times; figures are medians.
+Setup (data, partition, schedule) happens before the clock starts, and so does one warm-up round
+of shoal's runs (it starts worker processes) and of the paired floor; each variant runs in its
+own process, alternating, ``--reps`` times; figures are medians.
 
     python benchmarks/executors.py --workload W2 [--reps 3] [--quick]
 """
@@ -42,36 +47,57 @@ SEED = 0
 CORES = os.cpu_count() or 1
 
 
+class _ShoalJob:
+    """FedAvg as ``shoal run`` builds it (central evaluation every round), run round by round."""
+
+    def __init__(self, overrides: list[str], threads: int, dataset=None):
+        from shoal.callbacks import CentralEvaluation
+        from shoal.config import load_config
+        from shoal.data.tasks import load_task
+        from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
+        from shoal.metrics import Evaluator
+        from shoal.run import run
+
+        torch.set_num_threads(threads)
+        config = load_config(None, [f"seed={SEED}", "baseline=false", "data.eval_fraction=0",
+                                    *overrides])
+        task = load_task(config.task.name, **config.task.options)
+        config = resolve_config(config, task)
+        data = dataset(config, task) if dataset else make_dataset(config, task)
+        model, self.params0 = initial_params(config, task)
+        self.algorithm, self.transport = build_federated(config, task, data, model)
+        evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size)
+        self.callbacks = [CentralEvaluation(lambda p: evaluator(p, task.test))]
+        self._run = run
+        # One warm-up round outside the clock starts the worker processes (processes executor).
+        run(self.algorithm, self.transport, rounds=1, params=self.params0)
+        self.state = self.algorithm.init(self.params0)
+        self.history: list[dict] = []
+
+    def rounds(self, first: int, last: int) -> float:
+        """Run rounds ``first..last``; their wall time in seconds."""
+        t0 = time.perf_counter()
+        res = self._run(self.algorithm, self.transport, rounds=last, state=self.state,
+                        start_round=first, history=self.history, callbacks=self.callbacks)
+        seconds = time.perf_counter() - t0
+        self.state, self.history = res.state, res.history
+        return seconds
+
+    def result(self, seconds: float) -> dict:
+        """The figures of the rounds run so far, taking ``seconds`` as their time."""
+        self.transport.close()
+        rounds = len(self.history)
+        curve = [h["central/accuracy"] for h in self.history]
+        return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
+                "curve": curve, "peak_rss_gib": peak_rss_gib(),
+                "round_s": statistics.median(h["time/round_s"] for h in self.history),
+                "executor": repr(self.transport.executor)}
+
+
 def _shoal_run(overrides: list[str], rounds: int, threads: int, dataset=None) -> dict:
     """Run FedAvg as ``shoal run`` builds it, timing the rounds (central evaluation included)."""
-    from shoal.callbacks import CentralEvaluation
-    from shoal.config import load_config
-    from shoal.data.tasks import load_task
-    from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
-    from shoal.metrics import Evaluator
-    from shoal.run import run
-
-    torch.set_num_threads(threads)
-    config = load_config(None, [f"seed={SEED}", "baseline=false", f"federated.rounds={rounds}",
-                                "data.eval_fraction=0", *overrides])
-    task = load_task(config.task.name, **config.task.options)
-    config = resolve_config(config, task)
-    dataset = dataset(config, task) if dataset else make_dataset(config, task)
-    model, params0 = initial_params(config, task)
-    algorithm, transport = build_federated(config, task, dataset, model)
-    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size)
-    # One warm-up round outside the clock starts the worker processes (processes executor).
-    run(algorithm, transport, rounds=1, params=params0)
-    t0 = time.perf_counter()
-    res = run(algorithm, transport, rounds=rounds, params=params0,
-              callbacks=[CentralEvaluation(lambda p: evaluator(p, task.test))])
-    seconds = time.perf_counter() - t0
-    transport.close()
-    curve = [h["central/accuracy"] for h in res.history]
-    return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
-            "curve": curve, "peak_rss_gib": peak_rss_gib(),
-            "round_s": statistics.median(h["time/round_s"] for h in res.history),
-            "executor": repr(transport.executor)}
+    job = _ShoalJob(overrides, threads, dataset)
+    return job.result(job.rounds(1, rounds))
 
 
 # -- W1 ----------------------------------------------------------------------------------------
@@ -102,60 +128,71 @@ W2 = ["task.name=fashion_mnist", "task.model=mlp", "data.partition=dirichlet", "
 def w2(variant: str, rounds: int) -> dict:
     if variant == "floor":
         return w2_floor(rounds)
+    if variant == "paired":
+        return w2_paired(rounds)
     if variant in ("sequential", "vectorized"):
         return _shoal_run(W2 + [f"federated.executor={variant}"], rounds, 1)
     return _shoal_run(W2 + ["federated.executor=processes", f"federated.workers={CORES}",
                             "federated.worker_executor=vectorized"], rounds, CORES)
 
 
-def w2_floor(rounds: int) -> dict:
-    """Hand-written batched SGD for the MLP: the cohort's arithmetic with no framework."""
-    from shoal.algorithms.cohort import Cohort
-    from shoal.config import load_config
-    from shoal.data.tasks import load_task
-    from shoal.experiment import initial_params, make_dataset, resolve_config
-    from shoal.seeding import derive_seed
+class W2Floor:
+    """Hand-written batched SGD for the MLP: the cohort's arithmetic with no framework.
 
-    torch.set_num_threads(1)
-    config = load_config(None, [f"seed={SEED}", "data.eval_fraction=0", *W2])
-    task = load_task("fashion_mnist", model="mlp")
-    config = resolve_config(config, task)
-    dataset = make_dataset(config, task)
-    _, params0 = initial_params(config, task)
-    x = task.train.x.reshape(len(task.train.x), -1)  # (N, 784)
-    y = task.train.y
-    test_x, test_y = task.test.tensors()
-    test_x = test_x.reshape(len(test_x), -1)
-    lr, b = 0.05, 10
-    ids = dataset.client_ids()
-    # The schedule (same clients, same batches as shoal draws), padded: (C, S, B) rows, mask.
-    schedule = []
-    for r in range(1, rounds + 1):
-        cohort = Cohort(100).sample(ids, SEED, r)
-        plans = []
-        for c in cohort:
-            rows = dataset.client(c).train.index
-            g = torch.Generator().manual_seed(
-                derive_seed(derive_seed(SEED, "client", r, c), "batches"))
-            perm = rows[torch.randperm(len(rows), generator=g)]
-            steps = -(-len(rows) // b)
-            padded = torch.full((steps * b,), -1, dtype=torch.int64)
-            padded[:len(rows)] = perm
-            plans.append(padded.view(steps, b))
-        plans.sort(key=len, reverse=True)
-        s_max = len(plans[0])
-        idx = torch.full((len(plans), s_max, b), -1, dtype=torch.int64)
-        for i, p in enumerate(plans):
-            idx[i, :len(p)] = p
-        active = [(torch.tensor([len(p) for p in plans]) > s).sum().item() for s in range(s_max)]
-        weights = torch.tensor([float((p >= 0).sum()) for p in plans])
-        schedule.append((idx, active, weights))
-    w1g = params0["1.weight"].t().contiguous()  # (784, 64)
-    b1g, w2g, b2g = params0["1.bias"], params0["3.weight"].t().contiguous(), params0["3.bias"]
-    curve = []
+    The schedule (the clients and batches shoal draws, padded) is made before the clock
+    starts; :meth:`round` trains one round's cohort with batched matrix products over the
+    stacked client weights (forward, backward, SGD step), averages, and evaluates."""
 
-    t0 = time.perf_counter()
-    for idx, active, weights in schedule:
+    def __init__(self, rounds: int):
+        from shoal.algorithms.cohort import Cohort
+        from shoal.config import load_config
+        from shoal.data.tasks import load_task
+        from shoal.experiment import initial_params, make_dataset, resolve_config
+        from shoal.seeding import derive_seed
+
+        torch.set_num_threads(1)
+        config = load_config(None, [f"seed={SEED}", "data.eval_fraction=0", *W2])
+        task = load_task("fashion_mnist", model="mlp")
+        config = resolve_config(config, task)
+        dataset = make_dataset(config, task)
+        _, params0 = initial_params(config, task)
+        self.x = task.train.x.reshape(len(task.train.x), -1)  # (N, 784)
+        self.y = task.train.y
+        test_x, self.test_y = task.test.tensors()
+        self.test_x = test_x.reshape(len(test_x), -1)
+        b = self.batch = 10
+        ids = dataset.client_ids()
+        # The schedule (same clients, same batches as shoal draws), padded: (C, S, B) rows, mask.
+        self.schedule = []
+        for r in range(1, rounds + 1):
+            cohort = Cohort(100).sample(ids, SEED, r)
+            plans = []
+            for c in cohort:
+                rows = dataset.client(c).train.index
+                g = torch.Generator().manual_seed(
+                    derive_seed(derive_seed(SEED, "client", r, c), "batches"))
+                perm = rows[torch.randperm(len(rows), generator=g)]
+                steps = -(-len(rows) // b)
+                padded = torch.full((steps * b,), -1, dtype=torch.int64)
+                padded[:len(rows)] = perm
+                plans.append(padded.view(steps, b))
+            plans.sort(key=len, reverse=True)
+            s_max = len(plans[0])
+            idx = torch.full((len(plans), s_max, b), -1, dtype=torch.int64)
+            for i, p in enumerate(plans):
+                idx[i, :len(p)] = p
+            active = [(torch.tensor([len(p) for p in plans]) > s).sum().item()
+                      for s in range(s_max)]
+            weights = torch.tensor([float((p >= 0).sum()) for p in plans])
+            self.schedule.append((idx, active, weights))
+        self.params = (params0["1.weight"].t().contiguous(), params0["1.bias"],  # (784, 64)
+                       params0["3.weight"].t().contiguous(), params0["3.bias"])
+
+    def round(self, r: int) -> float:
+        """Train, average and evaluate round ``r`` (1-based); the test accuracy."""
+        idx, active, weights = self.schedule[r - 1]
+        x, y, b, lr = self.x, self.y, self.batch, 0.05
+        w1g, b1g, w2g, b2g = self.params
         c = idx.shape[0]
         W1, B1 = w1g.expand(c, -1, -1).clone(), b1g.expand(c, -1).clone()
         W2_, B2 = w2g.expand(c, -1, -1).clone(), b2g.expand(c, -1).clone()
@@ -180,15 +217,54 @@ def w2_floor(rounds: int) -> dict:
         b1g = b1g + w @ (B1 - b1g)
         w2g = w2g + torch.einsum("c,cij->ij", w, W2_ - w2g)
         b2g = b2g + w @ (B2 - b2g)
+        self.params = (w1g, b1g, w2g, b2g)
         correct = 0
+        test_x, test_y = self.test_x, self.test_y
         for s in range(0, len(test_y), 2048):
             out = (test_x[s:s + 2048] @ w1g + b1g).clamp_(min=0) @ w2g + b2g
             F.cross_entropy(out, test_y[s:s + 2048])
             correct += int((out.argmax(1) == test_y[s:s + 2048]).sum())
-        curve.append(correct / len(test_y))
+        return correct / len(test_y)
+
+
+def w2_floor(rounds: int) -> dict:
+    """The hand-written floor alone (:class:`W2Floor`), every round timed."""
+    floor = W2Floor(rounds)
+    t0 = time.perf_counter()
+    curve = [floor.round(r) for r in range(1, rounds + 1)]
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
             "curve": curve, "peak_rss_gib": peak_rss_gib()}
+
+
+def w2_paired(rounds: int) -> dict:
+    """The vectorized executor (one thread) and the hand-written floor in one process,
+    round by round in turn (which goes first alternates), each round timed: both meet the same
+    spells of a noisy machine, so their ratio is measured in one run."""
+    job = _ShoalJob(W2 + ["federated.executor=vectorized"], 1)
+    floor = W2Floor(rounds)
+    start = floor.params
+    floor.round(1)  # a warm-up round outside the clock for the floor too, as shoal's
+    floor.params = start
+    seconds = {"vectorized": 0.0, "floor": 0.0}
+    curve = []
+
+    def timed_floor(r: int) -> None:
+        t0 = time.perf_counter()
+        curve.append(floor.round(r))
+        seconds["floor"] += time.perf_counter() - t0
+
+    for r in range(1, rounds + 1):
+        if r % 2:
+            seconds["vectorized"] += job.rounds(r, r)
+            timed_floor(r)
+        else:
+            timed_floor(r)
+            seconds["vectorized"] += job.rounds(r, r)
+    vec = job.result(seconds["vectorized"])
+    return {**vec, "floor_seconds": seconds["floor"], "floor_accuracy": curve[-1],
+            "floor_curve": curve, "vectorized_vs_batched_floor":
+            seconds["vectorized"] / seconds["floor"]}
 
 
 # -- W3 ----------------------------------------------------------------------------------------
@@ -214,7 +290,7 @@ def w3(variant: str, rounds: int) -> dict:
 
 
 WORKLOADS = {"W1": (w1, ["bare", "sequential", "processes"], 20),
-             "W2": (w2, ["sequential", "vectorized", "floor", "best"], 50),
+             "W2": (w2, ["sequential", "paired", "best"], 50),
              "W3": (w3, ["pop10k", "pop1k"], 20)}
 
 
@@ -248,7 +324,8 @@ def main() -> None:
     t = {v: median(runs[v], "seconds") for v in variants}
     for v in variants:
         extra = runs[v][0].get("executor", "")
-        print(f"  {v:<10} {t[v]:8.2f} s  {rounds / t[v]:7.3f} rounds/s  "
+        label = "vectorized (paired)" if v == "paired" else v
+        print(f"  {label:<19} {t[v]:8.2f} s  {rounds / t[v]:7.3f} rounds/s  "
               f"final accuracy {runs[v][0]['accuracy']:.4f}  {extra}")
     if args.workload == "W1":
         gap = max(abs(a - b) for a, b in zip(runs["bare"][0]["curve"],
@@ -257,8 +334,14 @@ def main() -> None:
         final_line(speedup_vs_bare_sequential=t["bare"] / t["processes"],
                    accuracy_gap_points=gap, sequential_vs_bare=t["bare"] / t["sequential"])
     elif args.workload == "W2":
-        final_line(vectorized_vs_sequential=t["sequential"] / t["vectorized"],
-                   vectorized_vs_batched_floor=t["vectorized"] / t["floor"],
+        floor = median(runs["paired"], "floor_seconds")
+        ratios = [r["vectorized_vs_batched_floor"] for r in runs["paired"]]
+        print(f"  {'floor (paired)':<19} {floor:8.2f} s  {rounds / floor:7.3f} rounds/s  final accuracy "
+              f"{runs['paired'][0]['floor_accuracy']:.4f}  (in the paired runs, rounds in turn "
+              f"with the vectorized executor's; vectorized/floor per rep "
+              f"{' / '.join(f'{x:.3f}' for x in ratios)})")
+        final_line(vectorized_vs_sequential=t["sequential"] / t["paired"],
+                   vectorized_vs_batched_floor=statistics.median(ratios),
                    best_vs_sequential=t["sequential"] / t["best"],
                    rounds_per_s=rounds / t["best"])
     else:
