@@ -329,11 +329,12 @@ class VectorizedLocalSGD:
         offset = 0
         # torch_generator(info.seed, "batches") for every client, the seeds derived together.
         seeds = derive_seeds([(info.seed, "batches") for info in infos])
+        g = torch.Generator()  # reseeded per client: the same stream as a fresh generator
         for j, (data, seed) in enumerate(zip(datas, seeds, strict=True)):
             n = len(data)
             steps = self.steps(n)
             if n:
-                g = torch.Generator().manual_seed(seed)
+                g.manual_seed(seed)
                 per_epoch = math.ceil(n / b)
                 for e in range(math.ceil(steps / per_epoch)):
                     keep = min(n, (steps - e * per_epoch) * b)
