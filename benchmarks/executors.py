@@ -2,10 +2,12 @@
 
 * ``--workload W1`` (compute-bound): the Fashion-MNIST CNN workload of ``overhead.py`` (100 IID
   clients, 10 per round, 1 epoch, batch 32, lr 0.05, 20 rounds, central evaluation every round
-  in batches of 2048). Variants: ``bare`` (overhead.py's hand-written loop, one thread),
-  ``sequential`` (one thread), ``processes`` (one rank per core, each training its share).
-  -> ``speedup_vs_bare_sequential`` (best executor's time vs bare) and ``accuracy_gap_points``
-  (largest gap between the two accuracy curves, in points).
+  in batches of 2048). One variant, ``paired``: ``bare`` (overhead.py's hand-written loop, one
+  thread), ``sequential`` (one thread) and ``processes`` (one rank per core, each training its
+  share) in one process, round by round in turn; ``--variant bare|sequential|processes`` runs
+  one alone. -> ``speedup_vs_bare_sequential`` (the processes executor's time vs bare, median
+  over reps of the paired ratio) and ``accuracy_gap_points`` (largest gap between the two
+  accuracy curves, in points).
 * ``--workload W2`` (cross-device): Fashion-MNIST over 1,000 clients (Dirichlet 0.3), MLP
   784-64-10, 100 clients per round, 1 epoch, batch 10, lr 0.05, 50 rounds, central evaluation
   every round. Variants: ``sequential`` on one thread; ``paired``: the ``vectorized`` executor
@@ -60,6 +62,7 @@ class _ShoalJob:
         from shoal.metrics import Evaluator
         from shoal.run import run
 
+        self.threads = threads
         torch.set_num_threads(threads)
         config = load_config(None, [f"seed={SEED}", "baseline=false", "data.eval_fraction=0",
                                     *overrides])
@@ -77,7 +80,8 @@ class _ShoalJob:
         self.history: list[dict] = []
 
     def rounds(self, first: int, last: int) -> float:
-        """Run rounds ``first..last``; their wall time in seconds."""
+        """Run rounds ``first..last`` on the job's threads; their wall time in seconds."""
+        torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
         res = self._run(self.algorithm, self.transport, rounds=last, state=self.state,
                         start_round=first, history=self.history, callbacks=self.callbacks)
@@ -104,20 +108,62 @@ def _shoal_run(overrides: list[str], rounds: int, threads: int, dataset=None) ->
 
 # -- W1 ----------------------------------------------------------------------------------------
 
-def w1(variant: str, rounds: int) -> dict:
+def _w1_job(executor: str) -> _ShoalJob:
+    """The W1 workload (overhead.py's) with ``executor``: sequential on one thread, processes
+    with one rank per core."""
     import overhead
-    if variant == "bare":
-        torch.set_num_threads(1)
-        return overhead.bare_variant(rounds)
     base = ["task.name=fashion_mnist", "data.partition=iid",
             f"data.num_clients={overhead.CLIENTS}",
             f"federated.clients_per_round={overhead.PER_ROUND}",
             f"client.batch_size={overhead.BATCH}", f"client.lr={overhead.LR}", "client.epochs=1",
             f"evaluation.batch_size={overhead.EVAL_BATCH}"]
-    if variant == "sequential":
-        return _shoal_run(base + ["federated.executor=sequential"], rounds, 1)
-    return _shoal_run(base + ["federated.executor=processes", f"federated.workers={CORES}"],
-                      rounds, CORES)
+    if executor == "sequential":
+        return _ShoalJob(base + ["federated.executor=sequential"], 1)
+    return _ShoalJob(base + ["federated.executor=processes", f"federated.workers={CORES}"],
+                     CORES)
+
+
+def w1(variant: str, rounds: int) -> dict:
+    import overhead
+    if variant == "paired":
+        return w1_paired(rounds)
+    if variant == "bare":
+        torch.set_num_threads(1)
+        return overhead.bare_variant(rounds)
+    job = _w1_job(variant)
+    return job.result(job.rounds(1, rounds))
+
+
+def w1_paired(rounds: int) -> dict:
+    """The bare loop (one thread), the sequential executor (one thread) and the processes
+    executor (one rank per core) in one process, round by round in turn (who goes first
+    rotates), each round timed; every side runs one warm-up round first."""
+    import overhead
+    torch.set_num_threads(1)
+    bare = overhead.BareLoop(rounds)
+    start = bare.glob
+    bare.round(1)  # warm-up, as the shoal jobs'
+    bare.glob = start
+    jobs = {v: _w1_job(v) for v in ("sequential", "processes")}
+    seconds = {"bare": 0.0, "sequential": 0.0, "processes": 0.0}
+    curve = []
+    order = list(seconds)
+    for r in range(1, rounds + 1):
+        i = (r - 1) % len(order)
+        for v in order[i:] + order[:i]:
+            if v == "bare":
+                torch.set_num_threads(1)
+                t0 = time.perf_counter()
+                curve.append(bare.round(r))
+                seconds["bare"] += time.perf_counter() - t0
+            else:
+                seconds[v] += jobs[v].rounds(r, r)
+    out = {v: jobs[v].result(seconds[v]) for v in jobs}
+    return {"seconds": seconds["processes"], "accuracy": out["processes"]["accuracy"],
+            "curve": out["processes"]["curve"], "bare_curve": curve,
+            "seconds_by_variant": seconds,
+            "speedup_vs_bare_sequential": seconds["bare"] / seconds["processes"],
+            "sequential_vs_bare": seconds["bare"] / seconds["sequential"]}
 
 
 # -- W2 ----------------------------------------------------------------------------------------
@@ -316,7 +362,7 @@ def w3_paired(rounds: int) -> dict:
             "round_time_ratio": big["round_s"] / small["round_s"]}
 
 
-WORKLOADS = {"W1": (w1, ["bare", "sequential", "processes"], 20),
+WORKLOADS = {"W1": (w1, ["paired"], 20),
              "W2": (w2, ["sequential", "paired", "best"], 50),
              "W3": (w3, ["pop10k", "paired"], 20)}
 
@@ -349,18 +395,25 @@ def main() -> None:
     runs = alternate(__file__, variants, reps,
                      ["--workload", args.workload, "--rounds", str(rounds)])
     t = {v: median(runs[v], "seconds") for v in variants}
-    for v in variants:
+    for v in variants if args.workload != "W1" else ():  # W1 prints its three sides below
         extra = runs[v][0].get("executor", "")
         label = v if v != "paired" else \
-            "vectorized (paired)" if args.workload == "W2" else "pop10k (paired)"
+            {"W2": "vectorized", "W3": "pop10k"}[args.workload] + " (paired)"
         print(f"  {label:<19} {t[v]:8.2f} s  {rounds / t[v]:7.3f} rounds/s  "
               f"final accuracy {runs[v][0]['accuracy']:.4f}  {extra}")
     if args.workload == "W1":
-        gap = max(abs(a - b) for a, b in zip(runs["bare"][0]["curve"],
-                                             runs["processes"][0]["curve"], strict=True)) * 100
-        print(f"  accuracy curve (processes): {[round(a, 4) for a in runs['processes'][0]['curve']]}")
-        final_line(speedup_vs_bare_sequential=t["bare"] / t["processes"],
-                   accuracy_gap_points=gap, sequential_vs_bare=t["bare"] / t["sequential"])
+        paired = runs["paired"]
+        for v in ("bare", "sequential", "processes"):
+            sec = statistics.median(r["seconds_by_variant"][v] for r in paired)
+            print(f"  {v + ' (paired)':<19} {sec:8.2f} s  {rounds / sec:7.3f} rounds/s")
+        gap = max(abs(a - b) for a, b in zip(paired[0]["bare_curve"], paired[0]["curve"],
+                                             strict=True)) * 100
+        speedups = [r["speedup_vs_bare_sequential"] for r in paired]
+        print(f"  accuracy curve (processes): {[round(a, 4) for a in paired[0]['curve']]}; "
+              f"bare/processes per rep {' / '.join(f'{x:.3f}' for x in speedups)}")
+        final_line(speedup_vs_bare_sequential=statistics.median(speedups),
+                   accuracy_gap_points=gap, sequential_vs_bare=statistics.median(
+                       r["sequential_vs_bare"] for r in paired))
     elif args.workload == "W2":
         floor = median(runs["paired"], "floor_seconds")
         ratios = [r["vectorized_vs_batched_floor"] for r in runs["paired"]]

@@ -78,38 +78,41 @@ def shoal_variant(rounds: int) -> dict:
             "curve": curve, "digest": _digest(res.state.params)}
 
 
-def bare_variant(rounds: int) -> dict:
-    # Setup with shoal's data loading and seeds, so both variants see the same clients, batches
-    # and initial weights; the timed loop below uses only PyTorch.
-    from shoal.algorithms.cohort import Cohort
-    from shoal.data.tasks import load_task
-    from shoal.experiment import initial_params, make_dataset, resolve_config
-    from shoal.seeding import derive_seed
+class BareLoop:
+    """The bare PyTorch loop: set up with shoal's data loading and seeds (so both variants see
+    the same clients, batches and initial weights), then :meth:`round` uses only PyTorch."""
 
-    config = _config(rounds)
-    task = load_task("fashion_mnist")
-    config = resolve_config(config, task)
-    dataset = make_dataset(config, task)
-    model, _ = initial_params(config, task)
-    ids = dataset.client_ids()
-    schedule = []
-    for r in range(1, rounds + 1):
-        cohort = Cohort(PER_ROUND).sample(ids, SEED, r)
-        schedule.append([(dataset.client(c).train.index,
-                          derive_seed(derive_seed(SEED, "client", r, c), "batches"))
-                         for c in cohort])
-    x, y = task.train.x, task.train.y
-    test_x, test_y = task.test.tensors()
-    names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
-    live = model.state_dict(keep_vars=True)
-    glob = {k: live[k].detach().clone() for k in names}
-    curve = []
+    def __init__(self, rounds: int):
+        from shoal.algorithms.cohort import Cohort
+        from shoal.data.tasks import load_task
+        from shoal.experiment import initial_params, make_dataset, resolve_config
+        from shoal.seeding import derive_seed
 
-    t0 = time.perf_counter()
-    for clients in schedule:
+        config = _config(rounds)
+        task = load_task("fashion_mnist")
+        config = resolve_config(config, task)
+        dataset = make_dataset(config, task)
+        self.model, _ = initial_params(config, task)
+        ids = dataset.client_ids()
+        self.schedule = []
+        for r in range(1, rounds + 1):
+            cohort = Cohort(PER_ROUND).sample(ids, SEED, r)
+            self.schedule.append([(dataset.client(c).train.index,
+                                   derive_seed(derive_seed(SEED, "client", r, c), "batches"))
+                                  for c in cohort])
+        self.x, self.y = task.train.x, task.train.y
+        self.test_x, self.test_y = task.test.tensors()
+        self.names = [k for k, v in self.model.state_dict().items() if v.is_floating_point()]
+        self.live = self.model.state_dict(keep_vars=True)
+        self.glob = {k: self.live[k].detach().clone() for k in self.names}
+
+    def round(self, r: int) -> float:
+        """Train, average and evaluate round ``r`` (1-based); the test accuracy."""
+        model, live, names, x, y = self.model, self.live, self.names, self.x, self.y
+        glob = self.glob
         acc: dict[str, torch.Tensor] = {}
         total = 0.0
-        for rows, batch_seed in clients:
+        for rows, batch_seed in self.schedule[r - 1]:
             with torch.no_grad():
                 for k in names:
                     live[k].copy_(glob[k])
@@ -130,21 +133,28 @@ def bare_variant(rounds: int) -> dict:
                 else:
                     acc[k] = delta * w
             total += w
-        glob = {k: glob[k] + 1.0 * (acc[k] / total) for k in names}
+        glob = self.glob = {k: glob[k] + 1.0 * (acc[k] / total) for k in names}
         with torch.no_grad():
             for k in names:
                 live[k].copy_(glob[k])
         model.eval()
         correct = 0
+        test_x, test_y = self.test_x, self.test_y
         with torch.inference_mode():
             for s in range(0, len(test_y), EVAL_BATCH):
                 out = model(test_x[s:s + EVAL_BATCH])
                 F.cross_entropy(out, test_y[s:s + EVAL_BATCH])
                 correct += int((out.argmax(1) == test_y[s:s + EVAL_BATCH]).sum())
-        curve.append(correct / len(test_y))
+        return correct / len(test_y)
+
+
+def bare_variant(rounds: int) -> dict:
+    bare = BareLoop(rounds)
+    t0 = time.perf_counter()
+    curve = [bare.round(r) for r in range(1, rounds + 1)]
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib(), "accuracy": curve[-1],
-            "curve": curve, "digest": _digest(glob)}
+            "curve": curve, "digest": _digest(bare.glob)}
 
 
 def main() -> None:
