@@ -39,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +107,34 @@ def _shoal_run(overrides: list[str], rounds: int, threads: int, dataset=None) ->
     return job.result(job.rounds(1, rounds))
 
 
+def _in_turn(sides: dict[str, Callable[[int], float]], rounds: int) -> dict[str, float]:
+    """Rounds ``1..rounds`` of every side in one process, round ``r`` of each in turn (the side
+    that goes first rotates), so that all sides meet the same spells of a noisy machine; a side
+    runs its round ``r`` and returns its seconds. Each side's total seconds."""
+    seconds = dict.fromkeys(sides, 0.0)
+    order = list(sides)
+    for r in range(1, rounds + 1):
+        i = (r - 1) % len(order)
+        for v in order[i:] + order[:i]:
+            seconds[v] += sides[v](r)
+    return seconds
+
+
+def _timed(round_fn: Callable[[int], float], curve: list[float]) -> Callable[[int], float]:
+    """A side for :func:`_in_turn` from a hand-written loop's ``round_fn(r) -> accuracy``
+    (appended to ``curve``)."""
+    def side(r: int) -> float:
+        t0 = time.perf_counter()
+        curve.append(round_fn(r))
+        return time.perf_counter() - t0
+    return side
+
+
+def _job_side(job: _ShoalJob) -> Callable[[int], float]:
+    """A side for :func:`_in_turn` that runs round ``r`` of a shoal job."""
+    return lambda r: job.rounds(r, r)
+
+
 # -- W1 ----------------------------------------------------------------------------------------
 
 def _w1_job(executor: str) -> _ShoalJob:
@@ -145,19 +174,14 @@ def w1_paired(rounds: int) -> dict:
     bare.round(1)  # warm-up, as the shoal jobs'
     bare.glob = start
     jobs = {v: _w1_job(v) for v in ("sequential", "processes")}
-    seconds = {"bare": 0.0, "sequential": 0.0, "processes": 0.0}
-    curve = []
-    order = list(seconds)
-    for r in range(1, rounds + 1):
-        i = (r - 1) % len(order)
-        for v in order[i:] + order[:i]:
-            if v == "bare":
-                torch.set_num_threads(1)
-                t0 = time.perf_counter()
-                curve.append(bare.round(r))
-                seconds["bare"] += time.perf_counter() - t0
-            else:
-                seconds[v] += jobs[v].rounds(r, r)
+    curve: list[float] = []
+
+    def bare_round(r: int) -> float:
+        torch.set_num_threads(1)
+        return bare.round(r)
+
+    seconds = _in_turn({"bare": _timed(bare_round, curve),
+                        **{v: _job_side(job) for v, job in jobs.items()}}, rounds)
     out = {v: jobs[v].result(seconds[v]) for v in jobs}
     return {"seconds": seconds["processes"], "accuracy": out["processes"]["accuracy"],
             "curve": out["processes"]["curve"], "bare_curve": curve,
@@ -294,21 +318,9 @@ def w2_paired(rounds: int) -> dict:
     start = floor.params
     floor.round(1)  # a warm-up round outside the clock for the floor too, as shoal's
     floor.params = start
-    seconds = {"vectorized": 0.0, "floor": 0.0}
-    curve = []
-
-    def timed_floor(r: int) -> None:
-        t0 = time.perf_counter()
-        curve.append(floor.round(r))
-        seconds["floor"] += time.perf_counter() - t0
-
-    for r in range(1, rounds + 1):
-        if r % 2:
-            seconds["vectorized"] += job.rounds(r, r)
-            timed_floor(r)
-        else:
-            timed_floor(r)
-            seconds["vectorized"] += job.rounds(r, r)
+    curve: list[float] = []
+    seconds = _in_turn({"vectorized": _job_side(job), "floor": _timed(floor.round, curve)},
+                       rounds)
     vec = job.result(seconds["vectorized"])
     return {**vec, "floor_seconds": seconds["floor"], "floor_accuracy": curve[-1],
             "floor_curve": curve, "vectorized_vs_batched_floor":
@@ -351,10 +363,7 @@ def w3_paired(rounds: int) -> dict:
     so that the ratio of their round times is measured under the same spells of a noisy
     machine."""
     jobs = {v: _w3_job(n) for v, n in W3_POPULATIONS.items()}
-    seconds = dict.fromkeys(jobs, 0.0)
-    for r in range(1, rounds + 1):
-        for v in (list(jobs) if r % 2 else list(jobs)[::-1]):
-            seconds[v] += jobs[v].rounds(r, r)
+    seconds = _in_turn({v: _job_side(job) for v, job in jobs.items()}, rounds)
     out = {v: jobs[v].result(seconds[v]) for v in jobs}
     big, small = out["pop10k"], out["pop1k"]
     return {"seconds": big["seconds"], "accuracy": big["accuracy"],
@@ -365,6 +374,10 @@ def w3_paired(rounds: int) -> dict:
 WORKLOADS = {"W1": (w1, ["paired"], 20),
              "W2": (w2, ["sequential", "paired", "best"], 50),
              "W3": (w3, ["pop10k", "paired"], 20)}
+
+
+def _per_rep(values: list[float]) -> str:
+    return " / ".join(f"{x:.3f}" for x in values)
 
 
 def main() -> None:
@@ -410,7 +423,7 @@ def main() -> None:
                                              strict=True)) * 100
         speedups = [r["speedup_vs_bare_sequential"] for r in paired]
         print(f"  accuracy curve (processes): {[round(a, 4) for a in paired[0]['curve']]}; "
-              f"bare/processes per rep {' / '.join(f'{x:.3f}' for x in speedups)}")
+              f"bare/processes per rep {_per_rep(speedups)}")
         final_line(speedup_vs_bare_sequential=statistics.median(speedups),
                    accuracy_gap_points=gap, sequential_vs_bare=statistics.median(
                        r["sequential_vs_bare"] for r in paired))
@@ -420,7 +433,7 @@ def main() -> None:
         print(f"  {'floor (paired)':<19} {floor:8.2f} s  {rounds / floor:7.3f} rounds/s  final accuracy "
               f"{runs['paired'][0]['floor_accuracy']:.4f}  (in the paired runs, rounds in turn "
               f"with the vectorized executor's; vectorized/floor per rep "
-              f"{' / '.join(f'{x:.3f}' for x in ratios)})")
+              f"{_per_rep(ratios)})")
         final_line(vectorized_vs_sequential=t["sequential"] / t["paired"],
                    vectorized_vs_batched_floor=statistics.median(ratios),
                    best_vs_sequential=t["sequential"] / t["best"],
@@ -431,7 +444,7 @@ def main() -> None:
         ratios = [r["round_time_ratio"] for r in runs["paired"]]
         print(f"  median round in the paired runs: {r10k * 1e3:.1f} ms (10,000 clients), "
               f"{r1k * 1e3:.1f} ms (1,000); 10,000/1,000 per rep "
-              f"{' / '.join(f'{x:.3f}' for x in ratios)}; alone (pop10k): "
+              f"{_per_rep(ratios)}; alone (pop10k): "
               f"{median(runs['pop10k'], 'round_s') * 1e3:.1f} ms")
         final_line(peak_rss_gib=median(runs["pop10k"], "peak_rss_gib"),
                    round_time_ratio=statistics.median(ratios))
