@@ -430,8 +430,9 @@ def main() -> None:
     elif args.workload == "W2":
         floor = median(runs["paired"], "floor_seconds")
         ratios = [r["vectorized_vs_batched_floor"] for r in runs["paired"]]
-        print(f"  {'floor (paired)':<19} {floor:8.2f} s  {rounds / floor:7.3f} rounds/s  final accuracy "
-              f"{runs['paired'][0]['floor_accuracy']:.4f}  (in the paired runs, rounds in turn "
+        print(f"  {'floor (paired)':<19} {floor:8.2f} s  {rounds / floor:7.3f} rounds/s  "
+              f"final accuracy {runs['paired'][0]['floor_accuracy']:.4f}  (in the paired runs, "
+              "rounds in turn "
               f"with the vectorized executor's; vectorized/floor per rep "
               f"{_per_rep(ratios)})")
         final_line(vectorized_vs_sequential=t["sequential"] / t["paired"],

@@ -95,6 +95,16 @@ _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38
 _MIX_L, _MIX_R, _SHIFT = np.uint32(0xCA01F9DD), np.uint32(0x4973F715), np.uint32(16)
 
 
+def _hash(v: np.ndarray, h: int, mult: int) -> tuple[np.ndarray, int]:
+    """SeedSequence's hash of the words ``v`` with the running constant ``h`` (its mixing
+    hash with ``_MULT_A``, its output hash with ``_MULT_B``): the hashed words and the next
+    ``h``."""
+    v = v ^ np.uint32(h)
+    h = (h * mult) & 0xFFFFFFFF
+    v = v * np.uint32(h)
+    return v ^ (v >> _SHIFT), h
+
+
 def _seed_sequence_state(entropy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The first two words of ``SeedSequence(entropy[:, j]).generate_state(2)`` for every
     column ``j`` of ``entropy`` (uint32, ``(n_words, m)``)."""
@@ -102,10 +112,8 @@ def _seed_sequence_state(entropy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     def hashmix(v: np.ndarray) -> np.ndarray:
         nonlocal h
-        v = v ^ np.uint32(h)
-        h = (h * _MULT_A) & 0xFFFFFFFF
-        v = v * np.uint32(h)
-        return v ^ (v >> _SHIFT)
+        v, h = _hash(v, h, _MULT_A)
+        return v
 
     def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         r: np.ndarray = _MIX_L * x - _MIX_R * y
@@ -121,14 +129,9 @@ def _seed_sequence_state(entropy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for src in range(_POOL, n):
         for dst in range(_POOL):
             pool[dst] = mix(pool[dst], hashmix(entropy[src]))
-    h = _INIT_B
-    state = []
-    for word in pool[:2]:
-        v = word ^ np.uint32(h)
-        h = (h * _MULT_B) & 0xFFFFFFFF
-        v = v * np.uint32(h)
-        state.append(v ^ (v >> _SHIFT))
-    return state[0], state[1]
+    first, h = _hash(pool[0], _INIT_B, _MULT_B)
+    second, _ = _hash(pool[1], h, _MULT_B)
+    return first, second
 
 
 def numpy_rng(seed: int, *keys: int | str) -> np.random.Generator:

@@ -190,9 +190,10 @@ class SteppedLinear(nn.Module):
 
 FUSE_MIN_WEIGHTS = 4096
 """The smallest linear layer (weights per client) :func:`step_linear_layers` fuses by default
-(and the vectorized trainer when its steps are not replayed). Below it the weight stack is small enough to stay in cache, and the fused layer's Python (its
-``vmap`` rule and autograd function: about 0.4 ms a layer and step, measured) costs more than
-the round trip through memory it saves."""
+(and the vectorized trainer when its steps are not replayed). Below it the weight stack is
+small enough to stay in cache, and the fused layer's Python (its ``vmap`` rule and autograd
+function: about 0.4 ms a layer and step, measured) costs more than the round trip through
+memory it saves."""
 
 
 def step_linear_layers(model: nn.Module, trainable: Collection[str], step: SGDStep, *,

@@ -8,8 +8,9 @@ client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; laye
 least ``fuse_min_weights`` weights, by default all when steps are replayed and those of at
 least 4,096 weights otherwise, ``None`` turns it off); the other params get autograd's
 gradients and the same step afterwards. A loss of ``F.cross_entropy`` is taken on the whole
-batch's outputs outside ``vmap`` (one loss per example, then each client's mean). The results' updates are rows of the stacked deltas
-(:class:`CohortResult`), which the round's fold can reduce in one operation per tensor.
+batch's outputs outside ``vmap`` (one loss per example, then each client's mean). The results'
+updates are rows of the stacked deltas (:class:`CohortResult`), which the round's fold can
+reduce in one operation per tensor.
 Clients with different data sizes are padded, not truncated: a short last batch carries a mask
 (padded examples weigh 0, the loss is the mean over the real ones, as ``local_sgd`` computes
 it), and clients are sorted by their number of steps so that the clients still training at
@@ -274,8 +275,8 @@ class VectorizedLocalSGD:
     def _learn_layouts(self, params: Params, const: Params, datas: Sequence[ArrayData],
                        x: Tensor, y: Tensor) -> None:
         """Once per trainer: one throwaway step of two clients on a real batch, keeping for
-        each param the memory layout autograd gives its gradient, so
-        that every stack is made in that layout from the start."""
+        each param the memory layout autograd gives its gradient, so that every stack is made
+        in that layout from the start."""
         if self._probed:
             return
         data = next((d for d in datas if len(d)), None)
