@@ -76,7 +76,8 @@ def test_inprocess_unknown_node_and_persistent_state():
     assert r2.error == "unknown node 'zz': no simulated node has this id."
     (r3,) = t.request([Message("k", "s", "a", 2)])
     assert r3.metrics == {"n": 2.0}
-    assert t.stats.messages_down == 3
+    assert t.stats.links[("s", "a")].messages == 2  # counted per link: "s" sent them
+    assert t.stats.links[("a", "s")].messages == 2 and t.stats.messages_peer == 6
 
 
 def test_inprocess_raise_mode_names_client_and_round():

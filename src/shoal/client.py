@@ -3,7 +3,13 @@
 A client update is a function ``(params, data, info) -> ClientResult``. It must not keep state
 between calls that changes its result: everything random is drawn from ``info.seed``, so the
 same client in the same round computes the same update whichever executor runs it, and after
-a resume.
+a resume. (State a client must keep between rounds is the algorithm's node state, see
+:class:`~shoal.node.NodeStore`.)
+
+What an update can do beyond that it declares by the protocols it implements, which executors
+and algorithms ask for (``isinstance``), never by recognising its class: :class:`Batchable`
+(it has a batched form that trains a whole cohort at once) and :class:`Placeable` (it can train
+on another device).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -24,10 +30,12 @@ from .tree import Params
 from .types import ClientInfo, ClientResult
 
 __all__ = [
+    "Batchable",
     "ClientUpdate",
     "LocalSGD",
     "LossFn",
     "OptimizerFn",
+    "Placeable",
     "local_sgd",
     "optimizer_fn",
 ]
@@ -43,6 +51,26 @@ class ClientUpdate(Protocol):
     """``(params, data, info) -> ClientResult``: what a client does with the global model."""
 
     def __call__(self, params: Params, data: ArrayData, info: ClientInfo) -> ClientResult: ...
+
+
+@runtime_checkable
+class Batchable(Protocol):
+    """A client update with a batched form: ``batched()`` returns a trainer whose
+    ``cohort(params, datas, infos, corrections=None)`` trains many clients at once (see
+    :class:`~shoal.batched.VectorizedLocalSGD`), or raises a
+    :class:`~shoal.errors.ConfigError` / :class:`~shoal.errors.ModelError` saying why this
+    update (its optimizer, its model) cannot be batched."""
+
+    def batched(self) -> Any:
+        """The batched form of this update (raises saying why there is none)."""
+        ...
+
+
+@runtime_checkable
+class Placeable(Protocol):
+    """A client update that can train on another device: set ``device``."""
+
+    device: torch.device | None
 
 
 def optimizer_fn(name: str, **kwargs: Any) -> OptimizerFn:
@@ -125,13 +153,29 @@ class LocalSGD:
             self._replica.to(self.device)
         return self._replica
 
+    def batched(self) -> Any:
+        """The batched form (:class:`~shoal.batched.VectorizedLocalSGD`), or a ``ConfigError``
+        / ``ModelError`` saying why this optimizer or model cannot be batched."""
+        from .batched import VectorizedLocalSGD  # the batched form builds on this class
+
+        return VectorizedLocalSGD(self)
+
     def __call__(self, params: Params, data: ArrayData, info: ClientInfo) -> ClientResult:
+        return self.train(params, data, info)
+
+    def train(self, params: Params, data: ArrayData, info: ClientInfo,
+              correction: Params | None = None) -> ClientResult:
+        """Train from ``params`` on ``data``; ``correction`` (param name -> tensor) is added to
+        the gradient of that param before every step (SCAFFOLD's ``c - c_i``)."""
         model = self.replica()
         device = self.device
         tree.load_params_(model, params)
         model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [p for _, p in named]
         anchors = [p.detach().clone() for p in trainable] if self.prox_mu else []
+        corr = ([None if correction is None or n not in correction
+                 else correction[n].to(p.device) for n, p in named] if correction else [])
         opt = self.optimizer(trainable)
         generator = torch_generator(info.seed, "batches")
         step = 0
@@ -149,6 +193,9 @@ class LocalSGD:
                         for p, p0 in zip(trainable, anchors, strict=True):
                             if p.grad is not None:
                                 p.grad.add_(p.detach() - p0, alpha=self.prox_mu)
+                    for p, c in zip(trainable, corr, strict=False):
+                        if c is not None and p.grad is not None:
+                            p.grad.add_(c)
                     opt.step()
                     loss_sum += loss.detach()
                     examples += len(yb)

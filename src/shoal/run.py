@@ -6,6 +6,12 @@
 Each round: callbacks may stop the run before it (a privacy budget), the algorithm runs it, the
 traffic and time are recorded, then every callback sees the report in order (evaluation adds
 metrics, the log writes them, the checkpoint saves them) and may ask to stop after it.
+
+Costs are complete: ``comm/*`` counts every message of the round — the algorithm's and those
+of callbacks that talk to nodes (federated evaluation), added before the next callback sees the
+report, so the log and the checkpoint hold the whole round's traffic — with ``comm/bytes/<kind>``
+per message kind; ``time/clients_s`` is the compute time of the round's clients (simulation),
+``time/coordinator_s`` the round's time outside the transport.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from typing import Any
 
 from .algorithm import Algorithm, RoundReport
 from .errors import ConfigError
-from .transport import Transport
+from .transport import TrafficTotals, Transport
 from .tree import Params
 
-__all__ = ["Callback", "RunContext", "RunResult", "run"]
+__all__ = ["Callback", "RunContext", "RunResult", "run", "traffic_metrics"]
 
 
 @dataclass
@@ -96,25 +102,49 @@ def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
         if stopped:
             break
         before = transport.stats.snapshot()
+        busy = transport.busy_s
         t0 = time.perf_counter()
         ctx.state, report = algorithm.round(ctx.state, transport, r)
         seconds = time.perf_counter() - t0
-        traffic = transport.stats.since(before)
-        report.metrics = {"round": r, **report.metrics,
-                          "comm/bytes_down": float(traffic.bytes_down),
-                          "comm/bytes_up": float(traffic.bytes_up),
-                          "time/round_s": seconds}
+        report.metrics = {"round": r, **report.metrics, "time/round_s": seconds,
+                          "time/coordinator_s": max(seconds - (transport.busy_s - busy), 0.0)}
+        traffic_metrics(report.metrics, transport.stats.since(before))
         if report.failed:
             report.metrics["round/failed"] = 1.0
         ctx.round = r
         # The history holds the same dict the callbacks add to, so a checkpoint taken by a
-        # later callback already contains this round's evaluation metrics.
+        # later callback already contains this round's evaluation metrics (and traffic).
         ctx.history.append(report.metrics)
-        stopped = _first(_call(callbacks, "after_round", ctx, report))
+        stops = []
+        for cb in callbacks:
+            hook = getattr(cb, "after_round", None)
+            if hook is None:
+                continue
+            messages = transport.stats.messages_down + transport.stats.messages_peer
+            stops.append(hook(ctx, report))
+            if transport.stats.messages_down + transport.stats.messages_peer != messages:
+                traffic_metrics(report.metrics, transport.stats.since(before))
+        stopped = _first(stops)
         if stopped:
             break
     _call(callbacks, "on_run_end", ctx)
     return RunResult(ctx.state, ctx.history, ctx.round, stopped, time.perf_counter() - started)
+
+
+def traffic_metrics(into: dict[str, Any], traffic: TrafficTotals) -> None:
+    """Write a round's traffic into its metrics: ``comm/bytes_down`` (sent by the coordinator),
+    ``comm/bytes_up`` (received by it), ``comm/bytes_peer`` (node to node), the message counts,
+    ``comm/bytes/<kind>`` per message kind, and ``time/clients_s`` (the nodes' compute)."""
+    into["comm/bytes_down"] = float(traffic.bytes_down)
+    into["comm/bytes_up"] = float(traffic.bytes_up)
+    into["comm/messages_down"] = float(traffic.messages_down)
+    into["comm/messages_up"] = float(traffic.messages_up)
+    if traffic.messages_peer:
+        into["comm/bytes_peer"] = float(traffic.bytes_peer)
+        into["comm/messages_peer"] = float(traffic.messages_peer)
+    for kind, (_, nbytes) in sorted(traffic.kinds.items()):
+        into[f"comm/bytes/{kind}"] = float(nbytes)
+    into["time/clients_s"] = traffic.compute_s
 
 
 def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> list[Any]:

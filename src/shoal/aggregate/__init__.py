@@ -3,6 +3,7 @@
 Pure math: nothing here imports messaging.
 """
 
+from .fold import Fold
 from .pipeline import Pipeline
 from .reducers import (
     CoordinateMedian,
@@ -22,6 +23,7 @@ from .stages import ClipByNorm, Stage, StageState, clip_by_norm
 __all__ = [
     "ClipByNorm",
     "CoordinateMedian",
+    "Fold",
     "Krum",
     "Pipeline",
     "Reducer",

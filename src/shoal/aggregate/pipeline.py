@@ -9,12 +9,13 @@ updates into one, and the stages' server halves run on the result in reverse ord
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import AggregationError
 from ..tree import Params
 from ..types import ClientInfo, RoundInfo
+from .fold import Fold
 from .reducers import Reducer, weighted_mean
 from .stages import Stage, StageState
 
@@ -101,6 +102,19 @@ class Pipeline:
                 update = s.client(update, cfg, info)
         return update
 
+    def coordinator(self, update: Params, configs: Sequence[Mapping[str, Any]],
+                    info: ClientInfo) -> Params:
+        """Run the coordinator-side per-update halves, in order, on one received update."""
+        for s, cfg in zip(self.stages, configs, strict=True):
+            if s.runs_at == "coordinator":
+                update = s.client(update, cfg, info)
+        return update
+
+    def fold(self, template: Params) -> Fold:
+        """An empty :class:`~shoal.aggregate.Fold` of updates shaped like ``template`` (see
+        :meth:`update_template`) for this pipeline's reducer."""
+        return Fold(self.reducer, template)
+
     def reduce(self, updates: Iterable[tuple[str, Params, float]],
                configs: Sequence[Mapping[str, Any]], round: int, seed: int,
                ) -> tuple[Params | None, int]:
@@ -112,15 +126,13 @@ class Pipeline:
         Coordinator-side halves run after the client-side ones, whatever their place in the
         list; each sees the ``ClientInfo`` of the update's sender.
         """
-        coordinator = [(i, s) for i, s in enumerate(self.stages) if s.runs_at == "coordinator"]
-
-        def processed() -> Iterator[tuple[Params, float]]:
-            for sender, update, weight in updates:
-                for i, s in coordinator:
-                    update = s.client(update, configs[i], ClientInfo(sender, round, seed))
-                yield update, weight
-
-        return self.reducer.reduce_stream(processed())
+        fold: Fold | None = None
+        for sender, update, weight in updates:
+            update = self.coordinator(update, configs, ClientInfo(sender, round, seed))
+            if fold is None:
+                fold = self.fold(update)
+            fold.add(update, weight)
+        return fold.finish() if fold is not None else (None, 0)
 
     def aggregate(self, updates: Sequence[Params], weights: Sequence[float],
                   states: Sequence[StageState], configs: Sequence[Mapping[str, Any]],

@@ -9,7 +9,7 @@ need the individual updates and ignore the weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -37,7 +37,9 @@ class Reducer:
     """Base class: ``reducer(updates, weights) -> update``.
 
     ``linear`` says whether the result is a function of ``sum(w_i * x_i)`` and ``sum(w_i)``
-    only; ``min_updates`` is the fewest updates it can reduce.
+    only, where ``w_i = client_weight(weight_i)``; a linear reducer computes it with
+    :meth:`finalize`, so a :class:`~shoal.aggregate.Fold` keeps only running sums.
+    ``min_updates`` is the fewest updates it can reduce.
     """
 
     linear: bool = False
@@ -46,17 +48,14 @@ class Reducer:
     def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         raise NotImplementedError
 
-    def reduce_stream(self, items: Iterable[tuple[Params, float]]) -> tuple[Params | None, int]:
-        """Reduce ``(update, weight)`` pairs given one at a time: ``(result, count)``.
+    def client_weight(self, weight: float) -> float:
+        """The weight this reducer gives an update whose client reported ``weight``."""
+        return weight
 
-        The result is ``None`` when fewer than ``min_updates`` arrived. This default collects
-        the updates first (a non-linear reducer needs them all); linear reducers override it to
-        keep only a running sum.
-        """
-        pairs = list(items)
-        if len(pairs) < self.min_updates:
-            return None, len(pairs)
-        return self([u for u, _ in pairs], [w for _, w in pairs]), len(pairs)
+    def finalize(self, weighted_sum: Params, total_weight: float) -> Params:
+        """The result from running sums (linear reducers only)."""
+        raise AggregationError(f"{self!r} is not linear: it needs the individual updates, not "
+                               "their sum.")
 
     def _check(self, updates: Sequence[Params], weights: Sequence[float]) -> None:
         if len(updates) != len(weights):
@@ -104,24 +103,14 @@ class WeightedMean(Reducer):
 
     def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
         self._check(updates, weights)
-        result, _ = self.reduce_stream(zip(updates, weights, strict=True))
+        from .fold import Fold  # the running sum is the fold's
+
+        fold = Fold(self, updates[0])
+        for u, w in zip(updates, weights, strict=True):
+            fold.add(u, w)
+        result, _ = fold.finish()
         assert result is not None
         return result
-
-    def reduce_stream(self, items: Iterable[tuple[Params, float]]) -> tuple[Params | None, int]:
-        """A running weighted sum, in arrival order: holds one update at a time."""
-        acc: Params | None = None
-        weights: list[float] = []
-        for update, weight in items:
-            w = self.client_weight(float(weight))
-            if acc is None:
-                acc = {k: v * w for k, v in update.items()}
-            else:
-                tree.add_(acc, update, alpha=w)
-            weights.append(w)
-        if acc is None:
-            return None, 0
-        return self.finalize(acc, math.fsum(weights)), len(weights)
 
 
 def weighted_mean(weighting: Literal["examples", "uniform"] = "examples") -> WeightedMean:

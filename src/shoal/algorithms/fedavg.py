@@ -17,26 +17,29 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from .. import tree
 from ..aggregate import Pipeline, ServerOpt, sgd
 from ..aggregate.server_opt import ServerOptState
 from ..aggregate.stages import StageState
 from ..algorithm import RoundReport
-from ..client import ClientUpdate
+from ..client import Batchable, ClientUpdate, Placeable
 from ..data.arrays import ArrayData
 from ..errors import ConfigError
 from ..message import COORDINATOR, Message
 from ..metrics import weighted_average
-from ..node import Handler, NodeContext
+from ..node import Abilities, BatchAnswers, BatchHandler, CapableHandler, Handler, NodeContext
 from ..seeding import derive_seed, derive_seeds
-from ..transport import Transport, replies
+from ..transport import Transport
 from ..tree import Params
 from ..types import ClientInfo, ClientResult, RoundInfo
 from .cohort import Cohort
-from .collect import RoundFold
+from .collect import Partial, RoundFold
 
-__all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "train_data", "eval_data"]
+__all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "TrainBatch", "eval_data", "train_data"]
 
 log = logging.getLogger(__name__)
 
@@ -128,41 +131,54 @@ class FedAvg:
         return [ClientInfo(m.dst, m.round, s, m.config)
                 for m, s in zip(messages, seeds, strict=True)]
 
+    def train_requests(self, state: FedAvgState, chosen: Sequence[str], round: int,
+                       configs: list[dict]) -> list[Message]:
+        """The round's ``"train"`` requests: the global params and the stages' configs (one
+        tensor dict shared by every request, so an executor sees one model)."""
+        return [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
+                for cid in chosen]
+
+    def round_fold(self, state: FedAvgState, configs: list[dict], round: int) -> RoundFold:
+        """How the round's train replies are validated and folded."""
+        return RoundFold(self.pipeline, state.params, configs, round, self.seed)
+
     def round(self, state: FedAvgState, transport: Transport,
               round: int) -> tuple[FedAvgState, RoundReport]:
         """One round of federated averaging; see the module docstring."""
         population = transport.nodes()
         chosen = self.cohort.sample(population, self.seed, round)
         configs = self.pipeline.client_configs(state.stage_states)
-        requests = [Message("train", COORDINATOR, cid, round, state.params, {"stages": configs})
-                    for cid in chosen]
+        requests = self.train_requests(state, chosen, round, configs)
         report = RoundReport(round)
-        fold = RoundFold(self.pipeline, state.params, configs, round, self.seed)
-        # A transport that computes replies in parts (an executor with worker processes) folds
-        # them where they are made and merges the parts; otherwise fold them as they stream.
-        collect = getattr(transport, "collect", None)
-        part = (collect(requests, fold, self.timeout) if collect is not None
-                else fold.fold(requests, replies(transport, requests, self.timeout)))
+        fold = self.round_fold(state, configs, round)
+        # The transport folds the replies: as they stream, or where they are computed (an
+        # executor with worker processes) before merging the parts.
+        part = transport.collect(requests, fold, self.timeout)
         for _, dst, reason in part.dropped:
             report.dropped[dst] = reason
             log.warning("round %d: dropped %s: %s", round, dst, reason)
-        client_metrics = part.metrics
-        reduced, count = fold.finish(part)
         m = report.metrics
         m["round/sampled"] = float(len(chosen))
-        m["round/replied"] = float(count)
+        m["round/replied"] = float(len(part.positions))
         m["round/dropped"] = float(len(report.dropped))
-        if client_metrics:
-            m.update({k: v for k, v in weighted_average(client_metrics, "weight").items()
+        if part.metrics:
+            m.update({k: v for k, v in weighted_average(part.metrics, "weight").items()
                       if k != "weight"})
-            m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in client_metrics)
+            m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in part.metrics)
+        info = RoundInfo(round, self.seed, len(chosen), len(part.positions), len(population))
+        return self.finish_round(state, fold, part, info, report)
+
+    def finish_round(self, state: FedAvgState, fold: RoundFold, part: Partial, info: RoundInfo,
+                     report: RoundReport) -> tuple[FedAvgState, RoundReport]:
+        """From the folded replies to the new state: the reduced update (a round with fewer
+        than ``min_replies`` valid replies fails, model unchanged), then :meth:`apply`."""
+        reduced, count = fold.finish(part)
         if reduced is None or count < self.min_replies:
-            report.failed = (f"only {count} valid replies of {len(chosen)} sampled; "
+            report.failed = (f"only {count} valid replies of {info.sampled} sampled; "
                              f"min_replies is {self.min_replies}")
-            log.warning("round %d not applied: %s", round, report.failed)
+            log.warning("round %d not applied: %s", info.round, report.failed)
             return state, report
-        return self.apply(state, reduced, RoundInfo(round, self.seed, len(chosen), count,
-                                                    len(population)), report)
+        return self.apply(state, reduced, info, report)
 
     def apply(self, state: FedAvgState, reduced: Params, info: RoundInfo,
               report: RoundReport) -> tuple[FedAvgState, RoundReport]:
@@ -183,14 +199,47 @@ class FedAvg:
     # -- client side ------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Handler]:
-        """``"train"`` (local update) and ``"evaluate"`` (federated evaluation)."""
-        return {"train": self.handle_train, "evaluate": self.handle_evaluate}
+        """``"train"`` (local update; batched when the client update is :class:`Batchable`,
+        placed on a device when it is :class:`Placeable`) and ``"evaluate"`` (federated
+        evaluation)."""
+        update = self.client_update
+        abilities = Abilities(
+            batch=self._train_batch if isinstance(update, Batchable) else None,
+            why_not_batched=(f"the client update {update!r} has no batched form (it is not "
+                             "Batchable)"),
+            place=self._place if isinstance(update, Placeable) else None)
+        return {"train": CapableHandler(self.handle_train, abilities),
+                "evaluate": self.handle_evaluate}
+
+    def _train_batch(self) -> TrainBatch:
+        assert isinstance(self.client_update, Batchable)
+        return TrainBatch(self, self.client_update.batched())
+
+    def _place(self, device: torch.device) -> None:
+        assert isinstance(self.client_update, Placeable)
+        self.client_update.device = device
 
     def handle_train(self, message: Message, context: NodeContext) -> Message:
         """Train on the node's data and answer with the (stage-processed) update."""
         info = self.client_info(message, context.node_id)
         result = self.client_update(message.tensors, train_data(context), info)
         return self.train_reply(message, result, info)
+
+    def answer_batch(self, trainer: Any, messages: Sequence[Message],
+                     contexts: Sequence[NodeContext]) -> BatchAnswers:
+        """:meth:`handle_train` for messages carrying the same params to clients whose data
+        are views of one pool, computed by the client update's batched form ``trainer``."""
+        infos = self.client_infos(messages)
+        batch = trainer.cohort(messages[0].tensors, [train_data(c) for c in contexts], infos)
+        out = BatchAnswers([])
+        for i, (m, r, info, j) in enumerate(zip(messages, batch.results, infos, batch.row,
+                                                strict=True)):
+            reply = self.train_reply(m, r, info)
+            out.replies.append(reply)
+            t = reply.tensors
+            if t.keys() == batch.deltas.keys() and all(t[k] is r.update[k] for k in t):
+                out.rows[i] = (batch.deltas, j)
+        return out
 
     def client_info(self, message: Message, node_id: str) -> ClientInfo:
         """What client ``node_id`` knows when it answers the train ``message``."""
@@ -214,3 +263,38 @@ class FedAvg:
             return message.reply(metrics={"examples": 0.0})
         return message.reply(metrics=self.client_eval(message.tensors, data))
 
+
+
+class TrainBatch(BatchHandler):
+    """The batched form of an algorithm's ``"train"`` handler: messages grouped by the params
+    they carry and the data pool of their clients, each group answered by the algorithm's
+    ``answer_batch`` with the client update's batched ``trainer``."""
+
+    def __init__(self, algorithm: FedAvg, trainer: Any):
+        self.algorithm = algorithm
+        self.trainer = trainer
+        self.numel = int(trainer.numel)
+
+    def __repr__(self) -> str:
+        return f"TrainBatch({self.trainer!r})"
+
+    def __call__(self, messages: Sequence[Message],
+                 contexts: Sequence[NodeContext]) -> BatchAnswers:
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, (m, c) in enumerate(zip(messages, contexts, strict=True)):
+            data = train_data(c)
+            groups.setdefault((id(m.tensors), id(data.x), id(data.y)), []).append(i)
+        replies: list[Message | None] = [None] * len(messages)
+        rows: dict[int, tuple[Params, int]] = {}
+        for ix in groups.values():
+            got = self.algorithm.answer_batch(self.trainer, [messages[i] for i in ix],
+                                              [contexts[i] for i in ix])
+            for i, reply in zip(ix, got.replies, strict=True):
+                replies[i] = reply
+            rows.update({ix[k]: v for k, v in got.rows.items()})
+        return BatchAnswers([r for r in replies if r is not None], rows)
+
+    def trial(self, context: NodeContext) -> None:
+        """Train the node on two of its examples with the batched form (an operation vmap
+        cannot batch shows only when it runs)."""
+        self.trainer.trial(train_data(context))

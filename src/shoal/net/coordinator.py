@@ -31,7 +31,7 @@ import grpc
 
 from ..errors import TransportError
 from ..message import COORDINATOR, Message
-from ..transport import TrafficStats
+from ..transport import Transport, timed
 from . import wire
 from .ca import NODE_ID_PATTERN, Identity, RevocationList, peer_identity
 
@@ -80,7 +80,7 @@ class _Conn:
         self.outbox.put(None)
 
 
-class GrpcTransport:
+class GrpcTransport(Transport):
     """The coordinator: a gRPC server that clients connect to; a :class:`Transport`.
 
     Args:
@@ -101,10 +101,10 @@ class GrpcTransport:
             raise TransportError("GrpcTransport: mutual TLS needs the coordinator's identity "
                                  "(key, certificate, CA certificate); pass identity=..., or "
                                  "insecure=True for a local plain-text experiment.")
+        super().__init__()
         self.insecure = identity is None
         self.max_message_bytes = max_message_bytes
         self.chunk_size = chunk_size
-        self.stats = TrafficStats()
         self.wire_bytes_down = 0
         self.wire_bytes_up = 0
         self.rejected: list[tuple[str, str]] = []
@@ -181,9 +181,9 @@ class GrpcTransport:
                     else:
                         reply = m.failed(f"timed out: no reply within {timeout:g} s")
                         self._forget(m.dst, p)
-                self.stats.record(m, reply)
+                self.record(m, reply)
                 yield reply
-        return gen()
+        return timed(self, gen())
 
     def close(self, reason: str = "the run is finished", grace: float = 2.0) -> None:
         """Say BYE to every client and stop the server."""
@@ -193,12 +193,6 @@ class GrpcTransport:
             c.outbox.put(wire.control(wire.BYE, {"reason": reason}))
             c.outbox.put(None)
         self._server.stop(grace).wait()
-
-    def __enter__(self) -> GrpcTransport:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     # -- internals --------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import tree
-from ..aggregate import Pipeline, ServerOpt, WeightedMean
+from ..aggregate import Fold, Pipeline, ServerOpt, WeightedMean
 from ..algorithm import RoundReport
 from ..algorithms.cohort import Cohort
 from ..algorithms.fedavg import ClientEvaluate, FedAvg, FedAvgState, eval_data, train_data
@@ -144,10 +144,15 @@ class SecureFedAvg(FedAvg):
             report.failed = (f"the securely summed weight is {total_weight:g}; expected > 0 "
                              "(raise secagg.max_weight if clients are small)")
             return state, report
+        # The unmasked sum is folded like any round's replies, then finished and applied as
+        # FedAvg does (the division by the total weight in float64, then the params' dtypes).
         _, spec = tree.flatten(template)
         weighted = tree.unflatten(torch.from_numpy(wx), [(k, s, torch.float64)
                                                          for k, s, _ in spec])
-        mean = self.pipeline.reducer.finalize(weighted, total_weight)  # type: ignore[attr-defined]
+        fold = Fold(self.pipeline.reducer, weighted)
+        fold.add_sum(weighted, total_weight, len(res.contributors))
+        mean, _ = fold.finish()
+        assert mean is not None
         reduced = {k: mean[k].to(dtype) for k, _, dtype in spec}
         info = RoundInfo(round, self.seed, len(chosen), len(res.contributors), len(population))
         return self.apply(state, reduced, info, report)
@@ -190,7 +195,7 @@ class SecureFedAvg(FedAvg):
         update = self.pipeline.client(result.update, message.config.get("stages", []), info)
         template = self.pipeline.update_template(message.tensors)
         tree.check_update(template, update)
-        weight = self.pipeline.reducer.client_weight(float(result.weight))  # type: ignore[attr-defined]
+        weight = self.pipeline.reducer.client_weight(float(result.weight))
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateError(f"client {context.node_id!r}: weight must be a finite number > 0, "
                               f"got {weight!r}.")
@@ -202,9 +207,9 @@ class SecureFedAvg(FedAvg):
         x *= w  # |w x| <= clip since w <= 1
         loss = result.metrics.get("train/loss")
         has = loss is not None and math.isfinite(loss)
+        clipped = min(max(loss, 0.0), LOSS_CLIP) if loss is not None and has else 0.0
         examples = result.metrics.get("train/examples", float(result.weight))
-        return [(x, clip), (np.array([w]), 1.0),
-                (np.array([w * min(max(loss, 0.0), LOSS_CLIP) if has else 0.0]), LOSS_CLIP),  # type: ignore[type-var]
+        return [(x, clip), (np.array([w]), 1.0), (np.array([w * clipped]), LOSS_CLIP),
                 (np.array([w if has else 0.0]), 1.0),
                 (np.array([examples]), float(message.config["max_examples"]))]
 

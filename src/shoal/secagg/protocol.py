@@ -51,8 +51,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from ..message import COORDINATOR, Message
 from ..node import Handler, NodeContext
 from ..seeding import numpy_rng
-from ..transport import Transport, replies
+from ..transport import Transport
 from ..tree import Params
+from ..validation import reply_problem
 from .crypto import (
     KEY_BYTES,
     agree,
@@ -298,24 +299,13 @@ class SecureSum:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _problem(request: Message, reply: Message, names: Callable[[Message], Iterable[str]],
-             sizes: Mapping[str, tuple[torch.dtype, int]] | None = None) -> str | None:
-    """Why ``reply`` is unusable, or ``None``."""
-    if reply.error is not None:
-        return reply.error
-    if reply.src != request.dst or reply.kind != request.kind or reply.round != request.round:
-        return (f"reply {reply.kind!r} round {reply.round} from {reply.src!r} does not answer "
-                f"{request.kind!r} round {request.round} sent to {request.dst!r}")
-    expected = set(names(request))
-    if set(reply.tensors) != expected:
-        return (f"{request.kind} reply has tensors {sorted(reply.tensors)[:4]!r}..., expected "
-                f"{sorted(expected)[:4]!r}...")
-    for name, (dtype, n) in (sizes or {}).items():
-        t = reply.tensors[name]
-        if t.dtype != dtype or t.dim() != 1 or t.shape[0] != n:
-            return (f"{request.kind} reply tensor {name!r} is {t.dtype} of shape "
-                    f"{tuple(t.shape)}, expected {dtype} of shape ({n},)")
-    return None
+CT_BYTES = 12 + 2 + 2 * SHARE_BYTES + 16
+"""Bytes of one encrypted pair of shares: nonce, x, share of s, share of b, GCM tag."""
+
+
+def _template(names: Iterable[str], n: int, dtype: torch.dtype = torch.uint8) -> Params:
+    """What a reply of one step must hold: these names, each a 1-D tensor of ``n`` ``dtype``."""
+    return {name: torch.empty(n, dtype=dtype) for name in names}
 
 
 def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, session: str,
@@ -335,10 +325,10 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
     dropped: dict[str, str] = {}
     timings: dict[str, float] = {}
 
-    def ask(kind: str, messages: list[Message], check: Callable[[Message, Message], str | None]
+    def ask(kind: str, messages: list[Message], template: Callable[[Message], Params]
             ) -> Iterable[tuple[Message, Message]]:
-        for req, rep in zip(messages, replies(transport, messages, timeout), strict=True):
-            reason = check(req, rep)
+        for req, rep in zip(messages, transport.stream(messages, timeout), strict=True):
+            reason = reply_problem(req, rep, template=template(req), what=f"{kind} reply")
             if reason is not None:
                 dropped[req.dst] = f"{kind}: {reason}"
                 continue
@@ -353,9 +343,7 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
     # 1. advertise keys
     msgs = [Message(ADVERTISE, COORDINATOR, c, round, config=dict(base)) for c in clients]
     keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for req, rep in ask(ADVERTISE, msgs, lambda q, p: _problem(
-            q, p, lambda _: ("pk_c", "pk_s"), {"pk_c": (torch.uint8, 32),
-                                               "pk_s": (torch.uint8, 32)})):
+    for req, rep in ask(ADVERTISE, msgs, lambda _: _template(("pk_c", "pk_s"), 32)):
         keys[req.dst] = (rep.tensors["pk_c"], rep.tensors["pk_s"])
     u1 = [c for c in clients if c in keys]
     k = min(neighbours if neighbours is not None else default_neighbours(len(u1)),
@@ -378,8 +366,8 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
         msgs.append(Message(SHARE_KEYS, COORDINATOR, u, round, tensors,
                             {**base, "neighbours": graph[u], "threshold": t}))
     inbox: dict[str, dict[str, torch.Tensor]] = {u: {} for u in u1}  # recipient -> sender -> ct
-    for req, rep in ask(SHARE_KEYS, msgs, lambda q, p: _problem(
-            q, p, lambda m: (f"ct/{v}" for v in m.config["neighbours"]))):
+    for req, rep in ask(SHARE_KEYS, msgs, lambda m: _template(
+            (f"ct/{v}" for v in m.config["neighbours"]), CT_BYTES)):
         for v in graph[req.dst]:
             inbox[v][req.dst] = rep.tensors[f"ct/{v}"]
     u1p = [u for u in u1 if u not in dropped]
@@ -400,8 +388,8 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
                     {**(payload or {}), **{f"{CT_PREFIX}{v}": inbox[u][v] for v in active[u]}},
                     cfg) for u in u1p]
     u2: list[str] = []
-    for req, rep in ask(MASKED_INPUT, msgs, lambda q, p: _problem(
-            q, p, lambda _: ("masked",), {"masked": (torch.int32, length)})):
+    for req, rep in ask(MASKED_INPUT, msgs, lambda _: _template(("masked",), length,
+                                                                 torch.int32)):
         t0 = time.perf_counter()
         total += rep.tensors["masked"].numpy().view(np.uint32)
         sum_s += time.perf_counter() - t0
@@ -420,9 +408,9 @@ def secure_sum(transport: Transport, clients: Sequence[str], *, round: int, sess
         "survivors": [v for v in active[u] if v in alive]}) for u in u2]
     b_shares: dict[str, list[tuple[int, bytes]]] = {u: [] for u in u2}
     s_shares: dict[str, list[tuple[int, bytes]]] = {u: [] for u in gone}
-    for _req, rep in ask(UNMASK, msgs, lambda q, p: _problem(
-            q, p, lambda m: [*(f"s/{v}" for v in m.config["dropped"]),
-                             *(f"b/{v}" for v in m.config["survivors"])])):
+    for _req, rep in ask(UNMASK, msgs, lambda m: _template(
+            [*(f"s/{v}" for v in m.config["dropped"]),
+             *(f"b/{v}" for v in m.config["survivors"])], 2 + SHARE_BYTES)):
         for name, tensor in rep.tensors.items():
             which, v = name.split("/", 1)
             raw = _raw(tensor)

@@ -7,16 +7,20 @@ decides *how* the answers are computed. The algorithm is the same object whichev
                 (with ``on_error="raise"`` an exception inside a client is re-raised as a
                 ``ClientError`` naming the client, the round and the local step, the original
                 exception chained with its traceback).
-``vectorized``  FedAvg's ``local_sgd`` for the whole cohort in one batched computation
-                (``torch.func.vmap`` over stacked client params; :mod:`shoal.sim.vectorized`);
-                a model or client update that cannot be vectorized is refused with a
-                ``ModelError`` / ``ConfigError`` naming why.
-``processes``   worker processes on ``torch.distributed`` that each train their share of the
-                cohort and fold the updates locally; one reduction per round
+``vectorized``  messages whose handler declares a batched form (:class:`~shoal.node.Abilities`;
+                e.g. FedAvg's and SCAFFOLD's ``"train"`` with ``local_sgd``) are answered for
+                the whole cohort in one batched computation (:mod:`shoal.batched`); other
+                messages one by one.
+``processes``   worker processes on ``torch.distributed`` that each answer their share of the
+                messages and fold a round's updates locally; one reduction per round
                 (:mod:`shoal.sim.processes`).
 ``auto``        the fastest that fits: processes when the machine has several cores, each
-                worker vectorized when the model can be vectorized and is small; falls back to
-                sequential otherwise.
+                worker vectorized when the train handler's batched form passes a trial run and
+                the model is small; sequential otherwise.
+
+An executor asks a handler what it can do; it never recognises an algorithm. A kind whose
+handler has no batched form, or whose batched form cannot run this model, is answered one by
+one, and the executor logs why once.
 
 Every executor runs each client from its own seed (``shoal.seeding``), so results do not depend
 on the order in which clients run. Sequential and the plain transport are bit-identical;
@@ -27,24 +31,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .. import tree
 from ..algorithms.collect import Partial, RoundFold
-from ..algorithms.fedavg import FedAvg, train_data
 from ..errors import ConfigError, ModelError
 from ..message import Message
-from ..node import NodeContext
+from ..node import BatchHandler, NodeState, abilities_of
 from ..tree import Params
-from ..types import ClientInfo
-from .vectorized import VectorizedLocalSGD, check_vectorizable, sgd_spec
 
 if TYPE_CHECKING:
     from .inprocess import InProcessTransport
 
 __all__ = ["EXECUTORS", "AutoExecutor", "Executor", "ExecutorName", "SequentialExecutor",
-           "VectorizedExecutor", "make_executor", "vectorizable"]
+           "VectorizedExecutor", "batch_handler", "make_executor", "vectorizable"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ batching, large ones already keep a core busy per client."""
 class Executor:
     """Base class: computes replies for the transport's simulated nodes.
 
-    ``stream(transport, messages, timeout)`` yields one reply per message, in order;
+    ``stream(transport, messages, timeout)`` yields one reply per message, in order, and shows
+    each message and its reply to the transport's observers (``transport.record``);
     ``collect(transport, requests, fold, timeout)`` folds the train replies of a round (the
     default folds the stream); ``close()`` releases what the executor holds (processes).
     """
@@ -77,8 +79,8 @@ class Executor:
         return fold.fold(requests, transport.stream(requests, timeout), rows=self.rows_of)
 
     def rows_of(self, reply: Message) -> tuple[Params, int] | None:
-        """``(stacks, j)`` when ``reply``'s update tensors are all row ``j`` of stacked tensors
-        this executor computed (see ``RoundFold.fold``); ``None`` by default."""
+        """``(stacks, j)`` when ``reply``'s tensors are all row ``j`` of stacked tensors this
+        executor computed (see ``RoundFold.fold``); ``None`` by default."""
         return None
 
     def close(self) -> None:
@@ -96,44 +98,50 @@ class SequentialExecutor(Executor):
     def stream(self, transport: InProcessTransport, messages: Sequence[Message],
                timeout: float | None) -> Iterator[Message]:
         for m in messages:
-            yield transport.deliver(m, timeout)
+            reply = transport.deliver(m, timeout)
+            transport.record(m, reply)
+            yield reply
 
 
-def _fedavg_of(transport: InProcessTransport) -> FedAvg:
-    """The FedAvg whose own ``handle_train`` answers the transport's train messages."""
-    handler = transport.handlers.get("train")
-    algorithm = getattr(handler, "__self__", None)
-    if not isinstance(algorithm, FedAvg) or \
-            getattr(handler, "__func__", None) is not FedAvg.handle_train:
-        raise ConfigError(
-            f"vectorized executor: the 'train' handler is {handler!r}; it batches FedAvg's "
-            "own handle_train (FedAvg and its compositions) only; use executor='sequential' or "
-            "'processes'."
-        )
-    return algorithm
+def batch_handler(transport: InProcessTransport, kind: str) -> BatchHandler:
+    """The batched form of the transport's handler for ``kind``; raises
+    :class:`~shoal.errors.ConfigError` / :class:`~shoal.errors.ModelError` saying why there is
+    none."""
+    abilities = abilities_of(transport.handlers.get(kind))
+    if abilities.batch is None:
+        raise ConfigError(f"the {kind!r} handler cannot be batched: "
+                          f"{abilities.why_not_batched}")
+    return abilities.batch()
 
 
-def vectorizable(transport: InProcessTransport) -> str | None:
-    """Why the vectorized executor cannot run this transport's train messages, or ``None``."""
+def vectorizable(transport: InProcessTransport, kind: str = "train") -> str | None:
+    """Why the vectorized executor cannot batch the transport's ``kind`` messages, or
+    ``None`` (a trial run on one client included)."""
     try:
-        algorithm = _fedavg_of(transport)
-        sgd_spec(algorithm.client_update)
-        check_vectorizable(algorithm.client_update.model)  # type: ignore[attr-defined]
+        handler = batch_handler(transport, kind)
+        ids = transport.nodes()
+        if ids:
+            handler.trial(transport.context(ids[0]))
     except (ConfigError, ModelError) as e:
         return str(e)
+    except Exception as e:  # noqa: BLE001 - any failure of the trial means: do not batch
+        return f"{type(e).__name__}: {e}"
     return None
 
 
 class VectorizedExecutor(Executor):
-    """FedAvg's train messages in batches of up to ``max_clients`` clients (``None``: the
-    whole cohort), other messages one by one; see :mod:`shoal.sim.vectorized`.
+    """Messages whose handler has a batched form in batches of up to ``max_clients`` nodes
+    (``None``: all of a kind), other messages one by one; see the module docstring.
 
     The replies still go through the nodes' middleware (dropout, logging): each node answers
-    with its precomputed result. A client that a mod drops was computed in vain, which costs
-    time but changes nothing. The request's timeout is not applied to batched clients (a
-    batch's time cannot be attributed to one of them). An exception inside a batch reruns that
-    batch's clients one by one, so the failing client is named (or dropped) as the sequential
-    executor would.
+    with its precomputed result, and what the batch wrote into a node's state is kept only
+    when the node's handler is reached (a dropped node's state is unchanged, as in the
+    sequential executor). A node that a mod drops was computed in vain, which costs time but
+    changes nothing. The request's timeout is not applied to batched nodes (a batch's time
+    cannot be attributed to one of them). An exception inside a batch reruns that batch's
+    messages one by one, so the failing client is named (or dropped) as the sequential
+    executor would. A kind that cannot be batched (no batched form, or one that refuses this
+    model or optimizer) is answered one by one, and why is logged once.
     """
 
     name = "vectorized"
@@ -143,47 +151,84 @@ class VectorizedExecutor(Executor):
             raise ConfigError(f"vectorized executor: max_clients must be >= 1 or None "
                               f"(got {max_clients}).")
         self.max_clients = max_clients
-        self._trainers: dict[int, tuple[Any, VectorizedLocalSGD]] = {}
-        # id(reply.tensors) -> (the batch's stacked updates, row, the row views handed out):
+        self._handlers: dict[str, tuple[Any, BatchHandler | None]] = {}
+        self.fallbacks: dict[str, str] = {}
+        """Kind -> why its messages are answered one by one."""
+        # id(reply.tensors) -> (the batch's stacked tensors, row, the row views handed out):
         # the replies of the latest stream, for rows_of.
         self._rows: dict[int, tuple[Params, int, Params]] = {}
 
     def __repr__(self) -> str:
         return f"vectorized({'' if self.max_clients is None else self.max_clients})"
 
-    def trainer(self, algorithm: FedAvg) -> VectorizedLocalSGD:
-        """The batched local SGD of ``algorithm`` (built once)."""
-        key = id(algorithm.client_update)
-        held = self._trainers.get(key)
-        if held is None or held[0] is not algorithm.client_update:
-            held = (algorithm.client_update,
-                    VectorizedLocalSGD(algorithm.client_update))  # type: ignore[arg-type]
-            self._trainers[key] = held
+    def handler(self, transport: InProcessTransport, kind: str) -> BatchHandler | None:
+        """The batched form of ``kind``'s handler (built once), or ``None`` (logged once)."""
+        source = transport.handlers.get(kind)
+        held = self._handlers.get(kind)
+        if held is None or held[0] is not source:
+            try:
+                made: BatchHandler | None = batch_handler(transport, kind)
+            except (ConfigError, ModelError) as e:
+                self._fall_back(kind, str(e))
+                made = None
+            held = (source, made)
+            self._handlers[kind] = held
         return held[1]
+
+    def _fall_back(self, kind: str, why: str) -> None:
+        if kind not in self.fallbacks:
+            self.fallbacks[kind] = why
+            log.warning("vectorized executor: %r messages run one by one (sequentially): %s",
+                        kind, why)
+        self._handlers[kind] = (self._handlers.get(kind, (None, None))[0], None)
 
     def stream(self, transport: InProcessTransport, messages: Sequence[Message],
                timeout: float | None) -> Iterator[Message]:
-        train = [m for m in messages if m.kind == "train" and transport.knows(m.dst)]
-        done: dict[int, Message] = {}
+        done: dict[int, tuple[Message, NodeState]] = {}
         self._rows.clear()
-        if train:
-            algorithm = _fedavg_of(transport)
-            trainer = self.trainer(algorithm)
-            groups: dict[tuple[int, int, int], list[tuple[Message, Any]]] = {}
-            for m in train:
-                data = train_data(NodeContext(m.dst, transport.data_fn(m.dst)))
-                groups.setdefault((id(m.tensors), id(data.x), id(data.y)), []).append((m, data))
-            size = self.max_clients
-            for group in groups.values():
-                for start in range(0, len(group), size or len(group)):
-                    chunk = group[start:start + (size or len(group))]
-                    self._batch(algorithm, trainer, chunk, done, self._rows)
+        by_kind: dict[str, list[Message]] = {}
         for m in messages:
-            reply = done.get(id(m))
-            if reply is None:
-                yield transport.deliver(m, timeout)
-            else:
-                yield transport.deliver(m, None, answer=reply)
+            if transport.knows(m.dst):
+                by_kind.setdefault(m.kind, []).append(m)
+        for kind, msgs in by_kind.items():
+            if kind in self.fallbacks or self.handler(transport, kind) is None:
+                continue
+            size = self.max_clients or len(msgs)
+            for start in range(0, len(msgs), size):
+                self._batch(transport, kind, msgs[start:start + size], done)
+        for m in messages:
+            held = done.get(id(m))
+            reply = (transport.deliver(m, timeout) if held is None
+                     else transport.deliver(m, None, answer=held[0], state=held[1]))
+            transport.record(m, reply)
+            yield reply
+
+    def _batch(self, transport: InProcessTransport, kind: str, chunk: list[Message],
+               done: dict[int, tuple[Message, NodeState]]) -> None:
+        handler = self.handler(transport, kind)
+        if handler is None:
+            return
+        contexts = [transport.context(m.dst, m.round) for m in chunk]
+        t0 = time.perf_counter()
+        try:
+            answers = handler(chunk, contexts)
+        except ModelError as e:  # the model cannot run batched: from now on, one by one
+            self._fall_back(kind, str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - find the failing client: the sequential path names it
+            log.warning("round %d: a batch of %d %r messages failed (%s: %s); running them one "
+                        "by one", chunk[0].round, len(chunk), kind, type(e).__name__, e)
+            return
+        seconds = time.perf_counter() - t0
+        # The batch's compute time, shared among its nodes by the examples each trained on.
+        shares = [max(r.metrics.get("train/examples", 1.0), 1.0) for r in answers.replies]
+        total = sum(shares)
+        for m, reply, ctx, share in zip(chunk, answers.replies, contexts, shares, strict=True):
+            done[id(m)] = (reply, ctx.node_state)
+            transport.record_compute(m.dst, seconds * share / total)
+        for i, (stacks, j) in answers.rows.items():
+            t = answers.replies[i].tensors
+            self._rows[id(t)] = (stacks, j, dict(t))
 
     def collect(self, transport: InProcessTransport, requests: Sequence[Message],
                 fold: RoundFold, timeout: float | None) -> Partial:
@@ -204,47 +249,6 @@ class VectorizedExecutor(Executor):
             return None
         return stacks, j
 
-    @staticmethod
-    def _batch(algorithm: FedAvg, trainer: VectorizedLocalSGD,
-               chunk: list[tuple[Message, Any]], done: dict[int, Message],
-               rows: dict[int, tuple[Params, int, Params]]) -> None:
-        infos = algorithm.client_infos([m for m, _ in chunk])
-        params = chunk[0][0].tensors
-        try:
-            batch = trainer.cohort(params, [d for _, d in chunk], infos)
-        except ModelError:
-            raise
-        except Exception as e:  # find the failing client: the sequential path names it
-            log.warning("round %d: a batch of %d clients failed (%s: %s); running them one by "
-                        "one", chunk[0][0].round, len(chunk), type(e).__name__, e)
-            return
-        for (m, _), r, info, j in zip(chunk, batch.results, infos, batch.row, strict=True):
-            reply = algorithm.train_reply(m, r, info)
-            done[id(m)] = reply
-            t = reply.tensors
-            if t.keys() <= batch.deltas.keys() and all(t[k] is r.update.get(k) for k in t):
-                rows[id(t)] = (batch.deltas, j, dict(t))
-
-
-def _probe(transport: InProcessTransport) -> str | None:
-    """Train one client on two of its examples with the vectorized trainer: why that failed
-    (an operation vmap cannot batch shows only when it runs), or ``None``."""
-    ids = transport.nodes()
-    if not ids:
-        return None
-    algorithm = _fedavg_of(transport)
-    data = train_data(NodeContext(ids[0], transport.data_fn(ids[0])))
-    if len(data) == 0:
-        return None
-    update = algorithm.client_update
-    params = tree.params_of(update.model)  # type: ignore[attr-defined]
-    try:
-        VectorizedLocalSGD(update)(params, [data.subset(list(range(min(2, len(data)))))],  # type: ignore[arg-type]
-                                   [ClientInfo(ids[0], 0, 0)])
-    except Exception as e:  # noqa: BLE001 - any failure means: do not vectorize
-        return f"{type(e).__name__}: {e}"
-    return None
-
 
 class AutoExecutor(Executor):
     """Picks an executor on first use (see :func:`make_executor`) and delegates to it."""
@@ -259,18 +263,18 @@ class AutoExecutor(Executor):
         return f"auto({self.chosen!r})" if self.chosen else "auto()"
 
     def choose(self, transport: InProcessTransport) -> Executor:
-        """The executor for this transport (see the module docstring); a model is vectorized
-        only if it passes the static checks and a one-client trial run."""
+        """The executor for this transport (see the module docstring): clients are batched
+        only if the train handler's batched form passes a trial run on one client and has at
+        most :data:`AUTO_VECTORIZE_MAX_PARAMS` parameters."""
         if self.chosen is not None:
             return self.chosen
         why = vectorizable(transport)
         if why is None:
-            why = _probe(transport)
-        small = False
-        if why is None:
-            model = _fedavg_of(transport).client_update.model  # type: ignore[attr-defined]
-            small = tree.numel(dict(model.named_parameters())) <= AUTO_VECTORIZE_MAX_PARAMS
-        inner = "vectorized" if why is None and small else "sequential"
+            numel = batch_handler(transport, "train").numel
+            if numel > AUTO_VECTORIZE_MAX_PARAMS:
+                why = (f"the model has {numel:,} parameters, more than "
+                       f"{AUTO_VECTORIZE_MAX_PARAMS:,}")
+        inner = "vectorized" if why is None else "sequential"
         if why is not None:
             log.info("executor auto: not vectorizing: %s", why)
         workers = self.workers if self.workers else (os.cpu_count() or 1)

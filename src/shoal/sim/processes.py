@@ -2,13 +2,23 @@
 
 The design of the fastest simulators (pfl-research): there is no simulated network. N ranks
 (the coordinator's process is rank 0 and works too) each hold one replica of the model and the
-federation's data; per round rank 0 broadcasts the round's requests (the global params once)
-and which rank trains which client, every rank trains its share of the cohort in place with its
-*inner* executor (``sequential`` or ``vectorized``), validates and folds the (pipeline-
-processed) updates locally (:class:`~shoal.algorithms.collect.RoundFold`), and the running sums
-meet in one ``reduce`` to rank 0. Non-linear reducers (median, Krum) need the individual
-updates, so then the updates are gathered instead. Clients are dealt out largest first to the
-least loaded rank (by number of examples), which balances the ranks.
+federation's data; rank 0 deals out every batch of messages — a round's train requests, but
+also secure aggregation's steps and federated evaluation — and each rank answers its share
+with its *inner* executor (``sequential`` or ``vectorized``). A round's train replies are
+validated and folded where they are computed (:class:`~shoal.algorithms.collect.RoundFold`,
+every part started from the round's update template) and the running sums of all ranks meet
+in one ``reduce`` to rank 0; non-linear reducers (median, Krum) need the individual updates,
+so then the updates are gathered instead. Other replies are gathered to rank 0 in order.
+Clients are dealt out largest first to the least loaded rank (by number of examples), which
+balances the ranks; within a round a client stays on the rank it was first dealt to, so the
+scratch state of a multi-step protocol (secure aggregation's keys) stays where it was made.
+
+Node state (:class:`~shoal.node.NodeStore`, e.g. SCAFFOLD's control variates) lives with rank
+0's transport and travels with its client: the state of the clients dealt to a rank goes out
+with the rank's share and comes back with its answers, so clients can move between ranks from
+round to round and checkpoints see every client's state. Observers (traffic, compute time,
+audits) see every message on every rank: each rank records into an empty part of each of rank
+0's observers, which rank 0 merges back.
 
 Locally, ``ProcessesExecutor(workers)`` spawns ``workers - 1`` processes when it is first used
 and stops them at :meth:`close`. Across machines, launch the same script with
@@ -25,8 +35,6 @@ two ranks of one group on the same device).
 
 Results equal the sequential executor's up to float rounding: each rank adds its own clients'
 updates, and the ranks' sums are then added together, a different order of the same additions.
-Node state (``NodeContext.state``) lives in the process that ran the client; it is kept only
-while a client keeps being dealt to the same rank, so stateful clients need ``sequential``.
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ from ..algorithms.collect import Partial, RoundFold
 from ..algorithms.fedavg import train_data
 from ..errors import ClientError, ConfigError, ShoalError
 from ..message import Message
-from ..node import NodeContext
-from ..transport import TrafficStats
+from ..node import NodeContext, abilities_of
+from ..tree import Params
 from .executor import EXECUTORS, Executor, make_executor
 
 if TYPE_CHECKING:
@@ -72,10 +80,11 @@ def _nobody() -> None:
 _OWNER: Any = _nobody  # weakref to the executor whose spawned ranks form the default group
 
 
-def balance(sizes: Sequence[int], ranks: int) -> list[int]:
+def balance(sizes: Sequence[int], ranks: int, load: list[int] | None = None) -> list[int]:
     """The rank of each client: largest first, each to the least loaded rank (ties: the lower
-    rank). ``sizes`` are the clients' numbers of examples."""
-    load = [0] * ranks
+    rank). ``sizes`` are the clients' numbers of examples; ``load`` (updated in place) what
+    each rank already has."""
+    load = load if load is not None else [0] * ranks
     out = [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         r = min(range(ranks), key=lambda r: (load[r], r))
@@ -97,68 +106,102 @@ class _Spec:
     threads: int
 
 
-def _work(transport: InProcessTransport, inner: Executor, requests: Sequence[Message],
-          mine: list[int], fold: RoundFold, timeout: float | None,
-          ) -> tuple[Partial, TrafficStats, tuple[str, str, int, int | None, str] | None]:
-    """Train this rank's clients and fold their replies; an exception is returned, not raised,
-    so the rank still takes part in the round's collectives."""
-    msgs = [requests[i] for i in mine]
-    stats = TrafficStats()
+_Error = tuple[str, str, int, "int | None", str]
+"""An exception in a rank: message, client, round, local step, traceback."""
 
-    def recorded() -> Iterator[Message]:
-        for m, reply in zip(msgs, inner.stream(transport, msgs, timeout), strict=True):
-            stats.record(m, reply)
-            yield reply
 
+def _error(e: BaseException, requests: Sequence[Message]) -> _Error:
+    client = getattr(e, "client", "?")
+    rnd = getattr(e, "round", requests[0].round if requests else 0)
+    return (f"{type(e).__name__}: {e}", str(client), int(rnd), getattr(e, "step", None),
+            traceback.format_exc())
+
+
+def _own(tensors: Params) -> Params:
+    """The tensors, each a copy of its own when it is a view into a larger storage (pickling a
+    view sends its whole storage, e.g. a batch's every update)."""
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v
+            for k, v in tensors.items()}
+
+
+def _answer(transport: InProcessTransport, inner: Executor, plan: dict[str, Any]) -> Any:
+    """This rank's share of a batch of messages: the folded part of a round's train replies
+    (``plan["fold"]``) or the replies themselves; errors are returned, not raised, so the rank
+    still takes part in the collectives. Observers record into ``plan["observers"]``."""
+    msgs: list[Message] = plan["requests"]
+    positions: list[int] = plan["positions"]
+    fold: RoundFold | None = plan["fold"]
+    saved = transport.observers
+    transport.observers = plan["observers"]
+    transport.restore_node_states(plan["states"])
+    error = None
+    out: Any = fold.start() if fold is not None else []
     try:
-        part = fold.fold(msgs, recorded(), mine, rows=inner.rows_of)
+        replies = inner.stream(transport, msgs, plan["timeout"])  # recorded by the executor
+        if fold is not None:
+            out = fold.fold(msgs, replies, positions, rows=inner.rows_of)
+        else:
+            out = [r.with_tensors(_own(r.tensors)) for r in replies]
     except Exception as e:  # noqa: BLE001 - sent to rank 0, which raises it
-        client = getattr(e, "client", "?")
-        rnd = getattr(e, "round", requests[0].round if requests else 0)
-        return fold.start(), stats, (f"{type(e).__name__}: {e}", str(client), int(rnd),
-                                     getattr(e, "step", None), traceback.format_exc())
-    return part, stats, None
+        error = _error(e, msgs)
+    finally:
+        transport.observers = saved
+    states = {n: transport.node_states().get(n) for n in dict.fromkeys(m.dst for m in msgs)}
+    return out, states, error
 
 
-def _reduce_round(transport: InProcessTransport, inner: Executor, plan: dict[str, Any],
-                  ) -> tuple[Partial, TrafficStats, list[Any]] | None:
-    """Every rank's part of a round; rank 0 gets the merged part, the others ``None``."""
+_STOP = "stop"
+
+
+def _round(transport: InProcessTransport, inner: Executor, plans: list[dict[str, Any]] | None,
+           ) -> Any:
+    """Every rank's part of one batch; rank 0 (``plans``: one per rank) gets the merged
+    answer, the observers' parts, the node states and the errors; the others ``None``, or
+    :data:`_STOP` when rank 0 closes the executor."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    requests, fold = plan["requests"], plan["fold"]
-    mine = [i for i, r in enumerate(plan["assign"]) if r == rank]
-    part, stats, error = _work(transport, inner, requests, mine, fold, plan["timeout"])
-    summed = None
-    if fold.streams:
-        # One reduction of every rank's running sum: a flat vector, zeros for a rank with none,
-        # on the rank's GPU when the group reduces with NCCL.
-        vec, spec = tree.flatten(fold.params)
-        vec = torch.zeros_like(vec)
-        if part.running_sum is not None:
-            vec = tree.flatten(part.running_sum)[0].clone()
-        device = _reduce_device()
-        vec = vec.to(device)
-        dist.reduce(vec, dst=0, op=dist.ReduceOp.SUM)
-        summed = tree.unflatten(vec.cpu(), spec) if rank == 0 else None
-        part.running_sum = None
-    # Updates may be views into a batch's stacked tensors: clone them, or pickling would send
-    # the whole batch with each one.
-    part.updates = [{k: v.clone() for k, v in u.items()} for u in part.updates]
+    box: list[Any] = [None]
+    dist.scatter_object_list(box, plans, src=0)
+    plan = box[0]
+    if plan is None:
+        return _STOP
+    out, states, error = _answer(transport, inner, plan)
+    fold: RoundFold | None = plan["fold"]
+    summed: dict[str, Params] = {}
+    if fold is not None:
+        # One reduction of every rank's running sums: every part was started from the round's
+        # templates, so the vectors have one length on every rank (zeros where a rank had no
+        # client), on the rank's GPU when the group reduces with NCCL.
+        sums = {name: f.sum for name, f in sorted(out.folds.items()) if f.linear}
+        if sums:
+            vec, spec = tree.flatten({f"{c}/{k}": v for c, p in sums.items()
+                                      for k, v in p.items()})
+            vec = vec.to(_reduce_device())
+            dist.reduce(vec, dst=0, op=dist.ReduceOp.SUM)
+            if rank == 0:
+                flat = tree.unflatten(vec.cpu(), spec)
+                summed = {c: {k: flat[f"{c}/{k}"] for k in p} for c, p in sums.items()}
+        for f in out.folds.values():
+            f.updates = [_own(u) for u in f.updates]
+            if f.linear:
+                f.detach_sum()
+    if rank != 0:  # the clients' state lives with rank 0: it goes back with the answers
+        transport.forget(list(states))
     gathered: list[Any] = [None] * world if rank == 0 else []
-    dist.gather_object((part, stats, error), gathered if rank == 0 else None, dst=0)
+    dist.gather_object((out, plan["observers"], states if rank else {}, error),
+                       gathered if rank == 0 else None, dst=0)
     if rank != 0:
         return None
-    parts = [g[0] for g in gathered]
-    merged = fold.merge(parts)
-    if fold.streams and merged.positions:
-        merged.running_sum = summed
-    total = TrafficStats()
-    for g in gathered:
-        s = g[1]
-        total.messages_down += s.messages_down
-        total.messages_up += s.messages_up
-        total.bytes_down += s.bytes_down
-        total.bytes_up += s.bytes_up
-    return merged, total, [g[2] for g in gathered if g[2] is not None]
+    errors = [g[3] for g in gathered if g[3] is not None]
+    parts = [g[1] for g in gathered]
+    merged_states = {n: s for g in gathered for n, s in g[2].items()}
+    if fold is None:
+        order = sorted((p, r) for g, pl in zip(gathered, plans or [], strict=True)
+                       for p, r in zip(pl["positions"], g[0], strict=True))
+        return [r for _, r in order], parts, merged_states, errors
+    merged = fold.merge([g[0] for g in gathered])
+    for name, s in summed.items():
+        merged.folds[name].attach_sum(s)
+    return merged, parts, merged_states, errors
 
 
 def backend(ranks: int, inner: str) -> str:
@@ -189,21 +232,22 @@ def _bind_gpu(rank: int) -> None:
 
 def use_gpu(transport: InProcessTransport, rank: int, inner: str) -> torch.device | None:
     """Train this rank's clients on GPU ``rank % device_count`` when CUDA is present, the inner
-    executor is ``sequential`` and the train handler's client update can move (``local_sgd``:
-    it has a ``device``); returns the device, or ``None`` when training stays on the CPU."""
+    executor is ``sequential`` and the train handler can move its computation (it declares
+    ``place``, as FedAvg's does for ``local_sgd``); returns the device, or ``None`` when
+    training stays on the CPU."""
     if not torch.cuda.is_available() or inner != "sequential":
         return None
-    update = getattr(getattr(transport.handlers.get("train"), "__self__", None), "client_update",
-                     None)
-    if update is None or not hasattr(update, "device"):
+    place = abilities_of(transport.handlers.get("train")).place
+    if place is None:
         return None
-    update.device = torch.device("cuda", rank % torch.cuda.device_count())
-    log.info("rank %d trains on %s", rank, update.device)
-    return update.device
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    place(device)
+    log.info("rank %d trains on %s", rank, device)
+    return device
 
 
 def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -> None:
-    """The loop of every rank but 0: answer rounds until rank 0 closes its executor.
+    """The loop of every rank but 0: answer batches until rank 0 closes its executor.
 
     Call it on ranks 1.. of a ``torchrun`` launch (after ``dist.init_process_group``), with a
     transport built exactly as rank 0 builds its own (same seed, same data, same algorithm).
@@ -212,13 +256,8 @@ def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -
     _bind_gpu(dist.get_rank())
     if isinstance(inner, str):
         use_gpu(transport, dist.get_rank(), inner)
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        plan = box[0]
-        if plan is None:
-            return
-        _reduce_round(transport, executor, plan)
+    while _round(transport, executor, None) is not _STOP:
+        pass
 
 
 def _worker_main(rank: int, world: int, port: int, payload: bytes, ready: Any) -> None:
@@ -248,10 +287,11 @@ def _free_port() -> int:
 
 class ProcessesExecutor(Executor):
     """``workers`` ranks (``None``: one per core; the coordinator's process is one of them),
-    each computing its clients with the ``inner`` executor; see the module docstring.
+    each computing its share of the messages with the ``inner`` executor; see the module
+    docstring.
 
     ``threads`` is torch's intra-op threads per rank while training (default: cores divided by
-    ranks); the coordinator's own setting is restored after each round, so evaluation between
+    ranks); the coordinator's own setting is restored after each batch, so evaluation between
     rounds uses every core. When ``torch.distributed`` is already initialised (``torchrun``),
     its ranks are the workers and nothing is spawned.
     """
@@ -274,7 +314,10 @@ class ProcessesExecutor(Executor):
         self._started = False
         self._own_group = False
         self._finalizer: Any = None
-        self._in_round = False  # inside a round's collectives (closing then cannot be graceful)
+        self._in_round = False  # inside a batch's collectives (closing then cannot be graceful)
+        self._homes: dict[str, int] = {}  # node -> rank, within one round
+        self._homes_round: int | None = None
+        self._load: list[int] = [0] * self.workers  # examples dealt to each rank this round
 
     def __repr__(self) -> str:
         return f"processes({self.workers}, inner={self.inner_name!r})"
@@ -337,17 +380,17 @@ class ProcessesExecutor(Executor):
         self._started = True
         _OWNER = weakref.ref(self)
         self._finalizer = weakref.finalize(self, ProcessesExecutor._shutdown, self._procs,
-                                          False)
+                                          False, self.workers)
 
     @staticmethod
-    def _shutdown(procs: list[Any], graceful: bool) -> None:
-        # Graceful: the ranks wait for the next round, so tell them to return. Otherwise (at
-        # exit, or after an error inside a round's collectives) they may be waiting inside a
+    def _shutdown(procs: list[Any], graceful: bool, world: int) -> None:
+        # Graceful: the ranks wait for the next batch, so tell them to return. Otherwise (at
+        # exit, or after an error inside a batch's collectives) they may be waiting inside a
         # collective that will never complete: terminate them.
         if dist.is_initialized():
             try:
                 if graceful:
-                    dist.broadcast_object_list([None], src=0)
+                    dist.scatter_object_list([None], [None] * world, src=0)
             finally:
                 dist.destroy_process_group()
         for p in procs:
@@ -370,44 +413,74 @@ class ProcessesExecutor(Executor):
         if self._own_group:
             self._own_group = False
             self._finalizer.detach()
-            self._shutdown(self._procs, not self._in_round)
+            self._shutdown(self._procs, not self._in_round, self.workers)
             self._procs.clear()
         elif dist.is_initialized() and not self._in_round:
-            dist.broadcast_object_list([None], src=0)
+            dist.scatter_object_list([None], [None] * self.workers, src=0)
 
-    # -- rounds ------------------------------------------------------------------------------
+    # -- batches -----------------------------------------------------------------------------
 
-    def stream(self, transport: InProcessTransport, messages: Sequence[Message],
-               timeout: float | None) -> Iterator[Message]:
-        """Messages other than a round's train requests (e.g. federated evaluation) are
-        answered here, on rank 0, by the inner executor."""
-        return self.inner.stream(transport, messages, timeout)
+    def _deal(self, transport: InProcessTransport, messages: Sequence[Message]) -> list[int]:
+        """The rank of each message: a node keeps the rank it got earlier in the same round;
+        the others are dealt out largest first to the least loaded rank."""
+        rnd = messages[0].round if messages else None
+        if rnd != self._homes_round:
+            self._homes, self._homes_round = {}, rnd
+            self._load = [0] * self.workers
+        new = [n for n in dict.fromkeys(m.dst for m in messages) if n not in self._homes]
+        sizes = [len(train_data(NodeContext(n, transport.data_fn(n)))) if transport.knows(n)
+                 else 0 for n in new]
+        for n, r in zip(new, balance(sizes, self.workers, self._load), strict=True):
+            self._homes[n] = r
+        return [self._homes[m.dst] for m in messages]
 
-    def collect(self, transport: InProcessTransport, requests: Sequence[Message],
-                fold: RoundFold, timeout: float | None) -> Partial:
-        """Train the cohort on every rank, fold locally, reduce once; see the module docstring."""
+    def _run(self, transport: InProcessTransport, messages: Sequence[Message],
+             fold: RoundFold | None, timeout: float | None) -> Any:
+        """Deal ``messages`` out, answer them on every rank, merge; see the module docstring."""
         self.start(transport)
-        sizes = [len(train_data(NodeContext(m.dst, transport.data_fn(m.dst))))
-                 if transport.knows(m.dst) else 0 for m in requests]
-        plan = {"requests": list(requests), "assign": balance(sizes, self.workers),
-                "fold": fold, "timeout": timeout}
+        parts = [o.part() for o in transport.observers]
+        if any(p is None for p in parts):
+            bad = [o for o, p in zip(transport.observers, parts, strict=True) if p is None]
+            raise ConfigError(f"processes executor: observer {bad[0]!r} cannot be sent to worker "
+                              "processes (its part() is None); use executor='sequential' or "
+                              "'vectorized'.")
+        assign = self._deal(transport, messages)
+        stores = transport.node_states()
+        plans = []
+        for rank in range(self.workers):
+            mine = [i for i, r in enumerate(assign) if r == rank]
+            msgs = [messages[i] for i in mine]
+            plans.append({"requests": msgs, "positions": mine, "fold": fold, "timeout": timeout,
+                          "observers": [o.part() for o in transport.observers],
+                          "states": {} if rank == 0 else {m.dst: stores.get(m.dst)
+                                                          for m in msgs}})
         threads = torch.get_num_threads()
         self._in_round = True
         try:
-            dist.broadcast_object_list([plan], src=0)
             torch.set_num_threads(self.threads)
-            out = _reduce_round(transport, self.inner, plan)
+            out = _round(transport, self.inner, plans)
             self._in_round = False
         finally:
             torch.set_num_threads(threads)
         assert out is not None
-        merged, traffic, errors = out
-        transport.stats.messages_down += traffic.messages_down
-        transport.stats.messages_up += traffic.messages_up
-        transport.stats.bytes_down += traffic.bytes_down
-        transport.stats.bytes_up += traffic.bytes_up
+        answer, observed, states, errors = out
+        for part in observed:
+            for o, p in zip(transport.observers, part, strict=True):
+                o.merge(p)
+        transport.restore_node_states(states)
         if errors:
             message, client, rnd, step, tb = errors[0]
             raise ClientError(f"{message}\n(raised in a worker process; its traceback:)\n{tb}",
                               client=client, round=rnd, step=step)
-        return merged
+        return answer
+
+    def stream(self, transport: InProcessTransport, messages: Sequence[Message],
+               timeout: float | None) -> Iterator[Message]:
+        """Every message answered on the rank it is dealt to; the replies in order (what the
+        ranks' observers saw is merged into the transport's)."""
+        return iter(self._run(transport, messages, None, timeout))
+
+    def collect(self, transport: InProcessTransport, requests: Sequence[Message],
+                fold: RoundFold, timeout: float | None) -> Partial:
+        """Train the cohort on every rank, fold locally, reduce once; see the module docstring."""
+        return self._run(transport, requests, fold, timeout)

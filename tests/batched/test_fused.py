@@ -1,4 +1,4 @@
-"""Linear layers that take their SGD step inside the backward pass (shoal.sim.fused): the same
+"""Linear layers that take their SGD step inside the backward pass (shoal.batched.fused): the same
 training as autograd's gradients followed by the step, within float rounding."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from shoal import tree
+from shoal.batched.fused import SGDStep, SteppedLinear, _LinearFunction, step_linear_layers
+from shoal.batched.local_sgd import VectorizedLocalSGD
 from shoal.client import local_sgd
 from shoal.data.arrays import ArrayData
-from shoal.sim.fused import SGDStep, SteppedLinear, _LinearFunction, step_linear_layers
-from shoal.sim.vectorized import VectorizedLocalSGD
 from shoal.types import ClientInfo
 
-from .conftest import cross_entropy
+from ..conftest import cross_entropy
 
 
 class SeqHead(nn.Module):

@@ -4,7 +4,7 @@ Each client's params are one row of a stacked tensor ``(C, *shape)``; one step c
 active client's loss with ``vmap`` over its own mini-batch ``(C, B, *x_shape)``, all their
 gradients in one backward pass, and applies the SGD step to the stacked tensors in place. The
 model's ``nn.Linear`` layers take their step inside that backward pass, accumulating each
-client's weight gradient straight into its weights (:mod:`shoal.sim.fused`; layers of at
+client's weight gradient straight into its weights (:mod:`shoal.batched.fused`; layers of at
 least ``fuse_min_weights`` weights, by default all when steps are replayed and those of at
 least 4,096 weights otherwise, ``None`` turns it off); the other params get autograd's
 gradients and the same step afterwards. A loss of ``F.cross_entropy`` is taken on the whole
@@ -20,7 +20,7 @@ work.
 A step is one function of tensors (:meth:`VectorizedLocalSGD._local_step`); the second time a
 step of the same shape comes (same number of active clients, masked or not, same layouts), it
 is traced into the graph of ATen operations that vmap and autograd dispatched and replayed from
-then on (:mod:`shoal.sim.traced`): the same operations on the same tensors, bit-identical, without
+then on (:mod:`shoal.batched.traced`): the same operations on the same tensors, bit-identical, without
 the Python of vmap, ``functional_call``, autograd and the fused layers' rules (about 1.5 ms a
 step). Each param's stack is laid out, from the first step on, in the memory layout autograd
 gives its gradient (learned once, by a throwaway step of two clients).
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .. import tree
 from ..client import LocalSGD
 from ..data.arrays import ArrayData
 from ..errors import ConfigError, ModelError
@@ -150,7 +151,7 @@ class VectorizedLocalSGD:
 
     ``fuse_min_weights``: the smallest linear layer that takes its step inside the backward
     pass (``None``: none; ``"auto"``: every layer when steps are replayed, else
-    :data:`~shoal.sim.fused.FUSE_MIN_WEIGHTS`); ``trace=False`` runs every step as Python,
+    :data:`~shoal.batched.fused.FUSE_MIN_WEIGHTS`); ``trace=False`` runs every step as Python,
     never replayed."""
 
     def __init__(self, update: LocalSGD, *, fuse_min_weights: int | None | str = "auto",
@@ -162,7 +163,7 @@ class VectorizedLocalSGD:
         self.trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.step = SGDStep(self.spec.lr, self.spec.momentum, self.spec.weight_decay,
                             update.prox_mu)
-        # Linear layers take their SGD step inside the backward pass (shoal.sim.fused): those
+        # Linear layers take their SGD step inside the backward pass (shoal.batched.fused): those
         # with at least fuse_min_weights weights (None: none). "auto": all of them when steps
         # are replayed (the fused layers' Python is not), else the large ones.
         if fuse_min_weights == "auto":
@@ -174,7 +175,7 @@ class VectorizedLocalSGD:
             self.model, set(self.trainable), self.step, min_weights=fuse_min_weights)
         self._layouts: dict[str, tuple[int, ...]] = {}  # per-client strides of each param
         self._probed = False  # whether _learn_layouts ran
-        # The step, replayed as the graph of operations it ran (shoal.sim.traced); trace=False
+        # The step, replayed as the graph of operations it ran (shoal.batched.traced); trace=False
         # always runs it as Python.
         self._traced = TracedStep(self._local_step, enabled=trace)
         for n, p in self.model.named_parameters():
@@ -258,18 +259,21 @@ class VectorizedLocalSGD:
             found = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True)
         return loss.detach(), {n: g for n, g in zip(leaves, found, strict=True) if g is not None}
 
-    def _local_step(self, view: Params, buffers: Params, anchors: Params, const: Params,
-                    xb: Tensor, yb: Tensor, weights: Tensor | None, outside: bool) -> Tensor:
+    def _local_step(self, view: Params, buffers: Params, anchors: Params, corrections: Params,
+                    const: Params, xb: Tensor, yb: Tensor, weights: Tensor | None,
+                    outside: bool) -> Tensor:
         """One local step of the ``k`` clients whose params are ``view`` (rows ``[:k]`` of the
-        stacks), in place, with momentum ``buffers`` and FedProx ``anchors``; their losses.
-        Every tensor it reads or writes is an argument, so :class:`TracedStep` can replay it
-        (``weights``: the batch mask, ``None`` when every example is real)."""
+        stacks), in place, with momentum ``buffers``, FedProx ``anchors`` and gradient
+        ``corrections``; their losses. Every tensor it reads or writes is an argument, so
+        :class:`TracedStep` can replay it (``weights``: the batch mask, ``None`` when every
+        example is real)."""
         step = self.step
-        step.buffers, step.anchors = buffers, anchors
+        step.buffers, step.anchors, step.corrections = buffers, anchors, corrections
         loss, grads = self._gradients(view, const, xb, yb, weights, outside)
         for n, g in grads.items():
             step.apply_(n, view[n], g)
-        step.buffers, step.anchors = {}, {}  # held by the caller (a trace's are fake)
+        # Held by the caller (a trace's are fake).
+        step.buffers, step.anchors, step.corrections = {}, {}, {}
         return loss
 
     def _learn_layouts(self, params: Params, const: Params, datas: Sequence[ArrayData],
@@ -301,6 +305,21 @@ class VectorizedLocalSGD:
             if g.stride()[0] == math.prod(g.shape[1:]):
                 self._layouts[n] = g.stride()[1:]
         step.buffers, step.anchors = {}, {}
+
+    def _corrections(self, params: Params, corrections: Sequence[Params | None],
+                     ordered: list[int]) -> Params:
+        """The clients' gradient corrections as stacks ``(C, *shape)`` in the trainer's client
+        order and each param's stack layout (zeros where a client has none)."""
+        c = len(ordered)
+        out: Params = {}
+        for n in self.trainable:
+            stack = self._stack(torch.zeros_like(params[n]), c, n)
+            for j, i in enumerate(ordered):
+                got = corrections[i]
+                if got is not None and n in got:
+                    stack[j].copy_(got[n])
+            out[n] = stack
+        return out
 
     def steps(self, n: int) -> int:
         """How many local steps a client of ``n`` examples takes (as ``local_sgd``)."""
@@ -362,10 +381,26 @@ class VectorizedLocalSGD:
         float rounding). All ``datas`` must be views of the same pool tensors."""
         return self.cohort(params, datas, infos).results
 
+    def trial(self, data: ArrayData) -> None:
+        """Train one client on two of ``data``'s examples from the model's own params; raises
+        what the batched computation raises (an operation vmap cannot batch shows only when
+        it runs)."""
+        if len(data) == 0:
+            return
+        self(tree.params_of(self.update.model), [data.subset(torch.arange(min(2, len(data))))], [ClientInfo("trial", 0, 0)])
+
+    @property
+    def numel(self) -> int:
+        """Trainable parameters per client."""
+        return sum(p.numel() for n, p in self.model.named_parameters() if n in self.trainable)
+
     def cohort(self, params: Params, datas: Sequence[ArrayData],
-               infos: Sequence[ClientInfo]) -> CohortResult:
+               infos: Sequence[ClientInfo],
+               corrections: Sequence[Params | None] | None = None) -> CohortResult:
         """Like calling the trainer, but also giving the stacked updates the results are rows
-        of (see :class:`CohortResult`)."""
+        of (see :class:`CohortResult`). ``corrections[i]`` (trainable param name -> tensor, or
+        ``None`` for zeros) is added to client ``i``'s gradient at every step, as
+        ``LocalSGD.train(correction=...)`` does."""
         if not datas:
             return CohortResult([], {}, [])
         x, y = datas[0].x, datas[0].y
@@ -393,6 +428,7 @@ class VectorizedLocalSGD:
         step = self.step
         anchors = {k: self._stack(params[k], 1, k) for k in stacked} if step.prox_mu else {}
         buffers = {k: torch.zeros_like(v) for k, v in stacked.items()} if step.momentum else {}
+        corr = self._corrections(params, corrections, ordered) if corrections else {}
         loss_sum = torch.zeros(c, dtype=torch.float64)
         outside = self._cross_entropy_outside(y)
         for s in range(s_max):
@@ -407,7 +443,7 @@ class VectorizedLocalSGD:
                 # The step's graph depends on k and, with momentum, on whether this is the
                 # round's first step (the buffers start from the gradient).
                 loss_sum[:k] += self._traced((k, step.first and bool(step.momentum)), view,
-                                             buffers, anchors, const, xb, yb, weights,
+                                             buffers, anchors, corr, const, xb, yb, weights,
                                              outside)
         # Every client's update in one in-place subtraction per tensor, (C, *shape): client j's
         # update is row j (a view; a consumer that ships it elsewhere clones it). In place, and

@@ -19,7 +19,7 @@ The fused weights are stored transposed, ``(C, in, out)`` in memory (viewed as
 ``(C, out, in)``), so ``baddbmm_`` writes them in memory order. When steps run eagerly, only
 layers of at least :data:`FUSE_MIN_WEIGHTS` weights are worth fusing: for a small layer the
 stack stays in cache and the Python of the ``vmap`` rule costs more than it saves; a replayed
-step (:mod:`shoal.sim.traced`) runs no such Python, so the vectorized trainer then fuses every
+step (:mod:`shoal.batched.traced`) runs no such Python, so the vectorized trainer then fuses every
 layer it can.
 """
 
@@ -59,12 +59,14 @@ def _accumulate_(out: Tensor, grad: Tensor | Outer, beta: float, alpha: float) -
 @dataclass
 class SGDStep:
     """One local step of ``torch.optim.SGD`` (lr, momentum, weight decay; no dampening) plus
-    FedProx's proximal gradient ``mu * (w - w_global)``, on stacked client params in place.
+    FedProx's proximal gradient ``mu * (w - w_global)`` and a constant per-client gradient
+    correction (SCAFFOLD's ``c - c_i``), on stacked client params in place.
 
     ``begin(k, first)`` starts a step for the first ``k`` clients of the stack (the ones still
     training); ``apply_(name, p, grad)`` updates ``p`` (``(k, *shape)``, a view of the stack)
     and its momentum buffer. ``anchors`` holds each param's global value ``(1, *shape)``
-    (FedProx), ``buffers`` the momentum stacks ``(C, *shape)``.
+    (FedProx), ``buffers`` the momentum stacks ``(C, *shape)``, ``corrections`` the gradient
+    corrections ``(C, *shape)`` (empty: none).
     """
 
     lr: float
@@ -73,6 +75,7 @@ class SGDStep:
     prox_mu: float = 0.0
     anchors: dict[str, Tensor] = field(default_factory=dict)
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    corrections: dict[str, Tensor] = field(default_factory=dict)
     k: int = 0
     first: bool = True
 
@@ -81,17 +84,22 @@ class SGDStep:
         self.k, self.first = k, first
 
     def apply_(self, name: str, p: Tensor, grad: Tensor | Outer) -> None:
-        """``p -= lr * d`` with ``d = grad + mu (p - p0) + wd p`` (through the momentum
+        """``p -= lr * d`` with ``d = grad + corr + mu (p - p0) + wd p`` (through the momentum
         buffer when momentum is set), as ``local_sgd`` with ``torch.optim.SGD`` computes it."""
         lr, mom, wd, mu = self.lr, self.momentum, self.weight_decay, self.prox_mu
+        corr = self.corrections.get(name)
         with torch.no_grad():
-            if not mom:  # p (1 - lr (mu + wd)) + lr mu p0 - lr grad
+            if not mom:  # p (1 - lr (mu + wd)) + lr mu p0 - lr grad - lr corr
                 _accumulate_(p, grad, 1.0 - lr * (mu + wd), -lr)
                 if mu:
                     p.add_(self.anchors[name], alpha=lr * mu)
+                if corr is not None:
+                    p.add_(corr[:self.k], alpha=-lr)
                 return
             buf = self.buffers[name][:self.k]
             _accumulate_(buf, grad, 0.0 if self.first else mom, 1.0)
+            if corr is not None:
+                buf.add_(corr[:self.k])
             if mu:
                 buf.add_(p - self.anchors[name], alpha=mu)
             if wd:

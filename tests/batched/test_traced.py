@@ -1,4 +1,4 @@
-"""The vectorized step replayed as a traced graph (shoal.sim.traced): bit-identical to running
+"""The vectorized step replayed as a traced graph (shoal.batched.traced): bit-identical to running
 it, traced once per signature after one eager sighting, off for good after a failed trace."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from shoal import tree
+from shoal.batched.local_sgd import VectorizedLocalSGD
+from shoal.batched.traced import TracedStep
 from shoal.client import local_sgd
 from shoal.data.arrays import ArrayData
-from shoal.sim.traced import TracedStep
-from shoal.sim.vectorized import VectorizedLocalSGD
 from shoal.types import ClientInfo
 
-from .conftest import cross_entropy
+from ..conftest import cross_entropy
 from .test_fused import OPTS, models, targets
 
 
@@ -87,7 +87,7 @@ def test_a_step_that_cannot_be_traced_runs_eagerly_for_good(
 
     step = TracedStep(branchy)
     w = torch.zeros(2)
-    with caplog.at_level(logging.INFO, logger="shoal.sim.traced"):
+    with caplog.at_level(logging.INFO, logger="shoal.batched.traced"):
         for _ in range(3):
             step("k", w, torch.ones(2))
         step("k", w, -torch.ones(2))
