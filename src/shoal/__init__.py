@@ -8,7 +8,7 @@ The public API, by layer (see the README for a tour)::
     aggregation      Pipeline, Stage, clip_by_norm, Reducer, weighted_mean, coordinate_median,
                      trimmed_mean, krum, multi_krum, ServerOpt, sgd, momentum, adam, yogi, adagrad
     conversations    Message, Node, NodeContext, Transport, InProcessTransport, FunctionTransport
-    algorithms       Algorithm, FedAvg, Centralized, cohort
+    algorithms       Algorithm, FedAvg, Scaffold, Centralized, cohort
     the loop         run, RunResult, Callback, CentralEvaluation, FederatedEvaluation,
                      MetricsLog, EarlyStopping, Checkpoint, Evaluator
     whole runs       Config, load_config, run_experiment
@@ -42,6 +42,7 @@ from .algorithm import Algorithm, RoundReport
 from .algorithms.centralized import Centralized
 from .algorithms.cohort import Cohort, cohort
 from .algorithms.fedavg import FedAvg, FedAvgState
+from .algorithms.scaffold import Scaffold, ScaffoldState
 from .callbacks import CentralEvaluation, EarlyStopping, FederatedEvaluation, MetricsLog
 from .checkpoint import Checkpoint
 from .client import ClientUpdate, local_sgd, optimizer_fn
@@ -69,7 +70,7 @@ __all__ = [
     "EarlyStopping", "Evaluator", "FedAvg", "FedAvgState", "FederatedDataset",
     "FederatedEvaluation", "FunctionTransport", "InProcessTransport", "Message", "MetricsLog",
     "Node", "NodeContext", "Params", "Pipeline", "Reducer", "RoundReport", "RunResult",
-    "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "adagrad", "adam", "clip_by_norm",
+    "Scaffold", "ScaffoldState", "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "adagrad", "adam", "clip_by_norm",
     "cohort", "coordinate_median", "derive_seed", "errors", "federate", "krum", "load_config",
     "load_task", "local_sgd", "momentum", "multi_krum", "optimizer_fn", "register_task", "run",
     "run_experiment", "sgd", "simulated_dropout", "split", "tree", "trimmed_mean", "weighted_mean",

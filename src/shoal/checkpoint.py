@@ -7,6 +7,10 @@ rebuild dataclasses with their own types.
 
 Layout: ``DIR/round-000012/{state.safetensors, meta.json}``, written to a temporary directory
 and renamed into place, so a crash mid-write never leaves a half checkpoint.
+
+Beside the algorithm's state a checkpoint holds what the transport's nodes keep for the
+algorithm (:class:`~shoal.node.NodeStore`: SCAFFOLD's control variates, error feedback) and
+the traffic counted so far, so a resumed run continues both exactly (:func:`restore`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import CheckpointError
+from .node import NodeStore
 
-__all__ = ["Checkpoint", "flatten_state", "latest_checkpoint", "load_checkpoint",
+__all__ = ["Checkpoint", "flatten_state", "latest_checkpoint", "load_checkpoint", "restore",
            "save_checkpoint", "unflatten_state"]
 
 FORMAT = "shoal-checkpoint/1"
 
 
-def flatten_state(obj: Any) -> tuple[dict[str, Tensor], Any]:
-    """Split a state tree into its tensors (by path) and a JSON-able skeleton."""
+def flatten_state(obj: Any, root: str = "") -> tuple[dict[str, Tensor], Any]:
+    """Split a state tree into its tensors (by path, starting at ``root``) and a JSON-able
+    skeleton."""
     tensors: dict[str, Tensor] = {}
 
     def enc(x: Any, path: str) -> Any:
@@ -54,7 +61,7 @@ def flatten_state(obj: Any) -> tuple[dict[str, Tensor], Any]:
             "made of dataclasses, dicts, lists, tensors, numbers and strings."
         )
 
-    return tensors, enc(obj, "")
+    return tensors, enc(obj, root)
 
 
 def unflatten_state(skeleton: Any, tensors: dict[str, Tensor], template: Any = None) -> Any:
@@ -90,9 +97,22 @@ def _child(template: Any, key: Any) -> Any:
         return None
 
 
+def _nodes_tree(nodes: Mapping[str, NodeStore]) -> list[Any]:
+    # Lists, not dicts keyed by node id: a tensor's path is then unique whatever the ids hold.
+    return [[node, [[r, v] for r, v in sorted(store.versions.items())], store.keep]
+            for node, store in sorted(nodes.items()) if store]
+
+
+def _nodes_of(tree: list[Any]) -> dict[str, NodeStore]:
+    return {node: NodeStore({int(r): v for r, v in versions}, int(keep))
+            for node, versions, keep in tree}
+
+
 def save_checkpoint(directory: str | os.PathLike, round: int, state: Any,
-                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Save ``state`` after ``round`` in ``directory``; keep the newest ``keep`` checkpoints."""
+                    extra: dict[str, Any] | None = None, keep: int = 2,
+                    nodes: Mapping[str, NodeStore] | None = None) -> Path:
+    """Save ``state`` (and the ``nodes``' stores) after ``round`` in ``directory``; keep the
+    newest ``keep`` checkpoints."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round:06d}"
@@ -100,6 +120,8 @@ def save_checkpoint(directory: str | os.PathLike, round: int, state: Any,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors, skeleton = flatten_state(state)
+    node_tensors, node_skeleton = flatten_state(_nodes_tree(nodes or {}), "nodes")
+    tensors.update(node_tensors)
     # safetensors refuses tensors that share storage; clone only those that do.
     seen: set[tuple[int, int]] = set()
     for k, v in tensors.items():
@@ -108,7 +130,8 @@ def save_checkpoint(directory: str | os.PathLike, round: int, state: Any,
             tensors[k] = v.clone()
         seen.add(key)
     save_file(tensors, str(tmp / "state.safetensors"))
-    meta = {"format": FORMAT, "round": round, "state": skeleton, "extra": extra or {}}
+    meta = {"format": FORMAT, "round": round, "state": skeleton, "extra": extra or {},
+            "nodes": node_skeleton}
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -125,7 +148,8 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[int, Any, dict[str, Any]]:
-    """``(round, state, extra)`` from a checkpoint directory written by :func:`save_checkpoint`."""
+    """``(round, state, extra)`` from a checkpoint directory written by :func:`save_checkpoint`;
+    ``extra["nodes"]`` holds the nodes' stores (node id -> :class:`~shoal.node.NodeStore`)."""
     p = Path(path)
     try:
         meta = json.loads((p / "meta.json").read_text())
@@ -136,7 +160,21 @@ def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[int, Any, d
         raise CheckpointError(
             f"checkpoint {p}: format {meta.get('format')!r}, expected {FORMAT!r}."
         )
-    return int(meta["round"]), unflatten_state(meta["state"], tensors, template), meta["extra"]
+    extra = dict(meta["extra"])
+    extra["nodes"] = _nodes_of(unflatten_state(meta.get("nodes", {"$l": []}), tensors))
+    return int(meta["round"]), unflatten_state(meta["state"], tensors, template), extra
+
+
+def restore(path: str | os.PathLike, algorithm: Any, params: Any,
+            transport: Any) -> tuple[int, Any, list[dict[str, Any]]]:
+    """Resume from the checkpoint at ``path``: the nodes' stores and the traffic counts go back
+    into ``transport``; returns ``(start_round, state, history)`` for :func:`shoal.run` (the
+    state rebuilt against ``algorithm.init(params)``)."""
+    round, state, extra = load_checkpoint(path, algorithm.init(params))
+    transport.restore_node_states(extra["nodes"])
+    if "traffic" in extra:
+        transport.stats.load_state(extra["traffic"])
+    return round + 1, state, extra.get("history", [])
 
 
 class Checkpoint:
@@ -159,7 +197,8 @@ class Checkpoint:
             self.save(ctx)
 
     def save(self, ctx: Any) -> None:
-        """Save now."""
-        save_checkpoint(self.directory, ctx.round, ctx.state, {"history": ctx.history},
-                        keep=self.keep)
+        """Save now: the algorithm's state, the nodes' stores, the history and the traffic."""
+        save_checkpoint(self.directory, ctx.round, ctx.state,
+                        {"history": ctx.history, "traffic": ctx.transport.stats.state()},
+                        keep=self.keep, nodes=ctx.transport.node_states())
 

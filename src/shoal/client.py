@@ -32,6 +32,7 @@ from .types import ClientInfo, ClientResult
 __all__ = [
     "Batchable",
     "ClientUpdate",
+    "Correctable",
     "LocalSGD",
     "LossFn",
     "OptimizerFn",
@@ -63,6 +64,27 @@ class Batchable(Protocol):
 
     def batched(self) -> Any:
         """The batched form of this update (raises saying why there is none)."""
+        ...
+
+
+@runtime_checkable
+class Correctable(Protocol):
+    """A client update that takes plain SGD steps and can add a constant correction to each
+    gradient (what SCAFFOLD needs): ``train(params, data, info, correction)``, the SGD
+    ``step_size()`` (raising a :class:`~shoal.errors.ConfigError` when its steps are not plain
+    SGD) and the ``trainable()`` param names it trains."""
+
+    def train(self, params: Params, data: ArrayData, info: ClientInfo,
+              correction: Params | None = None) -> ClientResult:
+        """Train from ``params``, adding ``correction[name]`` to that param's gradient."""
+        ...
+
+    def step_size(self) -> float:
+        """The learning rate of its plain SGD steps."""
+        ...
+
+    def trainable(self) -> list[str]:
+        """The names of the params it trains."""
         ...
 
 
@@ -152,6 +174,26 @@ class LocalSGD:
         if self.device is not None:
             self._replica.to(self.device)
         return self._replica
+
+    def step_size(self) -> float:
+        """The learning rate of this update's steps when they are plain SGD (no momentum,
+        Nesterov, dampening or FedProx term); a ``ConfigError`` saying why otherwise."""
+        opt = self.optimizer
+        kw = dict(opt.keywords) if isinstance(opt, functools.partial) else {}
+        plain = (isinstance(opt, functools.partial) and opt.func is torch.optim.SGD
+                 and not opt.args and not kw.get("momentum") and not kw.get("nesterov")
+                 and not kw.get("dampening") and not kw.get("maximize"))
+        if not plain or self.prox_mu:
+            raise ConfigError(
+                f"local_sgd: the optimizer is {opt!r}{' with prox_mu' if self.prox_mu else ''}; "
+                "SCAFFOLD's control variates (option II) assume plain SGD steps: use "
+                "torch.optim.SGD with lr (and weight_decay) only, momentum 0 and prox_mu 0."
+            )
+        return float(kw.get("lr", 1e-3))
+
+    def trainable(self) -> list[str]:
+        """The names of the model's params that require gradients (what training changes)."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     def batched(self) -> Any:
         """The batched form (:class:`~shoal.batched.VectorizedLocalSGD`), or a ``ConfigError``

@@ -80,6 +80,7 @@ class DataConfig:
 class FederatedConfig:
     """Rounds, cohorts, dropouts, aggregation and the server optimizer."""
 
+    algorithm: Literal["fedavg", "scaffold"] = "fedavg"
     rounds: int = field(default=30, metadata=_check(min=1))
     clients_per_round: int | float = field(default=10, metadata=_check(gt=0))
     sampling: Literal["fixed", "poisson"] = "fixed"

@@ -5,10 +5,10 @@ was wrong, what was expected, what was got, and how to fix it::
 
     ShoalError
     ├── ConfigError        a config field is unknown, of the wrong type, or out of range
+    │   └── AggregationError   a pipeline cannot be built or cannot reduce what it was given
     ├── DataError          a data file is missing or malformed; a partition is impossible
     ├── ModelError         a model cannot be used the way it was asked (cut, vectorised, DP)
     ├── UpdateError        a client update has the wrong names, shapes, dtypes or non-finite values
-    ├── AggregationError   a pipeline cannot be built or cannot reduce what it was given
     ├── RoundError         a round cannot complete (too few valid replies)
     ├── ClientError        an exception inside a client, naming the client, round and step
     ├── CheckpointError    a run directory cannot be resumed
@@ -51,8 +51,9 @@ class UpdateError(ShoalError, ValueError):
     """A client update does not match the model: names, shapes, dtypes, or non-finite values."""
 
 
-class AggregationError(ShoalError):
-    """An aggregation pipeline cannot be built, or cannot reduce what it was given."""
+class AggregationError(ConfigError):
+    """An aggregation pipeline cannot be built (a setting that is not allowed, hence a
+    :class:`ConfigError`), or cannot reduce what it was given."""
 
 
 class RoundError(ShoalError):

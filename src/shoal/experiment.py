@@ -51,8 +51,9 @@ from .aggregate import (
 from .algorithms.centralized import Centralized
 from .algorithms.cohort import Cohort
 from .algorithms.fedavg import FedAvg
+from .algorithms.scaffold import Scaffold
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
-from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, latest_checkpoint, restore
 from .client import local_sgd, optimizer_fn
 from .config import Config, to_dict, to_toml
 from .data.federated import FederatedDataset, federate
@@ -206,9 +207,18 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
         min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
         seed=config.seed)
     s = config.secagg
-    algorithm = (SecureFedAvg(update, secagg=secure_aggregation(
-                     s.clip, s.max_weight, s.neighbours or None, s.threshold), **kwargs)
-                 if s.enabled else FedAvg(update, **kwargs))
+    if f.algorithm == "scaffold":
+        if s.enabled:
+            raise ConfigError(
+                "config field 'federated.algorithm': \"scaffold\" sends each client's "
+                "control-variate update beside its model update, which secure aggregation "
+                "does not cover; set federated.algorithm = \"fedavg\" or secagg.enabled = false.")
+        algorithm: FedAvg = Scaffold(update, **kwargs)
+    elif s.enabled:
+        algorithm = SecureFedAvg(update, secagg=secure_aggregation(
+            s.clip, s.max_weight, s.neighbours or None, s.threshold), **kwargs)
+    else:
+        algorithm = FedAvg(update, **kwargs)
     kinds = ("train", MASKED_INPUT) if s.enabled else ("train",)
     mods = [simulated_dropout(f.dropout, config.seed, kinds)] if f.dropout > 0 else []
     executor = make_executor(f.executor, workers=f.workers or None, inner=f.worker_executor)
@@ -368,9 +378,7 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
         return ParadigmResult(**saved, history=read_metrics(out / "metrics.jsonl"))
     start_round, state, history = 1, None, None
     if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
-        start_round, state, extra = load_checkpoint(ckpt, algorithm.init(params0))
-        history = extra.get("history", [])
-        start_round += 1
+        start_round, state, history = restore(ckpt, algorithm, params0, transport)
         log.info("%s: resuming after round %d from %s", paradigm, start_round - 1, ckpt)
     t0 = time.perf_counter()
     res = run(algorithm, transport, rounds=rounds, callbacks=callbacks,

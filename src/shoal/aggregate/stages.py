@@ -40,6 +40,10 @@ class Stage:
     """
 
     runs_at: RunsAt = "client"
+    protects_updates: bool = False
+    """Whether the stage gives the update a guarantee (DP noise, secrecy) that covers only the
+    tensors the pipeline aggregates: an algorithm that sends other tensors beside the update
+    (SCAFFOLD's control variates) would send them unprotected, so it refuses such a stage."""
 
     def init(self) -> StageState:
         """The server state before the first round."""

@@ -13,6 +13,7 @@ held-out data (federated evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -194,7 +195,9 @@ class FedAvg:
             return state, report
         m["update/norm"] = tree.norm(aggregate)
         params, opt_state = self.server_opt.apply(state.params, aggregate, state.opt_state)
-        return FedAvgState(params, opt_state, stage_states), report
+        # replace(): an algorithm built on FedAvg keeps the fields its state adds.
+        return dataclasses.replace(state, params=params, opt_state=opt_state,
+                                   stage_states=stage_states), report
 
     # -- client side ------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ class DPFedAvg(Stage):
     """
 
     runs_at = "client"
+    protects_updates = True
 
     def __init__(self, noise_multiplier: float, clip_norm: float, cohort: Cohort, *,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,

@@ -33,6 +33,7 @@ class SecureAggregation(Stage):
 
     runs_at = "client"
     hides_individual_updates = True
+    protects_updates = True
 
     def __init__(self, clip: float = 10.0, max_weight: float = 1000.0,
                  neighbours: int | None = None, threshold: float = 0.4):
