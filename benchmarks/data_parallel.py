@@ -45,7 +45,7 @@ def variant(workers: int, rounds: int, steps: int, task: str) -> dict:
     try:
         for r in range(1, rounds + 1):
             state, report = algorithm.round(state, None, r)  # type: ignore[arg-type]
-            rates.append(report.metrics["dp/samples_per_s"])
+            rates.append(report.metrics["data_parallel/samples_per_s"])
     finally:
         algorithm.close()
     return {"samples_per_s": statistics.median(rates[1:] or rates)}

@@ -12,7 +12,7 @@ from shoal.errors import ConfigError
 
 @pytest.mark.parametrize("override, message", [
     ("federated.rouds=3", "config: unknown field 'federated.rouds'. Did you mean 'rounds'? "
-     "Known fields in [federated]: rounds, clients_per_round, sampling, min_replies, dropout, "
+     "Known fields in [federated]: algorithm, rounds, clients_per_round, sampling, min_replies, dropout, "
      "timeout_s, on_client_error, weighting, reducer, trim_beta, krum_f, krum_m, clip_norm, "
      "clip_at, server_opt, server_lr, server_momentum, beta1, beta2, tau, executor, workers, "
      "worker_executor."),

@@ -16,6 +16,7 @@ from shoal.config import load_config
 from shoal.data.tasks import load_task
 from shoal.data_parallel import DataParallel
 from shoal.experiment import initial_params, resolve_config, run_experiment
+from shoal.transport import FunctionTransport
 
 BASE = ["seed=4", "task.name=digits", "task.hidden=16", "data.partition=iid",
         "data.num_clients=4", "federated.rounds=2", "client.lr=0.05", "baseline=false",
@@ -31,7 +32,7 @@ def _train(overrides: list[str]) -> dict[str, torch.Tensor]:
     state = algorithm.init(params0)
     try:
         for r in (1, 2):
-            state, report = algorithm.round(state, None, r)  # type: ignore[arg-type]
+            state, report = algorithm.round(state, FunctionTransport([], lambda m: m), r)
             assert report.failed is None
     finally:
         algorithm.close()
@@ -54,6 +55,15 @@ def test_two_workers_equal_one_worker_on_the_combined_batch(tmp_path: Path) -> N
     assert moved > 1e-3  # training did change the model
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+    # Costs: per round, the params broadcast (S) and 6 steps of gradient all-reduce (6 S) plus
+    # the loss (8 bytes), each rank's share of the ring's wire bytes on its link.
+    size = sum(v.numel() * v.element_size() for v in one.values())
+    for h in result.history:
+        assert h["data_parallel/collective_bytes"] == 7 * size + 8
+        assert h["comm/bytes_peer"] == 2 * (6 * size + 8) + size  # 2 (W - 1) S + (W - 1) S
+        assert "dp/epsilon" not in h and "data_parallel/workers" in h
+    assert result.cost["clients"]["count"] == 2  # rank-0 and rank-1
+    assert result.cost["bytes"]["peer"] == 2 * (2 * (6 * size + 8) + size)
 
 
 def test_local_sgd_every_step_equals_synchronous_ddp() -> None:

@@ -20,6 +20,15 @@ Launch:
 A round is one pass over the pooled data (or ``steps_per_round`` steps). Each round starts by
 broadcasting rank 0's params, so a resumed run continues from its checkpoint; the torch
 optimizer is rebuilt each round (its state, e.g. momentum, does not persist across rounds).
+
+Costs: every collective a rank takes part in is counted by the bytes of the tensor it hands to
+it (DDP's gradient buckets through a communication hook, the model averages of local SGD, the
+round's broadcast of the params and the loss), reported per round as
+``data_parallel/collective_bytes`` (per rank). What all ranks together put on the wire for those
+collectives — ``2 (W - 1) S`` for an all-reduce of ``S`` bytes over ``W`` ranks (the ring
+algorithm's volume), ``(W - 1) S`` for a broadcast — is counted on the ring's links
+``rank-r -> rank-(r+1)``, an equal share each, so ``comm/bytes_peer`` and the per-participant
+costs of ``summary.json`` hold it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from . import tree
@@ -59,12 +69,15 @@ from .seeding import torch_generator
 from .transport import FunctionTransport, Transport
 from .tree import Params
 
-__all__ = ["DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm", "main",
-           "serve_rank"]
+__all__ = ["COLLECTIVE", "DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm",
+           "main", "serve_rank"]
 
 log = logging.getLogger(__name__)
 
 _STOP, _ROUND = 0, 1
+
+COLLECTIVE = "data_parallel.collective"
+"""The kind under which the ranks' collectives are counted in the traffic statistics."""
 
 
 @dataclass
@@ -103,24 +116,39 @@ class Trainer:
         self.local_steps = local_steps
         self.global_batch = batch_size * self.world
         self.steps = steps_per_round or max(1, len(data) // self.global_batch)
-        self.net: nn.Module = (self.model if local_steps else DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None))
+        self.allreduced = 0  # bytes this rank handed to all-reduces (this round)
+        self.broadcast = 0  # bytes broadcast from rank 0 (this round)
+        if local_steps:
+            self.net: nn.Module = self.model
+        else:
+            ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ddp.register_comm_hook(self, _counting_allreduce)
+            self.net = ddp
+
+    def wire_bytes(self) -> float:
+        """The round's bytes on the wire of all ranks together (see the module docstring)."""
+        w = self.world
+        return float(2 * (w - 1) * self.allreduced + (w - 1) * self.broadcast)
 
     def _average(self) -> None:
         with torch.no_grad():
             for t in self.model.state_dict().values():
                 if t.is_floating_point():
+                    self.allreduced += t.numel() * t.element_size()
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
                     t.div_(self.world)
 
     def train_round(self, round: int, params: Params | None) -> tuple[Params, dict[str, float]]:
         """Train one round from rank 0's ``params``; returns the params and the metrics."""
         state = self.model.state_dict()
+        self.allreduced = self.broadcast = 0
         with torch.no_grad():
             for k, t in state.items():
                 if self.rank == 0 and params is not None:
                     t.copy_(params[k])
                 dist.broadcast(t, 0)
+                self.broadcast += t.numel() * t.element_size()
         self.model.train()
         opt = self.optimizer([p for p in self.model.parameters() if p.requires_grad])
         n = len(self.data)
@@ -144,11 +172,23 @@ class Trainer:
             self._average()
         seconds = time.perf_counter() - start
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        self.allreduced += loss_sum.numel() * loss_sum.element_size()
         examples = float(self.steps * self.global_batch)
         metrics = {"train/loss": float(loss_sum) / (self.steps * self.world),
                    "train/steps": float(self.steps), "train/examples": examples,
-                   "dp/workers": float(self.world), "dp/samples_per_s": examples / seconds}
+                   "data_parallel/workers": float(self.world),
+                   "data_parallel/samples_per_s": examples / seconds,
+                   "data_parallel/collective_bytes": float(self.allreduced + self.broadcast)}
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, metrics
+
+
+def _counting_allreduce(trainer, bucket):
+    """DDP's default all-reduce of a gradient bucket (the mean over ranks), counting its
+    bytes. (``bucket`` is a ``dist.GradBucket``, the result a ``torch.futures.Future``; DDP
+    refuses a hook whose annotations are strings, as postponed annotations make them.)"""
+    buf = bucket.buffer()
+    trainer.allreduced += buf.numel() * buf.element_size()
+    return default_hooks.allreduce_hook(None, bucket)
 
 
 def _trainer_from_config(config: Config) -> Trainer:
@@ -255,6 +295,10 @@ class DataParallel:
         trainer = self._start()
         dist.broadcast(torch.tensor([_ROUND, round], dtype=torch.int64), 0)
         params, metrics = trainer.train_round(round, state.params)
+        world, wire = trainer.world, trainer.wire_bytes()
+        for r in range(world if world > 1 else 0):
+            transport.stats.count(f"rank-{r}", f"rank-{(r + 1) % world}", COLLECTIVE,
+                                  int(wire / world))
         report = RoundReport(round, metrics)
         if not tree.is_finite(params):
             report.failed = "the model is not finite (NaN or inf) after the round; kept the last"

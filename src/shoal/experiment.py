@@ -5,7 +5,8 @@ asks for, runs the chosen paradigm and (with ``baseline = true``) the centralize
 the same task, model initialisation and number of examples seen, and writes one directory::
 
     RUN_DIR/config.toml                      the resolved config (what actually ran)
-    RUN_DIR/summary.json                     one entry per paradigm (accuracy, bytes, time)
+    RUN_DIR/summary.json                     one entry per paradigm (accuracy, bytes, time, cost)
+    RUN_DIR/<paradigm>/costs.json            bytes and compute time of every participant
     RUN_DIR/<paradigm>/metrics.jsonl         metrics per round
     RUN_DIR/<paradigm>/checkpoints/round-N/  state after the newest rounds
     RUN_DIR/<paradigm>/model.safetensors     the final model
@@ -56,6 +57,7 @@ from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_
 from .checkpoint import Checkpoint, latest_checkpoint, restore
 from .client import local_sgd, optimizer_fn
 from .config import Config, to_dict, to_toml
+from .costs import cost_summary
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import CheckpointError, ConfigError
@@ -67,7 +69,6 @@ from .secagg.protocol import MASKED_INPUT
 from .seeding import derive_seed
 from .sim import InProcessTransport, simulated_dropout
 from .sim.executor import make_executor
-from .transport import FunctionTransport
 from .tree import Params
 
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
@@ -83,7 +84,8 @@ CallbackFactory = Callable[[str, int], Sequence[Any]]
 
 @dataclass
 class ParadigmResult:
-    """How one paradigm's run ended: final metrics, rounds, examples, bytes and time."""
+    """How one paradigm's run ended: final metrics, rounds, examples, bytes (every direction,
+    evaluation included) and time, and the full ``cost`` (see :func:`shoal.costs.cost_summary`)."""
 
     paradigm: str
     rounds: int
@@ -92,6 +94,7 @@ class ParadigmResult:
     bytes: float
     seconds: float
     stopped: str | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -299,15 +302,18 @@ def federated_paradigm(setup: Setup) -> Built:
 @register_paradigm("centralized")
 def centralized_paradigm(setup: Setup) -> Built:
     """The pooled-data baseline, round by round on as many examples as the paradigm it is
-    compared with saw (or as the federated schedule would see, when run alone)."""
+    compared with saw (or as the federated schedule would see, when run alone). Its first round
+    uploads every client's training data to the server, over the simulated transport, so the
+    upload is counted (and seen by observers) like any other traffic."""
     config = setup.config
     primary = setup.histories.get(config.paradigm)
     examples = ([int(h.get("train/examples", 0)) or 1 for h in primary] if primary
                 else scheduled_examples(config, setup.dataset))
-    algorithm = Centralized(setup.model, setup.task.loss_fn, setup.dataset.pooled_train(),
-                            examples_per_round=examples, batch_size=config.client.batch_size,
+    algorithm = Centralized(setup.model, setup.task.loss_fn, examples_per_round=examples,
+                            batch_size=config.client.batch_size,
                             optimizer=client_optimizer(config), seed=config.seed)
-    return Built(algorithm, FunctionTransport([], lambda m: m.failed("no nodes")))
+    return Built(algorithm, InProcessTransport(setup.dataset.client_ids(), setup.dataset.client,
+                                               algorithm.handlers()))
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -396,11 +402,12 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
     for k, v in last.items():
         if k.startswith("fed_eval/"):
             final[k] = v
+    cost, participants = cost_summary(res.history, transport.stats)
+    (out / "costs.json").write_text(json.dumps({"participants": participants}, indent=1))
     result = ParadigmResult(
         paradigm=paradigm, rounds=res.rounds, final=final,
         examples=math.fsum(h.get("train/examples", 0.0) for h in res.history),
-        bytes=math.fsum(h.get("comm/bytes_down", 0.0) + h.get("comm/bytes_up", 0.0)
-                        for h in res.history),
-        seconds=seconds, stopped=res.stopped, history=res.history)
+        bytes=cost["bytes"]["total"], seconds=seconds, stopped=res.stopped, cost=cost,
+        history=res.history)
     done.write_text(json.dumps(result.summary(), indent=2))
     return result

@@ -108,7 +108,8 @@ def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
         seconds = time.perf_counter() - t0
         report.metrics = {"round": r, **report.metrics, "time/round_s": seconds,
                           "time/coordinator_s": max(seconds - (transport.busy_s - busy), 0.0)}
-        traffic_metrics(report.metrics, transport.stats.since(before))
+        own = transport.stats.since(before)
+        traffic_metrics(report.metrics, own)
         if report.failed:
             report.metrics["round/failed"] = 1.0
         ctx.round = r
@@ -123,7 +124,7 @@ def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
             messages = transport.stats.messages_down + transport.stats.messages_peer
             stops.append(hook(ctx, report))
             if transport.stats.messages_down + transport.stats.messages_peer != messages:
-                traffic_metrics(report.metrics, transport.stats.since(before))
+                traffic_metrics(report.metrics, transport.stats.since(before), own)
         stopped = _first(stops)
         if stopped:
             break
@@ -131,10 +132,13 @@ def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
     return RunResult(ctx.state, ctx.history, ctx.round, stopped, time.perf_counter() - started)
 
 
-def traffic_metrics(into: dict[str, Any], traffic: TrafficTotals) -> None:
+def traffic_metrics(into: dict[str, Any], traffic: TrafficTotals,
+                    algorithm: TrafficTotals | None = None) -> None:
     """Write a round's traffic into its metrics: ``comm/bytes_down`` (sent by the coordinator),
     ``comm/bytes_up`` (received by it), ``comm/bytes_peer`` (node to node), the message counts,
-    ``comm/bytes/<kind>`` per message kind, and ``time/clients_s`` (the nodes' compute)."""
+    ``comm/bytes/<kind>`` per message kind, ``time/clients_s`` (the nodes' compute) and, when
+    ``algorithm`` (the algorithm's own part of ``traffic``) is given, ``comm/bytes_evaluation``:
+    what the callbacks sent and received (federated evaluation)."""
     into["comm/bytes_down"] = float(traffic.bytes_down)
     into["comm/bytes_up"] = float(traffic.bytes_up)
     into["comm/messages_down"] = float(traffic.messages_down)
@@ -145,6 +149,10 @@ def traffic_metrics(into: dict[str, Any], traffic: TrafficTotals) -> None:
     for kind, (_, nbytes) in sorted(traffic.kinds.items()):
         into[f"comm/bytes/{kind}"] = float(nbytes)
     into["time/clients_s"] = traffic.compute_s
+    if algorithm is not None:
+        into["comm/bytes_evaluation"] = float(
+            (traffic.bytes_down + traffic.bytes_up + traffic.bytes_peer)
+            - (algorithm.bytes_down + algorithm.bytes_up + algorithm.bytes_peer))
 
 
 def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> list[Any]:

@@ -96,26 +96,30 @@ class TrafficStats(Observer):
 
     def on_message(self, message: Message, nbytes: int) -> None:
         """Count ``message`` on its link, its kind and its direction."""
-        src, dst = message.src, message.dst
+        self.count(message.src, message.dst, message.kind, nbytes)
+
+    def count(self, src: str, dst: str, kind: str, nbytes: int, messages: int = 1) -> None:
+        """Count traffic on the link ``src -> dst``: also for what crosses outside messages
+        (data-parallel collectives on ``torch.distributed``)."""
         if src == COORDINATOR:
-            self.messages_down += 1
+            self.messages_down += messages
             self.bytes_down += nbytes
         elif dst == COORDINATOR:
-            self.messages_up += 1
+            self.messages_up += messages
             self.bytes_up += nbytes
         else:
-            self.messages_peer += 1
+            self.messages_peer += messages
             self.bytes_peer += nbytes
         link = self.links.get((src, dst))
         if link is None:
             link = self.links[(src, dst)] = Link()
-        link.messages += 1
+        link.messages += messages
         link.bytes += nbytes
-        kind = self.kinds.get(message.kind)
-        if kind is None:
-            kind = self.kinds[message.kind] = Link()
-        kind.messages += 1
-        kind.bytes += nbytes
+        k = self.kinds.get(kind)
+        if k is None:
+            k = self.kinds[kind] = Link()
+        k.messages += messages
+        k.bytes += nbytes
 
     def on_compute(self, node_id: str, seconds: float) -> None:
         """Add ``seconds`` to ``node_id``'s compute time."""

@@ -5,14 +5,19 @@ optimizer and batch size. Round ``r`` of the baseline trains on as many examples
 of the federated run it is compared with, so the two accuracy curves are plotted against the
 same number of training examples seen, and the gap is what federating cost.
 
-It is an ``Algorithm`` like the others (no messages: its ``round`` ignores the transport), so the
-same loop, evaluation, logging and checkpointing apply.
+It is an ``Algorithm`` like the others, so the same loop, evaluation, logging and checkpointing
+apply. Pooling the data is its conversation: in its first round the server asks every node for
+its training examples (``"centralized.upload"``) and trains on what arrives, so the upload's
+bytes are counted per link like any other traffic (and an observer sees the raw data cross, as
+it would). A resumed run uploads again in its first round: the server kept no copy. Given
+``data`` directly, it trains on that and nothing is uploaded.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +30,17 @@ from ..algorithm import RoundReport
 from ..client import LossFn, OptimizerFn
 from ..data.arrays import ArrayData
 from ..errors import ConfigError
-from ..node import Handler
+from ..message import COORDINATOR, Message
+from ..node import Handler, NodeContext
 from ..seeding import torch_generator
 from ..transport import Transport
 from ..tree import Params
+from ..validation import reply_problem
+from .fedavg import train_data
 
-__all__ = ["Centralized", "CentralizedState"]
+__all__ = ["UPLOAD", "Centralized", "CentralizedState"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,18 +53,24 @@ class CentralizedState:
     offset: int = 0
 
 
-class Centralized:
-    """Train ``model`` on pooled ``data`` for ``examples_per_round[r - 1]`` examples in round r.
+UPLOAD = "centralized.upload"
+"""The message kind of a node's data upload."""
 
-    The pooled data is visited in epochs, each a fresh permutation drawn from ``seed``; a round
-    stops at the first batch boundary at or past its example budget. ``examples_per_round`` is
-    one number for every round, or one per round (taken from a federated run's history).
+
+class Centralized:
+    """Train ``model`` on pooled data for ``examples_per_round[r - 1]`` examples in round r.
+
+    ``data`` is the pool; ``None`` pools the nodes' training data through the transport in the
+    first round (see the module docstring). The pooled data is visited in epochs, each a fresh
+    permutation drawn from ``seed``; a round stops at the first batch boundary at or past its
+    example budget. ``examples_per_round`` is one number for every round, or one per round
+    (taken from a federated run's history).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: ArrayData, *,
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: ArrayData | None = None, *,
                  examples_per_round: int | Sequence[int], batch_size: int = 32,
                  optimizer: OptimizerFn | None = None, seed: int = 0):
-        if len(data) == 0:
+        if data is not None and len(data) == 0:
             raise ConfigError("Centralized: the pooled data set is empty.")
         if batch_size < 1:
             raise ConfigError(f"Centralized: batch_size must be >= 1 (got {batch_size}).")
@@ -68,7 +84,8 @@ class Centralized:
         self._replica: nn.Module | None = None
 
     def __repr__(self) -> str:
-        return f"Centralized(examples={len(self.data)}, batch_size={self.batch_size})"
+        pool = "uploaded" if self.data is None else len(self.data)
+        return f"Centralized(examples={pool}, batch_size={self.batch_size})"
 
     def budget(self, round: int) -> int:
         """How many examples round ``round`` trains on."""
@@ -86,12 +103,47 @@ class Centralized:
         return state.params
 
     def handlers(self) -> dict[str, Handler]:
-        """None: nobody else takes part."""
-        return {}
+        """The nodes' side: upload their training examples when asked."""
+        return {UPLOAD: self.handle_upload}
+
+    @staticmethod
+    def handle_upload(message: Message, context: NodeContext) -> Message:
+        """Send every training example this node holds (what centralizing means)."""
+        x, y = train_data(context).tensors()
+        return message.reply(tensors={"x": x, "y": y})
+
+    def pool(self, transport: Transport, round: int, report: RoundReport) -> ArrayData:
+        """Ask every node for its training examples; the pool, in node order."""
+        requests = [Message(UPLOAD, COORDINATOR, n, round) for n in transport.nodes()]
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        for req, rep in zip(requests, transport.stream(requests), strict=True):
+            reason = reply_problem(req, rep)
+            x, y = rep.tensors.get("x"), rep.tensors.get("y")
+            if reason is None and (x is None or y is None or len(x) != len(y)
+                                   or (xs and (x.shape[1:], x.dtype, y.shape[1:], y.dtype)
+                                       != (xs[0].shape[1:], xs[0].dtype, ys[0].shape[1:],
+                                           ys[0].dtype))):
+                reason = (f"{UPLOAD} reply must hold tensors 'x' and 'y' with one row per "
+                          "example, shaped like the other nodes'")
+            if reason is not None or x is None or y is None:
+                report.dropped[req.dst] = str(reason)
+                log.warning("round %d: no data from %s: %s", round, req.dst, reason)
+                continue
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise ConfigError("Centralized: no node uploaded any data; nothing to train on.")
+        return ArrayData.of(torch.cat(xs), torch.cat(ys))
 
     def round(self, state: CentralizedState, transport: Transport,
               round: int) -> tuple[CentralizedState, RoundReport]:
-        """Train on the next ``budget(round)`` examples of the pooled stream."""
+        """Train on the next ``budget(round)`` examples of the pooled stream (pooling the
+        nodes' data first when this process has none yet)."""
+        report = RoundReport(round)
+        if self.data is None:
+            self.data = self.pool(transport, round, report)
+            report.metrics["centralized/uploaded_examples"] = float(len(self.data))
         if self._replica is None:
             self._replica = copy.deepcopy(self.model)
         model = self._replica
@@ -120,10 +172,11 @@ class Centralized:
             steps += 1
         new = CentralizedState(tree.params_of(model), copy.deepcopy(opt.state_dict()),
                                epoch, offset)
-        metrics = {"train/loss": float(loss_sum) / max(steps, 1), "train/steps": float(steps),
-                   "train/examples": float(seen)}
-        return new, RoundReport(round, metrics)
+        report.metrics.update({"train/loss": float(loss_sum) / max(steps, 1),
+                               "train/steps": float(steps), "train/examples": float(seen)})
+        return new, report
 
     def _order(self, epoch: int) -> torch.Tensor:
+        assert self.data is not None
         perm = torch.randperm(len(self.data), generator=torch_generator(self.seed, "pool", epoch))
         return self.data.index[perm]

@@ -169,13 +169,10 @@ class InProcessTransport(Transport):
 
     def collect(self, requests: Sequence[Message], fold: RoundFold,
                 timeout: float | None = None) -> Partial:
-        """A round's train replies, folded by the executor (where they are computed)."""
-        t0 = time.perf_counter()
-        busy = self.busy_s
-        try:
-            return self.executor.collect(self, requests, fold, timeout)
-        finally:  # the stream inside may have counted part of it already
-            self.busy_s = busy + (time.perf_counter() - t0)
+        """A round's train replies, folded by the executor (where they are computed; the
+        time spent producing replies counts as the transport's, the folding as the
+        coordinator's)."""
+        return self.executor.collect(self, requests, fold, timeout)
 
     def deliver(self, message: Message, timeout: float | None,
                 answer: Message | None = None, state: NodeState | None = None) -> Message:

@@ -44,6 +44,7 @@ import logging
 import os
 import pickle
 import socket
+import time
 import traceback
 import weakref
 from collections.abc import Iterator, Sequence
@@ -456,12 +457,14 @@ class ProcessesExecutor(Executor):
                                                           for m in msgs}})
         threads = torch.get_num_threads()
         self._in_round = True
+        t0 = time.perf_counter()
         try:
             torch.set_num_threads(self.threads)
             out = _round(transport, self.inner, plans)
             self._in_round = False
         finally:
             torch.set_num_threads(threads)
+            transport.busy_s += time.perf_counter() - t0  # the ranks' work, rank 0's included
         assert out is not None
         answer, observed, states, errors = out
         for part in observed:
