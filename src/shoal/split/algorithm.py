@@ -52,6 +52,7 @@ from ..aggregate.server_opt import ServerOptState
 from ..aggregate.stages import StageState
 from ..algorithm import RoundReport
 from ..algorithms.cohort import Cohort
+from ..algorithms.collect import RoundFold
 from ..algorithms.fedavg import train_data
 from ..client import LossFn, OptimizerFn, local_sgd
 from ..data.arrays import ArrayData
@@ -62,8 +63,9 @@ from ..seeding import derive_seed, torch_generator
 from ..transport import Transport
 from ..tree import Params
 from ..types import ClientInfo, RoundInfo
+from ..validation import reply_problem
 from .cut import SplitModel, check_activations
-from .leakage import direction_attack_auc, distance_correlation, norm_attack_auc
+from .leakage import LabelLeakage, distance_correlation
 from .protect import CutContext, CutStage
 
 __all__ = ["LabelFn", "SplitLearning", "SplitState"]
@@ -105,9 +107,6 @@ class _RoundLog:
         self.examples = 0
         self.steps = 0
         self.dcor: list[float] = []
-        self.leak_grads: list[Tensor] = []
-        self.leak_labels: list[Tensor] = []
-        self.leak_rows = 0
 
 
 class SplitLearning:
@@ -181,6 +180,9 @@ class SplitLearning:
         self.pretrain_epochs = pretrain_epochs
         self.leakage = leakage
         self.leak_examples = leak_examples
+        # Label leakage is measured on what crosses the cut: an observer of the transport.
+        self.label_leakage = (LabelLeakage(self._labels_of, leak_examples)
+                              if leakage and not split.ushaped else None)
         self.timeout = timeout
         self.seed = seed
         self._server: nn.Module | None = None
@@ -225,6 +227,11 @@ class SplitLearning:
         chosen = self.cohort.sample(transport.nodes(), self.seed, round)
         report = RoundReport(round)
         rlog = _RoundLog()
+        leak = self.label_leakage
+        if leak is not None:
+            if leak not in transport.observers:
+                transport.observe(leak)
+            leak.figures()  # start the round afresh
         server = self.server_module()
         tree.load_params_(server, self.split.server_params(state.params))
         server.train()
@@ -250,9 +257,8 @@ class SplitLearning:
                 survivors = self._step(transport, active, server, opt, round, step, report,
                                        rlog)
                 turns = [t for t in turns if step >= t.steps or t in survivors]
-            reduced, count = self.pipeline.reduce(
-                self._end(transport, turns, client_params, round, report), configs, round,
-                self.seed)
+            reduced, count = self._end_splitfed(transport, turns, client_params, configs, round,
+                                                report)
             new_client = client_params
             stage_states, opt_state = state.stage_states, state.opt_state
             if reduced is None:
@@ -270,6 +276,8 @@ class SplitLearning:
             new_state = SplitState({**state.params, **tree.params_of(server), **new_client},
                                    opt_state, stage_states)
         self._metrics(report, rlog, chosen)
+        if leak is not None:
+            report.metrics.update(leak.figures())
         return new_state, report
 
     def _ask(self, transport: Transport, messages: list[Message],
@@ -277,11 +285,7 @@ class SplitLearning:
         """Send ``messages``; the replies, ``None`` (and the client dropped) where one failed."""
         out: list[Message | None] = []
         for req, rep in zip(messages, transport.request(messages, self.timeout), strict=True):
-            reason = rep.error
-            if reason is None and (rep.src, rep.kind, rep.round) != (req.dst, req.kind,
-                                                                    req.round):
-                reason = (f"reply is {rep.kind!r} round {rep.round} from {rep.src!r}, expected "
-                          f"{req.kind!r} round {req.round} from {req.dst!r}")
+            reason = reply_problem(req, rep)
             if reason is not None:
                 self._drop(report, req.dst, reason)
                 out.append(None)
@@ -325,6 +329,17 @@ class SplitLearning:
                               f"{None if y is None else tuple(y.shape)}.")
         return y
 
+    def _labels_of(self, reply: Message) -> Tensor | None:
+        """The true labels of the batch a ``split.forward`` reply belongs to (for the
+        label-leakage measure): sent with it, or the server's own."""
+        if self.labels == "server":
+            ids = reply.tensors.get("ids")
+            if ids is None or ids.dtype != torch.int64 or ids.dim() != 1:
+                return None
+            assert self.label_fn is not None
+            return self.label_fn(reply.src, ids)
+        return reply.tensors.get("labels")
+
     def _step(self, transport: Transport, turns: list[_Turn], server: nn.Module,
               opt: torch.optim.Optimizer, round: int, step: int, report: RoundReport,
               rlog: _RoundLog) -> list[_Turn]:
@@ -367,14 +382,12 @@ class SplitLearning:
         opt.step()
         back = []
         sizes = [a.shape[0] for _, a, _ in live]
-        for (turn, a, y), n in zip(live, sizes, strict=True):
+        for (turn, a, _), n in zip(live, sizes, strict=True):
             assert a.grad is not None
             g = a.grad * (total / n)
             ctx = CutContext(turn.client, round, step, self.client_seed(round, turn.client))
             for p in self.protections:
                 g = p.gradient(g, ctx)
-            if y is not None:
-                self._record_leak(rlog, g, y)
             back.append(Message("split.backward", COORDINATOR, turn.client, round,
                                 {"grad": g}, {"step": step}))
         survivors = []
@@ -420,34 +433,28 @@ class SplitLearning:
             rlog.loss += rep.metrics.get("loss", math.nan) * out.shape[0]
         return kept, kept_out, grads
 
-    def _record_leak(self, rlog: _RoundLog, grad: Tensor, labels: Tensor) -> None:
-        if not self.leakage or rlog.leak_rows >= self.leak_examples:
-            return
-        if labels.dim() != 1 or labels.is_floating_point() \
-                or not bool(((labels == 0) | (labels == 1)).all()):
-            return
-        take = min(len(labels), self.leak_examples - rlog.leak_rows)
-        rlog.leak_grads.append(grad[:take].detach().flatten(1).clone())
-        rlog.leak_labels.append(labels[:take].detach().clone())
-        rlog.leak_rows += take
-
     def _end(self, transport: Transport, turns: list[_Turn], client_params: Params, round: int,
              report: RoundReport) -> Iterator[tuple[str, Params, float]]:
+        """Vanilla: each client's update of the client part, checked like any reply."""
         msgs = [Message("split.end", COORDINATOR, t.client, round) for t in turns]
-        for req, rep in zip(msgs, self._ask(transport, msgs, report), strict=True):
-            if rep is None:
+        for req, rep in zip(msgs, transport.request(msgs, self.timeout), strict=True):
+            reason = reply_problem(req, rep, template=client_params, weight=True)
+            if reason is not None:
+                self._drop(report, req.dst, reason)
                 continue
-            try:
-                tree.check_update(client_params, rep.tensors)
-            except UpdateError as e:
-                self._drop(report, req.dst, str(e))
-                continue
-            weight = rep.config.get("weight")
-            if isinstance(weight, bool) or not isinstance(weight, int | float) \
-                    or not weight > 0:
-                self._drop(report, req.dst, f"weight must be a number > 0, got {weight!r}")
-                continue
-            yield req.dst, rep.tensors, float(weight)
+            yield req.dst, rep.tensors, float(rep.config["weight"])
+
+    def _end_splitfed(self, transport: Transport, turns: list[_Turn], client_params: Params,
+                      configs: list[dict[str, Any]], round: int,
+                      report: RoundReport) -> tuple[Params | None, int]:
+        """SplitFed: the clients' updates of the client part folded as FedAvg folds a round's
+        replies (validation, coordinator-side stages, the pipeline's reducer)."""
+        msgs = [Message("split.end", COORDINATOR, t.client, round) for t in turns]
+        fold = RoundFold(self.pipeline, client_params, configs, round, self.seed)
+        part = transport.collect(msgs, fold, self.timeout)
+        for _, dst, reason in part.dropped:
+            self._drop(report, dst, reason)
+        return fold.finish(part)
 
     def _metrics(self, report: RoundReport, rlog: _RoundLog, chosen: Sequence[str]) -> None:
         m = report.metrics
@@ -460,11 +467,6 @@ class SplitLearning:
             m["train/loss"] = rlog.loss / rlog.examples
         if rlog.dcor:
             m["leak/dcor"] = sum(rlog.dcor) / len(rlog.dcor)
-        if rlog.leak_grads:
-            g = torch.cat(rlog.leak_grads)
-            y = torch.cat(rlog.leak_labels)
-            m["leak/label_auc_norm"] = norm_attack_auc(g, y)
-            m["leak/label_auc_direction"] = direction_attack_auc(g, y)
 
     # -- client side ----------------------------------------------------------------------
 
@@ -533,7 +535,7 @@ class SplitLearning:
         tensors = {"activations": sent}
         if not self.split.ushaped:
             tensors.update({"ids": rows.clone()} if self.labels == "server" else {"labels": y})
-        return message.reply(tensors=tensors)
+        return message.reply(tensors=tensors, config={"step": s["step"]})
 
     def handle_head(self, message: Message, context: NodeContext) -> Message:
         """U-shaped: run the head and the loss on the server's output; send its gradient."""

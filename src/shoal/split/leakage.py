@@ -7,11 +7,15 @@
   gradients returned across the cut, scored as ROC AUC against the true binary labels.
 - :func:`decoder_attack`: an honest-but-curious server trains a decoder from activations back
   to inputs on a small leaked set of (input, activation) pairs; its error on other inputs.
+- :class:`LabelLeakage`: an observer of the transport that pairs the gradients the server
+  returns (``split.backward``, what a client sees) with the true labels of the batch they
+  belong to, so the attacks run on exactly what crossed the cut.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,9 +24,12 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from .. import tree
+from ..message import COORDINATOR, Message
 from ..seeding import derive_seed
+from ..transport import Observer
 
-__all__ = ["DecoderLeakage", "decoder_attack", "direction_attack_auc", "distance_correlation", "norm_attack_auc"]
+__all__ = ["DecoderLeakage", "LabelLeakage", "decoder_attack", "direction_attack_auc",
+           "distance_correlation", "norm_attack_auc"]
 
 
 def _centered_distances(x: Tensor) -> Tensor:
@@ -123,3 +130,79 @@ class DecoderLeakage:
         tree.load_params_(self.bottom, {k: params[k] for k in tree.params_of(self.bottom)})
         report.metrics["leak/decoder_mse"] = decoder_attack(self.bottom, self.leaked,
                                                             self.target, seed=self.seed)
+
+
+LabelsOf = Callable[[Message], "Tensor | None"]
+"""``labels_of(forward_reply) -> labels``: the true labels of the batch a ``split.forward``
+reply carries the activations of (``None``: none are known)."""
+
+
+class LabelLeakage(Observer):
+    """Watches split learning's messages for the label-leakage attacks (Li et al. 2021).
+
+    ``split.forward`` replies give, through ``labels_of``, the true labels of each client's
+    batch (by client, round and step); ``split.backward`` requests carry the gradients the
+    server returns for it — what a label-less client sees. Binary-labelled batches are paired,
+    at most ``limit`` examples per :meth:`figures` call; :meth:`figures` scores the attacks on
+    them and starts afresh.
+    """
+
+    def __init__(self, labels_of: LabelsOf, limit: int = 4096):
+        self.labels_of = labels_of
+        self.limit = limit
+        self._labels: dict[tuple[str, int, int], Tensor] = {}
+        self.grads: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.rows = 0
+
+    def __repr__(self) -> str:
+        return f"LabelLeakage({self.rows} rows)"
+
+    def on_message(self, message: Message, nbytes: int) -> None:
+        """Keep forward labels and pair backward gradients with them."""
+        if message.kind == "split.forward" and message.dst == COORDINATOR:
+            labels = self.labels_of(message)
+            if labels is not None and message.error is None:
+                self._labels[(message.src, message.round, message.config.get("step", -1))] = \
+                    labels
+        elif message.kind == "split.backward" and message.src == COORDINATOR:
+            labels = self._labels.pop((message.dst, message.round,
+                                       message.config.get("step", -1)), None)
+            grad = message.tensors.get("grad")
+            if labels is None or grad is None or self.rows >= self.limit:
+                return
+            if labels.dim() != 1 or labels.is_floating_point() \
+                    or not bool(((labels == 0) | (labels == 1)).all()):
+                return
+            take = min(len(labels), self.limit - self.rows)
+            self.grads.append(grad[:take].detach().flatten(1).clone())
+            self.labels.append(labels[:take].detach().clone())
+            self.rows += take
+
+    def part(self) -> LabelLeakage:
+        """An empty observer of the same kind (for a worker process)."""
+        return LabelLeakage(self.labels_of, self.limit)
+
+    def merge(self, other: Observer) -> None:
+        """Add a worker's pairs."""
+        assert isinstance(other, LabelLeakage)
+        for g, y in zip(other.grads, other.labels, strict=True):
+            take = min(len(y), self.limit - self.rows)
+            if take <= 0:
+                break
+            self.grads.append(g[:take])
+            self.labels.append(y[:take])
+            self.rows += take
+        self._labels.update(other._labels)
+
+    def figures(self) -> dict[str, float]:
+        """``leak/label_auc_norm`` and ``leak/label_auc_direction`` on the pairs seen since the
+        last call (none without binary-labelled pairs); then forget them."""
+        out: dict[str, float] = {}
+        if self.grads:
+            g, y = torch.cat(self.grads), torch.cat(self.labels)
+            out = {"leak/label_auc_norm": norm_attack_auc(g, y),
+                   "leak/label_auc_direction": direction_attack_auc(g, y)}
+        self._labels.clear()
+        self.grads, self.labels, self.rows = [], [], 0
+        return out
