@@ -29,8 +29,8 @@ from torch import Tensor
 from .errors import CheckpointError
 from .node import NodeStore
 
-__all__ = ["Checkpoint", "flatten_state", "latest_checkpoint", "load_checkpoint", "restore",
-           "save_checkpoint", "unflatten_state"]
+__all__ = ["Checkpoint", "flatten_state", "latest_checkpoint", "load_checkpoint",
+           "load_node_store", "restore", "save_checkpoint", "save_node_store", "unflatten_state"]
 
 FORMAT = "shoal-checkpoint/1"
 
@@ -175,6 +175,35 @@ def restore(path: str | os.PathLike, algorithm: Any, params: Any,
     if "traffic" in extra:
         transport.stats.load_state(extra["traffic"])
     return round + 1, state, extra.get("history", [])
+
+
+def save_node_store(path: str | os.PathLike, store: NodeStore) -> None:
+    """Write one node's :class:`~shoal.node.NodeStore` to ``path`` (a deployed client's own
+    checkpoint of its state; written beside and renamed into place)."""
+    p = Path(path)
+    tensors, skeleton = flatten_state(_nodes_tree({"node": store}), "nodes")
+    tmp = p.with_name(f".{p.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": FORMAT, "skeleton": json.dumps(skeleton)})
+    os.replace(tmp, p)
+
+
+def load_node_store(path: str | os.PathLike) -> NodeStore:
+    """Read a store :func:`save_node_store` wrote."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"node state {path}: cannot be read ({e}); move it away to start "
+                              "this node from an empty state.") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"node state {path}: format {meta.get('format')!r}, expected "
+                              f"{FORMAT!r}.")
+    stores = _nodes_of(unflatten_state(json.loads(meta["skeleton"]), tensors))
+    return stores.get("node", NodeStore())
 
 
 class Checkpoint:

@@ -208,14 +208,16 @@ class Node:
     A message of a kind the node has no handler for gets an error reply naming the known kinds;
     exceptions raised by handlers propagate (the transport decides what a failure means). The
     handler sees the node's state as of before the message's round (``context.node_state``);
-    what it writes is committed to the node's :class:`NodeStore` when it returns.
+    what it writes is committed to the node's :class:`NodeStore` when it returns (and handed
+    to ``persist``, e.g. to write a deployed client's state to its disk).
     """
 
     def __init__(self, context: NodeContext, handlers: Mapping[str, Handler],
-                 mods: Sequence[Mod] = ()):
+                 mods: Sequence[Mod] = (), persist: Callable[[NodeStore], None] | None = None):
         self.context = context
         self.handlers = dict(handlers)
         self.mods = tuple(mods)
+        self.persist = persist
 
     @property
     def node_id(self) -> str:
@@ -239,6 +241,8 @@ class Node:
         reply = call(message, here)
         if view.changed:
             ctx.store.commit(message.round, view)
+            if self.persist is not None:
+                self.persist(ctx.store)
         return reply
 
 

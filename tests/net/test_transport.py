@@ -8,7 +8,18 @@ import threading
 import pytest
 import torch
 
-from shoal import FedAvg, InProcessTransport, Message, Node, NodeContext, local_sgd, run
+from shoal import (
+    FedAvg,
+    InProcessTransport,
+    Message,
+    Node,
+    NodeContext,
+    Scaffold,
+    cohort,
+    local_sgd,
+    run,
+    tree,
+)
 from shoal.errors import TransportError
 from shoal.net import CertificateAuthority, GrpcTransport, NodeClient
 from shoal.net.ca import Identity
@@ -18,8 +29,10 @@ from ..conftest import cross_entropy, make_tiny, sgd
 from ._helpers import coordinator_identity, make_client, node_identity, running
 
 
-def _algorithm(tiny, secure: bool = False, **kw) -> FedAvg:
+def _algorithm(tiny, secure: bool | str = False, **kw) -> FedAvg:
     update = local_sgd(tiny.model(), cross_entropy, epochs=1, batch_size=8, optimizer=sgd(0.1))
+    if secure == "scaffold":  # partial participation: the clients' state matters across rounds
+        return Scaffold(update, seed=3, cohort=cohort(2), **kw)
     if secure:
         return SecureFedAvg(update, secagg=secure_aggregation(clip=1.0), seed=3, **kw)
     return FedAvg(update, seed=3, **kw)
@@ -30,8 +43,9 @@ def _coordinator(ca_dir, **kw) -> GrpcTransport:
                          crl=ca_dir / "ca" / "crl.pem", **kw)
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["fedavg", "secure-aggregation"])
-def test_fedavg_over_tls_is_bit_identical_to_simulation(ca_dir, secure: bool) -> None:
+@pytest.mark.parametrize("secure", [False, True, "scaffold"],
+                         ids=["fedavg", "secure-aggregation", "scaffold"])
+def test_fedavg_over_tls_is_bit_identical_to_simulation(ca_dir, secure: bool | str) -> None:
     tiny = make_tiny()
     params0 = tiny.model().state_dict()
     with _coordinator(ca_dir) as coord:
@@ -47,6 +61,11 @@ def test_fedavg_over_tls_is_bit_identical_to_simulation(ca_dir, secure: bool) ->
     simulated = run(_algorithm(tiny, secure), sim, rounds=3, params=params0)
     for k in params0:
         assert torch.equal(served.state.params[k], simulated.state.params[k]), k
+    if secure == "scaffold":  # the control variates too, each c_i kept on its own client
+        assert tree.equal(served.state.control, simulated.state.control)
+        assert tree.norm(served.state.control) > 0
+        assert [h["round/replied"] for h in served.history] == [2.0, 2.0, 2.0]
+        return
     assert [h["round/replied"] for h in served.history] == [4.0, 4.0, 4.0]
     assert served.history[-1]["comm/bytes_up"] == simulated.history[-1]["comm/bytes_up"]
 

@@ -133,6 +133,9 @@ def join_command(
     set_: Annotated[list[str] | None, _SET] = None,
     address: Annotated[str | None, typer.Option(help="The coordinator's host:port.")] = None,
     insecure: Annotated[bool, _INSECURE] = False,
+    state: Annotated[Path | None, typer.Option(
+        help="File where this node keeps its algorithm state between rounds (e.g. SCAFFOLD's "
+             "control variate), so a restarted client continues with it.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
 ) -> None:
     """Run a client node: connect to the coordinator and train on this node's data."""
@@ -140,7 +143,7 @@ def join_command(
 
     _logging(verbose)
     cfg = load_config(config, _net_overrides(set_, address, insecure))
-    reason = join(cfg, node_id, data)
+    reason = join(cfg, node_id, data, state=state)
     console.print(escape(f"{node_id}: the coordinator ended the session ({reason})."))
 
 

@@ -11,11 +11,13 @@ with the algorithm's handlers on the client's own data file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_node_store, save_node_store
 from ..config import Config, NetworkConfig
 from ..data.tasks import load_task
 from ..errors import ConfigError
@@ -28,7 +30,7 @@ from ..experiment import (
     resolve_config,
     run_experiment,
 )
-from ..node import Node, NodeContext
+from ..node import Node, NodeContext, NodeStore
 from .ca import Identity
 from .client import Backoff, NodeClient
 from .clientdata import load_client_data
@@ -119,14 +121,22 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
 
 
 def node_client(config: Config, node_id: str, data: str | Path, *,
-                address: str | None = None, max_attempts: int | None = None) -> NodeClient:
-    """A client node for ``config``'s algorithm holding the examples in ``data`` (``.npz``)."""
+                address: str | None = None, max_attempts: int | None = None,
+                state: str | Path | None = None) -> NodeClient:
+    """A client node for ``config``'s algorithm holding the examples in ``data`` (``.npz``).
+
+    ``state`` is a file where the node keeps what the algorithm stores on it between rounds
+    (SCAFFOLD's control variate): read at start when it exists, rewritten after every change,
+    so a restarted client continues with its state. It never leaves this machine."""
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
     model, _ = initial_params(config, task)
     algorithm, _ = build_federated(config, task, make_dataset(config, task), model)
     net = config.network
-    node = Node(NodeContext(node_id, load_client_data(data)), algorithm.handlers())
+    store = load_node_store(state) if state is not None and Path(state).exists() else NodeStore()
+    persist = None if state is None else functools.partial(save_node_store, state)
+    node = Node(NodeContext(node_id, load_client_data(data), store=store), algorithm.handlers(),
+                persist=persist)
     return NodeClient(address or net.address, node, identity=_identity(net, node_id),
                       insecure=net.insecure, server_name=net.server_name or None,
                       max_message_bytes=int(net.max_message_mb * 2**20),
@@ -135,9 +145,10 @@ def node_client(config: Config, node_id: str, data: str | Path, *,
 
 
 def join(config: Config, node_id: str, data: str | Path, *, address: str | None = None,
-         stop: threading.Event | None = None) -> str:
-    """Run a client until the coordinator ends the run; returns the coordinator's reason."""
-    client = node_client(config, node_id, data, address=address)
+         stop: threading.Event | None = None, state: str | Path | None = None) -> str:
+    """Run a client until the coordinator ends the run; returns the coordinator's reason
+    (``state``: see :func:`node_client`)."""
+    client = node_client(config, node_id, data, address=address, state=state)
     if stop is not None:
         def watch() -> None:
             stop.wait()
