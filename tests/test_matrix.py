@@ -100,3 +100,21 @@ def test_secure_aggregation_with_a_robust_reducer_is_a_config_error():
                                           r"secure_aggregation\(.*\) reveals only their sum; use "
                                           r"weighted_mean\(\)\.$"):
         build("trimmed_mean", True)
+
+
+def test_a_rank_that_trains_no_client_adds_zeros_of_the_whole_template():
+    """One client per round on two ranks: rank 1 folds nothing, and its part still has the
+    round's template — params plus DP-FedAvg's adaptive-clipping bit — for the reduction."""
+    def one_client(executor):
+        update = local_sgd(tiny_model(), cross_entropy, batch_size=4, optimizer=sgd(0.1))
+        algorithm = FedAvg(update, cohort=Cohort(1), seed=5, pipeline=Pipeline(
+            [dp_fedavg(0.3, 0.5, Cohort(1), adaptive=True, count_stddev=1.0)],
+            weighted_mean("uniform")))
+        data, ids = unequal_federation()
+        with InProcessTransport(ids, data.__getitem__, algorithm.handlers(),
+                                executor=executor) as transport:
+            return run(algorithm, transport, rounds=2, params=tree.params_of(tiny_model()))
+
+    want, got = one_client("sequential"), one_client(ProcessesExecutor(2))
+    assert [h["round/replied"] for h in got.history] == [1.0, 1.0]
+    assert tree.equal(want.state.params, got.state.params)  # 0 + x = x: bit for bit

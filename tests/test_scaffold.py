@@ -122,6 +122,28 @@ def test_resume_is_bit_identical_with_the_clients_state(tmp_path):
         assert tree.equal(control_of(whole_states, node), control_of(states, node))
 
 
+def test_an_interrupted_scaffold_run_resumes_bit_identically(tmp_path):
+    """Through `shoal run`'s path: checkpoints hold the clients' control variates."""
+    import safetensors.torch
+
+    overrides = ["federated.algorithm=scaffold", "federated.rounds=4", "baseline=false",
+                 "client.epochs=1", "federated.clients_per_round=5"]
+    run_experiment(load_config(None, overrides), tmp_path / "full")
+
+    class Interrupt:
+        def after_round(self, ctx, report):
+            if report.round == 2:
+                raise KeyboardInterrupt
+
+    config = load_config(None, overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "cut", callbacks=lambda p, r: [Interrupt()])
+    run_experiment(config, tmp_path / "cut", resume=True)
+    full, cut = (safetensors.torch.load_file(str(tmp_path / d / "federated" /
+                                                 "model.safetensors")) for d in ("full", "cut"))
+    assert tree.equal(full, cut)
+
+
 def test_a_rerun_round_starts_from_the_state_before_it():
     """A deployed client answering round r again (the coordinator resumed from round r - 1)
     starts from its c_i as of before round r, not from what its first answer wrote."""

@@ -97,16 +97,17 @@ class Pipeline:
     def client(self, update: Params, configs: Sequence[Mapping[str, Any]],
                info: ClientInfo) -> Params:
         """Run the client-side per-update halves, in order (on the client)."""
-        for s, cfg in zip(self.stages, configs, strict=True):
-            if s.runs_at == "client":
-                update = s.client(update, cfg, info)
-        return update
+        return self._per_update("client", update, configs, info)
 
     def coordinator(self, update: Params, configs: Sequence[Mapping[str, Any]],
                     info: ClientInfo) -> Params:
         """Run the coordinator-side per-update halves, in order, on one received update."""
+        return self._per_update("coordinator", update, configs, info)
+
+    def _per_update(self, where: str, update: Params, configs: Sequence[Mapping[str, Any]],
+                    info: ClientInfo) -> Params:
         for s, cfg in zip(self.stages, configs, strict=True):
-            if s.runs_at == "coordinator":
+            if s.runs_at == where:
                 update = s.client(update, cfg, info)
         return update
 

@@ -267,7 +267,6 @@ class FedAvg:
         return message.reply(metrics=self.client_eval(message.tensors, data))
 
 
-
 class TrainBatch(BatchHandler):
     """The batched form of an algorithm's ``"train"`` handler: messages grouped by the params
     they carry and the data pool of their clients, each group answered by the algorithm's

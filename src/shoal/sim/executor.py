@@ -83,6 +83,9 @@ class Executor:
         executor computed (see ``RoundFold.fold``); ``None`` by default."""
         return None
 
+    def release(self) -> None:
+        """Forget what the latest batch keeps for :meth:`rows_of` (after folding it)."""
+
     def close(self) -> None:
         """Release workers or other resources (nothing by default)."""
 
@@ -235,7 +238,11 @@ class VectorizedExecutor(Executor):
         try:
             return super().collect(transport, requests, fold, timeout)
         finally:
-            self._rows.clear()  # the batch's stacks stay alive only as long as a reply needs them
+            self.release()
+
+    def release(self) -> None:
+        """The batch's stacks stay alive only as long as a reply needs them."""
+        self._rows.clear()
 
     def rows_of(self, reply: Message) -> tuple[Params, int] | None:
         """``(stacks, j)`` for a reply of the latest batch whose tensors are still the rows it

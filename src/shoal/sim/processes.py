@@ -147,6 +147,7 @@ def _answer(transport: InProcessTransport, inner: Executor, plan: dict[str, Any]
         error = _error(e, msgs)
     finally:
         transport.observers = saved
+        inner.release()
     states = {n: transport.node_states().get(n) for n in dict.fromkeys(m.dst for m in msgs)}
     return out, states, error
 
