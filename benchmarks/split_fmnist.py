@@ -66,8 +66,9 @@ def child(args: argparse.Namespace) -> None:
         out[f"{name}_seconds"] = r.seconds
         if r.paradigm != "centralized":
             up = sum(h["comm/bytes_up"] for h in r.history)
+            down = sum(h["comm/bytes_down"] for h in r.history)
             out[f"{name}_bytes_up_per_epoch"] = up * EPOCH / r.examples
-            out[f"{name}_bytes_down_per_epoch"] = (r.bytes - up) * EPOCH / r.examples
+            out[f"{name}_bytes_down_per_epoch"] = down * EPOCH / r.examples
     out["peak_rss_gib"] = peak_rss_gib()
     emit(out)
 
