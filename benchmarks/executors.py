@@ -19,11 +19,13 @@
   floor`` run one of the pair alone. -> rounds per second; ``vectorized_vs_batched_floor`` is
   the median over reps of the paired runs' ratios.
 * ``--workload W3`` (population scale): the W2 model and cohort (100 clients of 60 examples,
-  vectorized, one thread) drawn from 10,000 clients and from 1,000 clients; each client is 60
-  row numbers into the shared pool (clients overlap). Variants: ``pop10k`` (10,000 clients
-  alone: its peak resident memory) and ``paired`` (both populations in one process, round by
-  round in turn; ``--variant pop1k`` runs the smaller alone). -> peak resident memory of the
-  10,000 client run and the median over reps of the paired runs' ratio of median round times.
+  vectorized, one thread) drawn from 1,000,000, 10,000 and 1,000 clients; each client is 60
+  consecutive rows of one permutation of the pool from its own start (clients overlap;
+  ``FederatedDataset.sampled``: a start and a length per client, numbered ids computed on
+  demand). Variants: ``pop1m`` and ``pop10k`` (alone: peak resident memory) and ``paired``
+  (the three populations in one process, round by round in turn; ``--variant pop1k`` runs the
+  smallest alone). -> peak resident memory of the 10,000 and 1,000,000 client runs and the
+  median over reps of the paired runs' ratios of median round times to the 1,000 client one.
 
 Setup (data, partition, schedule) happens before the clock starts, and so does one warm-up round
 of shoal's runs (it starts worker processes) and of the paired floor; each variant runs in its
@@ -329,51 +331,50 @@ def w2_paired(rounds: int) -> dict:
 
 # -- W3 ----------------------------------------------------------------------------------------
 
-W3_POPULATIONS = {"pop10k": 10_000, "pop1k": 1_000}
+W3_POPULATIONS = {"pop1m": 1_000_000, "pop10k": 10_000, "pop1k": 1_000}
 
 
 def _w3_job(clients: int) -> _ShoalJob:
     """The W2 model and cohort (vectorized, one thread) drawn from ``clients`` clients."""
 
-    def overlapping(config, task):
-        # Each client: 60 distinct rows of the pool, drawn from the seed; clients overlap, so
-        # any population size fits in the same pool (memory: 60 row numbers per client).
+    def sampled(config, task):
+        # Each client: 60 consecutive rows of one permutation of the pool, from a random start
+        # (FederatedDataset.sampled): clients overlap, so any population fits in the same pool,
+        # and a client costs a start and a length, its id nothing (ClientIds).
         from shoal.data.federated import FederatedDataset
-        from shoal.seeding import numpy_rng
-        rng = numpy_rng(SEED, "w3-population")
-        n = len(task.train)
-        rows = {f"client-{i:05d}": (torch.from_numpy(rng.choice(n, 60, replace=False)), None)
-                for i in range(clients)}
-        return FederatedDataset(task.train.x, task.train.y, rows, task.test)
+        return FederatedDataset.sampled(task.train.x, task.train.y, clients, 60, SEED, task.test)
 
     overrides = [o for o in W2 if not o.startswith(("data.", "federated.clients"))]
     return _ShoalJob(overrides + ["federated.clients_per_round=100",
-                                  "federated.executor=vectorized"], 1, dataset=overlapping)
+                                  "federated.executor=vectorized"], 1, dataset=sampled)
 
 
 def w3(variant: str, rounds: int) -> dict:
     if variant == "paired":
         return w3_paired(rounds)
+    t0 = time.perf_counter()
     job = _w3_job(W3_POPULATIONS[variant])
-    return job.result(job.rounds(1, rounds))
+    setup = time.perf_counter() - t0
+    return {**job.result(job.rounds(1, rounds)), "setup_s": setup}
 
 
 def w3_paired(rounds: int) -> dict:
-    """Both populations in one process, round by round in turn (which goes first alternates),
-    so that the ratio of their round times is measured under the same spells of a noisy
-    machine."""
+    """The three populations in one process, round by round in turn (which goes first
+    rotates), so that the ratios of their round times are measured under the same spells of a
+    noisy machine."""
     jobs = {v: _w3_job(n) for v, n in W3_POPULATIONS.items()}
     seconds = _in_turn({v: _job_side(job) for v, job in jobs.items()}, rounds)
     out = {v: jobs[v].result(seconds[v]) for v in jobs}
-    big, small = out["pop10k"], out["pop1k"]
-    return {"seconds": big["seconds"], "accuracy": big["accuracy"],
-            "round_s_pop10k": big["round_s"], "round_s_pop1k": small["round_s"],
-            "round_time_ratio": big["round_s"] / small["round_s"]}
+    small = out["pop1k"]["round_s"]
+    return {"seconds": out["pop10k"]["seconds"], "accuracy": out["pop10k"]["accuracy"],
+            **{f"round_s_{v}": out[v]["round_s"] for v in out},
+            "round_time_ratio": out["pop10k"]["round_s"] / small,
+            "round_time_ratio_1m": out["pop1m"]["round_s"] / small}
 
 
 WORKLOADS = {"W1": (w1, ["paired"], 20),
              "W2": (w2, ["sequential", "paired", "best"], 50),
-             "W3": (w3, ["pop10k", "paired"], 20)}
+             "W3": (w3, ["pop1m", "pop10k", "paired"], 20)}
 
 
 def _per_rep(values: list[float]) -> str:
@@ -440,15 +441,20 @@ def main() -> None:
                    best_vs_sequential=t["sequential"] / t["best"],
                    rounds_per_s=rounds / t["best"])
     else:
-        r10k = median(runs["paired"], "round_s_pop10k")
-        r1k = median(runs["paired"], "round_s_pop1k")
-        ratios = [r["round_time_ratio"] for r in runs["paired"]]
-        print(f"  median round in the paired runs: {r10k * 1e3:.1f} ms (10,000 clients), "
-              f"{r1k * 1e3:.1f} ms (1,000); 10,000/1,000 per rep "
-              f"{_per_rep(ratios)}; alone (pop10k): "
-              f"{median(runs['pop10k'], 'round_s') * 1e3:.1f} ms")
+        paired = runs["paired"]
+        r = {v: median(paired, f"round_s_{v}") for v in W3_POPULATIONS}
+        print(f"  median round in the paired runs: {r['pop1m'] * 1e3:.1f} ms (1,000,000 "
+              f"clients), {r['pop10k'] * 1e3:.1f} ms (10,000), {r['pop1k'] * 1e3:.1f} ms (1,000); "
+              f"per rep 10,000/1,000 {_per_rep([x['round_time_ratio'] for x in paired])}, "
+              f"1,000,000/1,000 {_per_rep([x['round_time_ratio_1m'] for x in paired])}; alone: "
+              f"{median(runs['pop10k'], 'round_s') * 1e3:.1f} ms (10,000), "
+              f"{median(runs['pop1m'], 'round_s') * 1e3:.1f} ms (1,000,000; setup "
+              f"{median(runs['pop1m'], 'setup_s'):.1f} s)")
         final_line(peak_rss_gib=median(runs["pop10k"], "peak_rss_gib"),
-                   round_time_ratio=statistics.median(ratios))
+                   round_time_ratio=statistics.median(x["round_time_ratio"] for x in paired),
+                   peak_rss_gib_1m=median(runs["pop1m"], "peak_rss_gib"),
+                   round_time_ratio_1m=statistics.median(x["round_time_ratio_1m"]
+                                                         for x in paired))
 
 
 if __name__ == "__main__":

@@ -223,8 +223,9 @@ class Transport:
         """Wall seconds spent inside the transport's calls (delivering, waiting, computing
         simulated clients); the run loop reports the rest of a round as the coordinator's."""
 
-    def nodes(self) -> list[str]:
-        """The ids of the nodes that can be reached now, in a stable order."""
+    def nodes(self) -> Sequence[str]:
+        """The ids of the nodes that can be reached now, in a stable order (do not change the
+        sequence returned)."""
         raise NotImplementedError
 
     def request(self, messages: Sequence[Message], timeout: float | None = None) -> list[Message]:

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..seeding import numpy_rng
 
@@ -66,7 +68,7 @@ class Cohort:
         rng = numpy_rng(seed, "cohort", round)
         if self.mode == "poisson":
             keep = rng.random(n) < float(self.size)
-            return [c for c, k in zip(population, keep, strict=True) if k]
+            return [population[i] for i in np.flatnonzero(keep).tolist()]
         k = self.size if isinstance(self.size, int) else max(1, math.floor(self.size * n + 1e-9))
         k = min(k, n)
         chosen = sorted(rng.choice(n, size=k, replace=False).tolist())

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .ids import ClientIds
 
 __all__ = [
     "METHODS",
@@ -32,6 +33,7 @@ __all__ = [
     "dirichlet",
     "iid",
     "natural",
+    "packed_partition",
     "partition",
     "quantity_skew",
     "shards",
@@ -42,6 +44,24 @@ __all__ = [
 def _rows(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     # Sorted rows read the shared pool in memory order; batches are shuffled later anyway.
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _sorted_segments(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``rows`` cut into consecutive segments of ``lengths``, each sorted ascending — what
+    :func:`_rows` does to ``np.split(rows, ...)``, for any number of clients at once."""
+    seg = np.repeat(np.arange(lengths.shape[0]), lengths)
+    return rows[np.lexsort((rows, seg))].astype(np.int64, copy=False)
+
+
+def _unpack(buffer: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(buffer, np.cumsum(lengths)[:-1]) if lengths.shape[0] else []
+
+
+def _near_equal(n: int, num_clients: int) -> np.ndarray:
+    """``np.array_split``'s sizes: ``n // k``, the first ``n % k`` one more."""
+    sizes = np.full(num_clients, n // num_clients, dtype=np.int64)
+    sizes[: n % num_clients] += 1
+    return sizes
 
 
 def _check_clients(where: str, n: int, num_clients: int, min_size: int = 1) -> None:
@@ -72,8 +92,14 @@ def _labels(where: str, labels: np.ndarray) -> np.ndarray:
 
 def iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Rows ``0..n-1`` shuffled and split into ``num_clients`` parts whose sizes differ by <= 1."""
+    return _unpack(*_iid_packed(n, num_clients, rng))
+
+
+def _iid_packed(n: int, num_clients: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     _check_clients("iid", n, num_clients)
-    return _rows(np.array_split(rng.permutation(n), num_clients))
+    sizes = _near_equal(n, num_clients)
+    return _sorted_segments(rng.permutation(n), sizes), sizes
 
 
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
@@ -180,14 +206,19 @@ def quantity_skew(n: int, num_clients: int, alpha: float, rng: np.random.Generat
     ``p ~ Dir(alpha * 1)`` over clients; the examples themselves are drawn IID. Small ``alpha``
     gives a few large clients and many small ones.
     """
+    return _unpack(*_quantity_packed(n, num_clients, alpha, rng, min_size))
+
+
+def _quantity_packed(n: int, num_clients: int, alpha: float, rng: np.random.Generator,
+                     min_size: int) -> tuple[np.ndarray, np.ndarray]:
     where = "quantity"
     _check_clients(where, n, num_clients, min_size)
     _check_alpha(where, alpha)
     p = rng.dirichlet(np.full(num_clients, float(alpha)))
     if not np.all(np.isfinite(p)) or p.sum() <= 0:  # underflow guard for tiny alpha
         p = np.full(num_clients, 1.0 / num_clients)
-    sizes = min_size + rng.multinomial(n - num_clients * min_size, p / p.sum())
-    return _rows(np.split(rng.permutation(n), np.cumsum(sizes)[:-1]))
+    sizes = (min_size + rng.multinomial(n - num_clients * min_size, p / p.sum())).astype(np.int64)
+    return _sorted_segments(rng.permutation(n), sizes), sizes
 
 
 def natural(groups: np.ndarray | Sequence[Any]) -> dict[str, np.ndarray]:
@@ -287,6 +318,43 @@ METHODS: tuple[str, ...] = (*sorted([*_NUMBERED, "natural"]),)
 """The names :func:`partition` accepts."""
 
 
+_PACKED: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "iid": lambda y, k, rng: _iid_packed(len(y), k, rng),
+    "quantity": lambda y, k, rng, alpha, min_size: _quantity_packed(len(y), k, alpha, rng,
+                                                                    min_size),
+}
+
+
+def packed_partition(method: str, labels: np.ndarray, num_clients: int | None,
+                     rng: np.random.Generator, **options: Any,
+                     ) -> tuple[Sequence[str], np.ndarray, np.ndarray]:
+    """:func:`partition` as ``(client ids, rows, lengths)``: client ``i``'s sorted rows are the
+    ``i``-th segment of ``rows`` (``lengths[i]`` long), the ids sorted; the same partition as
+    :func:`partition` from the same generator. ``iid`` and ``quantity`` build it without a
+    Python object per client (a million clients cost their rows and lengths)."""
+    if method in _PACKED and method in _NUMBERED:
+        runner, defaults = _NUMBERED[method]
+        _check_options(method, options, defaults)
+        if num_clients is None:
+            raise ConfigError(f"partition {method!r}: num_clients is required (got None).")
+        rows, lengths = _PACKED[method](_labels("partition", labels), num_clients, rng,
+                                        **{**defaults, **options})
+        return ClientIds(num_clients), rows, lengths
+    parts = partition(method, labels, num_clients, rng, **options)
+    ids = sorted(parts)
+    lengths = np.array([len(parts[c]) for c in ids], dtype=np.int64)
+    rows = (np.concatenate([parts[c] for c in ids]) if ids else np.empty(0, np.int64))
+    return ids, rows.astype(np.int64, copy=False), lengths
+
+
+def _check_options(method: str, options: dict[str, Any], defaults: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        accepted = ", ".join(sorted(defaults)) or "none"
+        raise ConfigError(f"partition {method!r}: unknown option {unknown[0]!r}; "
+                          f"accepted options: {accepted}.")
+
+
 def partition(method: str, labels: np.ndarray, num_clients: int | None,
               rng: np.random.Generator, **options: Any) -> dict[str, np.ndarray]:
     """Partition the rows of ``labels`` among clients: ``{client id: sorted int64 rows}``.
@@ -309,11 +377,7 @@ def partition(method: str, labels: np.ndarray, num_clients: int | None,
             f"partition: unknown method {method!r}; expected one of {', '.join(METHODS)}."
         )
     runner, defaults = _NUMBERED[method]
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        accepted = ", ".join(sorted(defaults)) or "none"
-        raise ConfigError(f"partition {method!r}: unknown option {unknown[0]!r}; "
-                          f"accepted options: {accepted}.")
+    _check_options(method, options, defaults)
     if num_clients is None:
         raise ConfigError(f"partition {method!r}: num_clients is required (got None).")
     labels = _labels("partition", labels)

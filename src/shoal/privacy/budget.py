@@ -18,7 +18,7 @@ and, given a ``target_epsilon``, stops the run *before* the first round that wou
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..algorithm import RoundReport
@@ -112,7 +112,7 @@ class SampleLevelLedger:
     def __repr__(self) -> str:
         return f"SampleLevelLedger({self.update!r}, {self.cohort!r}, {self.accountant!r})"
 
-    def participation(self, population: list[str], round: int) -> dict[str, int]:
+    def participation(self, population: Sequence[str], round: int) -> dict[str, int]:
         """How many of rounds ``1..round`` each client was sampled in (a dropout counts too)."""
         pop = tuple(population)
         if pop != self._population:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class SecureFedAvg(FedAvg):
     def _max_examples(self) -> float:
         return EXAMPLES_FACTOR * self.secagg.max_weight
 
-    def _sum(self, transport: Transport, clients: list[str], round: int, session: str,
+    def _sum(self, transport: Transport, clients: Sequence[str], round: int, session: str,
              task: str, length: int, payload: Params, config: dict) -> SecureSum:
         s = self.secagg
         return secure_sum(transport, clients, round=round, session=session, task=task,

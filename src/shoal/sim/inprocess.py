@@ -2,8 +2,9 @@
 polling); how the calls are computed (one after the other, batched, in worker processes) is
 its executor's business (:mod:`shoal.sim.executor`).
 
-Nodes are built on demand from their ids, so a population of 10,000 clients costs an id and an
-index tensor each; only what a node keeps — its scratch space while a multi-step protocol runs,
+Nodes are built on demand from their ids, so a population costs nothing per client beyond its
+data's row ranges (numbered ids are a :class:`~shoal.data.ids.ClientIds`, never a list of a
+million strings); only what a node keeps — its scratch space while a multi-step protocol runs,
 its algorithm-owned state (:class:`~shoal.node.NodeStore`) — is stored, and only while it holds
 something.
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from ..algorithms.collect import Partial, RoundFold
+from ..data.ids import ClientIds, as_ids
 from ..errors import ClientError, ConfigError, TransportError
 from ..message import Message
 from ..node import Handler, Mod, Node, NodeContext, NodeState, NodeStore
@@ -81,8 +83,9 @@ class InProcessTransport(Transport):
         if on_error not in ("drop", "raise"):
             raise ConfigError(f"InProcessTransport: on_error must be 'drop' or 'raise' "
                               f"(got {on_error!r}).")
-        self._ids = list(node_ids)
-        self._known = frozenset(self._ids)
+        self._ids = as_ids(node_ids)  # a ClientIds stays one: no string per simulated node
+        self._known: Collection[str] = (self._ids if isinstance(self._ids, ClientIds)
+                                        else frozenset(self._ids))
         self.data_fn = data_fn
         self.handlers = dict(handlers)
         self.mods = tuple(mods)
@@ -102,9 +105,9 @@ class InProcessTransport(Transport):
         """Whether ``node_id`` is one of the simulated nodes."""
         return node_id in self._known
 
-    def nodes(self) -> list[str]:
-        """Every simulated node id."""
-        return list(self._ids)
+    def nodes(self) -> Sequence[str]:
+        """Every simulated node id (an immutable sequence, not copied)."""
+        return self._ids
 
     # -- nodes ---------------------------------------------------------------------------------
 

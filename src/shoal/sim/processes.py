@@ -98,7 +98,7 @@ def balance(sizes: Sequence[int], ranks: int, load: list[int] | None = None) -> 
 class _Spec:
     """What a spawned worker needs to build its copy of the simulated federation."""
 
-    node_ids: list[str]
+    node_ids: Sequence[str]
     data_fn: Any
     handlers: dict[str, Any]
     mods: tuple[Any, ...]
