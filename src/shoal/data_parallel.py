@@ -39,12 +39,12 @@ import logging
 import os
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -68,6 +68,7 @@ from .node import Handler
 from .seeding import torch_generator
 from .transport import FunctionTransport, Transport
 from .tree import Params
+from .workers import Workers, report_started, watch_parent
 
 __all__ = ["COLLECTIVE", "DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm",
            "main", "serve_rank"]
@@ -214,13 +215,20 @@ def serve_rank(trainer: Trainer) -> None:
         trainer.train_round(int(cmd[1]), None)
 
 
-def _spawned(rank: int, world: int, init_method: str, backend: str,
+def _spawned(rank: int, ready: Any, world: int, init_method: str, backend: str,
              config: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
+    watch_parent()
+    try:
+        torch.set_num_threads(1)
+        parsed = parse_config(config)
+    except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
+        report_started(ready, rank, traceback.format_exc())
+        return
+    report_started(ready, rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=dt.timedelta(minutes=30))
     try:
-        serve_rank(_trainer_from_config(parse_config(config)))
+        serve_rank(_trainer_from_config(parsed))
     finally:
         dist.destroy_process_group()
 
@@ -247,7 +255,7 @@ class DataParallel:
         self.workers = d.workers
         self.backend = _backend(d.backend)
         self._trainer = trainer
-        self._procs: list[Any] = []
+        self._procs: Workers | None = None
         self._own_group = False
 
     def __repr__(self) -> str:
@@ -273,13 +281,11 @@ class DataParallel:
         if not dist.is_initialized():
             port = _free_port()
             init = f"tcp://127.0.0.1:{port}"
-            ctx = mp.get_context("spawn")
             cfg = to_dict(self.config)
-            self._procs = [ctx.Process(target=_spawned, daemon=True,
-                                       args=(r, self.workers, init, self.backend, cfg))
-                           for r in range(1, self.workers)]
-            for p in self._procs:
-                p.start()
+            workers = Workers("data_parallel", _spawned, self.workers - 1,
+                              lambda rank: (self.workers, init, self.backend, cfg))
+            workers.wait_started()  # a worker that cannot start stops the run, naming the fix
+            self._procs = workers
             dist.init_process_group(self.backend, init_method=init, rank=0,
                                     world_size=self.workers, timeout=dt.timedelta(minutes=30))
             self._own_group = True
@@ -293,8 +299,15 @@ class DataParallel:
               round: int) -> tuple[DataParallelState, RoundReport]:
         """Train one round on every rank; rank 0 returns the new params."""
         trainer = self._start()
-        dist.broadcast(torch.tensor([_ROUND, round], dtype=torch.int64), 0)
-        params, metrics = trainer.train_round(round, state.params)
+        try:
+            dist.broadcast(torch.tensor([_ROUND, round], dtype=torch.int64), 0)
+            params, metrics = trainer.train_round(round, state.params)
+        except RuntimeError as e:  # a collective broke: did a worker die?
+            failure = self._procs.failure(e) if self._procs is not None else None
+            if failure is None:
+                raise
+            self._abandon()
+            raise failure from e
         world, wire = trainer.world, trainer.wire_bytes()
         for r in range(world if world > 1 else 0):
             transport.stats.count(f"rank-{r}", f"rank-{(r + 1) % world}", COLLECTIVE,
@@ -314,9 +327,19 @@ class DataParallel:
         if self._own_group:
             dist.destroy_process_group()
             self._own_group = False
-        for p in self._procs:
-            p.join(60)
-        self._procs = []
+        if self._procs is not None:
+            self._procs.stop(grace=60)
+            self._procs = None
+
+    def _abandon(self) -> None:
+        """After a worker died: end the group and stop every other worker (no orphans)."""
+        self._trainer = None
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_group = False
+        if self._procs is not None:
+            self._procs.stop()
+            self._procs = None
 
 
 class _Close:

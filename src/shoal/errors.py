@@ -11,6 +11,7 @@ was wrong, what was expected, what was got, and how to fix it::
     ├── UpdateError        a client update has the wrong names, shapes, dtypes or non-finite values
     ├── RoundError         a round cannot complete (too few valid replies)
     ├── ClientError        an exception inside a client, naming the client, round and step
+    ├── WorkerError        a worker process failed to start or died, naming it and the fix
     ├── CheckpointError    a run directory cannot be resumed
     └── TransportError     a message could not be delivered or decoded
 """
@@ -28,6 +29,7 @@ __all__ = [
     "ShoalError",
     "TransportError",
     "UpdateError",
+    "WorkerError",
 ]
 
 
@@ -72,6 +74,11 @@ class ClientError(ShoalError):
         self.client = client
         self.round = round
         self.step = step
+
+
+class WorkerError(ShoalError):
+    """A worker process (processes executor, data-parallel training) failed to start or died;
+    the message names the worker, its exit code and the fix."""
 
 
 class CheckpointError(ShoalError):

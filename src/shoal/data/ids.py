@@ -13,7 +13,7 @@ from typing import Any, overload
 
 from ..errors import DataError
 
-__all__ = ["ClientIds"]
+__all__ = ["ClientIds", "as_ids"]
 
 
 class ClientIds(Sequence[str]):

@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from .. import tree
 from ..algorithms.collect import Partial, RoundFold
@@ -62,6 +61,7 @@ from ..errors import ClientError, ConfigError, ShoalError
 from ..message import Message
 from ..node import NodeContext, abilities_of
 from ..tree import Params
+from ..workers import Workers, report_started, watch_parent
 from .executor import EXECUTORS, Executor, make_executor
 
 if TYPE_CHECKING:
@@ -262,16 +262,17 @@ def serve(transport: InProcessTransport, inner: str | Executor = "sequential") -
         pass
 
 
-def _worker_main(rank: int, world: int, port: int, payload: bytes, ready: Any) -> None:
+def _worker_main(rank: int, ready: Any, world: int, port: int, payload: bytes) -> None:
+    watch_parent()
     try:
         spec: _Spec = pickle.loads(payload)
         torch.set_num_threads(spec.threads)
         from .inprocess import InProcessTransport
         transport = InProcessTransport(spec.node_ids, spec.data_fn, spec.handlers,
                                        mods=spec.mods, on_error=spec.on_error)  # type: ignore[arg-type]
-        ready.put((rank, None))
+        report_started(ready, rank)
     except BaseException:  # noqa: BLE001 - reported to the coordinator, which raises it
-        ready.put((rank, traceback.format_exc()))
+        report_started(ready, rank, traceback.format_exc())
         return
     dist.init_process_group(backend(world, spec.inner), init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=_TIMEOUT)
@@ -279,6 +280,14 @@ def _worker_main(rank: int, world: int, port: int, payload: bytes, ready: Any) -
         serve(transport, spec.inner)
     finally:
         dist.destroy_process_group()
+
+
+def _size(transport: InProcessTransport, node_id: str) -> int:
+    """A node's number of training examples (its load), 0 for a node without data."""
+    if not transport.knows(node_id):
+        return 0
+    data = train_data(NodeContext(node_id, transport.data_fn(node_id)))
+    return len(data) if hasattr(data, "__len__") else 0
 
 
 def _free_port() -> int:
@@ -312,7 +321,7 @@ class ProcessesExecutor(Executor):
         self.inner_name = inner
         self.inner = make_executor(inner)
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
-        self._procs: list[Any] = []
+        self._procs: Workers | None = None
         self._started = False
         self._own_group = False
         self._finalizer: Any = None
@@ -357,22 +366,10 @@ class ProcessesExecutor(Executor):
                 "closures); or use executor='sequential' or 'vectorized'."
             ) from e
         port = _free_port()
-        ctx = mp.get_context("spawn")
-        ready = ctx.Queue()
-        for rank in range(1, self.workers):
-            p = ctx.Process(target=_worker_main, args=(rank, self.workers, port, payload, ready),
-                            daemon=True)
-            p.start()
-            self._procs.append(p)
-        errors = []
-        for _ in range(1, self.workers):
-            rank, err = ready.get(timeout=600)
-            if err is not None:
-                errors.append(f"worker {rank}: {err}")
-        if errors:
-            self._stop_procs()
-            raise ShoalError("processes executor: a worker process could not start:\n"
-                             + "\n".join(errors))
+        workers = Workers("processes executor", _worker_main, self.workers - 1,
+                          lambda rank: (self.workers, port, payload))
+        workers.wait_started()  # raises within a second of a worker's death, naming the fix
+        self._procs = workers
         dist.init_process_group(backend(self.workers, self.inner_name),
                                 init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=self.workers, timeout=_TIMEOUT)
@@ -385,7 +382,7 @@ class ProcessesExecutor(Executor):
                                           False, self.workers)
 
     @staticmethod
-    def _shutdown(procs: list[Any], graceful: bool, world: int) -> None:
+    def _shutdown(procs: Workers | None, graceful: bool, world: int) -> None:
         # Graceful: the ranks wait for the next batch, so tell them to return. Otherwise (at
         # exit, or after an error inside a batch's collectives) they may be waiting inside a
         # collective that will never complete: terminate them.
@@ -393,19 +390,12 @@ class ProcessesExecutor(Executor):
             try:
                 if graceful:
                     dist.scatter_object_list([None], [None] * world, src=0)
+            except RuntimeError:  # a rank is gone: nothing to say goodbye to
+                graceful = False
             finally:
                 dist.destroy_process_group()
-        for p in procs:
-            p.join(timeout=30 if graceful else 0.1)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=10)
-
-    def _stop_procs(self) -> None:
-        for p in self._procs:
-            p.terminate()
-            p.join(timeout=10)
-        self._procs.clear()
+        if procs is not None:
+            procs.stop(grace=30 if graceful else 0.1)
 
     def close(self) -> None:
         """Stop the workers (rank 0 tells every rank to return from :func:`serve`)."""
@@ -416,7 +406,7 @@ class ProcessesExecutor(Executor):
             self._own_group = False
             self._finalizer.detach()
             self._shutdown(self._procs, not self._in_round, self.workers)
-            self._procs.clear()
+            self._procs = None
         elif dist.is_initialized() and not self._in_round:
             dist.scatter_object_list([None], [None] * self.workers, src=0)
 
@@ -430,8 +420,7 @@ class ProcessesExecutor(Executor):
             self._homes, self._homes_round = {}, rnd
             self._load = [0] * self.workers
         new = [n for n in dict.fromkeys(m.dst for m in messages) if n not in self._homes]
-        sizes = [len(train_data(NodeContext(n, transport.data_fn(n)))) if transport.knows(n)
-                 else 0 for n in new]
+        sizes = [_size(transport, n) for n in new]
         for n, r in zip(new, balance(sizes, self.workers, self._load), strict=True):
             self._homes[n] = r
         return [self._homes[m.dst] for m in messages]
@@ -461,7 +450,14 @@ class ProcessesExecutor(Executor):
         t0 = time.perf_counter()
         try:
             torch.set_num_threads(self.threads)
-            out = _round(transport, self.inner, plans)
+            try:
+                out = _round(transport, self.inner, plans)
+            except RuntimeError as e:  # a collective broke: did a worker die?
+                failure = self._procs.failure(e) if self._procs is not None else None
+                if failure is None:
+                    raise
+                self.close()  # stops every worker: no orphans
+                raise failure from e
             self._in_round = False
         finally:
             torch.set_num_threads(threads)
