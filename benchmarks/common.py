@@ -14,7 +14,9 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,3 +72,88 @@ def final_line(**figures: float | int | str) -> None:
     """The benchmark's last line: ``name=value`` pairs."""
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in figures.items()), flush=True)
+
+
+# -- paired measurement: every side round by round in one process ----------------------------
+
+class ShoalJob:
+    """FedAvg as ``shoal run`` builds it (central evaluation every round), run round by round."""
+
+    def __init__(self, overrides: list[str], threads: int, dataset=None, seed: int = 0,
+                 logs: str | None = None):
+        from shoal.callbacks import CentralEvaluation
+        from shoal.config import load_config
+        from shoal.data.tasks import load_task
+        from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
+        from shoal.metrics import Evaluator
+        from shoal.run import run
+
+        self.threads = threads
+        torch.set_num_threads(threads)
+        config = load_config(None, [f"seed={seed}", "baseline=false", "data.eval_fraction=0",
+                                    *overrides])
+        task = load_task(config.task.name, **config.task.options)
+        config = resolve_config(config, task)
+        data = dataset(config, task) if dataset else make_dataset(config, task)
+        model, self.params0 = initial_params(config, task)
+        self.algorithm, self.transport = build_federated(config, task, data, model)
+        evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size)
+        self.callbacks: list = [CentralEvaluation(lambda p: evaluator(p, task.test))]
+        if logs is not None:  # what `shoal run` adds: the metrics log, a checkpoint a round
+            from shoal.callbacks import MetricsLog
+            from shoal.checkpoint import Checkpoint
+            self.callbacks += [MetricsLog(Path(logs) / "metrics.jsonl"),
+                               Checkpoint(Path(logs) / "checkpoints")]
+        self._run = run
+        # One warm-up round outside the clock starts the worker processes (processes executor).
+        run(self.algorithm, self.transport, rounds=1, params=self.params0)
+        self.state = self.algorithm.init(self.params0)
+        self.history: list[dict] = []
+
+    def rounds(self, first: int, last: int) -> float:
+        """Run rounds ``first..last`` on the job's threads; their wall time in seconds."""
+        torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        res = self._run(self.algorithm, self.transport, rounds=last, state=self.state,
+                        start_round=first, history=self.history, callbacks=self.callbacks)
+        seconds = time.perf_counter() - t0
+        self.state, self.history = res.state, res.history
+        return seconds
+
+    def result(self, seconds: float) -> dict:
+        """The figures of the rounds run so far, taking ``seconds`` as their time."""
+        self.transport.close()
+        rounds = len(self.history)
+        curve = [h["central/accuracy"] for h in self.history]
+        return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
+                "curve": curve, "peak_rss_gib": peak_rss_gib(),
+                "round_s": statistics.median(h["time/round_s"] for h in self.history),
+                "executor": repr(self.transport.executor)}
+
+
+def in_turn(sides: dict[str, Callable[[int], float]], rounds: int) -> dict[str, float]:
+    """Rounds ``1..rounds`` of every side in one process, round ``r`` of each in turn (the side
+    that goes first rotates), so that all sides meet the same spells of a noisy machine; a side
+    runs its round ``r`` and returns its seconds. Each side's total seconds."""
+    seconds = dict.fromkeys(sides, 0.0)
+    order = list(sides)
+    for r in range(1, rounds + 1):
+        i = (r - 1) % len(order)
+        for v in order[i:] + order[:i]:
+            seconds[v] += sides[v](r)
+    return seconds
+
+
+def timed_side(round_fn: Callable[[int], float], curve: list[float]) -> Callable[[int], float]:
+    """A side for :func:`in_turn` from a hand-written loop's ``round_fn(r) -> accuracy``
+    (appended to ``curve``)."""
+    def side(r: int) -> float:
+        t0 = time.perf_counter()
+        curve.append(round_fn(r))
+        return time.perf_counter() - t0
+    return side
+
+
+def job_side(job: ShoalJob) -> Callable[[int], float]:
+    """A side for :func:`in_turn` that runs round ``r`` of a shoal job."""
+    return lambda r: job.rounds(r, r)

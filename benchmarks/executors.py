@@ -3,11 +3,12 @@
 * ``--workload W1`` (compute-bound): the Fashion-MNIST CNN workload of ``overhead.py`` (100 IID
   clients, 10 per round, 1 epoch, batch 32, lr 0.05, 20 rounds, central evaluation every round
   in batches of 2048). One variant, ``paired``: ``bare`` (overhead.py's hand-written loop, one
-  thread), ``sequential`` (one thread) and ``processes`` (one rank per core, each training its
-  share) in one process, round by round in turn; ``--variant bare|sequential|processes`` runs
-  one alone. -> ``speedup_vs_bare_sequential`` (the processes executor's time vs bare, median
-  over reps of the paired ratio) and ``accuracy_gap_points`` (largest gap between the two
-  accuracy curves, in points).
+  thread), ``bare_all`` (the same loop with PyTorch's default: every core as intra-op threads),
+  ``sequential`` (one thread) and ``auto`` (the executor ``auto`` picks, every core) in one
+  process, round by round in turn; ``--variant bare|bare_all|sequential|auto`` runs one alone.
+  -> ``speedup_vs_bare_all_threads`` and ``speedup_vs_bare_sequential`` (auto's time vs each
+  bare loop, medians over reps of the paired ratios) and ``accuracy_gap_points`` (largest gap
+  between auto's and the bare loop's accuracy curves, in points).
 * ``--workload W2`` (cross-device): Fashion-MNIST over 1,000 clients (Dirichlet 0.3), MLP
   784-64-10, 100 clients per round, 1 epoch, batch 10, lr 0.05, 50 rounds, central evaluation
   every round. Variants: ``sequential`` on one thread; ``paired``: the ``vectorized`` executor
@@ -41,107 +42,40 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, emit, final_line, machine, median, peak_rss_gib  # noqa: E402
+from common import (  # noqa: E402
+    ShoalJob,
+    alternate,
+    emit,
+    final_line,
+    in_turn,
+    job_side,
+    machine,
+    median,
+    peak_rss_gib,
+    timed_side,
+)
 
 SEED = 0
 CORES = os.cpu_count() or 1
 
 
-class _ShoalJob:
-    """FedAvg as ``shoal run`` builds it (central evaluation every round), run round by round."""
-
-    def __init__(self, overrides: list[str], threads: int, dataset=None):
-        from shoal.callbacks import CentralEvaluation
-        from shoal.config import load_config
-        from shoal.data.tasks import load_task
-        from shoal.experiment import build_federated, initial_params, make_dataset, resolve_config
-        from shoal.metrics import Evaluator
-        from shoal.run import run
-
-        self.threads = threads
-        torch.set_num_threads(threads)
-        config = load_config(None, [f"seed={SEED}", "baseline=false", "data.eval_fraction=0",
-                                    *overrides])
-        task = load_task(config.task.name, **config.task.options)
-        config = resolve_config(config, task)
-        data = dataset(config, task) if dataset else make_dataset(config, task)
-        model, self.params0 = initial_params(config, task)
-        self.algorithm, self.transport = build_federated(config, task, data, model)
-        evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size)
-        self.callbacks = [CentralEvaluation(lambda p: evaluator(p, task.test))]
-        self._run = run
-        # One warm-up round outside the clock starts the worker processes (processes executor).
-        run(self.algorithm, self.transport, rounds=1, params=self.params0)
-        self.state = self.algorithm.init(self.params0)
-        self.history: list[dict] = []
-
-    def rounds(self, first: int, last: int) -> float:
-        """Run rounds ``first..last`` on the job's threads; their wall time in seconds."""
-        torch.set_num_threads(self.threads)
-        t0 = time.perf_counter()
-        res = self._run(self.algorithm, self.transport, rounds=last, state=self.state,
-                        start_round=first, history=self.history, callbacks=self.callbacks)
-        seconds = time.perf_counter() - t0
-        self.state, self.history = res.state, res.history
-        return seconds
-
-    def result(self, seconds: float) -> dict:
-        """The figures of the rounds run so far, taking ``seconds`` as their time."""
-        self.transport.close()
-        rounds = len(self.history)
-        curve = [h["central/accuracy"] for h in self.history]
-        return {"seconds": seconds, "rounds_per_s": rounds / seconds, "accuracy": curve[-1],
-                "curve": curve, "peak_rss_gib": peak_rss_gib(),
-                "round_s": statistics.median(h["time/round_s"] for h in self.history),
-                "executor": repr(self.transport.executor)}
-
-
 def _shoal_run(overrides: list[str], rounds: int, threads: int, dataset=None) -> dict:
     """Run FedAvg as ``shoal run`` builds it, timing the rounds (central evaluation included)."""
-    job = _ShoalJob(overrides, threads, dataset)
+    job = ShoalJob(overrides, threads, dataset, SEED)
     return job.result(job.rounds(1, rounds))
-
-
-def _in_turn(sides: dict[str, Callable[[int], float]], rounds: int) -> dict[str, float]:
-    """Rounds ``1..rounds`` of every side in one process, round ``r`` of each in turn (the side
-    that goes first rotates), so that all sides meet the same spells of a noisy machine; a side
-    runs its round ``r`` and returns its seconds. Each side's total seconds."""
-    seconds = dict.fromkeys(sides, 0.0)
-    order = list(sides)
-    for r in range(1, rounds + 1):
-        i = (r - 1) % len(order)
-        for v in order[i:] + order[:i]:
-            seconds[v] += sides[v](r)
-    return seconds
-
-
-def _timed(round_fn: Callable[[int], float], curve: list[float]) -> Callable[[int], float]:
-    """A side for :func:`_in_turn` from a hand-written loop's ``round_fn(r) -> accuracy``
-    (appended to ``curve``)."""
-    def side(r: int) -> float:
-        t0 = time.perf_counter()
-        curve.append(round_fn(r))
-        return time.perf_counter() - t0
-    return side
-
-
-def _job_side(job: _ShoalJob) -> Callable[[int], float]:
-    """A side for :func:`_in_turn` that runs round ``r`` of a shoal job."""
-    return lambda r: job.rounds(r, r)
 
 
 # -- W1 ----------------------------------------------------------------------------------------
 
-def _w1_job(executor: str) -> _ShoalJob:
-    """The W1 workload (overhead.py's) with ``executor``: sequential on one thread, processes
-    with one rank per core."""
+def _w1_job(executor: str) -> ShoalJob:
+    """The W1 workload (overhead.py's) with ``executor``: sequential on one thread, ``auto``
+    (what it picks: ranks and threads over every core) on every core."""
     import overhead
     base = ["task.name=fashion_mnist", "data.partition=iid",
             f"data.num_clients={overhead.CLIENTS}",
@@ -149,46 +83,55 @@ def _w1_job(executor: str) -> _ShoalJob:
             f"client.batch_size={overhead.BATCH}", f"client.lr={overhead.LR}", "client.epochs=1",
             f"evaluation.batch_size={overhead.EVAL_BATCH}"]
     if executor == "sequential":
-        return _ShoalJob(base + ["federated.executor=sequential"], 1)
-    return _ShoalJob(base + ["federated.executor=processes", f"federated.workers={CORES}"],
-                     CORES)
+        return ShoalJob(base + ["federated.executor=sequential"], 1)
+    return ShoalJob(base + [f"federated.executor={executor}"], CORES)
 
 
 def w1(variant: str, rounds: int) -> dict:
     import overhead
     if variant == "paired":
         return w1_paired(rounds)
-    if variant == "bare":
-        torch.set_num_threads(1)
+    if variant in ("bare", "bare_all"):
+        torch.set_num_threads(1 if variant == "bare" else CORES)
         return overhead.bare_variant(rounds)
     job = _w1_job(variant)
     return job.result(job.rounds(1, rounds))
 
 
 def w1_paired(rounds: int) -> dict:
-    """The bare loop (one thread), the sequential executor (one thread) and the processes
-    executor (one rank per core) in one process, round by round in turn (who goes first
-    rotates), each round timed; every side runs one warm-up round first."""
+    """The bare loop on one thread and on every core (PyTorch's default: all cores as
+    intra-op threads), the sequential executor (one thread) and the executor ``auto`` picks
+    (every core) in one process, round by round in turn (who goes first rotates), each round
+    timed; every side runs one warm-up round first."""
     import overhead
-    torch.set_num_threads(1)
-    bare = overhead.BareLoop(rounds)
-    start = bare.glob
-    bare.round(1)  # warm-up, as the shoal jobs'
-    bare.glob = start
-    jobs = {v: _w1_job(v) for v in ("sequential", "processes")}
-    curve: list[float] = []
+    bares = {}
+    for name, threads in (("bare", 1), ("bare_all", CORES)):
+        torch.set_num_threads(threads)
+        bare = overhead.BareLoop(rounds)
+        start = bare.glob
+        bare.round(1)  # warm-up, as the shoal jobs'
+        bare.glob = start
+        bares[name] = (bare, threads)
+    jobs = {v: _w1_job(v) for v in ("sequential", "auto")}
+    curves: dict[str, list[float]] = {name: [] for name in bares}
 
-    def bare_round(r: int) -> float:
-        torch.set_num_threads(1)
-        return bare.round(r)
+    def bare_side(name: str):
+        bare, threads = bares[name]
 
-    seconds = _in_turn({"bare": _timed(bare_round, curve),
-                        **{v: _job_side(job) for v, job in jobs.items()}}, rounds)
+        def round_fn(r: int) -> float:
+            torch.set_num_threads(threads)
+            return bare.round(r)
+        return timed_side(round_fn, curves[name])
+
+    seconds = in_turn({**{name: bare_side(name) for name in bares},
+                       **{v: job_side(job) for v, job in jobs.items()}}, rounds)
     out = {v: jobs[v].result(seconds[v]) for v in jobs}
-    return {"seconds": seconds["processes"], "accuracy": out["processes"]["accuracy"],
-            "curve": out["processes"]["curve"], "bare_curve": curve,
-            "seconds_by_variant": seconds,
-            "speedup_vs_bare_sequential": seconds["bare"] / seconds["processes"],
+    return {"seconds": seconds["auto"], "accuracy": out["auto"]["accuracy"],
+            "curve": out["auto"]["curve"], "bare_curve": curves["bare"],
+            "bare_all_curve": curves["bare_all"], "seconds_by_variant": seconds,
+            "executor": out["auto"]["executor"],
+            "speedup_vs_bare_sequential": seconds["bare"] / seconds["auto"],
+            "speedup_vs_bare_all_threads": seconds["bare_all"] / seconds["auto"],
             "sequential_vs_bare": seconds["bare"] / seconds["sequential"]}
 
 
@@ -315,13 +258,13 @@ def w2_paired(rounds: int) -> dict:
     """The vectorized executor (one thread) and the hand-written floor in one process,
     round by round in turn (which goes first alternates), each round timed: both meet the same
     spells of a noisy machine, so their ratio is measured in one run."""
-    job = _ShoalJob(W2 + ["federated.executor=vectorized"], 1)
+    job = ShoalJob(W2 + ["federated.executor=vectorized"], 1)
     floor = W2Floor(rounds)
     start = floor.params
     floor.round(1)  # a warm-up round outside the clock for the floor too, as shoal's
     floor.params = start
     curve: list[float] = []
-    seconds = _in_turn({"vectorized": _job_side(job), "floor": _timed(floor.round, curve)},
+    seconds = in_turn({"vectorized": job_side(job), "floor": timed_side(floor.round, curve)},
                        rounds)
     vec = job.result(seconds["vectorized"])
     return {**vec, "floor_seconds": seconds["floor"], "floor_accuracy": curve[-1],
@@ -334,7 +277,7 @@ def w2_paired(rounds: int) -> dict:
 W3_POPULATIONS = {"pop1m": 1_000_000, "pop10k": 10_000, "pop1k": 1_000}
 
 
-def _w3_job(clients: int) -> _ShoalJob:
+def _w3_job(clients: int) -> ShoalJob:
     """The W2 model and cohort (vectorized, one thread) drawn from ``clients`` clients."""
 
     def sampled(config, task):
@@ -345,7 +288,7 @@ def _w3_job(clients: int) -> _ShoalJob:
         return FederatedDataset.sampled(task.train.x, task.train.y, clients, 60, SEED, task.test)
 
     overrides = [o for o in W2 if not o.startswith(("data.", "federated.clients"))]
-    return _ShoalJob(overrides + ["federated.clients_per_round=100",
+    return ShoalJob(overrides + ["federated.clients_per_round=100",
                                   "federated.executor=vectorized"], 1, dataset=sampled)
 
 
@@ -363,7 +306,7 @@ def w3_paired(rounds: int) -> dict:
     rotates), so that the ratios of their round times are measured under the same spells of a
     noisy machine."""
     jobs = {v: _w3_job(n) for v, n in W3_POPULATIONS.items()}
-    seconds = _in_turn({v: _job_side(job) for v, job in jobs.items()}, rounds)
+    seconds = in_turn({v: job_side(job) for v, job in jobs.items()}, rounds)
     out = {v: jobs[v].result(seconds[v]) for v in jobs}
     small = out["pop1k"]["round_s"]
     return {"seconds": out["pop10k"]["seconds"], "accuracy": out["pop10k"]["accuracy"],
@@ -417,15 +360,18 @@ def main() -> None:
               f"final accuracy {runs[v][0]['accuracy']:.4f}  {extra}")
     if args.workload == "W1":
         paired = runs["paired"]
-        for v in ("bare", "sequential", "processes"):
+        for v in ("bare", "bare_all", "sequential", "auto"):
             sec = statistics.median(r["seconds_by_variant"][v] for r in paired)
             print(f"  {v + ' (paired)':<19} {sec:8.2f} s  {rounds / sec:7.3f} rounds/s")
         gap = max(abs(a - b) for a, b in zip(paired[0]["bare_curve"], paired[0]["curve"],
                                              strict=True)) * 100
-        speedups = [r["speedup_vs_bare_sequential"] for r in paired]
-        print(f"  accuracy curve (processes): {[round(a, 4) for a in paired[0]['curve']]}; "
-              f"bare/processes per rep {_per_rep(speedups)}")
-        final_line(speedup_vs_bare_sequential=statistics.median(speedups),
+        seq = [r["speedup_vs_bare_sequential"] for r in paired]
+        alls = [r["speedup_vs_bare_all_threads"] for r in paired]
+        print(f"  auto chose {paired[0]['executor']}; accuracy curve: "
+              f"{[round(a, 4) for a in paired[0]['curve']]}; bare/auto per rep {_per_rep(seq)}; "
+              f"bare at {CORES} threads/auto per rep {_per_rep(alls)}")
+        final_line(speedup_vs_bare_all_threads=statistics.median(alls),
+                   speedup_vs_bare_sequential=statistics.median(seq),
                    accuracy_gap_points=gap, sequential_vs_bare=statistics.median(
                        r["sequential_vs_bare"] for r in paired))
     elif args.workload == "W2":

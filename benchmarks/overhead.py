@@ -9,17 +9,21 @@ central evaluation on the 10,000 test images after every round.
 * ``bare``: a hand-written loop over the same clients, the same batches (same permutations),
   the same delta-averaging arithmetic in the same order and the same evaluation batches.
 
-Setup (loading the data, partitioning, drawing the schedule) is done by both before the clock
-starts. Each variant runs in its own process, alternating, ``--reps`` times; the figures are
-medians. The final parameters of both are compared bit for bit.
+Setup (loading the data, partitioning, drawing the schedule) and one warm-up round are done by
+both before the clock starts. The time ratio is measured *paired*: both run in one process,
+round by round in turn (which goes first rotates), every round timed, so both meet the same
+spells of a shared machine; ``overhead_ratio`` is the median over ``--reps`` of each paired
+run's ratio. Peak memory needs a process of its own: each side then runs alone for
+``--memory-rounds`` rounds, alternating. The final parameters of both are compared bit for bit.
 
-    python benchmarks/overhead.py [--reps 3] [--rounds 20]
+    python benchmarks/overhead.py [--reps 3] [--rounds 20] [--memory-rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import statistics
 import sys
 import tempfile
 import time
@@ -29,20 +33,34 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, emit, final_line, machine, median, peak_rss_gib  # noqa: E402
+from common import (  # noqa: E402
+    ShoalJob,
+    alternate,
+    emit,
+    final_line,
+    in_turn,
+    job_side,
+    machine,
+    median,
+    peak_rss_gib,
+    timed_side,
+)
 
 SEED = 0
 CLIENTS, PER_ROUND, BATCH, LR, EVAL_BATCH = 100, 10, 32, 0.05, 2048
 
 
+def _overrides(rounds: int) -> list[str]:
+    return ["task.name=fashion_mnist", "data.partition=iid", f"data.num_clients={CLIENTS}",
+            "data.eval_fraction=0", f"federated.rounds={rounds}",
+            f"federated.clients_per_round={PER_ROUND}", f"client.batch_size={BATCH}",
+            f"client.lr={LR}", "client.epochs=1", f"seed={SEED}", "baseline=false",
+            f"evaluation.batch_size={EVAL_BATCH}"]
+
+
 def _config(rounds: int):
     from shoal.config import load_config
-    return load_config(None, [
-        "task.name=fashion_mnist", "data.partition=iid", f"data.num_clients={CLIENTS}",
-        "data.eval_fraction=0", f"federated.rounds={rounds}",
-        f"federated.clients_per_round={PER_ROUND}", f"client.batch_size={BATCH}",
-        f"client.lr={LR}", "client.epochs=1", f"seed={SEED}", "baseline=false",
-        f"evaluation.batch_size={EVAL_BATCH}"])
+    return load_config(None, _overrides(rounds))
 
 
 def _digest(params: dict[str, torch.Tensor]) -> str:
@@ -157,26 +175,50 @@ def bare_variant(rounds: int) -> dict:
             "curve": curve, "digest": _digest(bare.glob)}
 
 
+def paired_variant(rounds: int) -> dict:
+    """Both sides in one process, round by round in turn, each round timed; shoal's side is
+    the ``shoal run`` path of :func:`shoal_variant` (metrics log and checkpoint every round)."""
+    bare = BareLoop(rounds)
+    start = bare.glob
+    bare.round(1)  # a warm-up round outside the clock, as shoal's job runs one
+    bare.glob = start
+    curve: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        job = ShoalJob(_overrides(rounds), torch.get_num_threads(), seed=SEED, logs=tmp)
+        seconds = in_turn({"bare": timed_side(bare.round, curve), "shoal": job_side(job)},
+                          rounds)
+        shoal = job.result(seconds["shoal"])
+    return {"seconds": seconds["shoal"], "bare_seconds": seconds["bare"],
+            "overhead_ratio": seconds["shoal"] / seconds["bare"],
+            "accuracy": shoal["accuracy"], "bare_accuracy": curve[-1], "curve": shoal["curve"],
+            "digest": _digest(job.state.params), "bare_digest": _digest(bare.glob)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["shoal", "bare"])
+    ap.add_argument("--variant", choices=["paired", "shoal", "bare"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--memory-rounds", type=int, default=3)
     args = ap.parse_args()
     if args.variant:
-        emit((shoal_variant if args.variant == "shoal" else bare_variant)(args.rounds))
+        fn = {"paired": paired_variant, "shoal": shoal_variant, "bare": bare_variant}
+        emit(fn[args.variant](args.rounds))
         return
-    print(f"overhead: {machine()}; {args.reps} reps x {args.rounds} rounds each, alternating")
-    runs = alternate(__file__, ["bare", "shoal"], args.reps, ["--rounds", str(args.rounds)])
-    bare_t, shoal_t = median(runs["bare"], "seconds"), median(runs["shoal"], "seconds")
-    bare_m, shoal_m = median(runs["bare"], "peak_rss_gib"), median(runs["shoal"], "peak_rss_gib")
-    acc_b, acc_s = runs["bare"][0]["accuracy"], runs["shoal"][0]["accuracy"]
-    same = runs["bare"][0]["digest"] == runs["shoal"][0]["digest"]
-    print(f"accuracy curve (shoal): {[round(a, 4) for a in runs['shoal'][0]['curve']]}")
-    print(f"time: bare {bare_t:.1f} s, shoal {shoal_t:.1f} s (medians); "
-          f"peak RSS: bare {bare_m:.3f} GiB, shoal {shoal_m:.3f} GiB; "
-          f"final parameters bit-identical: {same}")
-    final_line(overhead_ratio=shoal_t / bare_t, memory_ratio=shoal_m / bare_m,
+    print(f"overhead: {machine()}; {args.reps} paired reps x {args.rounds} rounds; memory: "
+          f"each side alone, {args.memory_rounds} rounds")
+    runs = alternate(__file__, ["paired"], args.reps, ["--rounds", str(args.rounds)])["paired"]
+    mem = alternate(__file__, ["bare", "shoal"], 1, ["--rounds", str(args.memory_rounds)])
+    ratios = [r["overhead_ratio"] for r in runs]
+    bare_m, shoal_m = median(mem["bare"], "peak_rss_gib"), median(mem["shoal"], "peak_rss_gib")
+    same = all(r["digest"] == r["bare_digest"] for r in runs)
+    print(f"accuracy curve (shoal): {[round(a, 4) for a in runs[0]['curve']]}")
+    print(f"paired per rep: bare {[round(r['bare_seconds'], 1) for r in runs]} s, shoal "
+          f"{[round(r['seconds'], 1) for r in runs]} s, shoal/bare "
+          f"{' / '.join(f'{x:.3f}' for x in ratios)}; peak RSS: bare {bare_m:.3f} GiB, shoal "
+          f"{shoal_m:.3f} GiB; final parameters bit-identical: {same}")
+    acc_s, acc_b = runs[0]["accuracy"], runs[0]["bare_accuracy"]
+    final_line(overhead_ratio=statistics.median(ratios), memory_ratio=shoal_m / bare_m,
                accuracy_gap_points=abs(acc_s - acc_b) * 100, shoal_accuracy=acc_s)
 
 

@@ -14,9 +14,11 @@ decides *how* the answers are computed. The algorithm is the same object whichev
 ``processes``   worker processes on ``torch.distributed`` that each answer their share of the
                 messages and fold a round's updates locally; one reduction per round
                 (:mod:`shoal.sim.processes`).
-``auto``        the fastest that fits: processes when the machine has several cores, each
-                worker vectorized when the train handler's batched form passes a trial run and
-                the model is small; sequential otherwise.
+``auto``        the fastest that fits: processes when the machine has several cores and the
+                cohort several clients — one rank per client up to one per core, the cores
+                left over as each rank's threads — each rank vectorized when the train
+                handler's batched form passes a trial run and the model is small; sequential
+                otherwise.
 
 An executor asks a handler what it can do; it never recognises an algorithm. A kind whose
 handler has no batched form, or whose batched form cannot run this model, is answered one by
@@ -269,10 +271,12 @@ class AutoExecutor(Executor):
     def __repr__(self) -> str:
         return f"auto({self.chosen!r})" if self.chosen else "auto()"
 
-    def choose(self, transport: InProcessTransport) -> Executor:
+    def choose(self, transport: InProcessTransport, cohort: int | None = None) -> Executor:
         """The executor for this transport (see the module docstring): clients are batched
         only if the train handler's batched form passes a trial run on one client and has at
-        most :data:`AUTO_VECTORIZE_MAX_PARAMS` parameters."""
+        most :data:`AUTO_VECTORIZE_MAX_PARAMS` parameters; with ``workers`` unset, the ranks
+        are as many as the cohort's clients (the first batch of messages), at most one per
+        core, and each rank gets the cores left over as intra-op threads."""
         if self.chosen is not None:
             return self.chosen
         why = vectorizable(transport)
@@ -284,10 +288,12 @@ class AutoExecutor(Executor):
         inner = "vectorized" if why is None else "sequential"
         if why is not None:
             log.info("executor auto: not vectorizing: %s", why)
-        workers = self.workers if self.workers else (os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        workers = self.workers if self.workers else min(cores, max(cohort or cores, 1))
         if workers > 1:
             from .processes import ProcessesExecutor
-            self.chosen = ProcessesExecutor(workers, inner=inner)
+            self.chosen = ProcessesExecutor(workers, inner=inner,
+                                            threads=max(1, cores // workers))
         else:
             self.chosen = VectorizedExecutor() if inner == "vectorized" else SequentialExecutor()
         log.info("executor auto: chose %r", self.chosen)
@@ -295,11 +301,11 @@ class AutoExecutor(Executor):
 
     def stream(self, transport: InProcessTransport, messages: Sequence[Message],
                timeout: float | None) -> Iterator[Message]:
-        return self.choose(transport).stream(transport, messages, timeout)
+        return self.choose(transport, len(messages)).stream(transport, messages, timeout)
 
     def collect(self, transport: InProcessTransport, requests: Sequence[Message],
                 fold: RoundFold, timeout: float | None) -> Partial:
-        return self.choose(transport).collect(transport, requests, fold, timeout)
+        return self.choose(transport, len(requests)).collect(transport, requests, fold, timeout)
 
     def close(self) -> None:
         if self.chosen is not None:
