@@ -188,7 +188,8 @@ def test_vectorized_falls_back_for_a_client_update_without_a_batched_form(caplog
 
     data, ids = unequal_federation()
     model = tiny_model()
-    update = dp_sgd(model, cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=4)
+    update = dp_sgd(model, cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0, batch_size=4,
+                    reproducible=True)
     runs = []
     for executor in (VectorizedExecutor(), SequentialExecutor()):
         fedavg = FedAvg(update, seed=5)

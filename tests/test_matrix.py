@@ -27,9 +27,11 @@ from .test_executors import assert_close, tiny_model, unequal_federation
 PIPELINES = {
     "none": lambda: Pipeline(),
     "clipping": lambda: Pipeline([clip_by_norm(0.5)]),
-    "dp_fixed": lambda: Pipeline([dp_fedavg(0.3, 0.5, Cohort())], weighted_mean("uniform")),
+    "dp_fixed": lambda: Pipeline([dp_fedavg(0.3, 0.5, Cohort(), reproducible=True)],
+                                 weighted_mean("uniform")),
     "dp_adaptive": lambda: Pipeline([dp_fedavg(0.3, 0.5, Cohort(), adaptive=True,
-                                               count_stddev=1.0)], weighted_mean("uniform")),
+                                               count_stddev=1.0, reproducible=True)],
+                                    weighted_mean("uniform")),
     "trimmed_mean": lambda: Pipeline([], trimmed_mean(0.2)),
 }
 EXECUTORS = ("sequential", "vectorized", "processes")
@@ -108,7 +110,8 @@ def test_a_rank_that_trains_no_client_adds_zeros_of_the_whole_template():
     def one_client(executor):
         update = local_sgd(tiny_model(), cross_entropy, batch_size=4, optimizer=sgd(0.1))
         algorithm = FedAvg(update, cohort=Cohort(1), seed=5, pipeline=Pipeline(
-            [dp_fedavg(0.3, 0.5, Cohort(1), adaptive=True, count_stddev=1.0)],
+            [dp_fedavg(0.3, 0.5, Cohort(1), adaptive=True, count_stddev=1.0,
+                       reproducible=True)],
             weighted_mean("uniform")))
         data, ids = unequal_federation()
         with InProcessTransport(ids, data.__getitem__, algorithm.handlers(),

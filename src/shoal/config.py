@@ -178,8 +178,11 @@ class PrivacyConfig:
     "uniform"``). ``noise_multiplier = 0`` calibrates it so the planned rounds spend
     ``target_epsilon``; ``target_epsilon > 0`` is also a budget that stops training before the
     round that would exceed it. ``count_stddev = 0``: expected cohort size / 20.
-    ``secret_noise``: DP-FedAvg's noise from the OS CSPRNG, not the run's seed (``shoal serve``
-    always sets it).
+    ``reproducible``: draw the DP noise and DP-SGD's batch sampling from the run's seed, so a
+    rerun is bit-identical; then anyone holding the config (the coordinator, every client) can
+    regenerate the noise and subtract it, so results say "not private against the
+    coordinator". Off by default (a secret keystream keyed by the OS); ``shoal serve`` and
+    ``shoal join`` refuse it.
     """
 
     mode: Literal["off", "sample", "user"] = "off"
@@ -193,7 +196,7 @@ class PrivacyConfig:
     clip_lr: float = field(default=0.2, metadata=_check(gt=0))
     count_stddev: float = field(default=0.0, metadata=_check(min=0))
     grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
-    secret_noise: bool = False
+    reproducible: bool = False
 
 
 @dataclass

@@ -95,6 +95,7 @@ class ParadigmResult:
     seconds: float
     stopped: str | None = None
     cost: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
@@ -365,7 +366,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         ]
         try:
             result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs,
-                              out, resume)
+                              out, resume, config)
         finally:
             if hasattr(built.transport, "close"):  # stops an executor's worker processes
                 built.transport.close()
@@ -377,7 +378,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
 
 
 def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rounds: int,
-             callbacks: list[Any], out: Path, resume: bool) -> ParadigmResult:
+             callbacks: list[Any], out: Path, resume: bool, config: Config) -> ParadigmResult:
     done = out / "result.json"
     if resume and done.exists():
         saved = json.loads(done.read_text())
@@ -408,6 +409,8 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
         paradigm=paradigm, rounds=res.rounds, final=final,
         examples=math.fsum(h.get("train/examples", 0.0) for h in res.history),
         bytes=cost["bytes"]["total"], seconds=seconds, stopped=res.stopped, cost=cost,
+        privacy=(privacy.privacy_summary(config, res.history) if paradigm == "federated"
+                 else {}),
         history=res.history)
     done.write_text(json.dumps(result.summary(), indent=2))
     return result

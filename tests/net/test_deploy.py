@@ -23,7 +23,7 @@ from shoal.experiment import make_dataset, resolve_config, run_experiment
 from shoal.message import Message
 from shoal.net import CertificateAuthority
 from shoal.net.clientdata import load_client_data, split_federation
-from shoal.net.deploy import coordinator_config, node_client
+from shoal.net.deploy import coordinator_config, node_client, refuse_reproducible
 from shoal.node import Handler, NodeContext
 
 from ._helpers import running
@@ -149,10 +149,18 @@ def test_client_data_files(tmp_path: Path) -> None:
                                "features.")
 
 
-def test_the_coordinator_draws_dp_noise_from_the_os_not_the_shared_seed() -> None:
+def test_a_deployment_refuses_dp_noise_from_the_shared_seed() -> None:
     user_dp = load_config(None, ["privacy.mode=user", "federated.weighting=uniform",
                                  "privacy.noise_multiplier=1.0"])
     served = coordinator_config(user_dp)
-    assert served.privacy.secret_noise and not served.baseline
-    assert not user_dp.privacy.secret_noise  # the simulation keeps reproducible noise
-    assert not coordinator_config(load_config(None)).privacy.secret_noise  # no DP: unchanged
+    assert not served.privacy.reproducible and not served.baseline  # secret noise, the default
+    seeded = load_config(None, ["privacy.mode=user", "federated.weighting=uniform",
+                                "privacy.noise_multiplier=1.0", "privacy.reproducible=true"])
+    for command in ("serve", "join"):
+        with pytest.raises(ConfigError) as info:
+            refuse_reproducible(seeded, command)
+        assert str(info.value) == (
+            f"config field 'privacy.reproducible': {command} runs a deployment, whose DP noise "
+            "must stay secret from the coordinator and the other participants, but "
+            "reproducible = true draws it from the run's seed, which every participant holds; "
+            "set privacy.reproducible = false.")

@@ -83,7 +83,8 @@ def _sample_level(clients: int = 4, q: float = 0.5):
     tiny = make_tiny(clients=clients, per_client=30)
     model = tiny.model()
     update = dp_sgd(model, F.cross_entropy, noise_multiplier=1.2, max_grad_norm=1.0,
-                    batch_size=5, epochs=1, optimizer=sgd(0.1), grad_sample_mode="hooks")
+                    batch_size=5, epochs=1, optimizer=sgd(0.1), grad_sample_mode="hooks",
+                    reproducible=True)  # bit-identical runs (see test_resume below)
     fedavg = FedAvg(update, cohort=cohort(q, "poisson"), seed=2)
     transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, fedavg.handlers())
     ledger = SampleLevelLedger(update, lambda c: len(tiny.data[c].train), fedavg.cohort,

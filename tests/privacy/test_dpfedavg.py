@@ -40,7 +40,7 @@ def test_client_half_clips_to_the_round_norm_and_reports_the_bit():
 
 def test_noise_std_is_z_times_clip_over_expected_cohort_and_mean_is_unbiased():
     z, clip, d = 1.5, 0.8, 20_000
-    stage = dp_fedavg(z, clip, cohort(0.1, "poisson"))  # expected 10 of 100
+    stage = dp_fedavg(z, clip, cohort(0.1, "poisson"), reproducible=True)  # expected 10 of 100
     mean_of_replies = {"w": torch.full((d,), 0.3)}  # 12 replies, each 0.3 per coordinate
     info = RoundInfo(round=4, seed=9, sampled=12, replied=12, population=100)
     out, state, metrics = stage.server(mean_of_replies, stage.init(), info)
@@ -51,18 +51,18 @@ def test_noise_std_is_z_times_clip_over_expected_cohort_and_mean_is_unbiased():
     assert metrics["dp/noise_std"] == pytest.approx(z * clip / 10)
     assert state == {"clip_norm": clip}
     again, _, _ = stage.server(mean_of_replies, stage.init(), info)
-    assert torch.equal(again["w"], w)  # the noise derives from the seed and the round
+    assert torch.equal(again["w"], w)  # reproducible: the noise derives from the seed, round
 
 
-def test_secret_noise_does_not_derive_from_the_seed_and_keeps_its_scale():
+def test_the_noise_is_secret_by_default_and_keeps_its_scale():
     z, clip, d = 1.5, 0.8, 20_000
-    stage = dp_fedavg(z, clip, cohort(0.1, "poisson"), secret_noise=True)
-    assert "secret_noise=True" in repr(stage)
+    stage = dp_fedavg(z, clip, cohort(0.1, "poisson"))
+    assert "reproducible" not in repr(stage)
     mean_of_replies = {"w": torch.full((d,), 0.3)}
     info = RoundInfo(round=4, seed=9, sampled=12, replied=12, population=100)
     a, _, _ = stage.server(mean_of_replies, stage.init(), info)
     b, _, _ = stage.server(mean_of_replies, stage.init(), info)
-    seeded, _, _ = dp_fedavg(z, clip, cohort(0.1, "poisson")).server(
+    seeded, _, _ = dp_fedavg(z, clip, cohort(0.1, "poisson"), reproducible=True).server(
         mean_of_replies, stage.init(), info)
     assert not torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], seeded["w"])
     for out in (a, b):

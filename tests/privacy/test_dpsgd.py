@@ -76,7 +76,8 @@ def test_bookkeeping_equals_hooks_on_a_cnn():
     for mode in ("bookkeeping", "hooks"):
         update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=0.7, max_grad_norm=0.05,
                            batch_size=16, max_steps=3, grad_sample_mode=mode,
-                           optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                           reproducible=True)  # the same noise for both modes
         results[mode] = update_fn(params, data, ClientInfo("c", 2, 9)).update
     for k in params:
         torch.testing.assert_close(results["bookkeeping"][k], results["hooks"][k],
@@ -102,11 +103,16 @@ def test_noise_has_the_calibrated_standard_deviation():
     assert abs(flat.mean().item()) < 4 * expected / math.sqrt(flat.numel())
 
 
-def test_poisson_batches_have_the_expected_size_and_depend_on_the_seed():
+def test_poisson_batches_have_the_expected_size_and_are_secret_unless_reproducible():
     model, data = _model(), _data(n=200)
-    update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0,
-                       batch_size=20, epochs=3)
     params = tree.params_of(model)
+    secret = dp_sgd(model, F.cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0,
+                    batch_size=20, epochs=3)
+    s1 = secret(params, data, ClientInfo("c", 1, 11))
+    s2 = secret(params, data, ClientInfo("c", 1, 11))
+    assert not all(torch.equal(s1.update[k], s2.update[k]) for k in params)  # same seed: secret
+    update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0,
+                       batch_size=20, epochs=3, reproducible=True)
     a = update_fn(params, data, ClientInfo("c", 1, 11))
     b = update_fn(params, data, ClientInfo("c", 1, 11))
     c = update_fn(params, data, ClientInfo("c", 1, 12))

@@ -86,7 +86,8 @@ def test_resume_with_adaptive_clipping_is_bit_identical(tmp_path):
 
     from shoal import tree
     config = load_config(None, USER + ["federated.rounds=4", "privacy.adaptive_clipping=true",
-                                       "privacy.count_stddev=2.0", "privacy.noise_multiplier=1.0"])
+                                       "privacy.count_stddev=2.0", "privacy.noise_multiplier=1.0",
+                                       "privacy.reproducible=true"])
     full = run_experiment(config, tmp_path / "full")
 
     class Interrupt:
@@ -104,3 +105,38 @@ def test_resume_with_adaptive_clipping_is_bit_identical(tmp_path):
     assert [[h[k] for k in keys] for h in resumed[0].history] == \
         [[h[k] for k in keys] for h in full[0].history]
     assert full[0].history[-1]["dp/clip_norm"] != 1.0  # the clip norm adapted and was restored
+
+
+def test_a_noise_multiplier_the_accountant_cannot_handle_is_refused_up_front():
+    from shoal.data.tasks import load_task
+    from shoal.experiment import build_federated, make_dataset, resolve_config
+    from shoal.privacy import configure
+
+    config = load_config(None, ["privacy.mode=sample", "privacy.noise_multiplier=0.0001"])
+    task = load_task("digits")
+    config = resolve_config(config, task)
+    algorithm, _ = build_federated(config, task, make_dataset(config, task), task.model_fn())
+    with pytest.raises(ConfigError) as info:
+        configure.dp_callback(config, algorithm, 20, lambda c: 50)
+    assert str(info.value) == (
+        "privacy: noise multiplier 0.0001 is below 0.25, where the PLD accountant's "
+        "privacy-loss distribution needs tens of GiB to discretise (and such a run gives no "
+        "meaningful privacy); use privacy.accountant = \"rdp\", or a noise multiplier of at "
+        "least 0.25.")
+
+
+def test_the_results_say_what_privacy_cost_and_whether_the_noise_was_secret(tmp_path):
+    base = ["privacy.mode=sample", "privacy.noise_multiplier=1.0", "federated.rounds=2",
+            "baseline=false"]
+    (secret,) = run_experiment(load_config(None, base), tmp_path / "a")
+    p = secret.privacy
+    assert p["epsilon"] == secret.history[-1]["dp/epsilon"] > 0
+    assert (p["accountant"], p["delta"], p["noise"]) == ("pld", 1e-5, "secret")
+    assert p["adjacency"] == "add or remove one example of one client"
+    assert "warning" not in p
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["results"][0]["privacy"]["epsilon"] == p["epsilon"]
+    (seeded,) = run_experiment(load_config(None, base + ["privacy.reproducible=true"]),
+                               tmp_path / "b")
+    assert seeded.privacy["noise"] == "reproducible"
+    assert "not private against them" in seeded.privacy["warning"]

@@ -67,7 +67,8 @@ def test_dp_fedavg_with_adaptive_clipping_runs_over_secure_aggregation():
     results = {}
     for name, cls, extra in (("plain", FedAvg, {}),
                              ("secure", SecureFedAvg, {"secagg": secure_aggregation(clip=10.0)})):
-        stage = dp_fedavg(1.0, 0.5, cohort(), adaptive=True, count_stddev=1.0)
+        stage = dp_fedavg(1.0, 0.5, cohort(), adaptive=True, count_stddev=1.0,
+                          reproducible=True)
         alg = cls(update, pipeline=Pipeline([stage], weighted_mean("uniform")), seed=7, **extra)
         transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, alg.handlers(),
                                        on_error="raise")

@@ -36,7 +36,7 @@ from .client import Backoff, NodeClient
 from .clientdata import load_client_data
 from .coordinator import GrpcTransport
 
-__all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client",
+__all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client", "refuse_reproducible",
            "serve"]
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,21 @@ def coordinator_transport(config: Config, address: str | None = None) -> GrpcTra
 
 
 def coordinator_config(config: Config) -> Config:
-    """What the coordinator runs of ``config``: no centralized baseline, and DP-FedAvg noise
-    from the OS CSPRNG (the config and its seed are shared with every client, so noise drawn
-    from the seed could be regenerated and subtracted)."""
-    config = dataclasses.replace(config, baseline=False)
-    if config.privacy.mode == "user" and not config.privacy.secret_noise:
-        log.info("serve: DP-FedAvg noise is drawn from the OS CSPRNG (privacy.secret_noise)")
-        config = dataclasses.replace(
-            config, privacy=dataclasses.replace(config.privacy, secret_noise=True))
-    return config
+    """What the coordinator runs of ``config``: no centralized baseline; and never
+    ``privacy.reproducible`` (noise drawn from the seed every participant holds could be
+    regenerated and subtracted): a deployed run refuses it."""
+    refuse_reproducible(config, "serve")
+    return dataclasses.replace(config, baseline=False)
+
+
+def refuse_reproducible(config: Config, command: str) -> None:
+    """Raise a ConfigError for a deployed run with ``privacy.reproducible = true``."""
+    if config.privacy.mode != "off" and config.privacy.reproducible:
+        raise ConfigError(
+            f"config field 'privacy.reproducible': {command} runs a deployment, whose DP noise "
+            "must stay secret from the coordinator and the other participants, but "
+            "reproducible = true draws it from the run's seed, which every participant holds; "
+            "set privacy.reproducible = false.")
 
 
 def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
@@ -128,6 +134,7 @@ def node_client(config: Config, node_id: str, data: str | Path, *,
     ``state`` is a file where the node keeps what the algorithm stores on it between rounds
     (SCAFFOLD's control variate): read at start when it exists, rewritten after every change,
     so a restarted client continues with its state. It never leaves this machine."""
+    refuse_reproducible(config, "join")
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
     model, _ = initial_params(config, task)

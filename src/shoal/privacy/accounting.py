@@ -26,14 +26,17 @@ from dp_accounting import pld, rdp
 
 from ..errors import ConfigError
 
-__all__ = ["AccountantKind", "Sampling", "calibrate_noise_multiplier", "epsilon",
-           "gaussian_event", "make_accountant", "neighboring_relation"]
+__all__ = ["MIN_PLD_NOISE", "AccountantKind", "Sampling", "calibrate_noise_multiplier",
+           "check_noise", "epsilon", "gaussian_event", "make_accountant", "neighboring_relation"]
 
 AccountantKind = Literal["pld", "rdp"]
 Sampling = Literal["poisson", "fixed"]
 
 _REL = dp_accounting.NeighboringRelation
-_MIN_NOISE = 0.25  # below this PLD discretisation needs tens of GiB; no useful DP run uses it
+MIN_PLD_NOISE = 0.25
+"""Below this noise multiplier the PLD accountant's discretisation needs tens of GiB; no useful
+DP run uses it (see :func:`check_noise`)."""
+_MIN_NOISE = MIN_PLD_NOISE
 
 
 def gaussian_event(noise_multiplier: float, sampling_rate: float, steps: int, *,
@@ -70,6 +73,18 @@ def gaussian_event(noise_multiplier: float, sampling_rate: float, steps: int, *,
         one = dp_accounting.SampledWithoutReplacementDpEvent(
             population, size, dp_accounting.GaussianDpEvent(noise_multiplier / 2))
     return dp_accounting.SelfComposedDpEvent(one, steps)
+
+
+def check_noise(noise_multiplier: float, accountant: AccountantKind) -> None:
+    """Refuse, up front, a noise multiplier ``accountant`` cannot account: below
+    :data:`MIN_PLD_NOISE` the PLD accountant's discretisation needs tens of GiB (it would run a
+    round and then die of memory)."""
+    if accountant == "pld" and noise_multiplier < MIN_PLD_NOISE:
+        raise ConfigError(
+            f"privacy: noise multiplier {noise_multiplier:g} is below {MIN_PLD_NOISE}, where the "
+            "PLD accountant's privacy-loss distribution needs tens of GiB to discretise (and "
+            "such a run gives no meaningful privacy); use privacy.accountant = \"rdp\", or a "
+            f"noise multiplier of at least {MIN_PLD_NOISE}.")
 
 
 def neighboring_relation(sampling: Sampling) -> dp_accounting.NeighboringRelation:

@@ -88,7 +88,10 @@ class BookKeepingModule(GradSampleModuleFastGradientClipping):
             for param, gs in sampler(module, activations, backprops).items():
                 if param.requires_grad:
                     param.__dict__["_bk_grad_sample"] = gs  # (B, *param.shape)
-                    param.__dict__["_norm_sample"] = gs.flatten(1).norm(2, dim=1)
+                    # A reduction over the dims of the (permuted) view: no copy of the
+                    # per-example gradients, which flatten(1) would make.
+                    param.__dict__["_norm_sample"] = torch.linalg.vector_norm(
+                        gs, dim=tuple(range(1, gs.dim())))
         for _, p in trainable_parameters(module):
             p._forward_counter -= 1
 

@@ -25,7 +25,14 @@ from ..algorithm import RoundReport
 from ..algorithms.cohort import Cohort
 from ..errors import ConfigError
 from ..run import Callback, RunContext
-from .accounting import AccountantKind, Sampling, epsilon, gaussian_event, make_accountant
+from .accounting import (
+    AccountantKind,
+    Sampling,
+    check_noise,
+    epsilon,
+    gaussian_event,
+    make_accountant,
+)
 from .dpsgd import DPSGD
 
 __all__ = ["PrivacyAccounting", "PrivacyLedger", "SampleLevelLedger", "UserLevelLedger",
@@ -65,6 +72,7 @@ class UserLevelLedger:
 
     def __init__(self, noise_multiplier: float, cohort: Cohort,
                  accountant: AccountantKind = "pld"):
+        check_noise(noise_multiplier, accountant)
         self.noise_multiplier = float(noise_multiplier)
         self.cohort = cohort
         self.accountant = accountant
@@ -101,6 +109,7 @@ class SampleLevelLedger:
 
     def __init__(self, update: DPSGD, num_examples: Callable[[str], int], cohort: Cohort,
                  seed: int, accountant: AccountantKind = "pld"):
+        check_noise(update.noise_multiplier, accountant)
         self.update = update
         self.num_examples = num_examples
         self.cohort = cohort

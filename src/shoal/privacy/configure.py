@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -24,7 +25,7 @@ from .budget import PrivacyAccounting, SampleLevelLedger, UserLevelLedger, cohor
 from .dpfedavg import DPFedAvg
 from .dpsgd import DPSGD
 
-__all__ = ["dp_callback", "dp_client_update", "dp_stage", "noise_for"]
+__all__ = ["dp_callback", "dp_client_update", "dp_stage", "noise_for", "privacy_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def dp_client_update(config: Config, model: nn.Module, loss_fn: LossFn,
         return None
     return DPSGD(model, loss_fn, noise_multiplier=noise_multiplier, max_grad_norm=p.clip_norm,
                  batch_size=c.batch_size, epochs=c.epochs, max_steps=c.max_steps or None,
-                 optimizer=optimizer, grad_sample_mode=p.grad_sample_mode)
+                 optimizer=optimizer, grad_sample_mode=p.grad_sample_mode,
+                 reproducible=p.reproducible)
 
 
 def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float) -> DPFedAvg | None:
@@ -88,7 +90,7 @@ def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float) -> DPFedAv
         )
     return DPFedAvg(noise_multiplier, p.clip_norm, cohort, adaptive=p.adaptive_clipping,
                     target_quantile=p.target_quantile, clip_lr=p.clip_lr,
-                    count_stddev=p.count_stddev or None, secret_noise=p.secret_noise)
+                    count_stddev=p.count_stddev or None, reproducible=p.reproducible)
 
 
 def dp_callback(config: Config, algorithm: FedAvg, population: int,
@@ -110,3 +112,35 @@ def dp_callback(config: Config, algorithm: FedAvg, population: int,
     return PrivacyAccounting(
         SampleLevelLedger(update, num_examples, algorithm.cohort, algorithm.seed, p.accountant),
         p.delta, budget)
+
+
+def privacy_summary(config: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a run's results say about privacy: the mode, ε at δ after the last round with the
+    accountant and adjacency it was computed under, what it protects, whom it trusts, and
+    whether the noise was secret (``{}`` without DP)."""
+    p, f = config.privacy, config.federated
+    if p.mode == "off":
+        return {}
+    eps = next((h["dp/epsilon"] for h in reversed(history) if "dp/epsilon" in h), None)
+    if p.mode == "user":
+        adjacency = "add or remove one client" if f.sampling == "poisson" \
+            else "replace one client"
+        protects = "everything one client holds"
+        trusts = ("the coordinator adds the noise to the exact (clipped) sum, which it sees; "
+                  "with secure aggregation it sees only that sum, not one update")
+    else:
+        adjacency = "add or remove one example of one client"
+        protects = "each training example of each client"
+        trusts = "only the client itself: it adds the noise before its update leaves it"
+    if p.reproducible:
+        trusts = "everyone who holds the config: the noise derives from the run's seed"
+    out: dict[str, Any] = {
+        "mode": p.mode, "epsilon": eps, "delta": p.delta, "accountant": p.accountant,
+        "adjacency": adjacency, "protects": protects, "trusts": trusts,
+        "noise": "reproducible" if p.reproducible else "secret",
+    }
+    if p.reproducible:
+        out["warning"] = ("privacy.reproducible = true: the noise derives from the run's seed, "
+                          "so the coordinator and anyone holding the config can regenerate and "
+                          "subtract it; these results are not private against them.")
+    return out

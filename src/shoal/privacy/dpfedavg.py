@@ -24,7 +24,6 @@ would let one client's weight, not just C, set its influence.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,9 +34,9 @@ from ..aggregate.reducers import WeightedMean
 from ..aggregate.stages import Stage, StageState
 from ..algorithms.cohort import Cohort
 from ..errors import AggregationError, ConfigError
-from ..seeding import torch_generator
 from ..tree import Params
 from ..types import ClientInfo, RoundInfo
+from .secure_random import privacy_generator
 
 __all__ = ["BELOW_CLIP", "DPFedAvg", "dp_fedavg"]
 
@@ -55,10 +54,10 @@ class DPFedAvg(Stage):
         adaptive: adapt C toward the ``target_quantile`` of update norms.
         target_quantile: γ; clip_lr: η (geometric step); count_stddev: σ_b (default: expected
             cohort size / 20, as Andrew et al. suggest).
-        secret_noise: draw each round's noise from a generator seeded by the operating
-            system's CSPRNG instead of the run's seed. A simulation keeps it off to reproduce
-            runs; a deployment (``shoal serve``) turns it on, since anyone who knows the config's
-            seed could otherwise regenerate the noise and subtract it.
+        reproducible: draw each round's noise from the run's seed (so a rerun is bit-identical)
+            instead of a secret keystream (:mod:`shoal.privacy.secure_random`, the default).
+            Anyone who holds the config — every client — could then regenerate the noise and
+            subtract it: for research runs only; ``shoal serve`` refuses it.
     """
 
     runs_at = "client"
@@ -66,7 +65,7 @@ class DPFedAvg(Stage):
 
     def __init__(self, noise_multiplier: float, clip_norm: float, cohort: Cohort, *,
                  adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-                 count_stddev: float | None = None, secret_noise: bool = False):
+                 count_stddev: float | None = None, reproducible: bool = False):
         if not noise_multiplier > 0:
             raise ConfigError(f"dp_fedavg: noise_multiplier must be > 0 (got {noise_multiplier}).")
         if not clip_norm > 0:
@@ -85,12 +84,12 @@ class DPFedAvg(Stage):
         self.target_quantile = float(target_quantile)
         self.clip_lr = float(clip_lr)
         self.count_stddev = count_stddev
-        self.secret_noise = secret_noise
+        self.reproducible = reproducible
 
     def __repr__(self) -> str:
         extra = (f", adaptive=True, target_quantile={self.target_quantile:g}"
                  if self.adaptive else "")
-        extra += ", secret_noise=True" if self.secret_noise else ""
+        extra += ", reproducible=True" if self.reproducible else ""
         return (f"dp_fedavg(noise_multiplier={self.noise_multiplier:g}, "
                 f"clip_norm={self.clip_norm:g}, {self.cohort!r}{extra})")
 
@@ -159,19 +158,18 @@ class DPFedAvg(Stage):
         m = info.replied
         expected = self.expected_clients(info.population)
         std = self.update_noise_multiplier(info.population) * c
-        gen = (torch.Generator().manual_seed(secrets.randbits(64)) if self.secret_noise
-               else torch_generator(info.seed, "dp-fedavg-noise", info.round))
+        gen = privacy_generator(self.reproducible, info.seed, "dp-fedavg-noise", info.round)
         out: Params = {}
         for k, v in aggregate.items():  # v: the uniform mean of m updates
             if k == BELOW_CLIP:
                 continue
-            noisy = v * m + torch.normal(0.0, std, v.shape, generator=gen, dtype=v.dtype)
+            noisy = v * m + gen.normal(v.shape, std, v.dtype)
             out[k] = noisy / expected
         metrics = {"dp/clip_norm": c, "dp/noise_std": std / expected}
         new_state = dict(state)
         if self.adaptive:
             below = float(aggregate[BELOW_CLIP]) * m + float(
-                torch.normal(0.0, self.count_noise(info.population), (), generator=gen))
+                gen.normal((1,), self.count_noise(info.population), torch.float64)[0])
             fraction = below / expected + 0.5  # sum(b - 1/2) / m' + 1/2 = b̄
             new_state["clip_norm"] = c * math.exp(-self.clip_lr * (fraction - self.target_quantile))
             metrics["dp/below_clip_fraction"] = fraction
@@ -180,8 +178,8 @@ class DPFedAvg(Stage):
 
 def dp_fedavg(noise_multiplier: float, clip_norm: float, cohort: Cohort, *,
               adaptive: bool = False, target_quantile: float = 0.5, clip_lr: float = 0.2,
-              count_stddev: float | None = None, secret_noise: bool = False) -> DPFedAvg:
+              count_stddev: float | None = None, reproducible: bool = False) -> DPFedAvg:
     """The DP-FedAvg stage; see :class:`DPFedAvg`. Pair it with ``weighted_mean("uniform")``."""
     return DPFedAvg(noise_multiplier, clip_norm, cohort, adaptive=adaptive,
                     target_quantile=target_quantile, clip_lr=clip_lr, count_stddev=count_stddev,
-                    secret_noise=secret_noise)
+                    reproducible=reproducible)

@@ -13,8 +13,13 @@ A round of DP-SGD on a client is the DP event ``steps`` x PoissonSampled(q, Gaus
 pure function of the client's number of examples (:meth:`DPSGD.event`). A client's accountant
 is the composition of that event over the rounds the client took part in; since cohorts derive
 from the run's seed, that ledger is rebuilt exactly after a resume (see
-:class:`shoal.privacy.budget.SampleLevelLedger`). All randomness (batches, noise) derives from
-``info.seed``.
+:class:`shoal.privacy.budget.SampleLevelLedger`).
+
+The noise and the Poisson batch selection are the client's secret: they come from a keystream
+keyed by the operating system (:mod:`shoal.privacy.secure_random`), never from ``info.seed``,
+which the coordinator and every holder of the config can compute — with the noise known, the
+update is the noise-free one. ``reproducible=True`` draws them from ``info.seed`` instead, for
+research that wants bit-identical reruns (and is then not private against the coordinator).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import dp_accounting
 import torch
 from opacus.grad_sample.utils import get_gsm_class
 from opacus.optimizers import get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 
@@ -35,12 +41,12 @@ from .. import tree
 from ..client import LossFn, OptimizerFn
 from ..data.arrays import ArrayData
 from ..errors import ClientError, ConfigError
-from ..seeding import torch_generator
 from ..tree import Params
 from ..types import ClientInfo, ClientResult
 from .accounting import gaussian_event
 from .bookkeeping import BookKeepingModule
 from .models import check_dp_model
+from .secure_random import privacy_generator
 
 __all__ = ["DPSGD", "GradSampleMode", "dp_sgd"]
 
@@ -77,7 +83,7 @@ class DPSGD:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, noise_multiplier: float,
                  max_grad_norm: float, batch_size: int = 64, epochs: int = 1,
                  max_steps: int | None = None, optimizer: OptimizerFn | None = None,
-                 grad_sample_mode: GradSampleMode = "bookkeeping"):
+                 grad_sample_mode: GradSampleMode = "bookkeeping", reproducible: bool = False):
         if not noise_multiplier > 0:
             raise ConfigError(f"dp_sgd: noise_multiplier must be > 0 (got {noise_multiplier}).")
         if not max_grad_norm > 0:
@@ -100,12 +106,14 @@ class DPSGD:
         self.max_steps = max_steps
         self.optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.01)
         self.grad_sample_mode = grad_sample_mode
+        self.reproducible = reproducible
         self._wrapped: nn.Module | None = None
 
     def __repr__(self) -> str:
         return (f"dp_sgd(noise_multiplier={self.noise_multiplier:g}, "
                 f"max_grad_norm={self.max_grad_norm:g}, batch_size={self.batch_size}, "
-                f"epochs={self.epochs}, grad_sample_mode={self.grad_sample_mode!r})")
+                f"epochs={self.epochs}, grad_sample_mode={self.grad_sample_mode!r}"
+                f"{', reproducible=True' if self.reproducible else ''})")
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_wrapped": None}  # the Opacus wrapper is a per-process cache
@@ -150,26 +158,27 @@ class DPSGD:
         expected = max(1, round(q * n))
         trainable = [p for p in gsm.parameters() if p.requires_grad]
         kind = "hooks" if self.grad_sample_mode == "hooks" else "ghost"
-        opt = get_optimizer_class("flat", False, kind)(
+        noise = privacy_generator(self.reproducible, info.seed, "dp-noise")
+        opt = _with_noise(get_optimizer_class("flat", False, kind))(
             self.optimizer(trainable), noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
-            loss_reduction="mean", generator=torch_generator(info.seed, "dp-noise"))
+            loss_reduction="mean")
+        opt.noise_source = noise
         criterion: Any = (DPLossFastGradientClipping(gsm, opt, _PerSampleLoss(self.loss_fn),
                                                       "mean")
                           if self.grad_sample_mode == "ghost" else self.loss_fn)
         gsm.zero_grad(set_to_none=True)
-        sampler = torch_generator(info.seed, "dp-batches")
-        noise = torch_generator(info.seed, "dp-noise-empty")
+        sampler = privacy_generator(self.reproducible, info.seed, "dp-batches")
         loss_sum, examples, step = 0.0, 0, 0
         try:
             for step in range(steps):  # noqa: B007 (step is reported on error)
-                rows = data.index[torch.rand(n, generator=sampler) < q]
+                rows = data.index[sampler.random(n) < q]
                 opt.zero_grad(set_to_none=True)
                 if len(rows) == 0:
                     # An empty Poisson sample: the noisy sum is pure noise.
                     std = self.noise_multiplier * self.max_grad_norm
                     for p in trainable:
-                        p.grad = torch.normal(0.0, std, p.shape, generator=noise) / expected
+                        p.grad = noise.normal(p.shape, std, p.dtype) / expected
                     opt.original_optimizer.step()
                     continue
                 xb, yb = data.x[rows], data.y[rows]
@@ -208,10 +217,31 @@ class DPSGD:
         return loss
 
 
+_NOISY: dict[type, type] = {}
+
+
+def _with_noise(base: type) -> type:
+    """``base`` (an Opacus DP optimizer class) drawing its noise from ``noise_source`` (a
+    :class:`~shoal.privacy.secure_random.SecureGenerator`) instead of a torch generator."""
+    cls = _NOISY.get(base)
+    if cls is None:
+        def add_noise(self: Any) -> None:
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) \
+                * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = self.noise_source.normal(p.summed_grad.shape, std, p.summed_grad.dtype)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+        cls = _NOISY[base] = type(f"Secret{base.__name__}", (base,), {"add_noise": add_noise})
+    return cls
+
+
 def dp_sgd(model: nn.Module, loss_fn: LossFn, *, noise_multiplier: float,
            max_grad_norm: float, batch_size: int = 64, epochs: int = 1,
            max_steps: int | None = None, optimizer: OptimizerFn | None = None,
-           grad_sample_mode: GradSampleMode = "bookkeeping") -> DPSGD:
+           grad_sample_mode: GradSampleMode = "bookkeeping", reproducible: bool = False) -> DPSGD:
     """A DP-SGD client update; see :class:`DPSGD`.
 
     >>> update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=1.1, max_grad_norm=1.0,
@@ -219,4 +249,4 @@ def dp_sgd(model: nn.Module, loss_fn: LossFn, *, noise_multiplier: float,
     """
     return DPSGD(model, loss_fn, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                  batch_size=batch_size, epochs=epochs, max_steps=max_steps, optimizer=optimizer,
-                 grad_sample_mode=grad_sample_mode)
+                 grad_sample_mode=grad_sample_mode, reproducible=reproducible)
