@@ -74,7 +74,7 @@ def test_secure_aggregation_counts_its_extra_steps(tmp_path):
                                                        "baseline=false"]), tmp_path)
     fed, rec = results["federated"], seen["federated"]
     kinds = fed.cost["bytes"]["by_kind"]
-    assert set(kinds) == {"secagg.advertise", "secagg.share_keys", "secagg.masked_input",
+    assert set(kinds) == {"secagg.advertise", "secagg.share_keys", "secagg.masked_input", "secagg.consistency",
                           "secagg.unmask"}
     assert sum(kinds.values()) == fed.bytes == rec.nbytes()
     # Secure federated evaluation is a secure sum too: its share is counted as evaluation.

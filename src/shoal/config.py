@@ -153,19 +153,22 @@ class SecAggConfig:
 
     ``clip`` bounds each update coordinate, ``max_weight`` a client's weight (examples);
     ``neighbours`` is the degree of the neighbour graph (0: 3*ceil(log2 n)); ``threshold`` the
-    fraction of a client's neighbours needed to unmask it."""
+    fraction of a client's neighbours needed to unmask it, above one half (a split of the
+    neighbours could otherwise yield both of a client's secrets)."""
 
     enabled: bool = False
     clip: float = field(default=10.0, metadata=_check(gt=0))
     max_weight: float = field(default=1000.0, metadata=_check(gt=0))
     neighbours: int = field(default=0, metadata=_check(min=0))
-    threshold: float = field(default=0.4, metadata=_check(gt=0))
+    threshold: float = field(default=0.51, metadata=_check(gt=0))
 
     def __post_init__(self) -> None:
-        if self.threshold > 1:
+        if not 0.5 < self.threshold <= 1:
             raise ConfigError(
                 f"config field 'secagg.threshold': expected a fraction of the neighbours in "
-                f"(0, 1], got {self.threshold}."
+                f"(0.5, 1], got {self.threshold}: at or below one half a coordinator that tells "
+                "some neighbours a client survived and the others that it dropped could unmask "
+                "its input."
             )
 
 

@@ -113,13 +113,24 @@ class CertificateCredentials:
     certificate to check its peers' (PEM files, as ``shoal ca enroll`` writes them)."""
 
     def __init__(self, node_id: str, key: str | Path, cert: str | Path, ca: str | Path):
+        self._init(node_id, Path(key).read_bytes(), Path(cert).read_bytes(),
+                   Path(ca).read_bytes())
+
+    @classmethod
+    def from_pem(cls, node_id: str, key: bytes, cert: bytes, ca: bytes) -> CertificateCredentials:
+        """The same from the PEM bytes themselves."""
+        out = cls.__new__(cls)
+        out._init(node_id, key, cert, ca)
+        return out
+
+    def _init(self, node_id: str, key: bytes, cert: bytes, ca: bytes) -> None:
         self.node_id = node_id
-        self._key = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
-        self._cert = Path(cert).read_bytes()
-        self._ca = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+        self._key = serialization.load_pem_private_key(key, password=None)
+        self._cert = cert
+        self._ca = x509.load_pem_x509_certificate(ca)
         if not isinstance(self._key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"CertificateCredentials: {key} is not an EC key (the project's CA "
-                             "issues P-256 keys).")
+            raise ValueError(f"CertificateCredentials: the key of {node_id!r} is not an EC key "
+                             "(the project's CA issues P-256 keys).")
 
     def __repr__(self) -> str:
         return f"CertificateCredentials({self.node_id!r})"

@@ -117,8 +117,8 @@ class NodeContext:
     """What a node keeps: its ``node_id``, its ``data`` (which never leaves it), ``state`` —
     scratch space for multi-step protocols within a round (secure-aggregation keys, a split
     learning session; never checkpointed) — the algorithm-owned ``node_state`` it keeps between
-    rounds (checkpointed, see :class:`NodeStore`), and ``peers`` to send messages to other
-    nodes (``None`` where the transport offers no such link)."""
+    rounds (checkpointed, see :class:`NodeStore`), ``peers`` to send messages to other
+    nodes (``None`` where the transport offers no such link) and its ``credentials``."""
 
     node_id: str
     data: Any = None
@@ -126,6 +126,9 @@ class NodeContext:
     store: NodeStore = field(default_factory=NodeStore)
     node_state: NodeState = field(default_factory=NodeState)
     peers: Peers | None = None
+    credentials: Any = None
+    """What the node signs with and checks its peers' signatures by (a
+    :class:`~shoal.credentials.Credentials`; ``None``: it cannot sign)."""
 
 
 Handler = Callable[[Message, NodeContext], Message]
@@ -237,7 +240,8 @@ class Node:
             call = _wrap(mod, call)
         ctx = self.context
         view = ctx.store.view(message.round) if ctx.store else NodeState()
-        here = NodeContext(ctx.node_id, ctx.data, ctx.state, ctx.store, view, ctx.peers)
+        here = NodeContext(ctx.node_id, ctx.data, ctx.state, ctx.store, view, ctx.peers,
+                           ctx.credentials)
         reply = call(message, here)
         if view.changed:
             ctx.store.commit(message.round, view)

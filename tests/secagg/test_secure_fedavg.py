@@ -97,7 +97,7 @@ def test_the_coordinator_sees_no_update_in_the_clear():
             assert reply.tensors["masked"].shape == (n + 4,)
     # The clients will not answer the plain kinds, which would reveal updates or metrics.
     assert set(secure.handlers()) == {"secagg.advertise", "secagg.share_keys",
-                                      MASKED_INPUT, "secagg.unmask"}
+                                      MASKED_INPUT, "secagg.consistency", "secagg.unmask"}
 
 
 @pytest.mark.parametrize("reducer", [coordinate_median(), krum(1)])
@@ -106,7 +106,7 @@ def test_reducers_that_need_individual_updates_fail_at_construction(reducer):
         SecureFedAvg(None, pipeline=Pipeline([], reducer))  # type: ignore[arg-type]
     assert str(e.value) == (
         f"{reducer!r} needs individual updates, but secure_aggregation(clip=10, "
-        "max_weight=1000, neighbours=None, threshold=0.4) reveals only their sum; use "
+        "max_weight=1000, neighbours=None, threshold=0.51) reveals only their sum; use "
         "weighted_mean().")
 
 
@@ -167,11 +167,15 @@ def test_secure_federated_evaluation_equals_plain_federated_evaluation():
 def test_config_section_and_errors(tmp_path):
     config = load_config(None, ["secagg.enabled=true", "secagg.neighbours=4"])
     assert config.secagg.enabled and config.secagg.neighbours == 4
-    assert config.secagg.threshold == 0.4
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["secagg.threshold=1.5"])
-    assert str(e.value) == ("config field 'secagg.threshold': expected a fraction of the "
-                            "neighbours in (0, 1], got 1.5.")
+    assert config.secagg.threshold == 0.51  # the smallest majority of the neighbours
+    for bad in ("1.5", "0.5", "0.4"):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"secagg.threshold={bad}"])
+        assert str(e.value) == (
+            f"config field 'secagg.threshold': expected a fraction of the neighbours in "
+            f"(0.5, 1], got {float(bad)}: at or below one half a coordinator that tells some "
+            "neighbours a client survived and the others that it dropped could unmask its "
+            "input.")
     with pytest.raises(AggregationError, match="needs individual updates"):
         run_experiment(load_config(None, ["secagg.enabled=true", "federated.reducer=median",
                                           "federated.rounds=1"]), tmp_path)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..checkpoint import load_node_store, save_node_store
 from ..config import Config, NetworkConfig
+from ..credentials import CertificateCredentials
 from ..data.tasks import load_task
 from ..errors import ConfigError
 from ..experiment import (
@@ -142,8 +143,11 @@ def node_client(config: Config, node_id: str, data: str | Path, *,
     net = config.network
     store = load_node_store(state) if state is not None and Path(state).exists() else NodeStore()
     persist = None if state is None else functools.partial(save_node_store, state)
-    node = Node(NodeContext(node_id, load_client_data(data), store=store), algorithm.handlers(),
-                persist=persist)
+    ident = _identity(net, node_id)
+    creds = (None if ident is None else
+             CertificateCredentials.from_pem(node_id, *ident.read()))
+    node = Node(NodeContext(node_id, load_client_data(data), store=store, credentials=creds),
+                algorithm.handlers(), persist=persist)
     return NodeClient(address or net.address, node, identity=_identity(net, node_id),
                       insecure=net.insecure, server_name=net.server_name or None,
                       max_message_bytes=int(net.max_message_mb * 2**20),

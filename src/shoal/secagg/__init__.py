@@ -8,14 +8,16 @@ its trust model, and the README's "Secure aggregation" section for figures.
 
 Modules: ``crypto`` (X25519, HKDF-SHA256, AES-GCM, AES-CTR mask generator), ``shamir``,
 ``graph`` (the k-regular neighbour graph), ``quantize`` (clipping, stochastic rounding into
-Z_2^32), ``protocol`` (client handlers and the coordinator's ``secure_sum``), ``stage``,
+Z_2^32), ``protocol`` (the client's handlers), ``session`` (the coordinator's ``secure_sum``),
+``stage``,
 ``fedavg`` (``SecureFedAvg``) and ``evaluation`` (secure federated evaluation).
 """
 
 from .errors import SecAggError
 from .evaluation import SecureFederatedEvaluation
 from .fedavg import SecureFedAvg
-from .protocol import KINDS, SecAggClient, SecureSum, secure_sum
+from .protocol import KINDS, SecAggClient
+from .session import SecureSum, secure_sum
 from .stage import SecureAggregation, secure_aggregation
 
 __all__ = ["KINDS", "SecAggClient", "SecAggError", "SecureAggregation", "SecureFedAvg",

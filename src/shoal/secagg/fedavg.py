@@ -38,8 +38,9 @@ from ..transport import Transport
 from ..tree import Params
 from ..types import ClientInfo, RoundInfo
 from .errors import SecAggError
-from .protocol import SecAggClient, SecureSum, secure_sum
+from .protocol import SecAggClient
 from .quantize import Block, dequantize
+from .session import SecureSum, secure_sum
 from .stage import SecureAggregation
 
 __all__ = ["EXAMPLES_FACTOR", "LOSS_CLIP", "SecureFedAvg"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..errors import ConfigError
 from ..seeding import numpy_rng
 
-__all__ = ["default_neighbours", "neighbour_graph", "shamir_threshold"]
+__all__ = ["check_threshold", "default_neighbours", "neighbour_graph", "shamir_threshold"]
 
 
 def default_neighbours(n: int) -> int:
@@ -25,15 +25,25 @@ def default_neighbours(n: int) -> int:
 
 
 def shamir_threshold(k: int, fraction: float) -> int:
-    """The Shamir threshold for ``k`` neighbours: ``max(2, ceil(fraction * k))``, at most ``k``.
+    """The Shamir threshold for ``k`` neighbours: ``ceil(fraction * k)``, at least more than
+    half of them (``k // 2 + 1``) and at most ``k``.
 
     ``t`` colluding neighbours plus the coordinator could unmask a client; a neighbourhood with
-    fewer than ``t`` survivors cannot be unmasked.
+    fewer than ``t`` survivors cannot be unmasked; and above ``k / 2`` no split of a client's
+    neighbours yields ``t`` shares of both of its secrets (see :mod:`shoal.secagg.protocol`).
     """
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"secagg: threshold must be a fraction of the neighbours in (0, 1] "
-                          f"(got {fraction}).")
-    return max(1, min(k, max(2, math.ceil(fraction * k))))
+    check_threshold(fraction)
+    return max(1, min(k, max(k // 2 + 1, math.ceil(fraction * k))))
+
+
+def check_threshold(fraction: float) -> None:
+    """Refuse a threshold that is not more than half of the neighbours."""
+    if not 0.5 < fraction <= 1:
+        raise ConfigError(
+            f"secure_aggregation: threshold must be a fraction of the neighbours in (0.5, 1] "
+            f"(got {fraction:g}): at or below one half, a coordinator that tells some "
+            "neighbours a client survived and the others that it dropped could collect both "
+            "of its secrets and unmask its input.")
 
 
 def neighbour_graph(ids: Sequence[str], k: int, seed: int, session: str) -> dict[str, list[str]]:

@@ -9,12 +9,14 @@ private keys and mask seeds). Coefficients come from the operating system's CSPR
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import SecAggError
 
-__all__ = ["PRIME", "SHARE_BYTES", "combine", "combine_bytes", "split", "split_bytes"]
+__all__ = ["PRIME", "SHARE_BYTES", "combine", "combine_bytes", "interpolate", "recover",
+           "split", "split_bytes"]
 
 PRIME = 2**521 - 1
 """The field's modulus: the Mersenne prime 2^521 - 1."""
@@ -44,23 +46,28 @@ def split(secret: int, xs: Sequence[int], threshold: int, prime: int = PRIME) ->
     return shares
 
 
-def combine(shares: Sequence[tuple[int, int]], prime: int = PRIME) -> int:
-    """The secret ``f(0)`` from ``(x, f(x))`` points (Lagrange interpolation at zero). Pass at
-    least ``threshold`` shares; with fewer the result is a uniformly random field element."""
+def interpolate(shares: Sequence[tuple[int, int]], at: int, prime: int = PRIME) -> int:
+    """``f(at)`` of the polynomial through the ``(x, f(x))`` points (Lagrange)."""
     if not shares:
         raise SecAggError("shamir: no shares to combine; expected at least the threshold.")
     xs = [x % prime for x, _ in shares]
     if len(set(xs)) != len(xs):
         raise SecAggError("shamir: two shares have the same point; expected distinct points.")
-    secret = 0
+    value = 0
     for i, (xi, yi) in enumerate(shares):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
-                num = num * (-xj) % prime
+                num = num * (at - xj) % prime
                 den = den * (xi - xj) % prime
-        secret = (secret + yi * num * pow(den, -1, prime)) % prime
-    return secret
+        value = (value + yi * num * pow(den, -1, prime)) % prime
+    return value
+
+
+def combine(shares: Sequence[tuple[int, int]], prime: int = PRIME) -> int:
+    """The secret ``f(0)`` from ``(x, f(x))`` points (Lagrange interpolation at zero). Pass at
+    least ``threshold`` shares; with fewer the result is a uniformly random field element."""
+    return interpolate(shares, 0, prime)
 
 
 def split_bytes(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes]:
@@ -76,3 +83,33 @@ def combine_bytes(shares: Sequence[tuple[int, bytes]], length: int) -> bytes:
         raise SecAggError(f"shamir: the shares combine to a value longer than {length} bytes; "
                           "they are inconsistent (tampered, or from different secrets).")
     return value.to_bytes(length, "big")
+
+
+def recover(shares: Sequence[tuple[str, int, bytes]], threshold: int, length: int,
+            check: Callable[[bytes], bool], attempts: int = 256,
+            ) -> tuple[bytes | None, list[str]]:
+    """Rebuild a ``length``-byte secret from ``(sender, x, share)`` triples when some shares may
+    be wrong: the secret of the first ``threshold`` shares that passes ``check`` (a commitment),
+    trying other subsets of ``threshold`` shares (at most ``attempts``) when it does not.
+
+    Returns ``(secret, bad)``: ``bad`` names the senders whose shares do not lie on the
+    polynomial of the secret found (a flipped bit, a crafted share); ``secret`` is ``None``
+    when no subset passes (then every sender is a suspect).
+    """
+    if len(shares) < threshold:
+        return None, []
+    points = [(x, int.from_bytes(y, "big")) for _, x, y in shares]
+    for tried, subset in enumerate(itertools.combinations(range(len(shares)), threshold)):
+        if tried >= attempts:
+            break
+        chosen = [points[i] for i in subset]
+        value = combine(chosen)
+        if value.bit_length() > 8 * length:
+            continue
+        secret = value.to_bytes(length, "big")
+        if not check(secret):
+            continue
+        bad = [shares[i][0] for i in range(len(shares)) if i not in subset
+               and interpolate(chosen, points[i][0]) != points[i][1] % PRIME]
+        return secret, bad
+    return None, sorted({s for s, _, _ in shares})

@@ -16,6 +16,7 @@ from ..aggregate.stages import Stage
 from ..errors import AggregationError, ConfigError
 from ..tree import Params
 from ..types import ClientInfo
+from .graph import check_threshold
 
 __all__ = ["SecureAggregation", "secure_aggregation"]
 
@@ -28,7 +29,9 @@ class SecureAggregation(Stage):
         max_weight: the public bound on a client's weight (examples); a larger weight counts
             as ``max_weight``. Quantization precision is relative to it.
         neighbours: the degree k of the neighbour graph (``None``: ``3 * ceil(log2 n)``).
-        threshold: the Shamir threshold as a fraction of k (t = ``ceil(threshold * k)``).
+        threshold: the Shamir threshold as a fraction of k, above one half
+            (t = ``max(k // 2 + 1, ceil(threshold * k))``; the default, 0.51, is the smallest
+            majority).
     """
 
     runs_at = "client"
@@ -36,7 +39,7 @@ class SecureAggregation(Stage):
     protects_updates = True
 
     def __init__(self, clip: float = 10.0, max_weight: float = 1000.0,
-                 neighbours: int | None = None, threshold: float = 0.4):
+                 neighbours: int | None = None, threshold: float = 0.51):
         if not clip > 0:
             raise ConfigError(f"secure_aggregation: clip must be > 0 (got {clip}).")
         if not max_weight > 0:
@@ -44,9 +47,7 @@ class SecureAggregation(Stage):
         if neighbours is not None and neighbours < 1:
             raise ConfigError(f"secure_aggregation: neighbours must be >= 1 or None for the "
                               f"default 3*ceil(log2 n) (got {neighbours}).")
-        if not 0 < threshold <= 1:
-            raise ConfigError(f"secure_aggregation: threshold must be a fraction of the "
-                              f"neighbours in (0, 1] (got {threshold}).")
+        check_threshold(threshold)
         self.clip = float(clip)
         self.max_weight = float(max_weight)
         self.neighbours = neighbours
@@ -67,7 +68,7 @@ class SecureAggregation(Stage):
 
 
 def secure_aggregation(clip: float = 10.0, max_weight: float = 1000.0,
-                       neighbours: int | None = None, threshold: float = 0.4,
+                       neighbours: int | None = None, threshold: float = 0.51,
                        ) -> SecureAggregation:
     """The secure-aggregation stage; see :class:`SecureAggregation`."""
     return SecureAggregation(clip, max_weight, neighbours, threshold)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from ..algorithms.collect import Partial, RoundFold
+from ..credentials import RunKeys
 from ..data.ids import ClientIds, as_ids
 from ..errors import ClientError, ConfigError, TransportError
 from ..message import Message
@@ -70,6 +71,9 @@ class InProcessTransport(Transport):
     calls cannot be pre-empted, so the time is spent, but the result is discarded as a real
     coordinator would).
 
+    Every node signs with a per-run key (``keys``, :class:`~shoal.credentials.RunKeys`; a
+    fresh secret by default, the same object in every worker process of an executor).
+
     ``executor`` computes the replies: ``"sequential"`` (default), ``"vectorized"``,
     ``"processes"``, ``"auto"`` or an :class:`~shoal.sim.executor.Executor`; see
     :mod:`shoal.sim.executor`. Call :meth:`close` (or use the transport as a context manager)
@@ -78,7 +82,8 @@ class InProcessTransport(Transport):
 
     def __init__(self, node_ids: Sequence[str], data_fn: Callable[[str], Any],
                  handlers: Mapping[str, Handler], *, mods: Sequence[Mod] = (),
-                 on_error: OnError = "drop", executor: str | Executor | None = None):
+                 on_error: OnError = "drop", executor: str | Executor | None = None,
+                 keys: RunKeys | None = None):
         super().__init__()
         if on_error not in ("drop", "raise"):
             raise ConfigError(f"InProcessTransport: on_error must be 'drop' or 'raise' "
@@ -92,6 +97,7 @@ class InProcessTransport(Transport):
         self.on_error: OnError = on_error
         self._scratch: dict[str, dict[str, Any]] = {}
         self._stores: dict[str, NodeStore] = {}
+        self.keys = keys if keys is not None else RunKeys()
         self.executor = make_executor(executor)
 
     def __enter__(self) -> InProcessTransport:
@@ -118,7 +124,7 @@ class InProcessTransport(Transport):
         store = self._stores.get(node_id) or NodeStore()
         view = store.view(round) if round is not None and store else NodeState()
         return NodeContext(node_id, self.data_fn(node_id), self._scratch.get(node_id, {}), store,
-                           view, PeerLink(self, node_id))
+                           view, PeerLink(self, node_id), self.keys.for_node(node_id))
 
     def node(self, node_id: str, handlers: Mapping[str, Handler] | None = None) -> Node:
         """The simulated node ``node_id`` (built on demand; what it keeps persists), answering

@@ -105,6 +105,7 @@ class _Spec:
     on_error: str
     inner: str
     threads: int
+    keys: Any
 
 
 _Error = tuple[str, str, int, "int | None", str]
@@ -269,7 +270,8 @@ def _worker_main(rank: int, ready: Any, world: int, port: int, payload: bytes) -
         torch.set_num_threads(spec.threads)
         from .inprocess import InProcessTransport
         transport = InProcessTransport(spec.node_ids, spec.data_fn, spec.handlers,
-                                       mods=spec.mods, on_error=spec.on_error)  # type: ignore[arg-type]
+                                       mods=spec.mods, on_error=spec.on_error,  # type: ignore[arg-type]
+                                       keys=spec.keys)
         report_started(ready, rank)
     except BaseException:  # noqa: BLE001 - reported to the coordinator, which raises it
         report_started(ready, rank, traceback.format_exc())
@@ -355,7 +357,7 @@ class ProcessesExecutor(Executor):
             self._started = True
             return
         spec = _Spec(transport.nodes(), transport.data_fn, transport.handlers, transport.mods,
-                     transport.on_error, self.inner_name, self.threads)
+                     transport.on_error, self.inner_name, self.threads, transport.keys)
         try:
             payload = pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # noqa: BLE001 - any pickling failure gets the same advice
