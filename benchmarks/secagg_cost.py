@@ -7,15 +7,21 @@ unmasking, and bytes on the wire.
   protocol: key agreement, Shamir sharing, encryption, quantization, masking and unmasking.
   ``secagg_round_overhead_s`` is the median secure round minus the median plain round;
   ``wire_expansion`` is the bytes a secure round moves (both ways) over the plain round's.
+* ``passive``: the same secure round with the protocol as it was before it defended against
+  active attackers (revision ``--passive-rev``, checked out into a temporary git worktree and
+  imported from there): no signatures, no commitments, no consistency round.
+  ``secagg_round_overhead_passive_s`` is its median minus the plain median, measured in the
+  same alternation, so the cost of active security is the difference of the two overheads.
 * ``mask``: 20 clients, complete graph, so each masks with 19 neighbours; the time inside each
   client's ``secagg.masked_input`` handler (quantization, 19 key agreements, 20 AES-CTR masks),
   measured by a node middleware, median over clients -> ``client_mask_s``. One thread.
 * ``unmask``: 500 clients, 10 % of them dropping after key sharing; the coordinator's own time
   to rebuild the secrets from the shares and remove the masks -> ``server_unmask_s``.
 
-Each variant runs in its own process, plain and secure alternating; figures are medians.
+Each variant runs in its own process, plain, passive and secure alternating; figures are
+medians.
 
-    python benchmarks/secagg_cost.py [--reps 3] [--params 1000000] [--quick]
+    python benchmarks/secagg_cost.py [--reps 3] [--params 1000000] [--quick] [--passive-rev REV]
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +42,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, emit, final_line, machine, median, run_child  # noqa: E402
+from common import emit, final_line, machine, median, run_child  # noqa: E402
 
 SEED = 0
+PASSIVE_REV = "c0ac992"
+"""The last revision whose secure aggregation was secure against honest-but-curious parties
+only (no signed keys, no commitments, no consistency round)."""
 
 
 def _update_fn(n: int):
@@ -72,7 +83,8 @@ def round_variant(kind: str, clients: int, n: int) -> dict:
 
 
 def _session(clients: int, n: int, neighbours: int | None, drop: float) -> tuple[dict, list]:
-    from shoal.secagg.protocol import MASKED_INPUT, SecAggClient, secure_sum
+    from shoal.secagg import secure_sum
+    from shoal.secagg.protocol import MASKED_INPUT, SecAggClient
     from shoal.seeding import numpy_rng
     from shoal.sim import InProcessTransport, simulated_dropout
 
@@ -115,17 +127,20 @@ def unmask_variant(clients: int, n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["plain", "secure", "mask", "unmask"])
+    ap.add_argument("--variant", choices=["plain", "secure", "passive", "mask", "unmask"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--params", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--unmask-clients", type=int, default=500)
+    ap.add_argument("--passive-rev", default=PASSIVE_REV,
+                    help="git revision of the passive-only protocol ('' to skip it)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     args = ap.parse_args()
     if args.quick:
         args.params, args.clients, args.unmask_clients, args.reps = 20_000, 20, 50, 1
-    if args.variant in ("plain", "secure"):
-        emit(round_variant(args.variant, args.clients, args.params))
+    if args.variant in ("plain", "secure", "passive"):
+        emit(round_variant("plain" if args.variant == "plain" else "secure", args.clients,
+                           args.params))
         return
     if args.variant == "mask":
         emit(mask_variant(args.params))
@@ -137,7 +152,8 @@ def main() -> None:
              "--unmask-clients", str(args.unmask_clients)]
     print(f"secagg_cost: {machine()}; {args.clients} clients x {args.params:,} params, "
           f"{args.reps} reps, alternating")
-    runs = alternate(__file__, ["plain", "secure"], args.reps, sizes)
+    with tempfile.TemporaryDirectory(prefix="shoal-passive-") as tmp:
+        runs = _rounds(args, sizes, Path(tmp) / "tree")
     plain_s, secure_s = median(runs["plain"], "seconds"), median(runs["secure"], "seconds")
     assert abs(runs["plain"][0]["norm"] - runs["secure"][0]["norm"]) < 1e-3 * runs["plain"][0][
         "norm"], "secure and plain aggregates differ"
@@ -157,8 +173,43 @@ def main() -> None:
           f"{args.unmask_clients - u['contributors']} dropped, k={u['neighbours']}, "
           f"t={u['threshold']}: {unmask_s:.3f} s (summing the masked inputs as they arrived: "
           f"{median(unmasks, 'sum_s'):.3f} s)")
-    final_line(secagg_round_overhead_s=secure_s - plain_s, client_mask_s=mask_s,
+    passive = {}
+    if runs["passive"]:
+        passive_s = median(runs["passive"], "seconds")
+        print(f"the passive-only protocol ({args.passive_rev}): {passive_s:.2f} s per round, "
+              f"{runs['passive'][0]['bytes']:,} bytes")
+        passive["secagg_round_overhead_passive_s"] = passive_s - plain_s
+    final_line(secagg_round_overhead_s=secure_s - plain_s, **passive, client_mask_s=mask_s,
                server_unmask_s=unmask_s, wire_expansion=wire)
+
+
+def _rounds(args: argparse.Namespace, sizes: list[str], tree: Path) -> dict[str, list[dict]]:
+    """plain, passive (from ``tree``, a worktree of ``--passive-rev``) and secure, in turn."""
+    root = Path(__file__).resolve().parent.parent
+    variants = ["plain", "secure"]
+    env: dict[str, dict[str, str]] = {}
+    if args.passive_rev:
+        made = subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "-q",
+                               str(tree), args.passive_rev], capture_output=True, text=True)
+        if made.returncode != 0:
+            print(f"skipping the passive-only protocol: cannot check out {args.passive_rev} "
+                  f"({made.stderr.strip()})")
+        else:
+            variants.insert(1, "passive")
+            env["passive"] = {"PYTHONPATH": str(tree / "src")}
+    runs: dict[str, list[dict]] = {v: [] for v in ["plain", "passive", "secure"]}
+    try:
+        for i in range(args.reps):
+            for v in variants:
+                runs[v].append(run_child(__file__, v, sizes, env.get(v)))
+                shown = {k: round(x, 4) if isinstance(x, float) else x
+                         for k, x in runs[v][-1].items()}
+                print(f"  rep {i + 1}/{args.reps} {v:<8} {shown}", flush=True)
+    finally:
+        if "passive" in env:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)],
+                           capture_output=True)
+    return runs
 
 
 if __name__ == "__main__":
