@@ -176,9 +176,13 @@ class SecAggConfig:
 class PrivacyConfig:
     """Differential privacy (see the README, "Differential privacy").
 
-    ``mode``: ``"off"``, ``"sample"`` (DP-SGD on every client; ``clip_norm`` per example) or
-    ``"user"`` (DP-FedAvg; ``clip_norm`` per client update, needs ``federated.weighting =
-    "uniform"``). ``noise_multiplier = 0`` calibrates it so the planned rounds spend
+    ``mode``: ``"off"``, ``"sample"`` (DP-SGD on every client; ``clip_norm`` per example),
+    ``"user"`` (DP-FedAvg, central noise; ``clip_norm`` per client update, needs
+    ``federated.weighting = "uniform"``) or ``"distributed"`` (the distributed discrete
+    Gaussian: each client adds its share of the noise inside secure aggregation, which it
+    needs; every released sum holds the noise of at least ``min_clients`` clients — 0: 90 % of
+    the expected cohort after dropouts — and rounds with fewer contributors fail).
+    ``accountant``: ``"auto"`` is RDP for distributed DP, PLD otherwise. ``noise_multiplier = 0`` calibrates it so the planned rounds spend
     ``target_epsilon``; ``target_epsilon > 0`` is also a budget that stops training before the
     round that would exceed it. ``count_stddev = 0``: expected cohort size / 20.
     ``reproducible``: draw the DP noise and DP-SGD's batch sampling from the run's seed, so a
@@ -188,8 +192,8 @@ class PrivacyConfig:
     ``shoal join`` refuse it.
     """
 
-    mode: Literal["off", "sample", "user"] = "off"
-    accountant: Literal["pld", "rdp"] = "pld"
+    mode: Literal["off", "sample", "user", "distributed"] = "off"
+    accountant: Literal["auto", "pld", "rdp"] = "auto"
     delta: float = field(default=1e-5, metadata=_check(gt=0, lt=1))
     target_epsilon: float = field(default=0.0, metadata=_check(min=0))
     noise_multiplier: float = field(default=0.0, metadata=_check(min=0))
@@ -200,6 +204,7 @@ class PrivacyConfig:
     count_stddev: float = field(default=0.0, metadata=_check(min=0))
     grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
     reproducible: bool = False
+    min_clients: int = field(default=0, metadata=_check(min=0))
 
 
 @dataclass

@@ -63,6 +63,7 @@ from .data.tasks import Task, load_task
 from .errors import CheckpointError, ConfigError
 from .metrics import Evaluator
 from .privacy import configure as privacy
+from .privacy.distributed import DistributedDP
 from .run import run
 from .secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
 from .secagg.protocol import MASKED_INPUT
@@ -182,16 +183,22 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
     f, c = config.federated, config.client
     stages: list[Stage] = [clip_by_norm(f.clip_norm, f.clip_at)] if f.clip_norm > 0 else []
     cohort = Cohort(f.clients_per_round, f.sampling)
+    dim = tree.numel(tree.params_of(model))
     noise = (privacy.noise_for(config, len(dataset), min(map(dataset.num_examples,
-                                                              dataset.client_ids())))
+                                                              dataset.client_ids())), dim)
              if config.privacy.mode != "off" else 0.0)
-    stages += [s for s in [privacy.dp_stage(config, cohort, noise)] if s is not None]
+    dp = privacy.dp_stage(config, cohort, noise, len(dataset), dim)
+    stages += [dp] if dp is not None else []
     reducer = config_reducer(config)
     pipeline = Pipeline(stages, reducer)
-    min_replies = max(f.min_replies, reducer.min_updates)
-    if min_replies > f.min_replies:
-        log.info("min_replies raised from %d to %d: %r needs that many updates",
-                 f.min_replies, min_replies, reducer)
+    needs = [(reducer.min_updates, f"{reducer!r} needs that many updates")]
+    if isinstance(dp, DistributedDP):
+        needs.append((dp.min_clients, "distributed DP needs the noise of that many clients"))
+    min_replies = f.min_replies
+    for least, why in needs:
+        if least > min_replies:
+            log.info("min_replies raised from %d to %d: %s", min_replies, least, why)
+            min_replies = least
     expected = cohort.expected_size(len(dataset))
     if f.sampling == "fixed" and expected < min_replies:
         raise ConfigError(
@@ -308,7 +315,8 @@ def centralized_paradigm(setup: Setup) -> Built:
     upload is counted (and seen by observers) like any other traffic."""
     config = setup.config
     primary = setup.histories.get(config.paradigm)
-    examples = ([int(h.get("train/examples", 0)) or 1 for h in primary] if primary
+    counted = primary and all("train/examples" in h for h in primary)  # not with distributed DP
+    examples = ([int(h["train/examples"]) or 1 for h in primary] if primary and counted
                 else scheduled_examples(config, setup.dataset))
     algorithm = Centralized(setup.model, setup.task.loss_fn, examples_per_round=examples,
                             batch_size=config.client.batch_size,

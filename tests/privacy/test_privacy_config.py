@@ -28,7 +28,7 @@ def test_bad_privacy_fields_are_named():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["privacy.mode=central"])
     assert str(e.value) == ("config field 'privacy.mode': expected one of 'off', 'sample', "
-                            "'user', got 'central' (str).")
+                            "'user', 'distributed', got 'central' (str).")
     with pytest.raises(ConfigError, match=r"'privacy.delta': expected a value < 1, got 1.5"):
         load_config(None, ["privacy.delta=1.5"])
 

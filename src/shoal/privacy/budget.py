@@ -7,6 +7,8 @@ uninterrupted run; nothing is accumulated in hidden state (caches only).
 * :class:`UserLevelLedger` — DP-FedAvg: one subsampled Gaussian per round on the client level,
   sampled as the algorithm's own :class:`~shoal.algorithms.cohort.Cohort` samples (Poisson:
   add/remove adjacency; fixed size without replacement: replace-one adjacency, RDP only).
+* :class:`DistributedLedger` — distributed DP: the same event every round, composed over the
+  rounds with no sampling amplification (the coordinator picks the cohort).
 * :class:`SampleLevelLedger` — DP-SGD on every client: each client's accountant composes its
   round event (``steps`` x PoissonSampled(q, Gaussian(σ))) over the rounds it was sampled in,
   re-derived from the seeded cohort draws. The run's ε is the worst client's.
@@ -33,10 +35,11 @@ from .accounting import (
     gaussian_event,
     make_accountant,
 )
+from .distributed import DistributedDP
 from .dpsgd import DPSGD
 
-__all__ = ["PrivacyAccounting", "PrivacyLedger", "SampleLevelLedger", "UserLevelLedger",
-           "cohort_sampling"]
+__all__ = ["DistributedLedger", "PrivacyAccounting", "PrivacyLedger", "SampleLevelLedger",
+           "UserLevelLedger", "cohort_sampling"]
 
 
 class PrivacyLedger(Protocol):
@@ -95,6 +98,25 @@ class UserLevelLedger:
         event = gaussian_event(self.noise_multiplier, rate, round, sampling=sampling,
                                population=population)
         return epsilon(event, delta, self.accountant, sampling)
+
+
+class DistributedLedger:
+    """ε of distributed DP after r rounds: r releases of the stage's noisy sum, every round
+    counted (also a failed one, an upper bound)."""
+
+    def __init__(self, stage: DistributedDP):
+        self.stage = stage
+
+    def __repr__(self) -> str:
+        return f"DistributedLedger({self.stage!r})"
+
+    def epsilon_after(self, ctx: RunContext, round: int, delta: float) -> float:
+        """ε at ``delta`` after ``round`` rounds."""
+        return self._epsilon(round, delta)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (a cache of a pure function)
+    def _epsilon(self, round: int, delta: float) -> float:
+        return self.stage.epsilon(round, delta)
 
 
 class SampleLevelLedger:

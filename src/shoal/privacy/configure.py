@@ -1,15 +1,18 @@
 """From a config's ``[privacy]`` section to the DP pieces of a federated run.
 
 ``build_federated`` (in :mod:`shoal.experiment`) asks this module for the DP-SGD client update
-(``mode = "sample"``), the DP-FedAvg stage (``mode = "user"``) and the accounting callback.
-When ``noise_multiplier = 0`` the noise is calibrated so the planned rounds spend
-``target_epsilon``: for DP-FedAvg over the cohort's sampling; for DP-SGD for the smallest
-client (the largest sampling rate) as if it took part in every round, a bound on every client.
+(``mode = "sample"``), the DP-FedAvg stage (``mode = "user"``), the distributed-DP stage
+(``mode = "distributed"``, inside secure aggregation) and the accounting callback. When
+``noise_multiplier = 0`` the noise is calibrated so the planned rounds spend ``target_epsilon``:
+for DP-FedAvg over the cohort's sampling; for distributed DP over every round (no sampling
+amplification); for DP-SGD for the smallest client (the largest sampling rate) as if it took
+part in every round, a bound on every client.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,12 +23,20 @@ from ..algorithms.fedavg import FedAvg
 from ..client import LossFn, OptimizerFn
 from ..config import Config
 from ..errors import ConfigError
-from .accounting import calibrate_noise_multiplier
-from .budget import PrivacyAccounting, SampleLevelLedger, UserLevelLedger, cohort_sampling
+from .accounting import AccountantKind, calibrate_noise_multiplier
+from .budget import (
+    DistributedLedger,
+    PrivacyAccounting,
+    SampleLevelLedger,
+    UserLevelLedger,
+    cohort_sampling,
+)
+from .distributed import DistributedDP, calibrate_distributed
 from .dpfedavg import DPFedAvg
 from .dpsgd import DPSGD
 
-__all__ = ["dp_callback", "dp_client_update", "dp_stage", "noise_for", "privacy_summary"]
+__all__ = ["accountant_of", "dp_callback", "dp_client_update", "dp_stage", "noise_for",
+           "privacy_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +50,54 @@ def _check(config: Config) -> None:
         )
 
 
+def accountant_of(config: Config) -> AccountantKind:
+    """The accountant the run uses: ``privacy.accountant``, where ``"auto"`` is RDP for
+    distributed DP (its events are zCDP bounds) and PLD otherwise."""
+    p = config.privacy
+    if p.accountant == "auto":
+        return "rdp" if p.mode == "distributed" else "pld"
+    if p.mode == "distributed" and p.accountant != "rdp":
+        raise ConfigError(
+            f"config [privacy]: mode = 'distributed' is accounted by the RDP accountant (each "
+            f"round is a zCDP bound), not {p.accountant!r}; set privacy.accountant = \"rdp\" "
+            "or \"auto\".")
+    return p.accountant
+
+
+def _clients_bounds(config: Config, population: int) -> tuple[int, int]:
+    """Distributed DP's ``(min_clients, max_clients)``: ``privacy.min_clients`` (or 90 % of the
+    expected cohort after dropouts), and the largest cohort the sampling can draw."""
+    p, f = config.privacy, config.federated
+    cohort = Cohort(f.clients_per_round, f.sampling)
+    largest = (population if cohort.size is None or f.sampling == "poisson"
+               else min(population, round(cohort.expected_size(population))))
+    least = p.min_clients or max(2, math.floor(0.9 * cohort.expected_size(population)
+                                               * (1 - f.dropout)))
+    if least > largest:
+        raise ConfigError(
+            f"config [privacy]: min_clients = {least} exceeds the {largest} clients a round can "
+            "have; lower privacy.min_clients or sample more clients per round.")
+    return least, largest
+
+
 def noise_for(config: Config, population: int,
-              smallest_client: int | None = None) -> float:
+              smallest_client: int | None = None, dim: int = 0) -> float:
     """The noise multiplier of the run: the configured one, or one calibrated to spend
-    ``target_epsilon`` at ``delta`` in ``federated.rounds`` rounds."""
+    ``target_epsilon`` at ``delta`` in ``federated.rounds`` rounds (``dim``: the number of
+    model parameters, which distributed DP's accounting needs)."""
     _check(config)
     p, f, c = config.privacy, config.federated, config.client
+    accountant = accountant_of(config)
     if p.noise_multiplier > 0:
         return p.noise_multiplier
-    if p.mode == "user":
+    if p.mode == "distributed":
+        least, largest = _clients_bounds(config, population)
+        z = calibrate_distributed(p.target_epsilon, p.delta, f.rounds, p.clip_norm, dim, least,
+                                  largest)
+    elif p.mode == "user":
         rate, sampling = cohort_sampling(Cohort(f.clients_per_round, f.sampling), population)
         z = calibrate_noise_multiplier(p.target_epsilon, p.delta, f.rounds, rate,
-                                       accountant=p.accountant, sampling=sampling,
+                                       accountant=accountant, sampling=sampling,
                                        population=population)
     else:
         n = max(smallest_client or 1, 1)
@@ -59,7 +106,7 @@ def noise_for(config: Config, population: int,
                       max_steps=c.max_steps or None)
         z = calibrate_noise_multiplier(p.target_epsilon, p.delta,
                                        probe.steps(n) * f.rounds, probe.sampling_rate(n),
-                                       accountant=p.accountant)
+                                       accountant=accountant)
     log.info("privacy: noise multiplier %.4f calibrated to ε = %g at δ = %g over %d rounds",
              z, p.target_epsilon, p.delta, f.rounds)
     return z
@@ -77,20 +124,41 @@ def dp_client_update(config: Config, model: nn.Module, loss_fn: LossFn,
                  reproducible=p.reproducible)
 
 
-def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float) -> DPFedAvg | None:
-    """The DP-FedAvg stage for ``mode = "user"`` (else ``None``)."""
+def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float, population: int = 0,
+             dim: int = 0) -> DPFedAvg | DistributedDP | None:
+    """The DP-FedAvg stage for ``mode = "user"``, the distributed-DP stage for ``mode =
+    "distributed"`` (it needs the ``population`` and ``dim``, the number of model
+    parameters), else ``None``."""
     p, f = config.privacy, config.federated
-    if p.mode != "user":
+    if p.mode not in ("user", "distributed"):
         return None
     if f.reducer != "mean" or f.weighting != "uniform":
         raise ConfigError(
-            f"config [privacy]: mode = 'user' (DP-FedAvg) needs the uniform mean, but "
+            f"config [privacy]: mode = {p.mode!r} "
+            f"({'DP-FedAvg' if p.mode == 'user' else 'distributed DP'}) needs the uniform "
+            f"mean, but "
             f"federated.reducer = {f.reducer!r} and federated.weighting = {f.weighting!r}; set "
             "federated.reducer = \"mean\" and federated.weighting = \"uniform\"."
         )
-    return DPFedAvg(noise_multiplier, p.clip_norm, cohort, adaptive=p.adaptive_clipping,
-                    target_quantile=p.target_quantile, clip_lr=p.clip_lr,
-                    count_stddev=p.count_stddev or None, reproducible=p.reproducible)
+    if p.mode == "user":
+        return DPFedAvg(noise_multiplier, p.clip_norm, cohort, adaptive=p.adaptive_clipping,
+                        target_quantile=p.target_quantile, clip_lr=p.clip_lr,
+                        count_stddev=p.count_stddev or None, reproducible=p.reproducible)
+    if not config.secagg.enabled:
+        raise ConfigError(
+            "config [privacy]: mode = 'distributed' adds each client's share of the noise "
+            "before secure aggregation, and without it every client's update would be seen "
+            "with only its own share; set secagg.enabled = true (or use mode = \"user\").")
+    if p.adaptive_clipping:
+        raise ConfigError(
+            "config [privacy]: adaptive_clipping is not implemented for mode = 'distributed' "
+            "(the clipped-count bit would need noise of its own); set "
+            "privacy.adaptive_clipping = false and choose privacy.clip_norm.")
+    least, largest = _clients_bounds(config, population)
+    log.info("privacy: distributed DP with the noise of at least %d clients in every sum "
+             "(rounds with fewer contributors fail), up to %d per round", least, largest)
+    return DistributedDP(noise_multiplier, p.clip_norm, dim, least, largest,
+                         reproducible=p.reproducible)
 
 
 def dp_callback(config: Config, algorithm: FedAvg, population: int,
@@ -102,15 +170,19 @@ def dp_callback(config: Config, algorithm: FedAvg, population: int,
     if p.mode == "off":
         return None
     budget = p.target_epsilon or None
+    accountant = accountant_of(config)
+    if p.mode == "distributed":
+        ddp = next(s for s in algorithm.pipeline.stages if isinstance(s, DistributedDP))
+        return PrivacyAccounting(DistributedLedger(ddp), p.delta, budget)
     if p.mode == "user":
         stage = next(s for s in algorithm.pipeline.stages if isinstance(s, DPFedAvg))
-        ledger = UserLevelLedger(stage.noise_multiplier, algorithm.cohort, p.accountant)
+        ledger = UserLevelLedger(stage.noise_multiplier, algorithm.cohort, accountant)
         ledger.check(population)
         return PrivacyAccounting(ledger, p.delta, budget)
     update = algorithm.client_update
     assert isinstance(update, DPSGD)
     return PrivacyAccounting(
-        SampleLevelLedger(update, num_examples, algorithm.cohort, algorithm.seed, p.accountant),
+        SampleLevelLedger(update, num_examples, algorithm.cohort, algorithm.seed, accountant),
         p.delta, budget)
 
 
@@ -122,7 +194,14 @@ def privacy_summary(config: Config, history: list[dict[str, Any]]) -> dict[str, 
     if p.mode == "off":
         return {}
     eps = next((h["dp/epsilon"] for h in reversed(history) if "dp/epsilon" in h), None)
-    if p.mode == "user":
+    if p.mode == "distributed":
+        adjacency = ("one client's update replaced by zeros (it still adds its share of the "
+                     "noise); no amplification by sampling, as the coordinator picks the cohort")
+        protects = "everything one client holds, also against the coordinator"
+        trusts = ("that every released sum holds the noise of at least min_clients clients "
+                  "that follow the protocol (a coordinator colluding with clients removes "
+                  "their shares); the coordinator sees only the noisy sum")
+    elif p.mode == "user":
         adjacency = "add or remove one client" if f.sampling == "poisson" \
             else "replace one client"
         protects = "everything one client holds"
@@ -135,7 +214,7 @@ def privacy_summary(config: Config, history: list[dict[str, Any]]) -> dict[str, 
     if p.reproducible:
         trusts = "everyone who holds the config: the noise derives from the run's seed"
     out: dict[str, Any] = {
-        "mode": p.mode, "epsilon": eps, "delta": p.delta, "accountant": p.accountant,
+        "mode": p.mode, "epsilon": eps, "delta": p.delta, "accountant": accountant_of(config),
         "adjacency": adjacency, "protects": protects, "trusts": trusts,
         "noise": "reproducible" if p.reproducible else "secret",
     }

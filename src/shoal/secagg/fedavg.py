@@ -12,7 +12,14 @@ with ``w = min(weight, max_weight) / max_weight``. The coordinator unmasks the s
 the weighted mean ``sum(w x) / sum(w)`` (the reducer's ``finalize``), then runs the pipeline's
 server halves on it — where coordinator-side stages such as central DP noise operate on the
 securely aggregated sum — and the server optimizer. Training metrics are aggregated securely
-too. Clients also answer secure federated evaluation (task ``"evaluate"``): the counts behind
+too.
+
+A pipeline stage that ``encodes_to_ring`` (distributed DP,
+:class:`~shoal.privacy.distributed.DistributedDP`) replaces that vector: each client sends only
+its update, encoded by the stage into integers modulo 2^32 (clipped, rounded and noised on the
+client), the stage decodes the secure sum, and the mean is the noisy sum over the number of
+contributors (the uniform mean; training loss and example counts are not sent, as their sums
+would be released without noise). Clients also answer secure federated evaluation (task ``"evaluate"``): the counts behind
 the metrics (examples, correct predictions, summed loss) are summed securely.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -43,7 +51,7 @@ from .quantize import Block, dequantize
 from .session import SecureSum, secure_sum
 from .stage import SecureAggregation
 
-__all__ = ["EXAMPLES_FACTOR", "LOSS_CLIP", "SecureFedAvg"]
+__all__ = ["EXAMPLES_FACTOR", "LOSS_CLIP", "RingEncoding", "SecureFedAvg"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,26 @@ LOSS_CLIP = 100.0
 EXAMPLES_FACTOR = 100.0
 """A client's examples trained per round are clipped to ``EXAMPLES_FACTOR * secagg.max_weight``
 (whatever the weighting: with uniform weights a client's weight is 1, its examples are not)."""
+
+
+class RingEncoding(Protocol):
+    """What a stage that ``encodes_to_ring`` offers :class:`SecureFedAvg` (distributed DP,
+    :class:`~shoal.privacy.distributed.DistributedDP`)."""
+
+    min_clients: int
+    """The fewest contributors a released sum may have."""
+
+    def generator(self, seed: int, round: int, client: str) -> Any:
+        """The randomness of one client's encoding in one round."""
+        ...
+
+    def encode(self, update: np.ndarray, gen: Any) -> np.ndarray:
+        """One client's update (float64) as ``uint32`` values of the ring."""
+        ...
+
+    def decode(self, total: np.ndarray) -> np.ndarray:
+        """The float64 sum from the ring sum of the encoded updates."""
+        ...
 
 
 class SecureFedAvg(FedAvg):
@@ -84,6 +112,14 @@ class SecureFedAvg(FedAvg):
                          min_replies=min_replies, timeout=timeout, client_eval=client_eval,
                          seed=seed)
         self.secagg = secagg
+        self.ring = cast(RingEncoding | None, next(
+            (st for st in base.stages if getattr(st, "encodes_to_ring", False)), None))
+        """The stage that encodes updates into the ring itself (distributed DP), or None."""
+        if self.ring is not None and min_replies < self.ring.min_clients:
+            raise AggregationError(
+                f"SecureFedAvg: min_replies = {min_replies} is below the {self.ring.min_clients} "
+                f"contributors whose noise {self.ring!r} needs in every released sum; set "
+                f"min_replies >= {self.ring.min_clients}.")
         self.protocol = SecAggClient({"train": self.train_input,
                                       "evaluate": self.evaluate_input}, seed)
 
@@ -119,8 +155,8 @@ class SecureFedAvg(FedAvg):
         configs = self.pipeline.client_configs(state.stage_states)
         template = self.pipeline.update_template(state.params)  # stages may add tensors
         n = tree.numel(template)
-        res = self._sum(transport, chosen, round, f"train-{round}", "train", n + 4,
-                        state.params, {"stages": configs})
+        res = self._sum(transport, chosen, round, f"train-{round}", "train",
+                        n if self.ring is not None else n + 4, state.params, {"stages": configs})
         report = RoundReport(round, dropped=dict(res.dropped))
         for c, why in res.dropped.items():
             log.warning("round %d: dropped %s: %s", round, c, why)
@@ -135,13 +171,10 @@ class SecureFedAvg(FedAvg):
             report.failed = res.failed
             log.warning("round %d not applied: %s", round, report.failed)
             return state, report
-        clip, big = self.secagg.clip, self._max_examples()
-        wx, w, wloss, wcount, examples = dequantize(
-            res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
-        total_weight = float(w[0])
-        m["train/examples"] = float(_nearest(examples[0]))  # a sum of integer counts
-        if wcount[0] > 0:
-            m["train/loss"] = float(wloss[0] / wcount[0])
+        if self.ring is not None:
+            wx, total_weight = self.ring.decode(res.total), float(len(res.contributors))
+        else:
+            wx, total_weight = self._training_sums(res, n, m)
         if not total_weight > 0:
             report.failed = (f"the securely summed weight is {total_weight:g}; expected > 0 "
                              "(raise secagg.max_weight if clients are small)")
@@ -158,6 +191,19 @@ class SecureFedAvg(FedAvg):
         reduced = {k: mean[k].to(dtype) for k, _, dtype in spec}
         info = RoundInfo(round, self.seed, len(chosen), len(res.contributors), len(population))
         return self.apply(state, reduced, info, report)
+
+    def _training_sums(self, res: SecureSum, n: int,
+                       metrics: dict[str, float]) -> tuple[np.ndarray, float]:
+        """The weighted update sum and the total weight from the secure sum of the training
+        vector (see the module docstring); the training metrics into ``metrics``."""
+        assert res.total is not None
+        clip, big = self.secagg.clip, self._max_examples()
+        wx, w, wloss, wcount, examples = dequantize(
+            res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
+        metrics["train/examples"] = float(_nearest(examples[0]))  # a sum of integer counts
+        if wcount[0] > 0:
+            metrics["train/loss"] = float(wloss[0] / wcount[0])
+        return wx, float(w[0])
 
     def evaluate_securely(self, params: Params, transport: Transport, round: int,
                           clients: list[str] | None = None) -> dict[str, float]:
@@ -197,6 +243,10 @@ class SecureFedAvg(FedAvg):
         update = self.pipeline.client(result.update, message.config.get("stages", []), info)
         template = self.pipeline.update_template(message.tensors)
         tree.check_update(template, update)
+        if self.ring is not None:  # distributed DP: the update only, noised on this client
+            flat, _ = tree.flatten({k: update[k] for k in template})
+            gen = self.ring.generator(self.seed, message.round, context.node_id)
+            return [(self.ring.encode(flat.detach().to(torch.float64).numpy(), gen), None)]
         weight = self.pipeline.reducer.client_weight(float(result.weight))
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateError(f"client {context.node_id!r}: weight must be a finite number > 0, "

@@ -27,8 +27,10 @@ __all__ = ["RING_BITS", "Block", "dequantize", "error_bound", "levels_for", "qua
 RING_BITS = 32
 """Masked vectors live in Z_(2^RING_BITS) (``uint32``; additions wrap for free)."""
 
-Block = tuple[np.ndarray, float]
-"""A block of float values and the public bound ``b`` its values are clipped to."""
+Block = tuple[np.ndarray, float | None]
+"""A block of float values and the public bound ``b`` its values are clipped to — or, with
+bound ``None``, a block of ``uint32`` values already encoded in the ring by the caller (the
+noisy integers of distributed DP), which is passed through unchanged."""
 
 
 def levels_for(n: int) -> int:
@@ -46,6 +48,14 @@ def quantize(blocks: Sequence[Block], levels: int, rng: np.random.Generator) -> 
     out = np.empty(sum(np.size(values) for values, _ in blocks), dtype=np.int32)
     offset = 0
     for values, bound in blocks:
+        if bound is None:
+            ring = np.asarray(values).reshape(-1)
+            if ring.dtype != np.uint32:
+                raise SecAggError(f"secagg: a block without a bound must hold uint32 values "
+                                  f"already in the ring (got {ring.dtype}).")
+            out[offset:offset + ring.shape[0]] = ring.view(np.int32)
+            offset += ring.shape[0]
+            continue
         if not bound > 0:
             raise SecAggError(f"secagg: a block's bound must be > 0 (got {bound}).")
         x = np.asarray(values).reshape(-1)
