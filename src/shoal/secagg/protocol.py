@@ -55,8 +55,8 @@ from .quantize import Block, quantize
 from .shamir import SHARE_BYTES, split_bytes
 
 __all__ = ["ADVERTISE", "CONSISTENCY", "CT_PREFIX", "KINDS", "MASKED_INPUT", "SHARE_KEYS",
-           "UNMASK", "InputFn", "SecAggClient", "commitment", "pair_mask_key", "raw",
-           "rounding_rng", "statement", "u8"]
+           "UNMASK", "InputFn", "SecAggClient", "commitment", "majority", "pair_mask_key", "raw",
+           "rounding_rng", "share_key", "statement", "u8"]
 
 ADVERTISE = "secagg.advertise"
 SHARE_KEYS = "secagg.share_keys"
