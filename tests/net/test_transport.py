@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -141,7 +142,10 @@ def test_refusals(ca_dir, tmp_path) -> None:
         errors: list[BaseException] = []
         t = threading.Thread(target=lambda: _collect(client, errors), daemon=True)
         t.start()
-        assert coord.wait_for_nodes(1, 30)
+        deadline = time.monotonic() + 30  # client-0 may still be leaving: wait for this one
+        while "late-revoked" not in coord.nodes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "late-revoked" in coord.nodes()
         ca.revoke("late-revoked")
         (reply,) = coord.request([Message("echo", "coordinator", "late-revoked", 2)], timeout=30)
         assert reply.error == "node 'late-revoked': its certificate was revoked"
