@@ -3,6 +3,7 @@ encoding, the accounting against dp-accounting, the coordinator's view, and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,7 +21,7 @@ from shoal.algorithms.fedavg import FedAvg
 from shoal.config import load_config
 from shoal.errors import AggregationError, ConfigError
 from shoal.experiment import run_experiment
-from shoal.message import COORDINATOR
+from shoal.message import COORDINATOR, Message
 from shoal.observe import Recorder
 from shoal.privacy import DistributedDP, distributed_dp
 from shoal.privacy.distributed import calibrate_distributed, discrete_gaussian
@@ -28,11 +29,13 @@ from shoal.privacy.secure_random import SecureGenerator
 from shoal.run import run
 from shoal.secagg import SecureFedAvg, secure_aggregation
 from shoal.secagg.crypto import KEY_BYTES, mask_stream
-from shoal.secagg.protocol import MASKED_INPUT, UNMASK, raw
+from shoal.secagg.protocol import CONSISTENCY, MASKED_INPUT, UNMASK, raw
 from shoal.secagg.shamir import combine_bytes
 from shoal.seeding import numpy_rng
 from shoal.sim import InProcessTransport
 from shoal.types import ClientResult
+
+from ..secagg._helpers import Coordinator
 
 # -- the discrete Gaussian sampler --------------------------------------------------------------
 
@@ -235,6 +238,34 @@ def test_the_coordinators_view_carries_the_noise():
     assert np.corrcoef(view, clean)[0, 1] < 0.5  # the updates are buried (|clean| = 1.6)
     applied = result.state.params["w"].double().numpy()
     np.testing.assert_allclose(applied, view / 10, rtol=0, atol=1e-6)
+
+
+def test_a_coordinator_that_shrinks_the_survivor_set_is_refused():
+    """To unmask a sum of fewer noise shares than the clients agreed to, a coordinator tells
+    them that most of the others dropped (after their masked inputs arrived). Every client
+    refuses to sign a survivor set below its own min_clients; nothing is unmasked."""
+    ids = [f"c{i}" for i in range(10)]
+    ddp = distributed_dp(1.0, 1.0, D, 9, 10)
+    alg = SecureFedAvg(_fixed_update, pipeline=Pipeline([ddp, secure_aggregation()],
+                                                        weighted_mean("uniform")),
+                       min_replies=9, seed=0)
+    inner = InProcessTransport(ids, lambda _: None, alg.handlers())
+
+    def shrink(m: Message) -> Message:
+        if m.kind in (CONSISTENCY, UNMASK):
+            return dataclasses.replace(m, config={**m.config, "survivors": ids[:6]})
+        return m
+
+    coord = Coordinator(inner, shrink)
+    state, report = alg.round(alg.init({"w": torch.zeros(D)}), coord, 1)
+    assert report.failed is not None
+    refused = {r.src: r.error for r in coord.replies if r.kind == CONSISTENCY}
+    for who in ids[:6]:
+        assert refused[who] == (f"SecAggError: secagg.consistency: client {who!r} refuses to "
+                                "sign a survivor set of 6 clients: it takes part only in sums "
+                                "of at least 9 inputs.")
+    assert not [r for r in coord.replies if r.kind == UNMASK and r.tensors]
+    assert torch.equal(state.params["w"], torch.zeros(D))
 
 
 class _Drop:

@@ -1,9 +1,10 @@
 """Shared by the secure-aggregation tests: a transport that records what the coordinator
-handles, and a federation of clients summing small seeded vectors."""
+handles, a coordinator that deviates, and a federation of clients summing small seeded
+vectors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -45,6 +46,25 @@ class Recording:
         self.sent.extend(messages)
         for reply in self.inner.stream(messages, timeout):
             self.received.append(reply)
+            yield reply
+
+
+class Coordinator:
+    """A coordinator that deviates: every request passes ``rewrite`` before it is sent;
+    every reply is kept."""
+
+    def __init__(self, inner, rewrite: Callable[[Message], Message]):
+        self.inner, self.rewrite = inner, rewrite
+        self.stats = inner.stats
+        self.replies: list[Message] = []
+
+    def nodes(self) -> Sequence[str]:
+        return self.inner.nodes()
+
+    def stream(self, messages: Sequence[Message], timeout: float | None = None
+               ) -> Iterator[Message]:
+        for reply in self.inner.stream([self.rewrite(m) for m in messages], timeout):
+            self.replies.append(reply)
             yield reply
 
 

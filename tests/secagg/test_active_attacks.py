@@ -5,7 +5,6 @@ clients must say why, and a round that cannot finish fails cleanly while the run
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
@@ -21,26 +20,7 @@ from shoal.secagg.shamir import PRIME, SHARE_BYTES
 from shoal.sim import InProcessTransport
 
 from ..conftest import cross_entropy, make_tiny, sgd
-from ._helpers import D, federation
-
-
-class Coordinator:
-    """A coordinator that deviates: every request passes ``rewrite`` before it is sent;
-    every reply is kept."""
-
-    def __init__(self, inner, rewrite: Callable[[Message], Message]):
-        self.inner, self.rewrite = inner, rewrite
-        self.stats = inner.stats
-        self.replies: list[Message] = []
-
-    def nodes(self) -> Sequence[str]:
-        return self.inner.nodes()
-
-    def stream(self, messages: Sequence[Message], timeout: float | None = None
-               ) -> Iterator[Message]:
-        for reply in self.inner.stream([self.rewrite(m) for m in messages], timeout):
-            self.replies.append(reply)
-            yield reply
+from ._helpers import Coordinator, D, federation
 
 
 def _neighbours_of(victim: str, replies: list[Message]) -> list[str]:

@@ -121,7 +121,8 @@ class SecureFedAvg(FedAvg):
                 f"contributors whose noise {self.ring!r} needs in every released sum; set "
                 f"min_replies >= {self.ring.min_clients}.")
         self.protocol = SecAggClient({"train": self.train_input,
-                                      "evaluate": self.evaluate_input}, seed)
+                                      "evaluate": self.evaluate_input}, seed,
+                                     min_survivors=self.ring.min_clients if self.ring else 1)
 
     def __repr__(self) -> str:
         return (f"SecureFedAvg({self.client_update!r}, {self.pipeline!r}, {self.server_opt!r}, "

@@ -152,14 +152,18 @@ class SecAggClient:
 
     ``inputs`` maps a task name (``"train"``, ``"evaluate"``) to the function computing the
     client's input for it; ``seed`` is the run's seed (for the stochastic rounding only).
+    ``min_survivors`` is the smallest survivor set the client signs: a coordinator that
+    claims honest clients dropped, to unmask a sum of fewer inputs (with distributed DP: fewer
+    noise shares) than the client agreed to, is refused.
     Per-session state (private keys, shares received) lives in the node's ``context.state``
     and is deleted once the client has answered ``secagg.unmask``. The node's
     ``context.credentials`` sign for it and check its neighbours' signatures.
     """
 
-    def __init__(self, inputs: Mapping[str, InputFn], seed: int = 0):
+    def __init__(self, inputs: Mapping[str, InputFn], seed: int = 0, min_survivors: int = 1):
         self.inputs = dict(inputs)
         self.seed = seed
+        self.min_survivors = min_survivors
 
     def handlers(self) -> dict[str, Handler]:
         """The five ``secagg.*`` handlers."""
@@ -296,6 +300,10 @@ class SecAggClient:
             raise SecAggError(f"{CONSISTENCY}: client {me!r} got an invalid survivor set; "
                               "expected the sorted ids of the clients whose masked inputs "
                               "arrived, its own among them.")
+        if len(survivors) < self.min_survivors:
+            raise SecAggError(f"{CONSISTENCY}: client {me!r} refuses to sign a survivor set of "
+                              f"{len(survivors)} clients: it takes part only in sums of at "
+                              f"least {self.min_survivors} inputs.")
         sig = self._credentials(context).sign(statement("survivors", session, *survivors))
         st.update(stage=4, survivors=survivors)
         return message.reply(tensors={"sig": u8(sig)})
