@@ -84,6 +84,71 @@ def test_bookkeeping_equals_hooks_on_a_cnn():
                                    rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("conv", [
+    dict(), dict(stride=2), dict(padding=2, dilation=2), dict(groups=2),
+    dict(stride=(2, 1), padding=(1, 0), groups=4, bias=False), dict(kernel_size=(3, 2), stride=3),
+])
+def test_conv_per_example_gradients_match_opacus(conv):
+    """Book-keeping's Conv2d sampler (the weight-gradient kernel over B x groups) gives
+    Opacus' im2col per-example gradients for strides, dilations, groups and odd kernels."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from shoal.privacy.bookkeeping import _conv2d_grad_sample
+    torch.manual_seed(0)
+    conv = {"kernel_size": 3, **conv}
+    layer = nn.Conv2d(8, 12, **conv)
+    x = torch.randn(5, 8, 17, 15)
+    g = torch.randn_like(layer(x))
+    ours, opacus = _conv2d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+    assert set(ours) == set(opacus)
+    for p in opacus:
+        torch.testing.assert_close(ours[p], opacus[p], rtol=1e-4, atol=1e-4)
+
+
+class _EmbeddingBag(nn.Module):
+    """Integer inputs: the first trainable layer sees data that needs no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+
+    def forward(self, x):
+        return self.out(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["no-bias-first", "frozen-first", "embedding"])
+def test_bookkeeping_backward_reaches_every_layer(kind):
+    """Book-keeping asks autograd only for the entry layers' smallest parameters; every layer's
+    clipped gradient must still equal Opacus' per-example clipping — a first layer without a
+    bias, a frozen first layer, integer inputs through an embedding."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "embedding":
+        model = _EmbeddingBag()
+        data = ArrayData.of(torch.randint(0, 20, (32, 5), generator=g),
+                            torch.randint(0, 10, (32,), generator=g))
+    else:
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 6 * 6, 10))
+        if kind == "frozen-first":
+            model[0].weight.requires_grad_(False)
+        data = ArrayData.of(torch.randn(32, 1, 8, 8, generator=g),
+                            torch.randint(0, 10, (32,), generator=g))
+    params = tree.params_of(model)
+    results = {}
+    for mode in ("bookkeeping", "hooks"):
+        update_fn = dp_sgd(model, F.cross_entropy, noise_multiplier=0.5, max_grad_norm=0.1,
+                           batch_size=8, max_steps=2, grad_sample_mode=mode,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                           reproducible=True)
+        results[mode] = update_fn(params, data, ClientInfo("c", 2, 9)).update
+    for k in params:
+        torch.testing.assert_close(results["bookkeeping"][k], results["hooks"][k],
+                                   rtol=1e-4, atol=1e-6)
+    assert any(results["bookkeeping"][k].abs().sum() > 0 for k in params)
+
+
 def test_noise_has_the_calibrated_standard_deviation():
     """A loss with zero gradient leaves only the noise: N(0, (σC/B)²) per coordinate."""
     def zero_loss(out, target, reduction="mean"):

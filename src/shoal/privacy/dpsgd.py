@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from typing import Any, Literal
 
 import dp_accounting
@@ -205,14 +206,15 @@ class DPSGD:
 
 
     def _bookkeeping_backward(self, gsm: Any, xb: Tensor, yb: Tensor) -> Tensor:
-        """One backward pass for the norms, then the clipped sum from what it kept."""
-        if xb.is_floating_point():
-            xb = xb.detach().requires_grad_(True)
+        """One backward pass for the norms, then the clipped sum from what it kept.
+
+        Autograd is asked only for each layer's smallest parameter (a bias where there is one):
+        that makes every layer's output gradient (which the hooks record) without computing a
+        weight gradient that the clipped sum replaces, or the input's gradient."""
         loss = self.loss_fn(gsm(xb), yb)  # mean over the batch
-        if xb.requires_grad:  # only activation gradients: no parameter gradient is wasted
-            torch.autograd.grad(loss, [xb])
-        else:
-            loss.backward()
+        with warnings.catch_warnings():  # the entry layers' hooks fire on output gradients:
+            warnings.filterwarnings("ignore", "Full backward hook is firing")  # as intended
+            torch.autograd.grad(loss, gsm.probes())
         gsm.clip_and_sum_()
         return loss
 
