@@ -42,6 +42,7 @@ from .algorithm import Algorithm, RoundReport
 from .algorithms.centralized import Centralized
 from .algorithms.cohort import Cohort, cohort
 from .algorithms.fedavg import FedAvg, FedAvgState
+from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold, ScaffoldState
 from .callbacks import CentralEvaluation, EarlyStopping, FederatedEvaluation, MetricsLog
 from .checkpoint import Checkpoint
@@ -70,7 +71,7 @@ __all__ = [
     "EarlyStopping", "Evaluator", "FedAvg", "FedAvgState", "FederatedDataset",
     "FederatedEvaluation", "FunctionTransport", "InProcessTransport", "Message", "MetricsLog",
     "Node", "NodeContext", "Params", "Pipeline", "Reducer", "RoundReport", "RunResult",
-    "Scaffold", "ScaffoldState", "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "adagrad", "adam", "clip_by_norm",
+    "Scaffold", "ScaffoldState", "ServerOpt", "ShoalError", "Stage", "Task", "Transport", "WeightCap", "adagrad", "adam", "clip_by_norm",
     "cohort", "coordinate_median", "derive_seed", "errors", "federate", "krum", "load_config",
     "load_task", "local_sgd", "momentum", "multi_krum", "optimizer_fn", "register_task", "run",
     "run_experiment", "sgd", "simulated_dropout", "split", "tree", "trimmed_mean", "weighted_mean",

@@ -52,6 +52,7 @@ from .aggregate import (
 from .algorithms.centralized import Centralized
 from .algorithms.cohort import Cohort
 from .algorithms.fedavg import FedAvg
+from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
 from .checkpoint import Checkpoint, latest_checkpoint, restore
@@ -75,7 +76,7 @@ from .tree import Params
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
            "centralized_paradigm", "client_optimizer", "config_reducer", "config_server_opt",
            "federated_paradigm", "initial_params", "make_dataset", "register_paradigm",
-           "resolve_config", "run_experiment", "scheduled_examples"]
+           "resolve_config", "run_experiment", "scheduled_examples", "weight_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,13 @@ def config_server_opt(config: Config) -> ServerOpt:
     }[f.server_opt]()
 
 
+def weight_cap(config: Config, dataset: FederatedDataset) -> WeightCap:
+    """The most weight each client's reply counts with (``federated.max_weight``)."""
+    if config.federated.max_weight > 0:
+        return WeightCap(fixed=config.federated.max_weight)
+    return WeightCap({cid: float(dataset.num_examples(cid)) for cid in dataset.client_ids()})
+
+
 def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                     model: torch.nn.Module) -> tuple[FedAvg, InProcessTransport]:
     """The FedAvg-family algorithm and the simulated federation the config describes."""
@@ -218,6 +226,13 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
         min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
         seed=config.seed)
     s = config.secagg
+    if not s.enabled:
+        kwargs["weight_cap"] = weight_cap(config, dataset)
+    elif f.max_weight > 0:
+        raise ConfigError(
+            "config field 'federated.max_weight': secure aggregation caps a client's weight "
+            "itself, inside the masked sum; set secagg.max_weight instead (and leave "
+            "federated.max_weight = 0).")
     if f.algorithm == "scaffold":
         if s.enabled:
             raise ConfigError(

@@ -31,6 +31,7 @@ from ..message import Message
 from ..tree import Params
 from ..types import ClientInfo
 from ..validation import reply_problem
+from .influence import WeightCap, client_metrics
 
 __all__ = ["UPDATE", "Channel", "Partial", "RoundFold", "RowsOf"]
 
@@ -59,14 +60,17 @@ class Partial:
 
     ``folds`` has one :class:`~shoal.aggregate.Fold` per channel (:data:`UPDATE` first);
     ``positions`` are the cohort positions of the valid replies with their client ``metrics``
-    (plus the reported ``"weight"``), in the same order; ``dropped`` holds ``(position, node id,
-    reason)`` of every reply that was not used.
+    (plus the ``"weight"`` used), in the same order; ``dropped`` holds ``(position, node id,
+    reason)`` of every reply that was not used; ``capped`` counts the weights clipped to their
+    cap and ``refused`` the metric keys refused (:mod:`shoal.algorithms.influence`).
     """
 
     folds: dict[str, Fold]
     positions: list[int] = field(default_factory=list)
     metrics: list[dict[str, float]] = field(default_factory=list)
     dropped: list[tuple[int, str, str]] = field(default_factory=list)
+    capped: int = 0
+    refused: int = 0
 
     @property
     def fold(self) -> Fold:
@@ -78,11 +82,13 @@ class RoundFold:
     """Folds one round's train replies; see the module docstring.
 
     ``params`` are the global params the requests carried; ``configs`` the stages' client
-    configs of the round; ``channels`` the algorithm's extra channels by name.
+    configs of the round; ``channels`` the algorithm's extra channels by name; ``weight_cap``
+    the most weight a reply counts with (``None``: its claim, unchecked).
     """
 
     def __init__(self, pipeline: Pipeline, params: Params, configs: Sequence[Mapping[str, Any]],
-                 round: int, seed: int, channels: Mapping[str, Channel] | None = None):
+                 round: int, seed: int, channels: Mapping[str, Channel] | None = None,
+                 weight_cap: WeightCap | None = None):
         self.pipeline = pipeline
         self.template = pipeline.update_template(params)  # the model update's tensors
         self.channels = dict(channels or {})
@@ -93,6 +99,24 @@ class RoundFold:
         self.round = round
         self.seed = seed
         self._coordinator_stages = any(s.runs_at == "coordinator" for s in pipeline.stages)
+        self.weight_cap = weight_cap
+
+    def _weight(self, part: Partial, reply: Message) -> float:
+        """The weight ``reply`` counts with (its claim, clipped to its cap)."""
+        weight = float(reply.config["weight"])
+        if self.weight_cap is None:
+            return weight
+        used, clipped = self.weight_cap.clip(reply.src, weight)
+        part.capped += clipped
+        return used
+
+    def _record(self, part: Partial, position: int, reply: Message, weight: float) -> None:
+        """Note a used reply: its position and the metrics the coordinator keeps of it."""
+        cap = None if self.weight_cap is None else self.weight_cap.cap(reply.src)
+        kept, refused = client_metrics(reply.metrics, cap)
+        part.refused += refused
+        part.positions.append(position)
+        part.metrics.append({**kept, "weight": weight})
 
     @property
     def streams(self) -> bool:
@@ -119,15 +143,14 @@ class RoundFold:
         if reason is not None:
             part.dropped.append((position, request.dst, reason))
             return
-        weight = float(reply.config["weight"])
+        weight = self._weight(part, reply)
         pieces = self._split(reply.tensors)
         if self._coordinator_stages:
             pieces[UPDATE] = self.pipeline.coordinator(
                 pieces[UPDATE], self.configs, ClientInfo(request.dst, self.round, self.seed))
         for name, piece in pieces.items():
             part.folds[name].add(piece, weight, position)
-        part.positions.append(position)
-        part.metrics.append({**reply.metrics, "weight": weight})
+        self._record(part, position, reply, weight)
 
     def fold(self, requests: Sequence[Message], replies: Iterable[Message],
              positions: Sequence[int] | None = None, rows: RowsOf | None = None) -> Partial:
@@ -172,9 +195,12 @@ class RoundFold:
             reply_problem(req, rep, template=self.reference, weight=True, finite=False)
             for _, req, rep, _, _ in items]
 
+        used = [self._weight(part, rep) if r is None else 0.0
+                for (_, _, rep, _, _), r in zip(items, reasons, strict=True)]
+
         def kept() -> Partial | None:
-            ok = [(item, float(item[2].config["weight"]))
-                  for item, r in zip(items, reasons, strict=True) if r is None]
+            ok = [(item, w) for item, r, w in zip(items, reasons, used, strict=True)
+                  if r is None]
             if not ok:
                 return None
             return self._rows_fold(stacks, [it[4] for it, _ in ok], [w for _, w in ok],
@@ -201,10 +227,9 @@ class RoundFold:
             return
         for name, f in tmp.folds.items():
             part.folds[name].merge(f)
-        for (position, _, reply, _, _), reason in zip(items, reasons, strict=True):
+        for (position, _, reply, _, _), reason, w in zip(items, reasons, used, strict=True):
             if reason is None:
-                part.positions.append(position)
-                part.metrics.append({**reply.metrics, "weight": float(reply.config["weight"])})
+                self._record(part, position, reply, w)
 
     def merge(self, parts: Sequence[Partial]) -> Partial:
         """One part from several: running sums added in the order given, everything else put
@@ -218,6 +243,8 @@ class RoundFold:
             out.positions.append(pos)
             out.metrics.append(parts[i].metrics[j])
         out.dropped = sorted(d for p in parts for d in p.dropped)
+        out.capped = sum(p.capped for p in parts)
+        out.refused = sum(p.refused for p in parts)
         return out
 
     def finish(self, part: Partial, channel: str = UPDATE) -> tuple[Params | None, int]:

@@ -39,6 +39,7 @@ from ..tree import Params
 from ..types import ClientInfo, ClientResult, RoundInfo
 from .cohort import Cohort
 from .collect import Partial, RoundFold
+from .influence import CLIENT_NAMESPACES, WeightCap
 
 __all__ = ["ClientEvaluate", "FedAvg", "FedAvgState", "TrainBatch", "eval_data", "train_data"]
 
@@ -80,12 +81,16 @@ class FedAvg:
         timeout: seconds a client may take; a slower client is dropped from the round.
         client_eval: ``fn(params, data) -> metrics`` run by clients on ``"evaluate"``.
         seed: the run's seed (cohorts and each client's randomness derive from it).
+        weight_cap: the most weight a client's reply counts with
+            (:class:`~shoal.algorithms.influence.WeightCap`; ``None``: its claim, unchecked —
+            one client claiming 1e30 then replaces the model).
     """
 
     def __init__(self, client_update: ClientUpdate, *, pipeline: Pipeline | None = None,
                  server_opt: ServerOpt | None = None, cohort: Cohort | None = None,
                  min_replies: int = 1, timeout: float | None = None,
-                 client_eval: ClientEvaluate | None = None, seed: int = 0):
+                 client_eval: ClientEvaluate | None = None, seed: int = 0,
+                 weight_cap: WeightCap | None = None):
         self.client_update = client_update
         self.pipeline = pipeline if pipeline is not None else Pipeline()
         self.server_opt = server_opt if server_opt is not None else sgd(1.0)
@@ -102,6 +107,7 @@ class FedAvg:
         self.timeout = timeout
         self.client_eval = client_eval
         self.seed = seed
+        self.weight_cap = weight_cap
 
     def __repr__(self) -> str:
         return (f"FedAvg({self.client_update!r}, {self.pipeline!r}, {self.server_opt!r}, "
@@ -141,7 +147,8 @@ class FedAvg:
 
     def round_fold(self, state: FedAvgState, configs: list[dict], round: int) -> RoundFold:
         """How the round's train replies are validated and folded."""
-        return RoundFold(self.pipeline, state.params, configs, round, self.seed)
+        return RoundFold(self.pipeline, state.params, configs, round, self.seed,
+                         weight_cap=self.weight_cap)
 
     def round(self, state: FedAvgState, transport: Transport,
               round: int) -> tuple[FedAvgState, RoundReport]:
@@ -159,13 +166,19 @@ class FedAvg:
             report.dropped[dst] = reason
             log.warning("round %d: dropped %s: %s", round, dst, reason)
         m = report.metrics
-        m["round/sampled"] = float(len(chosen))
-        m["round/replied"] = float(len(part.positions))
-        m["round/dropped"] = float(len(report.dropped))
-        if part.metrics:
+        if part.metrics:  # the clients' claims (their namespaces only), then our own counts
             m.update({k: v for k, v in weighted_average(part.metrics, "weight").items()
                       if k != "weight"})
             m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in part.metrics)
+        m["round/sampled"] = float(len(chosen))
+        m["round/replied"] = float(len(part.positions))
+        m["round/dropped"] = float(len(report.dropped))
+        if self.weight_cap is not None:
+            m["round/weights_capped"] = float(part.capped)
+        if part.refused:
+            m["round/metrics_refused"] = float(part.refused)
+            log.warning("round %d: refused %d metric value(s) outside the clients' namespaces "
+                        "(%s) or not finite", round, part.refused, ", ".join(CLIENT_NAMESPACES))
         info = RoundInfo(round, self.seed, len(chosen), len(part.positions), len(population))
         return self.finish_round(state, fold, part, info, report)
 

@@ -44,6 +44,7 @@ from ..types import RoundInfo
 from .cohort import Cohort
 from .collect import Channel, Partial, RoundFold
 from .fedavg import ClientEvaluate, FedAvg, FedAvgState, train_data
+from .influence import WeightCap
 
 __all__ = ["CONTROL", "CONTROL_UPDATE", "CONTROL_CHANNEL", "NODE_CONTROL", "Scaffold",
            "ScaffoldState"]
@@ -82,7 +83,8 @@ class Scaffold(FedAvg):
     def __init__(self, client_update: Correctable, *, pipeline: Pipeline | None = None,
                  server_opt: ServerOpt | None = None, cohort: Cohort | None = None,
                  min_replies: int = 1, timeout: float | None = None,
-                 client_eval: ClientEvaluate | None = None, seed: int = 0):
+                 client_eval: ClientEvaluate | None = None, seed: int = 0,
+                 weight_cap: WeightCap | None = None):
         if not isinstance(client_update, Correctable):
             raise ConfigError(
                 f"Scaffold: the client update {client_update!r} cannot take gradient "
@@ -91,7 +93,7 @@ class Scaffold(FedAvg):
         self.trained = list(client_update.trainable())
         super().__init__(client_update, pipeline=pipeline, server_opt=server_opt,  # type: ignore[arg-type]
                          cohort=cohort, min_replies=min_replies, timeout=timeout,
-                         client_eval=client_eval, seed=seed)
+                         client_eval=client_eval, seed=seed, weight_cap=weight_cap)
         protecting = [s for s in self.pipeline.stages if s.protects_updates]
         if protecting:
             raise ConfigError(
@@ -125,7 +127,8 @@ class Scaffold(FedAvg):
         assert isinstance(state, ScaffoldState)
         template = {CONTROL_UPDATE + k: torch.zeros_like(v) for k, v in state.control.items()}
         return RoundFold(self.pipeline, state.params, configs, round, self.seed,
-                         {CONTROL_CHANNEL: Channel(template, weighted_mean("uniform"))})
+                         {CONTROL_CHANNEL: Channel(template, weighted_mean("uniform"))},
+                         weight_cap=self.weight_cap)
 
     def finish_round(self, state: FedAvgState, fold: RoundFold, part: Partial, info: RoundInfo,
                      report: RoundReport) -> tuple[FedAvgState, RoundReport]:

@@ -38,6 +38,7 @@ from ..aggregate import Fold, Pipeline, ServerOpt, WeightedMean
 from ..algorithm import RoundReport
 from ..algorithms.cohort import Cohort
 from ..algorithms.fedavg import ClientEvaluate, FedAvg, FedAvgState, eval_data, train_data
+from ..algorithms.influence import EXAMPLES_FACTOR
 from ..client import ClientUpdate
 from ..errors import AggregationError, UpdateError
 from ..message import Message
@@ -58,9 +59,6 @@ log = logging.getLogger(__name__)
 LOSS_CLIP = 100.0
 """Losses are clipped to [0, LOSS_CLIP] before they are summed securely."""
 
-EXAMPLES_FACTOR = 100.0
-"""A client's examples trained per round are clipped to ``EXAMPLES_FACTOR * secagg.max_weight``
-(whatever the weighting: with uniform weights a client's weight is 1, its examples are not)."""
 
 
 class RingEncoding(Protocol):
