@@ -135,3 +135,37 @@ def test_checkpoint_keeps_the_newest_and_refuses_foreign_state(tmp_path):
         load_checkpoint(latest_checkpoint(tmp_path), {"w": None})
     with pytest.raises(CheckpointError, match="cannot save a object"):
         save_checkpoint(tmp_path, 6, {"w": object()})
+
+
+def test_a_round_short_of_replies_is_retried_not_counted():
+    """A round with fewer than min_replies valid replies runs again (before_round hooks
+    first), and only the attempt that succeeds is recorded, with round/retries."""
+    from shoal.transport import FunctionTransport
+
+    online = {"a"}
+    calls: list[int] = []
+
+    class Wait:
+        def before_round(self, ctx, r):
+            calls.append(r)
+            if len(calls) == 3:  # the second retry finds client b back
+                online.add("b")
+
+    def fn(m):
+        if m.dst not in online:
+            return m.failed("offline")
+        return m.reply(tensors={"w": torch.ones(1)}, config={"weight": 1.0})
+
+    fedavg = FedAvg(None, min_replies=2)  # type: ignore[arg-type]
+    res = run(fedavg, FunctionTransport(["a", "b"], fn), rounds=1,
+              params={"w": torch.zeros(1)}, callbacks=[Wait()], round_retries=3)
+    assert calls == [1, 1, 1]
+    assert len(res.history) == 1 and res.history[0]["round/retries"] == 2.0
+    assert "round/failed" not in res.history[0]
+    assert torch.equal(res.state.params["w"], torch.ones(1))
+    online.discard("b")
+    calls.clear()
+    res = run(fedavg, FunctionTransport(["a", "b"], fn), rounds=1,
+              params={"w": torch.zeros(1)}, callbacks=[Wait()], round_retries=1)
+    assert res.history[0]["round/failed"] == 1.0 and res.history[0]["round/retries"] == 1.0
+    assert torch.equal(res.state.params["w"], torch.zeros(1))

@@ -27,13 +27,16 @@ class RoundReport:
 
     ``metrics`` are slash-namespaced numbers (``train/loss``, ``round/replied``); ``dropped``
     maps each node that was asked but did not count to the reason; ``failed`` says why the
-    round's update was not applied (too few replies), or is ``None``.
+    round's update was not applied (too few replies), or is ``None``; ``retry`` says that the
+    round failed for want of participants, so running it again may succeed (see
+    :func:`shoal.run.run`'s ``round_retries``).
     """
 
     round: int
     metrics: dict[str, float] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     failed: str | None = None
+    retry: bool = False
 
 
 class Algorithm(Protocol[S]):

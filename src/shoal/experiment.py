@@ -345,11 +345,12 @@ def centralized_paradigm(setup: Setup) -> Built:
 def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
                    callbacks: CallbackFactory | None = None,
                    transport: Callable[[str, Built], Any] | None = None,
-                   ) -> list[ParadigmResult]:
+                   round_retries: int = 0) -> list[ParadigmResult]:
     """Run what ``config`` asks for into ``run_dir``; see the module docstring.
 
     ``transport(paradigm, built)``, when given, supplies the transport each paradigm runs over
-    instead of its simulated one (``shoal serve`` passes the gRPC coordinator)."""
+    instead of its simulated one (``shoal serve`` passes the gRPC coordinator);
+    ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``)."""
     run_dir = Path(run_dir)
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
@@ -389,7 +390,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         ]
         try:
             result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs,
-                              out, resume, config)
+                              out, resume, config, round_retries)
         finally:
             if hasattr(built.transport, "close"):  # stops an executor's worker processes
                 built.transport.close()
@@ -401,7 +402,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
 
 
 def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rounds: int,
-             callbacks: list[Any], out: Path, resume: bool, config: Config) -> ParadigmResult:
+             callbacks: list[Any], out: Path, resume: bool, config: Config,
+             round_retries: int = 0) -> ParadigmResult:
     done = out / "result.json"
     if resume and done.exists():
         saved = json.loads(done.read_text())
@@ -413,7 +415,7 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
     t0 = time.perf_counter()
     res = run(algorithm, transport, rounds=rounds, callbacks=callbacks,
               params=params0 if state is None else None, state=state,
-              start_round=start_round, history=history)
+              start_round=start_round, history=history, round_retries=round_retries)
     seconds = time.perf_counter() - t0 + sum(
         h.get("time/round_s", 0.0) for h in (history or []))
     final_params = algorithm.params(res.state)

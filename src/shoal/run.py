@@ -16,6 +16,7 @@ per message kind; ``time/clients_s`` is the compute time of the round's clients 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .transport import TrafficTotals, Transport
 from .tree import Params
 
 __all__ = ["Callback", "RunContext", "RunResult", "run", "traffic_metrics"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,12 +83,22 @@ class RunResult:
 
 def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
         params: Params | None = None, callbacks: Sequence[Any] = (), state: Any = None,
-        start_round: int = 1, history: list[dict[str, Any]] | None = None) -> RunResult:
+        start_round: int = 1, history: list[dict[str, Any]] | None = None,
+        round_retries: int = 0) -> RunResult:
     """Run ``algorithm`` for rounds ``start_round..rounds`` over ``transport``.
 
     Start from ``params`` (a fresh run) or from ``state`` with ``start_round`` and ``history``
     (a resumed run). Callbacks need only implement the hooks they use (see :class:`Callback`).
+
+    ``round_retries``: how often a round that failed for want of participants
+    (``report.retry``: too few valid replies) is run again — ``before_round`` hooks first, so
+    a deployment waits for its clients — before it is recorded as failed. A retried attempt is
+    not counted as a round (its traffic is: ``comm/*`` covers every attempt, and
+    ``round/retries`` says how many there were). Leave it at 0 under differential privacy:
+    every attempt releases updates, and the accountant counts rounds, not attempts.
     """
+    if round_retries < 0:
+        raise ConfigError(f"run: round_retries must be >= 0 (got {round_retries}).")
     if (params is None) == (state is None):
         raise ConfigError("run: pass exactly one of params (a new run) or state (a resumed run).")
     if rounds < 0 or start_round < 1:
@@ -104,10 +117,23 @@ def run(algorithm: Algorithm[Any], transport: Transport, *, rounds: int,
         before = transport.stats.snapshot()
         busy = transport.busy_s
         t0 = time.perf_counter()
+        attempt = 0
         ctx.state, report = algorithm.round(ctx.state, transport, r)
+        while report.failed and report.retry and attempt < round_retries:
+            attempt += 1
+            log.warning("round %d: %s; running it again (retry %d of %d)", r, report.failed,
+                        attempt, round_retries)
+            stopped = _first(_call(callbacks, "before_round", ctx, r))
+            if stopped:
+                break
+            ctx.state, report = algorithm.round(ctx.state, transport, r)
+        if stopped:
+            break
         seconds = time.perf_counter() - t0
         report.metrics = {"round": r, **report.metrics, "time/round_s": seconds,
                           "time/coordinator_s": max(seconds - (transport.busy_s - busy), 0.0)}
+        if attempt:
+            report.metrics["round/retries"] = float(attempt)
         own = transport.stats.since(before)
         traffic_metrics(report.metrics, own)
         if report.failed:

@@ -190,6 +190,7 @@ class FedAvg:
         if reduced is None or count < self.min_replies:
             report.failed = (f"only {count} valid replies of {info.sampled} sampled; "
                              f"min_replies is {self.min_replies}")
+            report.retry = True
             log.warning("round %d not applied: %s", info.round, report.failed)
             return state, report
         return self.apply(state, reduced, info, report)
