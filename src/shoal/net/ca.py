@@ -11,15 +11,24 @@ A node's identity is the common name (CN) of its certificate: ``enroll("hospital
 key and certificate whose CN is ``hospital-a``, and the coordinator binds every stream to that
 name. ``revoke`` adds the node's certificates to the CRL; the coordinator re-reads it whenever it
 changes and refuses revoked certificates.
+
+Private keys (``ca.key``, ``NODE_ID.key``) are created with mode 0600 from the first byte (never
+world-readable, not even briefly) and can be encrypted with a passphrase
+(``CertificateAuthority.init(..., passphrase=...)``, ``enroll(..., passphrase=...)``); an
+encrypted key is read with ``Identity(..., passphrase=...)`` or ``Identity.read(passphrase)``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
+import os
 import re
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,18 +44,23 @@ NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _DAY = dt.timedelta(days=1)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Identity:
     """The files a node presents: its ``key`` and ``cert`` and the project's ``ca`` certificate
-    (PEM paths)."""
+    (PEM paths), and the ``passphrase`` of the key when it is encrypted."""
 
     key: Path
     cert: Path
     ca: Path
+    passphrase: bytes | None = field(default=None, repr=False, compare=False)
 
-    def read(self) -> tuple[bytes, bytes, bytes]:
-        """``(key, cert, ca)`` PEM bytes; a missing file is a :class:`ConfigError`."""
+    def read(self, passphrase: bytes | None = None) -> tuple[bytes, bytes, bytes]:
+        """``(key, cert, ca)`` PEM bytes, the key decrypted (with ``passphrase``, else
+        :attr:`passphrase`) when it is encrypted; a missing file, an encrypted key without a
+        passphrase or a wrong passphrase is a :class:`ConfigError`."""
         out = []
         for what, p in (("private key", self.key), ("certificate", self.cert),
                         ("CA certificate", self.ca)):
@@ -55,7 +69,48 @@ class Identity:
                                   "with `shoal ca init` / `shoal ca enroll NODE_ID`, or pass "
                                   "--insecure for a local plain-text experiment.")
             out.append(Path(p).read_bytes())
-        return out[0], out[1], out[2]
+        key = out[0]
+        if b"ENCRYPTED" in key:
+            key = _key_pem(load_private_key(self.key, passphrase or self.passphrase))
+        return key, out[1], out[2]
+
+
+def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Any:
+    """The private key in the PEM file ``path``, decrypted with ``passphrase`` when it is
+    encrypted; a :class:`ConfigError` says when the passphrase is missing or wrong."""
+    data = Path(path).read_bytes()
+    encrypted = b"ENCRYPTED" in data
+    if encrypted and not passphrase:
+        raise ConfigError(f"TLS: the private key {str(path)!r} is encrypted and no passphrase "
+                          "was given; pass the passphrase it was written with "
+                          "(passphrase=b'...').")
+    try:
+        return serialization.load_pem_private_key(data, passphrase if encrypted else None)
+    except ValueError as e:
+        if encrypted:
+            raise ConfigError(f"TLS: cannot decrypt the private key {str(path)!r}: the "
+                              "passphrase is wrong; pass the passphrase it was written "
+                              "with.") from None
+        raise ConfigError(f"TLS: {str(path)!r} is not a PEM private key ({e}); expected the "
+                          "key written by `shoal ca init` / `shoal ca enroll`.") from None
+
+
+def write_private(path: str | Path, pem: bytes) -> None:
+    """Write the private key ``pem`` to ``path`` with mode 0600 from the start: a new file is
+    created in the same directory with ``O_CREAT | O_EXCL`` and mode 0600, written, and renamed
+    over ``path``, so no reader ever sees the key world-readable or half written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # mkstemp opens with O_CREAT | O_EXCL and mode 0600
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _check_id(node_id: str) -> None:
@@ -64,28 +119,33 @@ def _check_id(node_id: str) -> None:
                           "'.', '_' or '-', starting with a letter or digit.")
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+def _key_pem(key: Any, passphrase: bytes | None = None) -> bytes:
+    enc: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
+    return bytes(key.private_bytes(serialization.Encoding.PEM,
+                                   serialization.PrivateFormat.PKCS8, enc))
 
 
 class CertificateAuthority:
-    """The CA in ``directory``; :meth:`init` creates one, the constructor opens one."""
+    """The CA in ``directory``; :meth:`init` creates one, the constructor opens one
+    (``passphrase``: the one ``ca.key`` was encrypted with, if it was)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, passphrase: bytes | None = None):
         self.dir = Path(directory)
         if not (self.dir / "ca.key").is_file() or not (self.dir / "ca.crt").is_file():
             raise ConfigError(f"CA: {str(self.dir)!r} holds no ca.key and ca.crt; create a CA "
                               f"with `shoal ca init --dir {self.dir}`.")
-        self.key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), None)
+        self.key = load_private_key(self.dir / "ca.key", passphrase)
         self.cert = x509.load_pem_x509_certificate((self.dir / "ca.crt").read_bytes())
 
     @classmethod
     def init(cls, directory: str | Path, *, name: str = "shoal project CA",
              hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 3650,
-             ) -> CertificateAuthority:
+             passphrase: bytes | None = None) -> CertificateAuthority:
         """Create a CA in ``directory`` (which must not hold one) with a coordinator certificate
-        valid for ``hosts`` (DNS names or IP addresses clients connect to)."""
+        valid for ``hosts`` (DNS names or IP addresses clients connect to); ``passphrase``
+        encrypts ``ca.key`` (the coordinator's key is written unencrypted, mode 0600)."""
         root = Path(directory)
         if (root / "ca.key").exists():
             raise ConfigError(f"CA: {str(root)!r} already holds a CA (ca.key); refusing to "
@@ -102,18 +162,19 @@ class CertificateAuthority:
                 .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
                                              False, False), critical=True)
                 .sign(key, hashes.SHA256()))
-        (root / "ca.key").write_bytes(_key_pem(key))
-        (root / "ca.key").chmod(0o600)
+        write_private(root / "ca.key", _key_pem(key, passphrase))
         (root / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        ca = cls(root)
+        ca = cls(root, passphrase)
         ca._write_crl([])
         ca.issue("coordinator", root, hosts=hosts, server=True)
         return ca
 
     def issue(self, node_id: str, out: str | Path, *, hosts: tuple[str, ...] = (),
-              server: bool = False, days: int = 825) -> Identity:
-        """Issue a key and certificate for ``node_id`` into ``out`` (``NODE_ID.key``,
-        ``NODE_ID.crt`` and a copy of ``ca.crt``)."""
+              server: bool = False, days: int = 825,
+              passphrase: bytes | None = None) -> Identity:
+        """Issue a key and certificate for ``node_id`` into ``out`` (``NODE_ID.key``, mode
+        0600 and encrypted with ``passphrase`` when given, ``NODE_ID.crt`` and a copy of
+        ``ca.crt``)."""
         _check_id(node_id)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -136,11 +197,11 @@ class CertificateAuthority:
                 except ValueError:
                     names.append(x509.DNSName(h))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
-        cert = builder.sign(self.key, hashes.SHA256())  # type: ignore[arg-type]
+        cert = builder.sign(self.key, hashes.SHA256())
         pem = cert.public_bytes(serialization.Encoding.PEM)
-        ident = Identity(out / f"{node_id}.key", out / f"{node_id}.crt", out / "ca.crt")
-        ident.key.write_bytes(_key_pem(key))
-        ident.key.chmod(0o600)
+        ident = Identity(out / f"{node_id}.key", out / f"{node_id}.crt", out / "ca.crt",
+                         passphrase)
+        write_private(ident.key, _key_pem(key, passphrase))
         ident.cert.write_bytes(pem)
         if ident.ca.resolve() != (self.dir / "ca.crt").resolve():
             ident.ca.write_bytes((self.dir / "ca.crt").read_bytes())
@@ -149,12 +210,14 @@ class CertificateAuthority:
             f.write(pem)
         return ident
 
-    def enroll(self, node_id: str, out: str | Path) -> Identity:
-        """Issue a client certificate for ``node_id`` (its identity) into ``out``."""
+    def enroll(self, node_id: str, out: str | Path, *,
+               passphrase: bytes | None = None) -> Identity:
+        """Issue a client certificate for ``node_id`` (its identity) into ``out``; ``passphrase``
+        encrypts its key."""
         if node_id == "coordinator":
             raise ConfigError("CA: 'coordinator' is the coordinator's own id; enroll clients "
                               "under another id.")
-        return self.issue(node_id, out)
+        return self.issue(node_id, out, passphrase=passphrase)
 
     def revoke(self, node_id: str) -> list[int]:
         """Revoke every certificate issued to ``node_id``; returns their serial numbers."""
@@ -177,35 +240,78 @@ class CertificateAuthority:
         for s in serials:
             b = b.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build())
-        crl = b.sign(self.key, hashes.SHA256())  # type: ignore[arg-type]
+        crl = b.sign(self.key, hashes.SHA256())
         tmp = self.dir / "crl.pem.tmp"
         tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
         tmp.replace(self.dir / "crl.pem")
 
 
 class RevocationList:
-    """The CRL at ``path``, verified against the CA certificate and re-read when it changes."""
+    """The CRL at ``path``, verified against the CA certificate and re-read when it changes.
+
+    The file must exist and verify when the list is opened (a :class:`TransportError` names the
+    file and the fix otherwise), so revocation can never be off by accident. Later reads are
+    atomic: the file is read whole and used only when it did not change during the read, it
+    parses, and the CA's signature on it verifies; a truncated (half-copied), malformed,
+    foreign-signed or vanished file keeps the last good list in force and logs a warning once
+    per change of the file.
+    """
 
     def __init__(self, path: str | Path, ca_cert: str | Path):
         self.path = Path(path)
         self.ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
-        self._mtime: float | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._serials: set[int] = set()
+        self._warned: str | None = None
+        if not self.path.is_file():
+            raise TransportError(
+                f"TLS: the revocation list {str(self.path)!r} does not exist, so revoked "
+                "certificates could not be refused; copy crl.pem from the project's CA "
+                "directory (`shoal ca init` writes it, `shoal ca revoke` updates it) to that "
+                "path, or pass crl=None to run without revocation checks.")
+        problem = self._load()
+        if problem is not None:
+            raise TransportError(f"TLS: the revocation list {str(self.path)!r} {problem}; "
+                                 "copy a good crl.pem from the project's CA directory "
+                                 "(`shoal ca revoke` rewrites it).")
+
+    def _load(self) -> str | None:
+        """Read the file if it changed; ``None`` when the list is current, else what is wrong
+        (the last good list stays in force)."""
+        try:
+            before = self.path.stat()
+            key = (before.st_mtime_ns, before.st_size, before.st_ino)
+            if key == self._seen:
+                return None
+            data = self.path.read_bytes()
+            after = self.path.stat()
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        if (after.st_mtime_ns, after.st_size, after.st_ino) != key or len(data) != key[1]:
+            return "changed while it was read (a copy in progress)"
+        try:
+            crl = x509.load_pem_x509_crl(data)
+        except ValueError as e:
+            self._seen = key
+            return f"is not a valid PEM revocation list ({len(data)} bytes: {e})"
+        if not crl.is_signature_valid(self.ca.public_key()):  # type: ignore[arg-type]
+            self._seen = key
+            return "is not signed by this project's CA"
+        self._serials = {r.serial_number for r in crl}
+        self._seen = key
+        return None
 
     def serials(self) -> set[int]:
-        """The revoked serial numbers (empty when there is no CRL file)."""
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return set()
-        if mtime != self._mtime:
-            crl = x509.load_pem_x509_crl(self.path.read_bytes())
-            if not crl.is_signature_valid(self.ca.public_key()):  # type: ignore[arg-type]
-                raise TransportError(f"TLS: the revocation list {str(self.path)!r} is not "
-                                     "signed by this project's CA; regenerate it with "
-                                     "`shoal ca revoke`.")
-            self._serials = {r.serial_number for r in crl}
-            self._mtime = mtime
+        """The revoked serial numbers: the newest good list (a bad file keeps the last one)."""
+        problem = self._load()
+        if problem is None:
+            self._warned = None
+        elif problem != self._warned:  # once per problem, not on every connection
+            self._warned = problem
+            log.warning("the revocation list %r %s; keeping the last good list (%d revoked "
+                        "serial(s)) in force. Copy crl.pem from the CA directory atomically "
+                        "(write a temporary file, then rename it over crl.pem).",
+                        str(self.path), problem, len(self._serials))
         return set(self._serials)
 
 

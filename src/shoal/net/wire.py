@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,13 +30,16 @@ import torch
 from ..errors import TransportError
 from ..message import Message
 
-__all__ = ["BYE", "CHUNK", "HEADER", "HELLO", "MAGIC", "VERSION", "WELCOME", "Assembler",
-           "Frame", "control", "decode_frame", "encode_message"]
+__all__ = ["BYE", "CHUNK", "HEADER", "HELLO", "MAGIC", "MAX_JSON_DEPTH", "VERSION", "WELCOME",
+           "Assembler", "Frame", "control", "decode_frame", "encode_message", "json_depth"]
 
 MAGIC = b"SHOL"
 VERSION = 1
 HELLO, WELCOME, HEADER, CHUNK, BYE = 1, 2, 3, 4, 5
 _PREFIX = struct.Struct(">4sHB")
+MAX_JSON_DEPTH = 64
+"""The deepest JSON nesting a control or HEADER frame may have (shoal's own headers nest a few
+levels; a deeper frame is refused before parsing, so it cannot exhaust the parser's stack)."""
 _NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", HEADER: "HEADER", CHUNK: "CHUNK", BYE: "BYE"}
 
 DTYPES: dict[str, torch.dtype] = {
@@ -83,10 +87,33 @@ def decode_frame(data: bytes) -> Frame:
     body = data[_PREFIX.size:]
     if kind == CHUNK:
         return Frame(kind, body)
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and \
+            (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        raise TransportError(f"wire: {_NAMES[kind]} frame nests JSON {depth} levels deep, over "
+                             f"the limit of {MAX_JSON_DEPTH} levels (wire.MAX_JSON_DEPTH); shoal's "
+                             "own headers nest a few levels (flatten a deeper message config), "
+                             "so the frame was refused unparsed.")
     try:
         return Frame(kind, json.loads(body))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise TransportError(f"wire: {_NAMES[kind]} frame is not valid JSON ({e}).") from e
+
+
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in the JSON text ``body`` (brackets inside strings
+    do not count), found without parsing it, so a hostile frame cannot exhaust the stack."""
+    depth = deepest = 0
+    for m in _JSON_TOKENS.finditer(body):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
 
 
 def encode_message(message: Message, seq: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
