@@ -224,6 +224,9 @@ class NetworkConfig:
     max_message_mb: float = field(default=512.0, metadata=_check(gt=0))
     chunk_kb: int = field(default=1024, metadata=_check(min=1, lt=4096))
     reconnect_max_s: float = field(default=30.0, metadata=_check(gt=0))
+    # How long a client keeps reconnecting without a connection (the coordinator down or
+    # restarting, or refusing the connection) before it exits with an error; 0: never gives up.
+    patience_s: float = field(default=600.0, metadata=_check(min=0))
 
 
 @dataclass

@@ -349,7 +349,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     """Run what ``config`` asks for into ``run_dir``; see the module docstring.
 
     ``transport(paradigm, built)``, when given, supplies the transport each paradigm runs over
-    instead of its simulated one (``shoal serve`` passes the gRPC coordinator);
+    instead of its simulated one (``shoal serve`` passes the gRPC coordinator, and closes it
+    itself: BYE when the run is over, RESTART when it stopped before);
     ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``)."""
     run_dir = Path(run_dir)
     task = load_task(config.task.name, **config.task.options)
@@ -379,6 +380,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     for paradigm in paradigms:
         out = run_dir / paradigm
         built = PARADIGMS[paradigm](setup)
+        own = built.transport  # closed below; a transport the caller supplies is the caller's
         if transport is not None:
             built.transport = transport(paradigm, built)
         cbs: list[Any] = [
@@ -392,8 +394,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs,
                               out, resume, config, round_retries)
         finally:
-            if hasattr(built.transport, "close"):  # stops an executor's worker processes
-                built.transport.close()
+            if hasattr(own, "close"):  # stops an executor's worker processes
+                own.close()
         results.append(result)
         setup.histories[paradigm] = result.history
     (run_dir / "summary.json").write_text(json.dumps(

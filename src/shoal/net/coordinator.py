@@ -387,12 +387,19 @@ class GrpcTransport(Transport):
                 yield reply
         return timed(self, gen())
 
-    def close(self, reason: str = "the run is finished", grace: float = 2.0) -> None:
-        """Say BYE to every client and stop the server."""
+    def close(self, reason: str = "the run is finished", grace: float = 2.0, *,
+              restart: bool = False) -> None:
+        """Tell every connected client ``reason`` and stop the server.
+
+        By default the run is over: the clients get BYE and exit. With ``restart=True`` this
+        coordinator stops *before* the run is over (a crash, Ctrl-C, SIGTERM; its last
+        checkpoint stays): the clients get RESTART and keep reconnecting, up to their
+        ``network.patience_s``, for the coordinator that ``shoal serve --resume`` starts."""
+        kind = wire.RESTART if restart else wire.BYE
         with self._cond:
             conns = list(self._conns.values())
         for c in conns:
-            c.outbox.put(wire.control(wire.BYE, {"reason": reason}))
+            c.outbox.put(wire.control(kind, {"reason": reason}))
             c.outbox.put(None)
         self._server.stop(grace).wait()
 

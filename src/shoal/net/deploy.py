@@ -6,6 +6,12 @@ simulation is what runs: the coordinator runs :func:`shoal.experiment.run_experi
 simulated transport replaced by a :class:`GrpcTransport` (same callbacks, metrics, checkpoints
 after every round, ``resume``), and each client runs a :class:`NodeClient` whose node answers
 with the algorithm's handlers on the client's own data file.
+
+What the coordinator tells the clients is true: BYE ("the run is finished") only when the run
+is over (all rounds, or a deliberate stop such as a privacy budget); when it stops before (an
+exception, Ctrl-C, SIGTERM) it sends RESTART instead, its last checkpoint stays, and the clients
+keep reconnecting (up to ``network.patience_s``) for ``shoal serve --resume``. A round never
+starts with fewer connected clients than it needs (:class:`WaitForNodes`).
 """
 
 from __future__ import annotations
@@ -51,19 +57,46 @@ def _identity(net: NetworkConfig, node_id: str) -> Identity | None:
 
 
 class WaitForNodes:
-    """A callback: before each round, wait up to ``wait_s`` for ``count`` connected clients
-    (a round started with fewer samples from fewer clients)."""
+    """A callback: before each round, wait for clients to connect.
 
-    def __init__(self, transport: GrpcTransport, count: int, wait_s: float):
+    First up to ``wait_s`` seconds for ``count`` clients (``network.min_nodes`` /
+    ``network.wait_s``; a round started with fewer samples from fewer clients). After that the
+    round starts if at least ``least`` clients are connected, the fewest valid replies it needs
+    (the algorithm's ``min_replies``, at least 1); with fewer it keeps waiting, however long it
+    takes, logging every ``poll_s`` seconds: a round that would start without the clients it
+    needs would fail, and a resumed coordinator would otherwise run its remaining rounds with
+    nobody. Ctrl-C (or SIGTERM) stops the wait; ``shoal serve --resume`` continues.
+    """
+
+    def __init__(self, transport: GrpcTransport, count: int, wait_s: float, least: int = 1,
+                 poll_s: float = 60.0):
         self.transport = transport
         self.count = count
         self.wait_s = wait_s
+        self.least = max(1, least)
+        self.poll_s = poll_s
 
     def before_round(self, ctx: Any, round: int) -> None:
-        """Block until enough clients are connected, or ``wait_s`` passed (then log it)."""
-        if not self.transport.wait_for_nodes(self.count, self.wait_s):
-            log.warning("round %d starts with %d connected clients; waited %g s for %d",
-                        round, len(self.transport.nodes()), self.wait_s, self.count)
+        """Block until ``count`` clients are connected, or ``wait_s`` passed and at least
+        ``least`` are."""
+        want = max(self.count, self.least)
+        have = len(self.transport.nodes())
+        if have < want:
+            log.info("round %d: waiting up to %g s for %d connected clients (%d now)", round,
+                     self.wait_s, want, have)
+        if self.transport.wait_for_nodes(want, self.wait_s):
+            return
+        have = len(self.transport.nodes())
+        if have >= self.least:
+            log.warning("round %d starts with %d connected clients; waited %g s for %d "
+                        "(network.min_nodes)", round, have, self.wait_s, want)
+            return
+        log.warning("round %d needs at least %d connected clients and %d are connected after "
+                    "%g s (network.wait_s); waiting until they connect (Ctrl-C stops; "
+                    "`shoal serve --resume` continues)", round, self.least, have, self.wait_s)
+        while not self.transport.wait_for_nodes(self.least, self.poll_s):
+            log.warning("round %d: still waiting for %d connected clients (%d now)", round,
+                        self.least, len(self.transport.nodes()))
 
 
 def coordinator_transport(config: Config, address: str | None = None) -> GrpcTransport:
@@ -79,9 +112,13 @@ def coordinator_transport(config: Config, address: str | None = None) -> GrpcTra
 
 
 def coordinator_config(config: Config) -> Config:
-    """What the coordinator runs of ``config``: no centralized baseline; and never
-    ``privacy.reproducible`` (noise drawn from the seed every participant holds could be
-    regenerated and subtracted): a deployed run refuses it."""
+    """What the coordinator runs of ``config``: a federated job (another paradigm raises a
+    ConfigError), no centralized baseline; and never ``privacy.reproducible`` (noise drawn
+    from the seed every participant holds could be regenerated and subtracted): a deployed run
+    refuses it."""
+    if config.paradigm != "federated":
+        raise ConfigError(f"serve: paradigm is {config.paradigm!r}; the coordinator runs "
+                          "federated jobs (paradigm = \"federated\").")
     refuse_reproducible(config, "serve")
     return dataclasses.replace(config, baseline=False)
 
@@ -103,34 +140,53 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
 
     Writes the same run directory as ``shoal run`` (checkpoint after every round by default);
     ``resume=True`` continues from the newest checkpoint. The centralized baseline is not run.
+
+    The transport (``transport``, or one built from ``config.network``) is closed at the end:
+    with BYE when the run is over (the clients exit), with RESTART when it stopped before, by
+    an exception or KeyboardInterrupt, which is then re-raised (the clients wait for
+    ``serve(..., resume=True)``). ``callbacks(paradigm, rounds)`` adds callbacks, as in
+    :func:`run_experiment`.
     """
-    if config.paradigm != "federated":
-        raise ConfigError(f"serve: paradigm is {config.paradigm!r}; the coordinator runs "
-                          "federated jobs (paradigm = \"federated\").")
     config = coordinator_config(config)
-    own = transport is None
     grpc_transport = transport or coordinator_transport(config)
     log.info("coordinator listening on %s", grpc_transport.address)
     net = config.network
+    least: dict[str, int] = {}
 
     def factory(paradigm: str, rounds: int) -> list[Any]:
         extra = list(callbacks(paradigm, rounds)) if callbacks else []
-        return [WaitForNodes(grpc_transport, net.min_nodes, net.wait_s), *extra]
+        return [WaitForNodes(grpc_transport, net.min_nodes, net.wait_s,
+                             least=least.get(paradigm, 1)), *extra]
 
     def swap(paradigm: str, built: Built) -> GrpcTransport:
+        least[paradigm] = int(getattr(built.algorithm, "min_replies", 1) or 1)
         return grpc_transport
 
     try:
-        return run_experiment(config, run_dir, resume=resume, callbacks=factory, transport=swap)
-    finally:
-        if own:
-            grpc_transport.close()
+        results = run_experiment(config, run_dir, resume=resume, callbacks=factory,
+                                 transport=swap)
+    except BaseException as e:
+        why = ("interrupted: Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt)
+               else f"it failed: {type(e).__name__}")
+        log.warning("the run stopped before it was over (%s); telling the clients to wait for "
+                    "`shoal serve --resume`", why)
+        grpc_transport.close(f"the coordinator stopped before the run was over ({why}); its "
+                             "last checkpoint is kept, and `shoal serve --resume` continues "
+                             "the run", restart=True)
+        raise
+    early = "; ".join(f"{r.paradigm} stopped early: {r.stopped}" for r in results if r.stopped)
+    grpc_transport.close("the run is finished" + (f" ({early})" if early else ""))
+    return results
 
 
 def node_client(config: Config, node_id: str, data: str | Path, *,
                 address: str | None = None, max_attempts: int | None = None,
                 state: str | Path | None = None) -> NodeClient:
     """A client node for ``config``'s algorithm holding the examples in ``data`` (``.npz``).
+
+    It reconnects with backoff (capped at ``network.reconnect_max_s``) and gives up after
+    ``network.patience_s`` seconds without a connection (0: never), raising a
+    :class:`~shoal.errors.TransportError` that explains the last failed attempt.
 
     ``state`` is a file where the node keeps what the algorithm stores on it between rounds
     (SCAFFOLD's control variate): read at start when it exists, rewritten after every change,
@@ -152,13 +208,16 @@ def node_client(config: Config, node_id: str, data: str | Path, *,
                       insecure=net.insecure, server_name=net.server_name or None,
                       max_message_bytes=int(net.max_message_mb * 2**20),
                       chunk_size=net.chunk_kb * 1024,
-                      backoff=Backoff(0.2, net.reconnect_max_s), max_attempts=max_attempts)
+                      backoff=Backoff(0.2, net.reconnect_max_s), max_attempts=max_attempts,
+                      patience=net.patience_s or None)
 
 
 def join(config: Config, node_id: str, data: str | Path, *, address: str | None = None,
          stop: threading.Event | None = None, state: str | Path | None = None) -> str:
-    """Run a client until the coordinator ends the run; returns the coordinator's reason
-    (``state``: see :func:`node_client`)."""
+    """Run a client until the coordinator ends the run (BYE); returns the coordinator's reason
+    (``state``: see :func:`node_client`). A RESTART or a lost connection is waited out, up to
+    ``network.patience_s``; a refusal or running out of patience raises
+    :class:`~shoal.errors.TransportError`."""
     client = node_client(config, node_id, data, address=address, state=state)
     if stop is not None:
         def watch() -> None:

@@ -7,7 +7,9 @@ endian) and the frame type (one byte)::
     WELCOME JSON {"node_id": ...}             coordinator -> client, the identity accepted
     HEADER  JSON {"seq", "message", "nbytes"} starts one message; ``message`` is its header
     CHUNK   raw tensor bytes                  the next (at most ``chunk_size``) data bytes
-    BYE     JSON {"reason": ...}              the coordinator ends the session
+    BYE     JSON {"reason": ...}              the coordinator ends the session: the run is over
+    RESTART JSON {"reason": ...}              the coordinator stops before the run is over
+                                              (crash, Ctrl-C, SIGTERM): reconnect and wait
 
 A message is one HEADER followed by CHUNK frames carrying its tensors' bytes back to back in
 header order (``nbytes`` in all), so a model far beyond gRPC's 4 MB message limit travels in
@@ -30,17 +32,19 @@ import torch
 from ..errors import TransportError
 from ..message import Message
 
-__all__ = ["BYE", "CHUNK", "HEADER", "HELLO", "MAGIC", "MAX_JSON_DEPTH", "VERSION", "WELCOME",
-           "Assembler", "Frame", "control", "decode_frame", "encode_message", "json_depth"]
+__all__ = ["BYE", "CHUNK", "HEADER", "HELLO", "MAGIC", "MAX_JSON_DEPTH", "RESTART", "VERSION",
+           "WELCOME", "Assembler", "Frame", "control", "decode_frame", "encode_message",
+           "json_depth"]
 
 MAGIC = b"SHOL"
 VERSION = 1
-HELLO, WELCOME, HEADER, CHUNK, BYE = 1, 2, 3, 4, 5
+HELLO, WELCOME, HEADER, CHUNK, BYE, RESTART = 1, 2, 3, 4, 5, 6
 _PREFIX = struct.Struct(">4sHB")
 MAX_JSON_DEPTH = 64
 """The deepest JSON nesting a control or HEADER frame may have (shoal's own headers nest a few
 levels; a deeper frame is refused before parsing, so it cannot exhaust the parser's stack)."""
-_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", HEADER: "HEADER", CHUNK: "CHUNK", BYE: "BYE"}
+_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", HEADER: "HEADER", CHUNK: "CHUNK", BYE: "BYE",
+          RESTART: "RESTART"}
 
 DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -63,7 +67,7 @@ def _frame(kind: int, payload: bytes) -> bytes:
 
 
 def control(kind: int, body: dict[str, Any]) -> bytes:
-    """A HELLO, WELCOME or BYE frame carrying the JSON ``body``."""
+    """A HELLO, WELCOME, BYE or RESTART frame carrying the JSON ``body``."""
     return _frame(kind, json.dumps(body, separators=(",", ":")).encode())
 
 
