@@ -227,6 +227,13 @@ class NetworkConfig:
     # How long a client keeps reconnecting without a connection (the coordinator down or
     # restarting, or refusing the connection) before it exits with an error; 0: never gives up.
     patience_s: float = field(default=600.0, metadata=_check(min=0))
+    # Once a round has min_replies valid replies, stragglers get late_grace_s more seconds
+    # (0: wait for every reply up to federated.timeout_s).
+    late_grace_s: float = field(default=30.0, metadata=_check(min=0))
+    # How often the coordinator reruns a round that got too few valid replies before it
+    # records it as failed (forced to 0 under differential privacy, and logged: the accountant
+    # counts rounds, and every attempt releases updates).
+    round_retries: int = field(default=3, metadata=_check(min=0))
 
 
 @dataclass

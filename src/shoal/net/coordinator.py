@@ -183,6 +183,45 @@ class _Pending:
             self.event.set()
 
 
+class _LateGrace:
+    """A batch's deadline after its quorum: once ``quorum`` of the requests have a valid
+    (non-error) reply, the others get ``grace_s`` more, so one straggler cannot hold a round
+    for the whole timeout."""
+
+    POLL_S = 0.05
+
+    def __init__(self, quorum: int | None, grace_s: float | None, pending: list[_Pending]):
+        self.on = quorum is not None and grace_s is not None and len(pending) > quorum
+        self.quorum = quorum or 0
+        self.grace_s = grace_s or 0.0
+        self.pending = pending
+        self.until: float | None = None
+
+    def _check(self) -> None:
+        if self.on and self.until is None and sum(
+                p.event.is_set() and p.reply is not None and p.reply.error is None
+                for p in self.pending) >= self.quorum:
+            self.until = time.monotonic() + self.grace_s
+
+    def expired(self) -> bool:
+        """Whether the grace has run out."""
+        return self.until is not None and time.monotonic() >= self.until
+
+    def wait(self, p: _Pending, deadline: float | None) -> bool:
+        """Wait for ``p``'s reply until ``deadline`` or the end of the grace; whether it came."""
+        while True:
+            self._check()
+            limits = [t for t in (deadline, self.until) if t is not None]
+            left = None if not limits else min(limits) - time.monotonic()
+            if left is not None and left <= 0:
+                return p.event.is_set()
+            waiting_for_quorum = self.on and self.until is None
+            step = min(left, self.POLL_S) if waiting_for_quorum and left is not None else (
+                self.POLL_S if waiting_for_quorum else left)
+            if p.event.wait(step):
+                return True
+
+
 class _Conn:
     """One client's stream: an outbox of frames and its outstanding requests by seq."""
 
@@ -240,6 +279,13 @@ class GrpcTransport(Transport):
         max_warnings_per_node: warnings logged about one node per minute; the rest are
             counted and reported in one line.
     """
+
+    quorum: int | None = None
+    """Replies a round needs (``shoal serve`` sets the algorithm's ``min_replies``); with
+    :attr:`late_grace_s`, once that many valid replies of a batch arrived the others get
+    ``late_grace_s`` more seconds, not the whole timeout."""
+    late_grace_s: float | None = None
+    """See :attr:`quorum` (``None``: wait for every reply up to the timeout)."""
 
     def __init__(self, address: str = "127.0.0.1:0", *, identity: Identity | None = None,
                  crl: str | Path | None = None, insecure: bool = False,
@@ -370,19 +416,22 @@ class GrpcTransport(Transport):
         """Send every message now; yield the replies in order as they arrive (or fail)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = [self._send(m) for m in messages]
+        grace = _LateGrace(self.quorum, self.late_grace_s,
+                           [p for p in sent if isinstance(p, _Pending)])
 
         def gen() -> Iterator[Message]:
             for m, p in zip(messages, sent, strict=True):
                 if isinstance(p, Message):
                     reply = p
+                elif grace.wait(p, deadline):
+                    assert p.reply is not None
+                    reply = p.reply
                 else:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    if p.event.wait(left):
-                        assert p.reply is not None
-                        reply = p.reply
-                    else:
-                        reply = m.failed(f"timed out: no reply within {timeout:g} s")
-                        self._forget(m.dst, p)
+                    reply = m.failed(
+                        f"timed out: no reply {self.late_grace_s:g} s after {self.quorum} "
+                        "others had answered (late_grace_s)" if grace.expired()
+                        else f"timed out: no reply within {timeout:g} s")
+                    self._forget(m.dst, p)
                 self.record(m, reply)
                 yield reply
         return timed(self, gen())

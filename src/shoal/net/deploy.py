@@ -43,8 +43,8 @@ from .client import Backoff, NodeClient
 from .clientdata import load_client_data
 from .coordinator import GrpcTransport
 
-__all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client", "refuse_reproducible",
-           "serve"]
+__all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client",
+           "refuse_reproducible", "round_retries", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +160,14 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
 
     def swap(paradigm: str, built: Built) -> GrpcTransport:
         least[paradigm] = int(getattr(built.algorithm, "min_replies", 1) or 1)
+        # Once the round has its min_replies, a straggler gets late_grace_s more.
+        grpc_transport.quorum = least[paradigm]
+        grpc_transport.late_grace_s = net.late_grace_s or None
         return grpc_transport
 
     try:
         results = run_experiment(config, run_dir, resume=resume, callbacks=factory,
-                                 transport=swap)
+                                 transport=swap, round_retries=round_retries(config))
     except BaseException as e:
         why = ("interrupted: Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt)
                else f"it failed: {type(e).__name__}")
@@ -177,6 +180,19 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
     early = "; ".join(f"{r.paradigm} stopped early: {r.stopped}" for r in results if r.stopped)
     grpc_transport.close("the run is finished" + (f" ({early})" if early else ""))
     return results
+
+
+def round_retries(config: Config) -> int:
+    """``network.round_retries``, or 0 under differential privacy (said in the log): every
+    attempt of a round releases the clients' updates, and the accountant counts rounds."""
+    retries = config.network.round_retries
+    if retries and config.privacy.mode != "off":
+        log.warning("network.round_retries = %d is not applied: with privacy.mode = %r every "
+                    "attempt of a round releases updates that the accountant, which counts "
+                    "rounds, would not count; a round short of replies fails instead",
+                    retries, config.privacy.mode)
+        return 0
+    return retries
 
 
 def node_client(config: Config, node_id: str, data: str | Path, *,
