@@ -54,9 +54,9 @@ def test_a_capped_client_counts_as_its_assigned_examples(claim):
     assert report.failed is None
 
 
-def test_a_client_outside_the_partition_is_capped_at_the_largest_assignment():
-    cap = WeightCap({"a": 10, "b": 300})
-    assert cap.cap("a") == 10 and cap.cap("stranger") == 300
+def test_a_client_outside_the_partition_is_capped_at_the_median_assignment():
+    cap = WeightCap({"a": 10, "b": 300, "c": 40})
+    assert cap.cap("a") == 10 and cap.cap("stranger") == 40
     assert cap.clip("a", 5) == (5, False) and cap.clip("a", 11) == (10, True)
     assert WeightCap(fixed=50).cap("anyone") == 50
 

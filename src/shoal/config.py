@@ -102,7 +102,7 @@ class FederatedConfig:
     beta2: float = field(default=0.99, metadata=_check(min=0, lt=1))
     tau: float = field(default=1e-3, metadata=_check(gt=0))
     # The most weight a client's reply counts with: 0 = the examples the partition assigned to
-    # it (a client outside the partition: the largest assignment); > 0 = this for every client.
+    # it (a client outside the partition: the median assignment); > 0 = this for every client.
     max_weight: float = field(default=0.0, metadata=_check(min=0))
     # How the simulated clients are computed (shoal.sim.executor); workers 0: one per core.
     executor: Literal["sequential", "vectorized", "processes", "auto"] = "sequential"

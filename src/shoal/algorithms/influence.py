@@ -6,8 +6,9 @@ it takes part in, and one that reports ``round/replied`` overwrites the coordina
 
 * :class:`WeightCap` — the most weight a client's reply counts with: by default the number of
   examples the partition assigned to it (the coordinator builds the same partition from the same
-  config, in simulation and deployment alike), or one number for every client. A larger claim
-  is clipped to the cap and counted (``round/weights_capped``).
+  config, in simulation and deployment alike; a client outside it, the median assignment), or
+  one number for every client. A larger claim is clipped to the cap and counted
+  (``round/weights_capped``).
 * :func:`client_metrics` — what of a reply's metrics the coordinator records: keys in the
   clients' namespaces (:data:`CLIENT_NAMESPACES`) only, finite numbers only, the examples a
   client claims to have trained clipped to ``EXAMPLES_FACTOR`` times its weight cap (a client
@@ -18,6 +19,7 @@ it takes part in, and one that reports ``round/replied`` overwrites the coordina
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +40,7 @@ class WeightCap:
 
     Args:
         assigned: the examples the partition assigned to each client, by id; a client not in
-            it (a deployment with data files of its own) is capped at the largest of them.
+            it (a deployment with data files of its own) is capped at their median.
         fixed: one cap for every client (instead of ``assigned``).
     """
 
@@ -54,18 +56,18 @@ class WeightCap:
             raise ValueError("WeightCap: assigned needs at least one client, each with a "
                              "finite number of examples > 0.")
         self.fixed = fixed
-        self._largest = max(self.assigned.values()) if self.assigned else 0.0
+        self._median = statistics.median(self.assigned.values()) if self.assigned else 0.0
 
     def __repr__(self) -> str:
         if self.fixed is not None:
             return f"WeightCap(fixed={self.fixed:g})"
-        return f"WeightCap(assigned: {len(self.assigned)} clients, largest {self._largest:g})"
+        return f"WeightCap(assigned: {len(self.assigned)} clients, median {self._median:g})"
 
     def cap(self, client_id: str) -> float:
         """The cap of ``client_id``."""
         if self.fixed is not None:
             return self.fixed
-        return self.assigned.get(client_id, self._largest)
+        return self.assigned.get(client_id, self._median)
 
     def clip(self, client_id: str, weight: float) -> tuple[float, bool]:
         """``(weight used, whether it was clipped)`` for a claimed ``weight``."""
