@@ -230,6 +230,9 @@ class NetworkConfig:
     # Once a round has min_replies valid replies, stragglers get late_grace_s more seconds
     # (0: wait for every reply up to federated.timeout_s).
     late_grace_s: float = field(default=30.0, metadata=_check(min=0))
+    # A file holding the passphrase of this party's private key in tls_dir, when the key is
+    # encrypted (`shoal ca enroll --key-passphrase-file`); "" for an unencrypted key.
+    key_passphrase_file: str = ""
     # How often the coordinator reruns a round that got too few valid replies before it
     # records it as failed (forced to 0 under differential privacy, and logged: the accountant
     # counts rounds, and every attempt releases updates).

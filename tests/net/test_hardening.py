@@ -358,3 +358,38 @@ def test_an_encrypted_key_round_trips_and_a_wrong_passphrase_is_a_clear_error(
                        crl=tmp_path / "ca" / "crl.pem") as coord:
         _assert_served(coord, ident)
 
+
+
+def test_cli_encrypts_keys_with_passphrase_files_and_deploy_reads_them(tmp_path) -> None:
+    """`shoal ca init/enroll` with passphrase files write encrypted keys; the CA key is needed
+    to enroll; a node reads its key with network.key_passphrase_file."""
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+    from shoal.config import load_config
+    from shoal.errors import ConfigError
+    from shoal.net.deploy import _identity
+
+    ca_secret, node_secret = tmp_path / "ca.pass", tmp_path / "node.pass"
+    ca_secret.write_text("correct horse\n")
+    node_secret.write_text("battery staple\n")
+    ca, out = tmp_path / "ca", tmp_path / "node"
+    runner = CliRunner()
+    res = runner.invoke(app, ["ca", "init", "--dir", str(ca), "--passphrase-file", str(ca_secret)])
+    assert res.exit_code == 0, res.output
+    assert (ca / "ca.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY")
+    res = runner.invoke(app, ["ca", "enroll", "n1", "--dir", str(ca), "--out", str(out)])
+    assert res.exit_code != 0 and "is encrypted and no passphrase was given" in str(res.exception)
+    res = runner.invoke(app, ["ca", "enroll", "n1", "--dir", str(ca), "--out", str(out),
+                              "--passphrase-file", str(ca_secret),
+                              "--key-passphrase-file", str(node_secret)])
+    assert res.exit_code == 0, res.output
+    assert (out / "n1.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY")
+    config = load_config(None, [f'network.tls_dir="{out}"',
+                                f'network.key_passphrase_file="{node_secret}"'])
+    ident = _identity(config.network, "n1")
+    assert ident is not None and ident.read()[0].startswith(b"-----BEGIN PRIVATE KEY")
+    missing = load_config(None, [f'network.tls_dir="{out}"',
+                                 f'network.key_passphrase_file="{tmp_path / "nope"}"'])
+    with pytest.raises(ConfigError, match="network.key_passphrase_file.*cannot read"):
+        _identity(missing.network, "n1")

@@ -197,17 +197,28 @@ def _net_overrides(set_: list[str] | None, address: str | None, insecure: bool) 
     return out
 
 
+_CA_PASSPHRASE = typer.Option(
+    help="A file holding the passphrase of ca.key (init: encrypt it with this passphrase).")
+
+
+def _passphrase(path: Path | None, option: str = "--passphrase-file") -> bytes | None:
+    from ..net.ca import read_passphrase
+
+    return None if path is None else read_passphrase(path, option)
+
+
 @ca_app.command("init")
 def ca_init(
     dir: Annotated[Path, typer.Option(help="Directory of the new CA.")] = Path("ca"),
     host: Annotated[list[str] | None, typer.Option(
         help="Host name or IP address clients use to reach the coordinator (repeatable).")] = None,
+    passphrase_file: Annotated[Path | None, _CA_PASSPHRASE] = None,
 ) -> None:
     """Create a CA and the coordinator's certificate (for --host names)."""
     from ..net import CertificateAuthority
 
     hosts = tuple(host or ("localhost", "127.0.0.1"))
-    CertificateAuthority.init(dir, hosts=hosts)
+    CertificateAuthority.init(dir, hosts=hosts, passphrase=_passphrase(passphrase_file))
     console.print(f"CA created in {dir} (coordinator certificate for {', '.join(hosts)}). "
                   f"Copy coordinator.key, coordinator.crt, ca.crt and crl.pem to the "
                   f"coordinator's network.tls_dir; {dir / 'ca.key'} stays on this machine, "
@@ -220,11 +231,16 @@ def ca_enroll(
     dir: Annotated[Path, typer.Option(help="The CA directory.")] = Path("ca"),
     out: Annotated[Path | None, typer.Option(
         help="Where to write NODE_ID.key, NODE_ID.crt and ca.crt (default: DIR/nodes).")] = None,
+    passphrase_file: Annotated[Path | None, _CA_PASSPHRASE] = None,
+    key_passphrase_file: Annotated[Path | None, typer.Option(
+        help="A file holding a passphrase to encrypt the node's key with (the node then sets "
+             "network.key_passphrase_file to its own copy).")] = None,
 ) -> None:
     """Issue a private key and certificate binding NODE_ID to this project."""
     from ..net import CertificateAuthority
 
-    ident = CertificateAuthority(dir).enroll(node_id, out or dir / "nodes")
+    ident = CertificateAuthority(dir, _passphrase(passphrase_file)).enroll(
+        node_id, out or dir / "nodes", passphrase=_passphrase(key_passphrase_file, "--key-passphrase-file"))
     console.print(f"enrolled {node_id}: {ident.key}, {ident.cert}, {ident.ca}; copy them to the "
                   "node's tls_dir over a secure channel.")
 
@@ -233,11 +249,12 @@ def ca_enroll(
 def ca_revoke(
     node_id: Annotated[str, typer.Argument(help="The node to revoke.")],
     dir: Annotated[Path, typer.Option(help="The CA directory.")] = Path("ca"),
+    passphrase_file: Annotated[Path | None, _CA_PASSPHRASE] = None,
 ) -> None:
     """Revoke every certificate of NODE_ID (the coordinator re-reads the list)."""
     from ..net import CertificateAuthority
 
-    serials = CertificateAuthority(dir).revoke(node_id)
+    serials = CertificateAuthority(dir, _passphrase(passphrase_file)).revoke(node_id)
     console.print(f"revoked {len(serials)} certificate(s) of {node_id}; {dir / 'crl.pem'} "
                   "updated. Copy it to the coordinator's network.tls_dir atomically: under a "
                   "temporary name, then `mv` it over crl.pem.")

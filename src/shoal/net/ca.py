@@ -37,7 +37,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "peer_identity"]
+__all__ = ["CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "load_private_key",
+           "peer_identity", "read_passphrase", "write_private"]
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Allowed node ids: letters, digits, ``.``, ``_`` and ``-``, at most 64 characters."""
@@ -93,6 +94,20 @@ def load_private_key(path: str | Path, passphrase: bytes | None = None) -> Any:
                               "with.") from None
         raise ConfigError(f"TLS: {str(path)!r} is not a PEM private key ({e}); expected the "
                           "key written by `shoal ca init` / `shoal ca enroll`.") from None
+
+
+def read_passphrase(path: str | Path, what: str) -> bytes:
+    """The passphrase in the file ``path`` (one line; a trailing newline is not part of it);
+    ``what`` names the setting in the error when the file is missing or empty."""
+    p = Path(path)
+    try:
+        secret = p.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read the passphrase file {str(p)!r} "
+                          f"({e.strerror}); give a file holding the key's passphrase.") from None
+    if not secret:
+        raise ConfigError(f"{what}: the passphrase file {str(p)!r} is empty.")
+    return secret
 
 
 def write_private(path: str | Path, pem: bytes) -> None:

@@ -63,7 +63,7 @@ from ..transport import Transport, timed
 from . import wire
 from .ca import NODE_ID_PATTERN, Identity, RevocationList, peer_identity
 
-__all__ = ["METHOD", "SERVICE", "GrpcTransport"]
+__all__ = ["METHOD", "SERVICE", "GrpcTransport", "default_max_connections", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 

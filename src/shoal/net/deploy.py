@@ -38,7 +38,7 @@ from ..experiment import (
     run_experiment,
 )
 from ..node import Node, NodeContext, NodeStore
-from .ca import Identity
+from .ca import Identity, read_passphrase
 from .client import Backoff, NodeClient
 from .clientdata import load_client_data
 from .coordinator import GrpcTransport
@@ -53,7 +53,9 @@ def _identity(net: NetworkConfig, node_id: str) -> Identity | None:
     if net.insecure:
         return None
     d = Path(net.tls_dir)
-    return Identity(d / f"{node_id}.key", d / f"{node_id}.crt", d / "ca.crt")
+    secret = (read_passphrase(net.key_passphrase_file, "config field 'network.key_passphrase_file'")
+              if net.key_passphrase_file else None)
+    return Identity(d / f"{node_id}.key", d / f"{node_id}.crt", d / "ca.crt", secret)
 
 
 class WaitForNodes:
