@@ -14,7 +14,7 @@ from shoal.errors import ConfigError
     ("federated.rouds=3", "config: unknown field 'federated.rouds'. Did you mean 'rounds'? "
      "Known fields in [federated]: algorithm, rounds, clients_per_round, sampling, min_replies, dropout, "
      "timeout_s, on_client_error, weighting, reducer, trim_beta, krum_f, krum_m, clip_norm, "
-     "clip_at, server_opt, server_lr, server_momentum, beta1, beta2, tau, executor, workers, "
+     "clip_at, server_opt, server_lr, server_momentum, beta1, beta2, tau, max_weight, executor, workers, "
      "worker_executor."),
     ("federated.rounds=ten", "config field 'federated.rounds': expected an integer, "
      "got 'ten' (str)."),

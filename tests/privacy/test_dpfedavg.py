@@ -86,8 +86,10 @@ def test_adaptive_clipping_splits_the_noise_as_andrew_et_al():
 def test_adaptive_clip_norm_converges_to_the_target_quantile():
     """Update norms uniform on (0, 10): C should settle near the γ-quantile 10γ."""
     for gamma in (0.3, 0.7):
+        # reproducible: the noisy count's draws are seeded, so the figure is the same on every
+        # run (with secret noise, its standard deviation of 0.05 made a 2-sigma check flaky)
         stage = dp_fedavg(0.5, 1.0, cohort(200), adaptive=True, target_quantile=gamma,
-                          clip_lr=0.2)
+                          clip_lr=0.2, reproducible=True)
         pipeline = Pipeline([stage], weighted_mean("uniform"))
         states = pipeline.init()
         g = torch.Generator().manual_seed(1)
