@@ -14,6 +14,24 @@ from shoal.node import Node, NodeContext
 from ._helpers import make_client, running
 
 
+def _ask(answer, ids: tuple[str, ...], grace: float, timeout: float,
+         then=lambda: None) -> list[Message]:
+    """One batch of "echo" requests to nodes ``ids`` answering with ``answer``, over gRPC,
+    with a quorum of 2 and late grace ``grace``; ``then()`` runs once the replies are in."""
+    coord = GrpcTransport("127.0.0.1:0", insecure=True)
+    coord.quorum, coord.late_grace_s = 2, grace
+    try:
+        nodes = [Node(NodeContext(cid), {"echo": answer}) for cid in ids]
+        with running([make_client(coord.address, n, None) for n in nodes]):
+            assert coord.wait_for_nodes(len(ids), 30)
+            replies = coord.request([Message("echo", "coordinator", cid, 1) for cid in ids],
+                                    timeout=timeout)
+            then()
+            return replies
+    finally:
+        coord.close()
+
+
 def test_a_straggler_gets_late_grace_after_the_quorum_answered() -> None:
     release = threading.Event()
 
@@ -22,17 +40,7 @@ def test_a_straggler_gets_late_grace_after_the_quorum_answered() -> None:
             release.wait(60)  # stalls until the test ends
         return message.reply(tensors={"w": torch.ones(1)})
 
-    coord = GrpcTransport("127.0.0.1:0", insecure=True)
-    coord.quorum, coord.late_grace_s = 2, 0.5
-    try:
-        nodes = [Node(NodeContext(cid), {"echo": answer}) for cid in ("slow", "a", "b")]
-        with running([make_client(coord.address, n, None) for n in nodes]):
-            assert coord.wait_for_nodes(3, 30)
-            msgs = [Message("echo", "coordinator", cid, 1) for cid in ("slow", "a", "b")]
-            replies = coord.request(msgs, timeout=120)
-            release.set()
-    finally:
-        coord.close()
+    replies = _ask(answer, ("slow", "a", "b"), grace=0.5, timeout=120, then=release.set)
     assert replies[0].error is not None and "late_grace_s" in replies[0].error
     assert replies[1].error is None and replies[2].error is None
 
@@ -44,16 +52,7 @@ def test_without_a_quorum_every_reply_is_awaited() -> None:
             return message.failed("no data")
         return message.reply(tensors={"w": torch.ones(1)})
 
-    coord = GrpcTransport("127.0.0.1:0", insecure=True)
-    coord.quorum, coord.late_grace_s = 2, 0.01
-    try:
-        nodes = [Node(NodeContext(cid), {"echo": answer}) for cid in ("a", "b", "c")]
-        with running([make_client(coord.address, n, None) for n in nodes]):
-            assert coord.wait_for_nodes(3, 30)
-            replies = coord.request([Message("echo", "coordinator", cid, 1)
-                                     for cid in ("a", "b", "c")], timeout=60)
-    finally:
-        coord.close()
+    replies = _ask(answer, ("a", "b", "c"), grace=0.01, timeout=60)
     assert [r.error for r in replies] == ["no data", None, None]
 
 
