@@ -3,8 +3,9 @@ and early stopping. Checkpointing lives in :mod:`shoal.checkpoint`.
 
 * ``CentralEvaluation`` — the coordinator holds a test set and evaluates the global model.
 * ``FederatedEvaluation`` — each client evaluates the global model on its own held-out data;
-  the weighted mean is reported with the distribution across clients (worst client, 10th
-  percentile), since an under-represented client can get a much worse model than the mean.
+  the weighted mean is reported with the distribution across clients of the primary metric
+  (worst client, and the figure only a tenth of the clients do worse than), since an
+  under-represented client can get a much worse model than the mean.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 from .algorithm import RoundReport
 from .errors import ConfigError
 from .message import COORDINATOR, Message
-from .metrics import distribution_summary, weighted_average
+from .metrics import distribution_summary, pooled_average, tail_key
+from .metrics import lower_is_better as _lower_is_better
 from .run import Callback, RunContext
 from .tree import Params
 
@@ -62,15 +64,24 @@ class CentralEvaluation(Callback):
 class FederatedEvaluation(Callback):
     """Ask clients to evaluate the global params on their held-out data (``"evaluate"``).
 
-    Reports ``fed_eval/<metric>`` (weighted by examples), ``fed_eval/<metric>_worst`` and
-    ``fed_eval/<metric>_p10`` across clients, and ``fed_eval/clients``. ``clients`` limits the
-    evaluation to a fixed list (default: every reachable node).
+    Reports every metric as ``fed_eval/<name>``, the mean over clients weighted by examples
+    (RMSE and perplexity recomputed from the pooled MSE and loss, see
+    :func:`~shoal.metrics.pooled_average`), ``fed_eval/clients``, and the spread of ``metric``
+    (the task's primary) across clients: ``fed_eval/<metric>_worst`` and the tail figure a
+    tenth of the clients do worse than. For a score (accuracy, higher is better) these are the
+    lowest client and ``fed_eval/<metric>_p10``, the 10th percentile; for an error
+    (``lower_is_better``, e.g. RMSE) the highest client and ``fed_eval/<metric>_p90``, the 90th
+    percentile. ``lower_is_better=None`` infers the direction from the name (loss, rmse, mae,
+    mse, perplexity are errors). ``clients`` limits the evaluation to a fixed list (default:
+    every reachable node).
     """
 
     def __init__(self, every: int = 1, *, metric: str = "accuracy", timeout: float | None = None,
-                 clients: list[str] | None = None):
+                 clients: list[str] | None = None, lower_is_better: bool | None = None):
         self.every = _every("FederatedEvaluation", every)
         self.metric = metric
+        self.lower_is_better = (_lower_is_better(metric) if lower_is_better is None
+                                else lower_is_better)
         self.timeout = timeout
         self.clients = clients
         self.last_per_client: dict[str, dict[str, float]] = {}
@@ -91,12 +102,14 @@ class FederatedEvaluation(Callback):
         self.last_per_client = results
         if not results:
             return {"fed_eval/clients": 0.0}
-        out = {f"fed_eval/{k}": v for k, v in weighted_average(list(results.values())).items()}
+        out = {f"fed_eval/{k}": v for k, v in pooled_average(list(results.values())).items()}
         out["fed_eval/clients"] = float(len(results))
-        spread = distribution_summary([m.get(self.metric, math.nan) for m in results.values()])
-        for k in ("worst", "p10"):
-            if k in spread:
-                out[f"fed_eval/{self.metric}_{k}"] = spread[k]
+        spread = distribution_summary([m.get(self.metric, math.nan) for m in results.values()],
+                                      lower_is_better=self.lower_is_better)
+        tail = "p90" if self.lower_is_better else "p10"
+        if spread:
+            out[f"fed_eval/{self.metric}_worst"] = spread["worst"]
+            out[f"fed_eval/{tail_key(self.metric, self.lower_is_better)}"] = spread[tail]
         return out
 
 

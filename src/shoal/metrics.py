@@ -1,8 +1,19 @@
-"""Evaluating a model: loss, accuracy and (for binary tasks) ROC AUC, in large batches.
+"""Evaluating a model: the loss and the metrics of the task's kind, in large batches.
 
 ``Evaluator`` is used by the coordinator (central evaluation on its test set), by clients
 (federated evaluation on their held-out data) and by the baselines, so every number in a run is
-computed the same way.
+computed the same way. What it computes depends on the task's kind (:data:`KINDS`):
+
+==================  =========================================================  =============
+kind                metrics (besides ``loss``)                                 primary
+==================  =========================================================  =============
+``classification``  ``accuracy``, ``f1`` (macro over the classes seen)           ``accuracy``
+``binary``          ``accuracy``, ``f1`` (of class 1), ``auc`` (ROC AUC)        ``accuracy``
+``regression``      ``rmse``, ``mae``, ``mse`` (over every output element)      ``rmse``
+``sequence``        ``perplexity`` (``exp(loss)``), ``accuracy`` (per position)  ``perplexity``
+==================  =========================================================  =============
+
+plus any metric of the user's own (:class:`Metric`, or a plain function taken as an error).
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,32 +31,161 @@ from torch import Tensor, nn
 
 from . import tree
 from .data.arrays import ArrayData
+from .errors import ConfigError, DataError
 
-__all__ = ["Evaluator", "distribution_summary", "weighted_average"]
+__all__ = ["KINDS", "KIND_METRICS", "Evaluator", "Metric", "MetricFn", "default_primary",
+           "distribution_summary", "lower_is_better", "pooled_average", "tail_key",
+           "weighted_average"]
+
+MetricFn = Callable[[Tensor, Tensor], float]
+"""``fn(outputs, targets) -> float`` over a whole evaluation set (every batch concatenated)."""
+
+KINDS = ("classification", "binary", "regression", "sequence")
+"""What a task predicts: one of several classes, one of two, numbers, or a class per position."""
+
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("loss", "accuracy", "f1"),
+    "binary": ("loss", "accuracy", "f1", "auc"),
+    "regression": ("loss", "rmse", "mae", "mse"),
+    "sequence": ("loss", "perplexity", "accuracy"),
+}
+"""The metrics :class:`Evaluator` computes for each kind (``loss`` for every kind)."""
+
+_PRIMARY = {"classification": "accuracy", "binary": "accuracy", "regression": "rmse",
+            "sequence": "perplexity"}
+_LOWER_IS_BETTER = frozenset({"loss", "rmse", "mae", "mse", "perplexity"})
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric of the user's own: ``fn(outputs, targets) -> float`` over the whole evaluation
+    set, and whether a higher value is better (``False``: an error, such as MAPE)."""
+
+    fn: MetricFn
+    higher_is_better: bool = False
+
+
+def default_primary(kind: str) -> str:
+    """The metric a task of ``kind`` is judged by unless it names another."""
+    return _PRIMARY[_check_kind(kind)]
+
+
+def lower_is_better(name: str, metrics: Mapping[str, Metric | MetricFn] | None = None) -> bool:
+    """Whether a lower value of metric ``name`` is better: errors, loss and perplexity; a
+    user's :class:`Metric` says itself, and a plain function is taken as an error."""
+    custom = (metrics or {}).get(name)
+    if custom is not None:
+        return not (isinstance(custom, Metric) and custom.higher_is_better)
+    return name in _LOWER_IS_BETTER
+
+
+def tail_key(name: str, lower: bool) -> str:
+    """The name of the client figure that only a tenth of the clients do worse than:
+    ``<name>_p10`` (10th percentile) for a score, ``<name>_p90`` (90th percentile) for an
+    error, where higher is worse."""
+    return f"{name}_p90" if lower else f"{name}_p10"
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"task kind must be one of {', '.join(KINDS)} (got {kind!r}).")
+    return kind
+
+
+def _shape(t: Tensor) -> str:
+    return str(tuple(t.shape))
 
 
 class Evaluator:
-    """``evaluator(params, data) -> {"loss", "accuracy", "examples"[, "auc"]}``.
+    """``evaluator(params, data) -> {"loss", <the kind's metrics>, <custom>, "examples"}``.
 
     Loads ``params`` into a private replica of ``model`` and evaluates it in batches of
     ``batch_size`` under ``torch.inference_mode``. ``loss_fn`` must average over the batch (it is
-    re-weighted by batch size). ``auc=True`` adds the ROC AUC of class 1 (binary tasks).
+    re-weighted by batch size). ``kind`` picks the metrics (see the module docstring; default
+    ``"classification"``, or ``"binary"`` with ``auc=True``); ``metrics`` adds the user's own,
+    ``{name: Metric(fn, higher_is_better) or fn}``, each computed on every output and target of
+    the set at once.
 
-    Class scores are on dim 1, as ``F.cross_entropy`` expects: ``(B, C)`` outputs with ``(B,)``
-    targets, or ``(B, C, T)`` with ``(B, T)`` targets for sequences, where accuracy is then the
-    share of correct positions (next-character accuracy).
+    Shapes are checked per kind, and a mismatch is a :class:`~shoal.errors.DataError` saying
+    what was expected: class scores on dim 1 as ``F.cross_entropy`` expects, ``(B, C)`` outputs
+    with ``(B,)`` integer targets (``C = 2`` for binary), ``(B, C, T)`` with ``(B, T)`` for
+    sequences (accuracy is then the share of correct positions); for regression, outputs of
+    exactly the targets' shape (a ``(B, 1)`` output against ``(B,)`` targets would broadcast).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
-                 batch_size: int = 2048, auc: bool = False):
+                 batch_size: int = 2048, auc: bool = False, kind: str | None = None,
+                 metrics: Mapping[str, Metric | MetricFn] | None = None):
+        if kind is None:
+            kind = "binary" if auc else "classification"
+        if auc and kind not in ("binary", "classification"):
+            raise ConfigError(f"Evaluator: auc=True is for binary tasks, but kind is {kind!r}; "
+                              "drop auc.")
+        self.kind = "binary" if auc else _check_kind(kind)
         self.model = model
         self.loss_fn = loss_fn
         self.batch_size = batch_size
-        self.auc = auc
+        self.auc = self.kind == "binary"
+        self.metrics: dict[str, Metric | MetricFn] = dict(metrics or {})
+        for name, m in self.metrics.items():
+            if name in KIND_METRICS[self.kind] or name == "examples":
+                raise ConfigError(f"Evaluator: metric {name!r} is built in for {self.kind} "
+                                  f"tasks; give yours another name (e.g. {name + '_own'!r}).")
+            if not callable(m) and not isinstance(m, Metric):
+                raise ConfigError(f"Evaluator: metric {name!r} must be a function "
+                                  f"fn(outputs, targets) -> float or a shoal.metrics.Metric, "
+                                  f"got {type(m).__name__}.")
         self._replica: nn.Module | None = None
+
+    @classmethod
+    def for_task(cls, task: Any, model: nn.Module | None = None, *,
+                 batch_size: int = 2048) -> Evaluator:
+        """The evaluator of a :class:`~shoal.data.tasks.Task`: its loss, kind and metrics,
+        on ``model`` (default: a fresh ``task.model_fn()``, built without touching torch's
+        global random state; its weights are replaced by each call's params anyway)."""
+        if model is None:
+            with torch.random.fork_rng():
+                model = task.model_fn()
+        return cls(model, task.loss_fn, batch_size=batch_size, kind=task.kind,
+                   metrics=task.metrics)
+
+    def metric_names(self) -> list[str]:
+        """Every metric this evaluator reports, built-in then the user's (not ``examples``)."""
+        return [*KIND_METRICS[self.kind], *self.metrics]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_replica": None}
+
+    def check_shapes(self, out: Tensor, y: Tensor) -> None:
+        """Raise :class:`~shoal.errors.DataError` unless ``out`` and ``y`` fit the kind."""
+        kind = self.kind
+        if kind == "regression":
+            if out.shape != y.shape:
+                raise DataError(
+                    f"Evaluator: a regression task needs outputs of exactly the targets' shape; "
+                    f"got outputs {_shape(out)} for targets {_shape(y)}. Make them match: end "
+                    "the model with nn.Flatten(0) for (B,) targets, or give the targets shape "
+                    "(B, 1) (a loss like F.mse_loss would otherwise broadcast them to (B, B)).")
+            return
+        want = "(B, C, T) for targets (B, T)" if kind == "sequence" else "(B, C) for targets (B,)"
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(
+                f"Evaluator: a {kind} task needs integer class indices as targets; got "
+                f"{y.dtype} targets of shape {_shape(y)}. Convert them with .long(), or declare "
+                "the task kind=\"regression\" if they are numbers to predict.")
+        fits = (out.dim() >= 2 and out.shape[0] == y.shape[0] and out.shape[2:] == y.shape[1:]
+                and (kind != "sequence" or out.dim() == 3))
+        if not fits or out.shape[1] < 2:
+            raise DataError(
+                f"Evaluator: a {kind} task needs one score per class on dim 1, outputs {want}; "
+                f"got outputs {_shape(out)} for targets {_shape(y)}. End the model with one "
+                "output per class (e.g. nn.Linear(hidden, num_classes)), or declare the task "
+                "kind=\"regression\" if it predicts a number.")
+        if kind == "binary" and out.shape[1] != 2:
+            raise DataError(
+                f"Evaluator: a binary task needs 2 class scores on dim 1, outputs (B, 2); got "
+                f"outputs {_shape(out)}. Declare kind=\"classification\" for "
+                f"{out.shape[1]} classes, or end the model with 2 logits.")
 
     def __call__(self, params: Mapping[str, Tensor], data: ArrayData) -> dict[str, float]:
         n = len(data)
@@ -54,25 +196,75 @@ class Evaluator:
         model = self._replica
         tree.load_params_(model, params)
         model.eval()
-        loss_sum = 0.0
+        regression = self.kind == "regression"
+        loss_sum = sq_sum = abs_sum = 0.0
         correct = labels = 0
+        confusion: Tensor | None = None  # (C, C): rows targets, columns predictions
         scores: list[Tensor] = []
+        outputs: list[Tensor] = []
         targets: list[Tensor] = []
         with torch.inference_mode():
             for xb, yb in data.batches(self.batch_size):
                 out = model(xb)
+                self.check_shapes(out, yb)
                 loss_sum += float(self.loss_fn(out, yb)) * len(yb)
-                correct += int((out.argmax(dim=1) == yb).sum())
                 labels += yb.numel()
-                if self.auc:
-                    scores.append(out.softmax(dim=1)[:, 1])
+                if regression:
+                    err = out.double() - yb.double()
+                    sq_sum += float((err * err).sum())
+                    abs_sum += float(err.abs().sum())
+                else:
+                    pred = out.argmax(dim=1)
+                    correct += int((pred == yb).sum())
+                    if self.kind != "sequence":
+                        c = out.shape[1]
+                        ok = (yb >= 0) & (yb < c)  # leaves out ignore_index-style labels
+                        counts = torch.bincount((yb[ok] * c + pred[ok]).long(),
+                                                minlength=c * c).reshape(c, c)
+                        confusion = counts if confusion is None else confusion + counts
+                    if self.auc:
+                        scores.append(out.softmax(dim=1)[:, 1])
+                if self.metrics:
+                    outputs.append(out)
+                if self.metrics or self.auc:
                     targets.append(yb)
-        metrics = {"loss": loss_sum / n, "accuracy": correct / labels, "examples": float(n)}
+        loss = loss_sum / n
+        metrics: dict[str, float] = {"loss": loss}
+        if regression:
+            metrics["mse"] = sq_sum / labels
+            metrics["rmse"] = math.sqrt(sq_sum / labels)
+            metrics["mae"] = abs_sum / labels
+        else:
+            metrics["accuracy"] = correct / labels
+            if self.kind == "sequence":
+                metrics["perplexity"] = math.exp(min(loss, 700.0))
+            elif confusion is not None:
+                metrics["f1"] = _f1(confusion, binary=self.kind == "binary")
         if self.auc:
             y = torch.cat(targets).numpy()
             s = torch.cat(scores).numpy()
             metrics["auc"] = float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else math.nan
+        if self.metrics:
+            out_all, y_all = torch.cat(outputs), torch.cat(targets)
+            for name, m in self.metrics.items():
+                fn = m.fn if isinstance(m, Metric) else m
+                metrics[name] = float(fn(out_all, y_all))
+        metrics["examples"] = float(n)
         return metrics
+
+
+def _f1(confusion: Tensor, *, binary: bool) -> float:
+    """F1 of class 1 (binary), or the mean F1 over the classes that occur among the targets
+    or the predictions (macro); NaN where undefined (no positives, none predicted)."""
+    cm = confusion.double()
+    tp = cm.diagonal()
+    fp = cm.sum(dim=0) - tp
+    fn = cm.sum(dim=1) - tp
+    denom = 2 * tp + fp + fn
+    if binary:
+        return float(2 * tp[1] / denom[1]) if denom[1] > 0 else math.nan
+    seen = denom > 0
+    return float((2 * tp[seen] / denom[seen]).mean()) if bool(seen.any()) else math.nan
 
 
 def weighted_average(results: Sequence[Mapping[str, float]], weight_key: str = "examples",
@@ -93,11 +285,31 @@ def weighted_average(results: Sequence[Mapping[str, float]], weight_key: str = "
     return out
 
 
-def distribution_summary(values: Sequence[float]) -> dict[str, float]:
-    """Worst (minimum), 10th percentile, median and best of per-client values."""
+def pooled_average(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """:func:`weighted_average` by examples, with the metrics that do not average recomputed
+    from those that do, as if the clients' data were pooled: ``rmse = sqrt(mse)`` and
+    ``perplexity = exp(loss)``."""
+    out = weighted_average(results)
+    if "rmse" in out and "mse" in out:
+        out["rmse"] = math.sqrt(out["mse"])
+    if "perplexity" in out and "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+    return out
+
+
+def distribution_summary(values: Sequence[float], *, lower_is_better: bool = False,
+                         ) -> dict[str, float]:
+    """Worst, tail, median and best of per-client values, NaN left out.
+
+    For a score (``lower_is_better=False``): worst is the minimum and the tail ``p10`` the 10th
+    percentile. For an error: worst is the *maximum* and the tail ``p90`` the 90th percentile,
+    so in both cases a tenth of the clients do worse than the tail figure.
+    """
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
     if v.size == 0:
         return {}
+    if lower_is_better:
+        return {"worst": float(v.max()), "p90": float(np.percentile(v, 90)),
+                "median": float(np.median(v)), "best": float(v.min())}
     return {"worst": float(v.min()), "p10": float(np.percentile(v, 10)),
             "median": float(np.median(v)), "best": float(v.max())}
-

@@ -1,4 +1,5 @@
-"""The task registry and the three built-in tasks: digits, fashion_mnist, heart."""
+"""The task registry, tasks of the user's own ("module:factory"), kinds and primary metrics, and
+the built-in tasks: digits, fashion_mnist, heart, ai4i, cmapss."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import hashlib
 import importlib.resources
 import pickle
 import re
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.data import task_ai4i, task_heart
+from shoal.data import task_ai4i, task_cmapss, task_heart
 from shoal.data import task_fashion_mnist as fm
+from shoal.data.arrays import ArrayData
 from shoal.data.federated import federate
 from shoal.data.tasks import Task, load_task, register_task, task_names, task_options
 from shoal.errors import ConfigError, DataError
@@ -28,8 +32,8 @@ def n_params(model: torch.nn.Module) -> int:
 # -- registry ---------------------------------------------------------------------------------
 
 def test_registry_lists_the_builtin_tasks() -> None:
-    assert task_names() == ["ai4i", "digits", "fashion_mnist", "heart"]
-    assert task_names(natural_ids=True) == ["ai4i", "heart"]
+    assert task_names() == ["ai4i", "cmapss", "digits", "fashion_mnist", "heart"]
+    assert task_names(natural_ids=True) == ["ai4i", "cmapss", "heart"]
     assert task_options("digits") == {"hidden": 128}
 
 
@@ -37,7 +41,7 @@ def test_unknown_task_and_option_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_task("mnist")
     assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of ai4i, "
-                               "digits, fashion_mnist, heart.")
+                               "cmapss, digits, fashion_mnist, heart.")
     with pytest.raises(ConfigError) as info:
         load_task("digits", width=3)
     assert str(info.value) == ("load_task('digits'): unknown option 'width'; accepted "
@@ -171,7 +175,10 @@ def test_fashion_mnist_reads_idx_files_gzipped_or_not(tmp_path: Path, gz: bool) 
     task = load_task("fashion_mnist", data_dir=str(tmp_path), model="mlp")
     x, y = task.train.tensors()
     assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and len(task.test) == 4
+    raw = fm.read_idx(next(tmp_path.glob("train-images*")), 3)  # standardised as the reference
+    expected = (torch.tensor(raw, dtype=torch.float32) / 255 - 0.2860) / 0.3530
+    assert torch.allclose(x[:, 0], expected) and len(task.test) == 4
+    assert "mean 0.2860" in task.description and "std 0.3530" in task.description
     assert y.tolist() == [k % 10 for k in range(12)]
 
 
@@ -266,3 +273,103 @@ def test_ai4i_file_matches_its_attribution() -> None:
     assert "CC BY 4.0" in text and "Matzka" in text and "3e1727a" in text
     digest = hashlib.sha256((folder / "ai4i2020.csv").read_bytes()).hexdigest()
     assert digest in text
+
+
+# -- cmapss -----------------------------------------------------------------------------------
+
+def test_cmapss_windows_targets_and_engines() -> None:
+    task = load_task("cmapss")
+    assert task.kind == "regression" and task.primary == "rmse" and task.lower_is_better()
+    assert task.train.x.shape == (17_731, 30, 14) and task.test.x.shape == (100, 30, 14)
+    assert float(task.train.x.min()) == -1.0 and float(task.train.x.max()) == 1.0
+    assert float(task.train.y.max()) == 125.0 and float(task.train.y.min()) == 0.0
+    train, test, rul = task_cmapss.read_cmapss()
+    # test engine 1: 31 cycles seen, 112 left (RUL_FD001.txt line 1), below the cap
+    assert rul[0] == 112 and float(task.test.y[0]) == 112.0
+    assert len(set(task.groups.tolist())) == 100 and task.groups[0] == "engine-001"
+    out = task.model_fn()(task.test.x[:5])
+    assert out.shape == (5,)  # exactly the targets' shape
+
+
+def test_cmapss_windows_pad_short_units_and_count_cycles_left() -> None:
+    x = np.arange(8, dtype=float).reshape(4, 2)  # unit 1: 3 cycles, unit 2: 1 cycle
+    w, unit, left = task_cmapss.windows(x, np.array([1, 1, 1, 2]), 2)
+    assert w.shape == (3, 2, 2) and unit.tolist() == [1, 1, 2] and left.tolist() == [1, 0, 0]
+    assert w[2].tolist() == [[6, 7], [6, 7]]  # padded with its first row
+
+
+def test_cmapss_files_match_their_attribution() -> None:
+    text = (importlib.resources.files("shoal") / "data" / "builtin" / "cmapss"
+            / "ATTRIBUTION.md").read_text()
+    for name, digest in task_cmapss._SHA256.items():
+        assert f"{digest}  {name}" in text
+
+
+# -- kinds, primary metrics and tasks of one's own ---------------------------------------------
+
+def _regression_task(**kwargs) -> Task:
+    x, y = torch.randn(8, 2), torch.randn(8)
+    return Task(name="mine", model_fn=lambda: torch.nn.Linear(2, 1), loss_fn=torch.nn.MSELoss(),
+                train=ArrayData.of(x, y), test=ArrayData.of(x, y), num_classes=0,
+                **{"kind": "regression", **kwargs})
+
+
+def test_task_kind_metrics_and_primary() -> None:
+    def mape(o: torch.Tensor, y: torch.Tensor) -> float:
+        return 0.0
+
+    task = _regression_task(metrics={"mape": mape}, primary="mae")
+    assert task.metric_names() == ["loss", "rmse", "mae", "mse", "mape"]
+    assert task.primary == "mae" and task.lower_is_better() and task.lower_is_better("mape")
+    assert load_task("heart").kind == "binary" and load_task("digits").primary == "accuracy"
+    with pytest.raises(ConfigError) as info:
+        _regression_task(primary="accuracy")
+    assert str(info.value) == (
+        "task 'mine': primary metric 'accuracy' is not one of its metrics; expected one of loss, "
+        "rmse, mae, mse (a regression task). Pass metrics={name: fn} to the Task to add one.")
+    with pytest.raises(ConfigError) as info:
+        _regression_task(kind="ranking")
+    assert str(info.value) == ("Task 'mine': kind must be one of classification, binary, "
+                               "regression, sequence (got 'ranking').")
+
+
+def test_module_factory_tasks_load_with_their_options(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my_tasks_mod.py").write_text(textwrap.dedent("""
+        import torch
+        from shoal.data.arrays import ArrayData
+        from shoal.data.tasks import Task
+
+        def small(*, n=8):
+            x, y = torch.randn(n, 2), torch.randn(n)
+            return Task(name="small", model_fn=lambda: torch.nn.Linear(2, 1),
+                        loss_fn=torch.nn.MSELoss(), train=ArrayData.of(x, y),
+                        test=ArrayData.of(x, y), num_classes=0, kind="regression")
+
+        def not_a_task():
+            return 3
+        """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    task = load_task("my_tasks_mod:small", n=5)
+    assert len(task.train) == 5 and task.kind == "regression"
+    assert task_options("my_tasks_mod:small") == {"n": 8}
+    with pytest.raises(ConfigError) as info:
+        load_task("my_tasks_mod:small", m=5)
+    assert str(info.value) == ("load_task('my_tasks_mod:small'): unknown option 'm'; accepted "
+                               "options: n.")
+    with pytest.raises(ConfigError) as info:
+        load_task("my_tasks_mod:missing")
+    assert str(info.value) == (
+        f"load_task('my_tasks_mod:missing'): module 'my_tasks_mod' "
+        f"({tmp_path / 'my_tasks_mod.py'}) has no function 'missing'; expected a function that "
+        "returns a shoal Task.")
+    with pytest.raises(ConfigError) as info:
+        load_task("my_tasks_mod:not_a_task")
+    assert str(info.value) == ("load_task('my_tasks_mod:not_a_task'): the factory returned "
+                               "int, expected a shoal Task.")
+    with pytest.raises(ConfigError) as info:
+        load_task("nowhere_mod:small")
+    assert str(info.value) == (
+        "load_task('nowhere_mod:small'): cannot import module 'nowhere_mod' (No module named "
+        "'nowhere_mod'). Run from the directory that holds it, or add that directory to "
+        "PYTHONPATH.")

@@ -40,8 +40,9 @@ class ProgressBar:
         assert self._progress is not None
         m = report.metrics
         parts = []
-        if "central/accuracy" in m:
-            parts.append(f"accuracy {m['central/accuracy']:.4f}")
+        shown = next((k for k in _COLUMNS if f"central/{k}" in m), None)
+        if shown is not None:
+            parts.append(f"{_COLUMNS[shown]} {_fmt(shown, m[f'central/{shown}'])}")
         if "train/loss" in m:
             parts.append(f"loss {m['train/loss']:.4f}")
         if m.get("round/dropped"):
@@ -64,32 +65,68 @@ def _size(n: float) -> str:
     return f"{n}"
 
 
+_COLUMNS = {"accuracy": "accuracy", "auc": "AUC", "rmse": "RMSE", "mae": "MAE",
+            "perplexity": "perplexity"}
+# Metrics shown as columns, in this order, when a paradigm reports them (F1, MSE and loss stay in
+# summary.json and metrics.jsonl: the table must fit 80 columns).
+_SCORES = ("accuracy", "auc", "f1")
+
+
+def _fmt(metric: str, value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if metric in _SCORES else f"{value:.{digits}g}"
+
+
+def _spread(results: Sequence[ParadigmResult]) -> tuple[str, str] | None:
+    """``(metric, tail key)`` of the federated-evaluation spread the results hold, if any."""
+    for r in results:
+        for k in r.final:
+            if k.startswith("fed_eval/") and k.endswith("_worst"):
+                metric = k.removeprefix("fed_eval/").removesuffix("_worst")
+                for tail in ("p10", "p90"):
+                    if f"fed_eval/{metric}_{tail}" in r.final:
+                        return metric, tail
+    return None
+
+
 def summary_table(results: Sequence[ParadigmResult]) -> Table:
-    """One row per paradigm: accuracy (ROC AUC for binary tasks), the worst and 10th-percentile
-    client under federated evaluation, rounds, examples seen, bytes exchanged, time."""
-    auc = any("auc" in r.final for r in results)
-    spread = any("fed_eval/accuracy_worst" in r.final for r in results)
+    """One row per paradigm: the task's metrics on the central test set (accuracy and ROC AUC
+    for classification, RMSE and MAE for regression, perplexity for sequences), the worst client
+    and the tail percentile of the primary metric under federated evaluation (for an error the
+    highest client and the 90th percentile), rounds, examples seen, bytes exchanged, time."""
+    spread = _spread(results)
+    shown = [k for k in _COLUMNS if any(k in r.final for r in results)]
+    if spread and spread[0] not in shown and any(spread[0] in r.final for r in results):
+        shown.append(spread[0])  # a primary metric of the user's own
+    shown = shown or ["accuracy"]
     table = Table(title="shoal run summary", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
     table.add_column("paradigm", style="bold", no_wrap=True)
-    table.add_column("accuracy", justify="right", no_wrap=True, min_width=8)
-    if auc:
-        table.add_column("AUC", justify="right", no_wrap=True, min_width=6)
+    for k in shown:
+        title = _COLUMNS.get(k, k)
+        table.add_column(title, justify="right", no_wrap=True, min_width=max(6, len(title)))
     if spread:
+        metric, tail = spread
         table.add_column("worst", justify="right", no_wrap=True)
-        table.add_column("p10", justify="right", no_wrap=True)
-        table.caption = ("worst, p10: accuracy of the worst client and the 10th percentile, "
-                         "each client testing the model on its own held-out data")
+        table.add_column(tail, justify="right", no_wrap=True)
+        name = _COLUMNS.get(metric, metric)
+        if tail == "p10":
+            table.caption = (f"worst, p10: {name} of the worst client and the 10th percentile, "
+                             "each client testing the model on its own held-out data")
+        else:
+            table.caption = (f"worst, p90: {name} of the worst client (the highest) and the "
+                             "90th percentile, each client testing the model on its own "
+                             "held-out data")
     for col in ("rounds", "examples", "bytes", "time"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in results:
         f = r.final
-        row = [r.paradigm, f"{f.get('accuracy', float('nan')):.4f}"]
-        if auc:
-            row.append(f"{f['auc']:.4f}" if "auc" in f else "")
+        row = [r.paradigm]
+        for k in shown:
+            row.append(_fmt(k, f[k]) if k in f else ("nan" if k == "accuracy" else ""))
         if spread:
-            row += [f"{f[k]:.3f}" if k in f else "" for k in
-                    ("fed_eval/accuracy_worst", "fed_eval/accuracy_p10")]
+            metric, tail = spread
+            row += [_fmt(metric, f[k], 3) if k in f else "" for k in
+                    (f"fed_eval/{metric}_worst", f"fed_eval/{metric}_{tail}")]
         row += [str(r.rounds), f"{r.examples:,.0f}", _size(r.bytes) if r.bytes else "0",
                 f"{r.seconds:.1f} s"]
         table.add_row(*row)
@@ -98,10 +135,19 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
 
 def cost_line(results: Sequence[ParadigmResult]) -> str | None:
     """'<paradigm> vs centralized: X accuracy points (, Y AUC)' when a paradigm and the
-    baseline both ran."""
+    baseline both ran; for a regression 'RMSE +D (paradigm's vs baseline's)'."""
     base = next((r.final for r in results if r.paradigm == "centralized"), None)
-    if base is None or "accuracy" not in base:
+    if base is None:
         return None
+    if "accuracy" not in base:
+        error = next((k for k in ("rmse", "mae", "perplexity") if k in base), None)
+        if error is None:
+            return None
+        lines = [f"{r.paradigm} vs centralized: {_COLUMNS[error]} "
+                 f"{r.final[error] - base[error]:+.4g} ({r.final[error]:.4g} vs "
+                 f"{base[error]:.4g})" for r in results
+                 if r.paradigm != "centralized" and error in r.final]
+        return "; ".join(lines) or None
     parts = []
     for r in results:
         if r.paradigm == "centralized" or "accuracy" not in r.final:

@@ -87,7 +87,13 @@ def _keep_rows(y: np.ndarray, positive_fraction: float) -> np.ndarray:
     return np.sort(np.concatenate([positives, keep]))
 
 
-@register_task("ai4i", natural_ids=True)
+_SUMMARY = ("AI4I 2020 predictive maintenance, 10,000 milling-machine records, 3 production "
+            "lines as clients; target: machine failure (3.4 %). 5 process features "
+            "standardised with the training pool's mean and std.")
+
+
+@register_task("ai4i", natural_ids=True, kind="binary",
+               summary=_SUMMARY)
 def ai4i(*, hidden: int = 64, positive_fraction: float = 0.0) -> Task:
     """AI4I 2020 predictive maintenance: will the machine fail? Three production lines
     (product types L, M, H) are the natural clients; binary target, 3.4 % positives, so ROC
@@ -118,6 +124,7 @@ def ai4i(*, hidden: int = 64, positive_fraction: float = 0.0) -> Task:
         train=ArrayData(xt, yt, torch.from_numpy(train_rows)),
         test=ArrayData(xt, yt, torch.from_numpy(test_rows)),
         num_classes=2,
+        kind="binary",
         groups=line[train_rows],
         test_groups=line[test_rows],
         default_partition={"partition": "natural"},

@@ -46,7 +46,11 @@ def digits_mlp(hidden: int = 128) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-@register_task("digits")
+_SUMMARY = ("scikit-learn's 8x8 handwritten digits, 1,797 images, 10 classes; 64 pixels "
+            "scaled to [0, 1] (divided by 16); a fixed stratified 80/20 split.")
+
+
+@register_task("digits", summary=_SUMMARY)
 def digits(*, hidden: int = 128) -> Task:
     """8x8 digits as flat 64-vectors in [0, 1]; an MLP with ``hidden`` units; a fixed stratified
     80/20 train/test split (:data:`SPLIT_SEED`). Default partition: Dirichlet label skew,

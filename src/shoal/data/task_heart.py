@@ -120,7 +120,13 @@ def heart_mlp(d: int = 21, hidden: int = 32) -> nn.Module:
 _MODELS: dict[str, Callable[..., nn.Module]] = {"logistic": heart_logistic, "mlp": heart_mlp}
 
 
-@register_task("heart", natural_ids=True)
+_SUMMARY = ("UCI Heart Disease, 920 patients of 4 hospitals, one client each; target: disease. "
+            "21 features: gaps filled with the training pool's medians, nominal codes one-hot, "
+            "then standardised with the training pool's mean and std.")
+
+
+@register_task("heart", natural_ids=True, kind="binary",
+               summary=_SUMMARY)
 def heart(*, model: str = "logistic") -> Task:
     """UCI Heart Disease, four hospitals as natural clients; binary target ``num > 0``.
 
@@ -171,6 +177,7 @@ def heart(*, model: str = "logistic") -> Task:
         train=ArrayData(xt, yt, torch.from_numpy(train_rows)),
         test=ArrayData(xt, yt, torch.from_numpy(test_rows)),
         num_classes=2,
+        kind="binary",
         groups=np.array(hospital_train),
         test_groups=np.array(hospital_test),
         default_partition={"partition": "natural"},
