@@ -21,7 +21,13 @@ def test_config_prints_the_resolved_config_which_reads_back_the_same() -> None:
     assert data["secagg"]["enabled"] is True and data["task"]["name"] == "heart"
     expected = load_config(None, ["secagg.enabled=true", "task.name=heart"])
     assert to_dict(load_config(None)) != to_dict(expected)
-    assert data == to_dict(expected)
+    # resolved as it would run: the task's partition filled in, and the default 10 clients per
+    # round lowered to the 4 hospitals (and said so)
+    assert data["data"]["partition"] == "natural" and data["federated"]["clients_per_round"] == 4
+    expected.federated.clients_per_round = 4
+    assert data == {**to_dict(expected), "data": {**to_dict(expected)["data"],
+                                                  "partition": "natural"}}
+    assert "federated.clients_per_round = 10 exceeds the 4 clients" in proc.stderr
 
 
 def test_errors_print_their_full_text_with_status_2() -> None:

@@ -49,8 +49,8 @@ from .errors import ConfigError
 
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
            "EvaluationConfig", "FederatedConfig", "NetworkConfig", "PrivacyConfig", "SecAggConfig",
-           "SplitConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config", "to_dict",
-           "to_toml"]
+           "SplitConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
+           "problems_error", "to_dict", "to_toml"]
 
 
 def _check(**constraints: Any) -> dict[str, Any]:
@@ -140,9 +140,6 @@ class EvaluationConfig:
     central_every: int = field(default=1, metadata=_check(min=0))
     federated_every: int = field(default=0, metadata=_check(min=0))
     batch_size: int = field(default=2048, metadata=_check(min=1))
-    # The metric the run is judged by (worst client, percentile, summary), one of the task's
-    # (loss, accuracy, f1, auc, rmse, mae, perplexity or its own); "": the task's primary.
-    primary: str = ""
 
 
 @dataclass
@@ -297,9 +294,16 @@ class Config:
 
 # -- parsing ---------------------------------------------------------------------------------
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                problems: list[str] | None = None) -> Config:
     """Read a TOML config (``None``: the built-in default), apply ``key=value`` overrides,
-    validate, and return it."""
+    validate every field, and return it.
+
+    Every bad field is reported, not only the first: one bad field raises a
+    :class:`~shoal.errors.ConfigError` with its message, several raise one that lists them all
+    (see :func:`problems_error`). Given a ``problems`` list, the messages are appended to it
+    instead and the config returned holds the default of every bad field (so that
+    :func:`shoal.validate_config.config_problems` can look for more)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -310,7 +314,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}.") from e
-    return parse_config(apply_overrides(data, overrides))
+    return parse_config(apply_overrides(data, overrides), problems)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -334,20 +338,38 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def parse_config(data: dict[str, Any]) -> Config:
-    """Validate a config given as nested dicts (as read from TOML)."""
+def parse_config(data: dict[str, Any], problems: list[str] | None = None) -> Config:
+    """Validate a config given as nested dicts (as read from TOML); ``problems`` as in
+    :func:`load_config`."""
     data = _deep_copy(data)
     task = data.get("task")
     if isinstance(task, dict):  # [task]: name plus free-form task options
         data["task"] = {"name": task.get("name", TaskConfig.name),
                         "options": {k: v for k, v in task.items() if k != "name"}}
-    return _build(Config, data, "")
+    found: list[str] = []
+    config = _build(Config, data, "", found)
+    if problems is not None:
+        problems.extend(found)
+    elif found:
+        raise problems_error(found)
+    return config
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def problems_error(problems: Sequence[str]) -> ConfigError:
+    """One :class:`~shoal.errors.ConfigError` for every problem of a config: a single
+    problem's own message, or a numbered list of them all."""
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    lines = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+    return ConfigError(f"config: {len(problems)} problems; fix them all before running:\n"
+                       f"{lines}")
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{path or 'top level'}': expected a table, "
-                          f"got {_show(data)}.")
+        problems.append(f"config section '{path or 'top level'}': expected a table, "
+                        f"got {_show(data)}.")
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -355,7 +377,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
             where = f"[{path}]" if path else "the top level"
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
+            problems.append(
                 f"config: unknown field '{_join(path, key)}'.{hint} "
                 f"Known fields in {where}: {', '.join(fields)}."
             )
@@ -365,11 +387,18 @@ def _build(cls: type, data: Any, path: str) -> Any:
             continue
         where = _join(path, name)
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(typing.cast(type, tp), data[name], where)
-        else:
-            kwargs[name] = _value(tp, data[name], where, f.metadata.get("check", {}))
-    return cls(**kwargs)
+        try:
+            if dataclasses.is_dataclass(tp):
+                kwargs[name] = _build(typing.cast(type, tp), data[name], where, problems)
+            else:
+                kwargs[name] = _value(tp, data[name], where, f.metadata.get("check", {}))
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a __post_init__ rule: report it, keep the section's defaults
+        problems.append(str(e))
+        return cls()
 
 
 def _value(tp: Any, value: Any, where: str, check: dict[str, Any]) -> Any:

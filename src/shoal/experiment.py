@@ -72,10 +72,11 @@ from .seeding import derive_seed
 from .sim import InProcessTransport, simulated_dropout
 from .sim.executor import make_executor
 from .tree import Params
+from .validate_config import check_config
 
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
            "centralized_paradigm", "client_optimizer", "config_reducer", "config_server_opt",
-           "federated_paradigm", "initial_params", "make_dataset", "primary_metric",
+           "federated_paradigm", "initial_params", "make_dataset", "population",
            "register_paradigm", "resolve_config", "run_experiment", "scheduled_examples", "weight_cap"]
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,10 @@ class ParadigmResult:
 
 # -- building ----------------------------------------------------------------------------------
 
-def resolve_config(config: Config, task: Task) -> Config:
-    """The config with the task's default partition filled into unset ``[data]`` fields."""
+def resolve_config(config: Config, task: Task, *, quiet: bool = False) -> Config:
+    """The config with the task's default partition filled into unset ``[data]`` fields, and
+    a ``federated.clients_per_round`` count above the number of clients lowered to it (logged
+    as a warning unless ``quiet``), so that the config recorded is the one that runs."""
     d = dict(task.default_partition)
     data = config.data
     method = data.partition or d.get("partition", "iid")
@@ -123,20 +126,25 @@ def resolve_config(config: Config, task: Task) -> Config:
         shards_per_client=(data.shards_per_client if data.shards_per_client is not None
                            else (d.get("shards_per_client") if same else None)),
     )
-    return dataclasses.replace(config, data=resolved)
+    config = dataclasses.replace(config, data=resolved)
+    f = config.federated
+    n = population(config, task)
+    if isinstance(f.clients_per_round, int) and n and f.clients_per_round > n:
+        if not quiet:
+            log.warning("federated.clients_per_round = %d exceeds the %d clients of the "
+                        "federation; every round takes all %d, and the run records "
+                        "federated.clients_per_round = %d", f.clients_per_round, n, n, n)
+        config = dataclasses.replace(config, federated=dataclasses.replace(
+            f, clients_per_round=n))
+    return config
 
 
-def primary_metric(config: Config, task: Task) -> str:
-    """The metric the run is judged by: ``evaluation.primary``, checked against the task's
-    metrics, or the task's own primary metric when it is empty."""
-    name = config.evaluation.primary
-    if name and name not in task.metric_names():
-        raise ConfigError(
-            f"config field 'evaluation.primary': {name!r} is not a metric of task "
-            f"{task.name!r}; expected one of {', '.join(task.metric_names())} (a {task.kind} "
-            "task). A metric of your own goes into your task's Task(metrics={name: fn}), run "
-            "with task.name = \"package.module:factory\".")
-    return name or task.primary
+def population(config: Config, task: Task) -> int:
+    """The number of clients the resolved ``config`` federates ``task`` into (0 if unknown):
+    ``data.num_clients``, or the task's natural groups."""
+    if config.data.partition == "natural":
+        return len(set(task.groups.tolist())) if task.groups is not None else 0
+    return config.data.num_clients or 0
 
 
 def make_dataset(config: Config, task: Task) -> FederatedDataset:
@@ -232,7 +240,8 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                             max_steps=c.max_steps or None)
     update = privacy.dp_client_update(config, model, task.loss_fn, client_optimizer(config),
                                       noise) or update
-    evaluator = Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size)
+    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
+                          auc=task.num_classes == 2)
     kwargs: dict[str, Any] = dict(
         pipeline=pipeline, server_opt=config_server_opt(config), cohort=cohort,
         min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
@@ -329,10 +338,8 @@ def federated_paradigm(setup: Setup) -> Built:
         config, algorithm, len(setup.dataset), setup.dataset.num_examples)] if cb is not None]
     if config.data.eval_fraction > 0:
         every = config.evaluation.federated_every or config.federated.rounds
-        task = setup.task
         callbacks.append(SecureFederatedEvaluation(every) if config.secagg.enabled
-                         else FederatedEvaluation(every, metric=task.primary,
-                                                  lower_is_better=task.lower_is_better()))
+                         else FederatedEvaluation(every))
     return Built(algorithm, transport, callbacks)
 
 
@@ -367,8 +374,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     itself: BYE when the run is over, RESTART when it stopped before);
     ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``)."""
     run_dir = Path(run_dir)
+    check_config(config)  # every problem of the config, before anything is written
     task = load_task(config.task.name, **config.task.options)
-    task.primary = primary_metric(config, task)
     config = resolve_config(config, task)
     if resume:
         if not (run_dir / "config.toml").exists():
@@ -381,7 +388,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
     model, params0 = initial_params(config, task)
     setup = Setup(config, task, make_dataset(config, task), model, params0,
-                  Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size))
+                  Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
+                            auc=task.num_classes == 2))
 
     def central(params: Params) -> dict[str, float]:
         return setup.evaluator(params, task.test)

@@ -9,6 +9,7 @@ import pytest
 from shoal.config import PrivacyConfig, load_config, parse_config, to_toml
 from shoal.errors import ConfigError
 from shoal.experiment import run_experiment
+from shoal.validate_config import check_config, config_problems
 
 USER = ["privacy.mode=user", "federated.weighting=uniform", "federated.sampling=poisson",
         "federated.clients_per_round=0.5", "privacy.noise_multiplier=2.0",
@@ -48,17 +49,66 @@ def test_user_level_run_reports_epsilon_and_stops_at_the_budget(tmp_path):
 def test_user_level_needs_the_uniform_mean_and_noise(tmp_path):
     config = load_config(None, [u for u in USER if "weighting" not in u])
     with pytest.raises(ConfigError) as e:
-        run_experiment(config, tmp_path)
+        run_experiment(config, tmp_path / "run")
     assert str(e.value) == (
-        "config [privacy]: mode = 'user' (DP-FedAvg) needs the uniform mean, but "
-        "federated.reducer = 'mean' and federated.weighting = 'examples'; set "
+        "config [privacy]: privacy.mode = \"user\" (DP-FedAvg) needs the uniform mean, but "
+        "federated.reducer = \"mean\" and federated.weighting = \"examples\": set "
         "federated.reducer = \"mean\" and federated.weighting = \"uniform\".")
     config = load_config(None, [u for u in USER if "noise" not in u])
     with pytest.raises(ConfigError) as e:
-        run_experiment(config, tmp_path)
+        run_experiment(config, tmp_path / "run")
     assert str(e.value) == (
-        "config [privacy]: mode = 'user' needs noise: set privacy.noise_multiplier > 0, or "
-        "privacy.target_epsilon > 0 to calibrate it to the planned rounds.")
+        "config [privacy]: privacy.mode = \"user\" (DP-FedAvg) needs noise: set "
+        "privacy.noise_multiplier > 0, or privacy.target_epsilon > 0 to calibrate it to the "
+        "planned rounds.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_level_requirements_are_stated_together_before_the_run(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run_experiment(load_config(None, ["privacy.mode=user"]), tmp_path / "run")
+    assert str(e.value) == (
+        "config [privacy]: privacy.mode = \"user\" (DP-FedAvg) needs 3 things this config "
+        "lacks: (1) noise: set privacy.noise_multiplier > 0, or privacy.target_epsilon > 0 to "
+        "calibrate it to the planned rounds; (2) a cohort the accountant can account: "
+        "federated.sampling = \"fixed\" draws cohorts of a fixed size, which only the RDP "
+        "accountant accounts, but privacy.accountant = \"auto\" is PLD: set federated.sampling "
+        "= \"poisson\" (with a fraction in federated.clients_per_round, e.g. 0.5) or "
+        "privacy.accountant = \"rdp\"; (3) the uniform mean, but federated.reducer = \"mean\" "
+        "and federated.weighting = \"examples\": set federated.reducer = \"mean\" and "
+        "federated.weighting = \"uniform\".")
+    assert not (tmp_path / "run").exists()
+    # the three fixes named, nothing else is needed
+    fixed = ["privacy.mode=user", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp",
+             "federated.weighting=uniform"]
+    assert config_problems(load_config(None, fixed)) == []
+
+
+def test_a_budget_spent_before_the_first_round_is_a_config_error(tmp_path):
+    """The README's old DP-SGD command: σ = 1 spends ε = 8.6 in round 1, over a budget of 5."""
+    overrides = ["privacy.mode=sample", "privacy.noise_multiplier=1.0",
+                 "privacy.target_epsilon=5"]
+    with pytest.raises(ConfigError) as e:
+        run_experiment(load_config(None, overrides), tmp_path / "run")
+    assert str(e.value) == (
+        "config field 'privacy.target_epsilon': the budget ε = 5 (δ = 1e-05) is spent before "
+        "round 1: with privacy.noise_multiplier = 1 the first round alone would raise ε to 8.62 "
+        "(PLD accountant), so the run would stop without training. privacy.noise_multiplier = "
+        "5.90 spends at most ε = 5 over the 30 planned rounds (federated.rounds): set it, or "
+        "privacy.noise_multiplier = 0 to calibrate it, or raise privacy.target_epsilon.")
+    assert not (tmp_path / "run").exists()
+    assert config_problems(load_config(None, [*overrides[:2], "privacy.target_epsilon=9"])) == []
+    assert config_problems(load_config(None, [overrides[0], "privacy.noise_multiplier=5.9",
+                                              overrides[2]])) == []
+
+
+def test_privacy_settings_without_a_privacy_mode_are_refused():
+    with pytest.raises(ConfigError) as e:
+        check_config(load_config(None, ["privacy.target_epsilon=5"]))
+    assert str(e.value) == (
+        "config field 'privacy.target_epsilon': 5 is set, but privacy.mode = \"off\" trains "
+        "without differential privacy, so it would not be applied; set privacy.mode = "
+        "\"sample\", \"user\" or \"distributed\", or remove the field.")
 
 
 def test_calibrated_noise_spends_the_target_over_the_planned_rounds(tmp_path):

@@ -176,9 +176,15 @@ def test_config_section_and_errors(tmp_path):
             f"(0.5, 1], got {float(bad)}: at or below one half a coordinator that tells some "
             "neighbours a client survived and the others that it dropped could unmask its "
             "input.")
-    with pytest.raises(AggregationError, match="needs individual updates"):
+    with pytest.raises(ConfigError) as info:
         run_experiment(load_config(None, ["secagg.enabled=true", "federated.reducer=median",
-                                          "federated.rounds=1"]), tmp_path)
+                                          "federated.rounds=1"]), tmp_path / "run")
+    assert str(info.value) == (
+        "config field 'federated.reducer': secure aggregation (secagg.enabled = true) reveals "
+        "only the sum of the updates, which federated.reducer = \"median\" cannot reduce (it "
+        "needs each update); set federated.reducer = \"mean\", or secagg.enabled = false to "
+        "keep the robust reducer.")
+    assert not (tmp_path / "run").exists()  # refused before a run directory was made
 
 
 def test_run_experiment_with_secure_aggregation(tmp_path):

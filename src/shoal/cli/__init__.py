@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from ..config import load_config
 from ..errors import ShoalError
+from ..validate_config import load_checked
 
 __all__ = ["app", "config_command", "main", "run_command", "tasks_command"]
 
@@ -56,7 +57,7 @@ def run_command(
         cfg = load_config(resume / "config.toml")
         run_dir = resume
     else:
-        cfg = load_config(config, set_ or [])
+        cfg = load_checked(config, set_ or [])  # every problem, before a directory is made
         run_dir = out or _new_run_dir(Path(cfg.out_dir), f"{cfg.task.name}-{cfg.paradigm}")
 
     def callbacks(paradigm: str, rounds: int) -> list[ProgressBar]:
@@ -85,33 +86,24 @@ def config_command(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config field: section.field=value (repeatable).")] = None,
 ) -> None:
-    """Print the resolved config, every section and field with its value (validated)."""
+    """Print the resolved config, every section and field with its value, as it would run (the
+    task's defaults filled in); or list every problem of it and exit with status 2."""
     from ..config import to_toml
+    from ..data.tasks import load_task
+    from ..experiment import resolve_config
 
-    print(to_toml(load_config(config, set_ or [])), end="")
+    cfg = load_checked(config, set_ or [])
+    print(to_toml(resolve_config(cfg, load_task(cfg.task.name, **cfg.task.options))), end="")
 
 
 @app.command("tasks")
 def tasks_command() -> None:
-    """List the built-in tasks: kind, metrics (primary first), options, data and
-    preprocessing. A task of your own runs with task.name = "package.module:factory"."""
-    from rich.padding import Padding
-    from rich.text import Text
-
-    from ..data.tasks import task_info, task_names
+    """List the built-in tasks and their options."""
+    from ..data.tasks import task_names, task_options
 
     for name in task_names():
-        info = task_info(name)
-        metrics = [f"{info['primary']} (primary)",
-                   *(m for m in info["metrics"] if m != info["primary"])]
-        opts = ", ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "none"
-        console.print(f"[bold]{name}[/bold]  {info['kind']}: {', '.join(metrics)}",
-                      highlight=False)
-        lines = [f"options: {opts}", *([info["summary"]] if info["summary"] else [])]
-        for line in lines:
-            console.print(Padding(Text(line), (0, 0, 0, 4), expand=False), highlight=False)
-    console.print('Your own task: task.name = "package.module:factory" (see the README, '
-                  '"A task of your own").', highlight=False)
+        opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items())
+        console.print(f"[bold]{name}[/bold]  {opts}")
 
 
 def _new_run_dir(parent: Path, stem: str) -> Path:

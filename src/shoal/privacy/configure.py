@@ -11,9 +11,11 @@ part in every round, a bound on every client.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from torch import nn
@@ -23,7 +25,7 @@ from ..algorithms.fedavg import FedAvg
 from ..client import LossFn, OptimizerFn
 from ..config import Config
 from ..errors import ConfigError
-from .accounting import AccountantKind, calibrate_noise_multiplier
+from .accounting import MIN_PLD_NOISE, AccountantKind, calibrate_noise_multiplier
 from .budget import (
     DistributedLedger,
     PrivacyAccounting,
@@ -35,8 +37,8 @@ from .distributed import DistributedDP, calibrate_distributed
 from .dpfedavg import DPFedAvg
 from .dpsgd import DPSGD
 
-__all__ = ["accountant_of", "dp_callback", "dp_client_update", "dp_stage", "noise_for",
-           "privacy_summary"]
+__all__ = ["accountant_of", "budget_problem", "dp_callback", "dp_client_update", "dp_stage",
+           "noise_for", "privacy_problems", "privacy_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,149 @@ def _check(config: Config) -> None:
             f"config [privacy]: mode = {p.mode!r} needs noise: set privacy.noise_multiplier "
             "> 0, or privacy.target_epsilon > 0 to calibrate it to the planned rounds."
         )
+
+
+def _uniform_mean(config: Config) -> str | None:
+    f = config.federated
+    if f.reducer == "mean" and f.weighting == "uniform":
+        return None
+    return (f"the uniform mean, but federated.reducer = \"{f.reducer}\" and "
+            f"federated.weighting = \"{f.weighting}\": set federated.reducer = \"mean\" and federated.weighting = "
+            "\"uniform\"")
+
+
+def _requirements(config: Config, what: str, lacks: list[str]) -> list[str]:
+    if not lacks:
+        return []
+    if len(lacks) == 1:
+        return [f"config [privacy]: privacy.mode = \"{config.privacy.mode}\" ({what}) needs "
+                f"{lacks[0]}."]
+    listed = "; ".join(f"({i}) {x}" for i, x in enumerate(lacks, 1))
+    return [f"config [privacy]: privacy.mode = \"{config.privacy.mode}\" ({what}) needs "
+            f"{len(lacks)} things this config lacks: {listed}."]
+
+
+def privacy_problems(config: Config, population: int | None = None) -> list[str]:
+    """Every problem of the ``[privacy]`` section that would stop a run or leave a setting
+    unapplied, found before anything runs; each names the config fields to change, and the
+    requirements of one mode come together in one message. ``population``: the number of
+    clients, when known (it decides whether a fixed-size cohort is everyone)."""
+    p, f = config.privacy, config.federated
+    if p.mode == "off":
+        unused = [(name, value) for name, value, default in (
+            ("target_epsilon", p.target_epsilon, 0.0),
+            ("noise_multiplier", p.noise_multiplier, 0.0),
+            ("adaptive_clipping", p.adaptive_clipping, False)) if value != default]
+        return [f"config field 'privacy.{name}': {_toml(value)} is set, but privacy.mode = "
+                "\"off\" trains without differential privacy, so it would not be applied; set "
+                "privacy.mode = \"sample\", \"user\" or \"distributed\", or remove the field."
+                for name, value in unused]
+    out: list[str] = []
+    noise = (None if p.noise_multiplier > 0 or p.target_epsilon > 0 else
+             "noise: set privacy.noise_multiplier > 0, or privacy.target_epsilon > 0 to "
+             "calibrate it to the planned rounds")
+    if p.mode != "distributed":
+        accountant: AccountantKind = "pld" if p.accountant == "auto" else p.accountant
+        if p.noise_multiplier > 0 and accountant == "pld" and \
+                p.noise_multiplier < MIN_PLD_NOISE:
+            out.append(
+                f"config field 'privacy.noise_multiplier': {p.noise_multiplier:g} is below "
+                f"{MIN_PLD_NOISE}, where the PLD accountant's privacy-loss distribution needs "
+                "tens of GiB to discretise (and such a run gives no meaningful privacy); set "
+                f"privacy.accountant = \"rdp\", or privacy.noise_multiplier >= {MIN_PLD_NOISE}.")
+    if p.mode != "user" and p.adaptive_clipping:
+        out.append(
+            f"config field 'privacy.adaptive_clipping': adaptive clipping is implemented for "
+            f"privacy.mode = \"user\" only, so with privacy.mode = \"{p.mode}\" it would not be applied; "
+            "set privacy.adaptive_clipping = false and choose privacy.clip_norm.")
+    if p.mode == "sample":
+        out += _requirements(config, "DP-SGD", [x for x in [noise] if x])
+    elif p.mode == "user":
+        lacks = [x for x in [noise] if x]
+        fixed = f.sampling == "fixed" and not (
+            f.clients_per_round == 1.0 or (population is not None and isinstance(
+                f.clients_per_round, int) and f.clients_per_round >= population))
+        if fixed and accountant == "pld":
+            lacks.append(
+                "a cohort the accountant can account: federated.sampling = \"fixed\" draws "
+                "cohorts of a fixed size, which only the RDP accountant accounts, but "
+                f"privacy.accountant = \"{p.accountant}\" is PLD: set federated.sampling = "
+                "\"poisson\" (with a fraction in federated.clients_per_round, e.g. 0.5) or "
+                "privacy.accountant = \"rdp\"")
+        if (mean := _uniform_mean(config)) is not None:
+            lacks.append(mean)
+        out += _requirements(config, "DP-FedAvg", lacks)
+    else:
+        lacks = [x for x in [noise] if x]
+        if not config.secagg.enabled:
+            lacks.append("secure aggregation, which hides each update while its client's "
+                         "share of the noise is all it carries: set secagg.enabled = true (or "
+                         "privacy.mode = \"user\")")
+        if (mean := _uniform_mean(config)) is not None:
+            lacks.append(mean)
+        if p.accountant == "pld":
+            lacks.append("the RDP accountant (each round is a zCDP bound), but "
+                         "privacy.accountant = \"pld\": set privacy.accountant = \"rdp\" or "
+                         "\"auto\"")
+        out += _requirements(config, "distributed DP", lacks)
+        if population is not None and not out:
+            try:
+                _clients_bounds(config, population)
+            except ConfigError as e:
+                out.append(str(e))
+    return out
+
+
+def _toml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
+
+def budget_problem(config: Config, client_ids: Sequence[str],
+                   num_examples: Callable[[str], int], dim: int) -> str | None:
+    """Why ``privacy.target_epsilon`` would stop the run before its first round (the first
+    round alone would spend more), with the noise multiplier that fits the budget over the
+    planned rounds; ``None`` if round 1 fits (or there is no budget, or the noise is
+    calibrated to it). ``client_ids`` and ``num_examples`` describe the federation, ``dim``
+    the number of model parameters."""
+    p, f = config.privacy, config.federated
+    if p.mode == "off" or p.target_epsilon <= 0 or p.noise_multiplier <= 0:
+        return None
+    population = len(client_ids)
+    accountant = accountant_of(config)
+    cohort = Cohort(f.clients_per_round, f.sampling)
+    ledger: Any
+    if p.mode == "user":
+        ledger = UserLevelLedger(p.noise_multiplier, cohort, accountant)
+    elif p.mode == "distributed":
+        least, largest = _clients_bounds(config, population)
+        ledger = DistributedLedger(DistributedDP(p.noise_multiplier, p.clip_norm, dim, least,
+                                                 largest))
+    else:
+        ledger = SampleLevelLedger(_probe(config, p.noise_multiplier), num_examples, cohort,
+                                   config.seed, accountant)
+    ctx: Any = SimpleNamespace(transport=SimpleNamespace(nodes=lambda: list(client_ids)))
+    first = ledger.epsilon_after(ctx, 1, p.delta)
+    if first <= p.target_epsilon:
+        return None
+    smallest = min((num_examples(c) for c in client_ids), default=1)
+    fit = noise_for(dataclasses.replace(config, privacy=dataclasses.replace(
+        p, noise_multiplier=0.0)), population, smallest, dim)
+    fit = math.ceil(fit * 100) / 100
+    return (f"config field 'privacy.target_epsilon': the budget ε = {p.target_epsilon:g} "
+            f"(δ = {p.delta:g}) is spent before round 1: with privacy.noise_multiplier = "
+            f"{p.noise_multiplier:g} the first round alone would raise ε to {first:.3g} "
+            f"({accountant.upper()} accountant), so the run would stop without training. "
+            f"privacy.noise_multiplier = {fit:.2f} spends at most ε = {p.target_epsilon:g} over "
+            f"the {f.rounds} planned rounds (federated.rounds): set it, or "
+            "privacy.noise_multiplier = 0 to calibrate it, or raise privacy.target_epsilon.")
+
+
+def _probe(config: Config, noise_multiplier: float) -> DPSGD:
+    """A DP-SGD client update with the config's batching, for its steps and sampling rate."""
+    c = config.client
+    return DPSGD(nn.Linear(1, 1), lambda o, t: o.sum(), noise_multiplier=noise_multiplier,
+                 max_grad_norm=1.0, batch_size=c.batch_size, epochs=c.epochs,
+                 max_steps=c.max_steps or None)
 
 
 def accountant_of(config: Config) -> AccountantKind:
@@ -86,7 +231,7 @@ def noise_for(config: Config, population: int,
     ``target_epsilon`` at ``delta`` in ``federated.rounds`` rounds (``dim``: the number of
     model parameters, which distributed DP's accounting needs)."""
     _check(config)
-    p, f, c = config.privacy, config.federated, config.client
+    p, f = config.privacy, config.federated
     accountant = accountant_of(config)
     if p.noise_multiplier > 0:
         return p.noise_multiplier
@@ -101,9 +246,7 @@ def noise_for(config: Config, population: int,
                                        population=population)
     else:
         n = max(smallest_client or 1, 1)
-        probe = DPSGD(nn.Linear(1, 1), lambda o, t: o.sum(), noise_multiplier=1.0,
-                      max_grad_norm=1.0, batch_size=c.batch_size, epochs=c.epochs,
-                      max_steps=c.max_steps or None)
+        probe = _probe(config, 1.0)
         z = calibrate_noise_multiplier(p.target_epsilon, p.delta,
                                        probe.steps(n) * f.rounds, probe.sampling_rate(n),
                                        accountant=accountant)
