@@ -141,6 +141,9 @@ class EvaluationConfig:
     central_every: int = field(default=1, metadata=_check(min=0))
     federated_every: int = field(default=0, metadata=_check(min=0))
     batch_size: int = field(default=2048, metadata=_check(min=1))
+    # The metric the run is judged by (worst client, percentile, summary), one of the task's
+    # (loss, accuracy, f1, auc, rmse, mae, perplexity or its own); "": the task's primary.
+    primary: str = ""
 
 
 @dataclass

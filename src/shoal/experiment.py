@@ -78,7 +78,8 @@ from .validate_config import check_config
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
            "centralized_paradigm", "client_optimizer", "config_reducer", "config_server_opt",
            "federated_paradigm", "initial_params", "make_dataset", "population",
-           "register_paradigm", "resolve_config", "run_experiment", "scheduled_examples", "weight_cap"]
+           "primary_metric", "register_paradigm", "resolve_config", "run_experiment",
+           "scheduled_examples", "weight_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,19 @@ def population(config: Config, task: Task) -> int:
     if config.data.partition == "natural":
         return len(set(task.groups.tolist())) if task.groups is not None else 0
     return config.data.num_clients or 0
+
+
+def primary_metric(config: Config, task: Task) -> str:
+    """The metric the run is judged by: ``evaluation.primary``, checked against the task's
+    metrics, or the task's own primary metric when it is empty."""
+    name = config.evaluation.primary
+    if name and name not in task.metric_names():
+        raise ConfigError(
+            f"config field 'evaluation.primary': {name!r} is not a metric of task "
+            f"{task.name!r}; expected one of {', '.join(task.metric_names())} (a {task.kind} "
+            "task). A metric of your own goes into your task's Task(metrics={name: fn}), run "
+            "with task.name = \"package.module:factory\".")
+    return name or task.primary
 
 
 def make_dataset(config: Config, task: Task) -> FederatedDataset:
@@ -241,8 +255,7 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                             max_steps=c.max_steps or None)
     update = privacy.dp_client_update(config, model, task.loss_fn, client_optimizer(config),
                                       noise) or update
-    evaluator = Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
-                          auc=task.num_classes == 2)
+    evaluator = Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size)
     kwargs: dict[str, Any] = dict(
         pipeline=pipeline, server_opt=config_server_opt(config), cohort=cohort,
         min_replies=min_replies, timeout=f.timeout_s or None, client_eval=evaluator,
@@ -339,8 +352,10 @@ def federated_paradigm(setup: Setup) -> Built:
         config, algorithm, len(setup.dataset), setup.dataset.num_examples)] if cb is not None]
     if config.data.eval_fraction > 0:
         every = config.evaluation.federated_every or config.federated.rounds
+        task = setup.task
         callbacks.append(SecureFederatedEvaluation(every) if config.secagg.enabled
-                         else FederatedEvaluation(every))
+                         else FederatedEvaluation(every, metric=task.primary,
+                                                  lower_is_better=task.lower_is_better()))
     return Built(algorithm, transport, callbacks)
 
 
@@ -381,6 +396,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
                           "runs one seed (config field 'seed'): set seeds = [] for it.")
     check_config(config)  # every problem of the config, before anything is written
     task = load_task(config.task.name, **config.task.options)
+    task.primary = primary_metric(config, task)
     config = resolve_config(config, task)
     if resume:
         if not (run_dir / "config.toml").exists():
@@ -393,8 +409,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
     model, params0 = initial_params(config, task)
     setup = Setup(config, task, make_dataset(config, task), model, params0,
-                  Evaluator(model, task.loss_fn, batch_size=config.evaluation.batch_size,
-                            auc=task.num_classes == 2))
+                  Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size))
 
     def central(params: Params) -> dict[str, float]:
         return setup.evaluator(params, task.test)

@@ -113,12 +113,25 @@ def config_command(
 
 @app.command("tasks")
 def tasks_command() -> None:
-    """List the built-in tasks and their options."""
-    from ..data.tasks import task_names, task_options
+    """List the built-in tasks: kind, metrics (primary first), options, data and
+    preprocessing. A task of your own runs with task.name = "package.module:factory"."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    from ..data.tasks import task_info, task_names
 
     for name in task_names():
-        opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items())
-        console.print(f"[bold]{name}[/bold]  {opts}")
+        info = task_info(name)
+        metrics = [f"{info['primary']} (primary)",
+                   *(m for m in info["metrics"] if m != info["primary"])]
+        opts = ", ".join(f"{k}={v!r}" for k, v in info["options"].items()) or "none"
+        console.print(f"[bold]{name}[/bold]  {info['kind']}: {', '.join(metrics)}",
+                      highlight=False)
+        lines = [f"options: {opts}", *([info["summary"]] if info["summary"] else [])]
+        for line in lines:
+            console.print(Padding(Text(line), (0, 0, 0, 4), expand=False), highlight=False)
+    console.print('Your own task: task.name = "package.module:factory" (see the README, '
+                  '"A task of your own").', highlight=False)
 
 
 def _run_seeds(cfg: Config, run_dir: Path, resume: bool, quiet: bool) -> None:
