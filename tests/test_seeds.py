@@ -13,7 +13,8 @@ import pytest
 
 from shoal.config import load_config
 from shoal.errors import ConfigError
-from shoal.seeds import final_window, parse_seeds, run_seeds, spread
+from shoal.experiment import ParadigmResult
+from shoal.seeds import final_window, parse_seeds, run_seeds, seeds_summary, seeds_table, spread
 
 
 def test_final_window_is_the_mean_of_the_last_k_evaluations():
@@ -38,6 +39,28 @@ def test_spread_uses_the_sample_standard_deviation():
     assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.2)
     assert (s["min"], s["max"], s["per_seed"]) == (0.5, 0.9, [0.5, 0.7, 0.9])
     assert spread([0.5])["std"] is None  # no spread from one seed
+
+
+def test_an_error_metric_is_best_at_its_lowest_and_the_table_shows_the_primary():
+    def result(rmse):
+        history = [{"round": r + 1, "central/rmse": v, "central/loss": v * v}
+                   for r, v in enumerate(rmse)]
+        return [ParadigmResult("federated", len(rmse), {}, 10.0, 100.0, 1.0, history=history)]
+
+    runs = {0: result([9.0, 5.0, 6.0]), 1: result([8.0, 4.0, 7.0, 3.0])}
+    summary = seeds_summary(runs, load_config(None), window=2, primary="rmse")
+    rmse = summary["paradigms"]["federated"]["metrics"]["rmse"]
+    assert rmse["better"] == "lower"
+    assert rmse["best"]["per_seed"] == [5.0, 3.0]
+    assert rmse["final_window"]["per_seed"] == [5.5, 5.0]
+    assert rmse["last"]["per_seed"] == [6.0, 3.0]
+    assert summary["paradigms"]["federated"]["rounds"]["per_seed"] == [3.0, 4.0]
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(seeds_table(summary))
+    text = console.export_text()
+    assert "rmse (last 2)" in text and "5.2500 ± 0.3536" in text and "4.0000 ± 1.4142" in text
 
 
 def test_seeds_are_parsed_and_checked():

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, to_dict, to_toml
+from .data.tasks import load_task
 from .errors import ConfigError
 from .experiment import ParadigmResult, run_experiment
+from .metrics import lower_is_better
 
 __all__ = ["FIGURES", "WINDOW", "SeedCallbacks", "final_window", "parse_seeds", "run_seeds", "seed_dir",
            "seeds_summary", "seeds_table", "spread"]
@@ -41,8 +43,6 @@ WINDOW = 5
 
 FIGURES = ("final_window", "best", "last")
 """The figures summarised per metric: the final-window mean, the best evaluation, the last."""
-
-_LOWER_IS_BETTER = frozenset({"loss", "rmse", "mae", "mse", "perplexity"})
 
 SeedCallbacks = Callable[[int, str, int], Sequence[Any]]
 """``fn(seed, paradigm, rounds) -> callbacks`` added to each seed's run of each paradigm."""
@@ -103,19 +103,22 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "min": min(finite), "max": max(finite)}
 
 
-def _figures(history: Sequence[Mapping[str, Any]], metric: str,
-             window: int) -> dict[str, float]:
+def _figures(history: Sequence[Mapping[str, Any]], metric: str, window: int,
+             lower: bool) -> dict[str, float]:
     values = _evaluations(history, f"central/{metric}")
     if not values:
         return {f: math.nan for f in FIGURES}
-    pick = min if metric in _LOWER_IS_BETTER else max
+    pick = min if lower else max
     return {"final_window": final_window(history, f"central/{metric}", window),
             "best": pick(values), "last": values[-1]}
 
 
 def seeds_summary(runs: Mapping[int, Sequence[ParadigmResult]], config: Config,
-                  window: int = WINDOW) -> dict[str, Any]:
-    """The summary of a multi-seed run (``RUN/seeds.json``) from each seed's results."""
+                  window: int = WINDOW, *, primary: str = "",
+                  lower: Callable[[str], bool] = lower_is_better) -> dict[str, Any]:
+    """The summary of a multi-seed run (``RUN/seeds.json``) from each seed's results:
+    ``primary`` names the headline metric (the task's), ``lower(metric)`` says whether a lower
+    value is better (for ``best``)."""
     seeds = list(runs)
     paradigms: dict[str, Any] = {}
     names = [r.paradigm for r in next(iter(runs.values()), [])]
@@ -126,9 +129,9 @@ def seeds_summary(runs: Mapping[int, Sequence[ParadigmResult]], config: Config,
                           if k.startswith("central/") and k != "central/examples"})
         entry: dict[str, Any] = {"metrics": {}}
         for m in metrics:
-            figs = [_figures(per_seed[s].history, m, window) for s in seeds]
+            figs = [_figures(per_seed[s].history, m, window, lower(m)) for s in seeds]
             entry["metrics"][m] = {
-                "better": "lower" if m in _LOWER_IS_BETTER else "higher",
+                "better": "lower" if lower(m) else "higher",
                 **{f: spread([g[f] for g in figs]) for f in FIGURES}}
         for key in ("rounds", "examples", "bytes", "seconds"):
             entry[key] = spread([float(getattr(per_seed[s], key)) for s in seeds])
@@ -138,6 +141,7 @@ def seeds_summary(runs: Mapping[int, Sequence[ParadigmResult]], config: Config,
         "seeds": seeds,
         "runs": {str(s): seed_dir(".", s).name for s in seeds},
         "window": window,
+        "primary": primary,
         "headline": (f"final_window: the mean of the last {window} evaluations on the central "
                      "test set; best: the best evaluation; last: the last evaluation. Across "
                      "seeds: mean, sample standard deviation (n - 1), min and max."),
@@ -166,6 +170,8 @@ def run_seeds(config: Config, run_dir: str | Path, *, seeds: Sequence[int] | Non
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
+    task = load_task(config.task.name, **config.task.options)
+    primary = getattr(config.evaluation, "primary", "") or task.primary
     runs: dict[int, list[ParadigmResult]] = {}
     for seed in seeds:
         one = dataclasses.replace(config, seed=seed, seeds=[])
@@ -180,7 +186,8 @@ def run_seeds(config: Config, run_dir: str | Path, *, seeds: Sequence[int] | Non
         runs[seed] = run_experiment(one, where,
                                     resume=resume and (where / "config.toml").exists(),
                                     callbacks=factory)
-    summary = seeds_summary(runs, config, window)
+    summary = seeds_summary(runs, config, window, primary=primary,
+                            lower=lambda m: lower_is_better(m, task.metrics))
     (run_dir / "seeds.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -195,14 +202,16 @@ def _pm(s: Mapping[str, Any], digits: int = 4) -> str:
 def seeds_table(summary: Mapping[str, Any], metric: str | None = None) -> Any:
     """A ``rich`` table of a multi-seed summary: per paradigm the headline ``metric`` (default:
     accuracy if evaluated, else the first metric) as final-window mean ± std with its min and
-    max across seeds, the best evaluation's mean ± std, rounds and time."""
+    max across seeds, the best evaluation's mean ± std, rounds and time. The default metric is
+    the summary's ``primary`` (the task's), else accuracy if evaluated, else the first."""
     from rich import box
     from rich.table import Table
 
     paradigms = summary["paradigms"]
     if metric is None:
         seen = [m for p in paradigms.values() for m in p["metrics"]]
-        metric = "accuracy" if "accuracy" in seen else (seen[0] if seen else "accuracy")
+        metric = summary.get("primary") or (
+            "accuracy" if "accuracy" in seen else (seen[0] if seen else "accuracy"))
     n, w = len(summary["seeds"]), summary["window"]
     table = Table(title=f"shoal run summary: {n} seeds ({', '.join(map(str, summary['seeds']))})",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
