@@ -32,3 +32,22 @@ def test_cost_line_states_accuracy_points_and_auc() -> None:
     assert cost_line(_results(auc=True)) == ("federated vs centralized: -0.68 accuracy points, "
                                             "+0.021 AUC")
     assert cost_line(_results(auc=False)[:1]) is None
+
+
+def test_regression_summary_shows_rmse_mae_and_the_highest_error_as_worst() -> None:
+    fed = {"rmse": 17.31, "mae": 12.5, "mse": 299.6, "fed_eval/rmse_worst": 41.2,
+           "fed_eval/rmse_p90": 30.05}
+    cen = {"rmse": 15.02, "mae": 11.0, "mse": 225.6}
+    results = [ParadigmResult("federated", 30, fed, 200_000, 2_282_502, 26.0),
+               ParadigmResult("centralized", 30, cen, 200_000, 0, 14.5)]
+    console = Console(width=80, record=True)
+    console.print(summary_table(results))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "paradigm" in line)
+    assert header.split() == ["paradigm", "RMSE", "MAE", "worst", "p90", "rounds", "examples",
+                              "bytes", "time"]
+    row = next(line for line in text.splitlines() if line.strip().startswith("federated"))
+    assert row.split()[:5] == ["federated", "17.31", "12.5", "41.2", "30.1"]
+    assert "RMSE of the worst client (the highest) and the 90th percentile" in " ".join(
+        text.split())
+    assert cost_line(results) == "federated vs centralized: RMSE +2.29 (17.31 vs 15.02)"
