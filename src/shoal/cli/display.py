@@ -92,7 +92,9 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
     """One row per paradigm: the task's metrics on the central test set (accuracy and ROC AUC
     for classification, RMSE and MAE for regression, perplexity for sequences), the worst client
     and the tail percentile of the primary metric under federated evaluation (for an error the
-    highest client and the 90th percentile), rounds, examples seen, bytes exchanged, time."""
+    highest client and the 90th percentile), rounds, examples seen, bytes exchanged, time; and,
+    when a paradigm trained with differential privacy, what it cost: ε at δ, the accountant
+    that computed it and what it protects (``summary.json``: ``results[i].privacy``)."""
     spread = _spread(results)
     shown = [k for k in _COLUMNS if any(k in r.final for r in results)]
     if spread and spread[0] not in shown and any(spread[0] in r.final for r in results):
@@ -118,6 +120,11 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
                              "held-out data")
     for col in ("rounds", "examples", "bytes", "time"):
         table.add_column(col, justify="right", no_wrap=True)
+    private = any(r.privacy for r in results)
+    if private:
+        for col in ("ε", "δ", "accountant"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("protects")
     for r in results:
         f = r.final
         row = [r.paradigm]
@@ -129,8 +136,19 @@ def summary_table(results: Sequence[ParadigmResult]) -> Table:
                     (f"fed_eval/{metric}_worst", f"fed_eval/{metric}_{tail}")]
         row += [str(r.rounds), f"{r.examples:,.0f}", _size(r.bytes) if r.bytes else "0",
                 f"{r.seconds:.1f} s"]
+        if private:
+            row += _privacy_cells(r.privacy)
         table.add_row(*row)
     return table
+
+
+def _privacy_cells(p: dict[str, Any]) -> list[str]:
+    """ε, δ, accountant and what it protects; blank without DP ("no DP" in the last)."""
+    if not p:
+        return ["", "", "", "no DP"]
+    eps = p.get("epsilon")
+    return [f"{eps:.3g}" if eps is not None else "", f"{p['delta']:g}",
+            str(p["accountant"]).upper(), str(p["protects"])]
 
 
 def cost_line(results: Sequence[ParadigmResult]) -> str | None:
