@@ -118,3 +118,26 @@ def test_two_seeds_make_two_run_dirs_and_a_summary_of_their_spread(tmp_path):
         assert f"{fw['mean']:.4f} ± {fw['std']:.4f}" in row
     assert "accuracy (last 5)" in proc.stdout
     assert "the mean of the last 5 evaluations of each seed" in " ".join(proc.stdout.split())
+
+
+def test_an_interrupted_multi_seed_run_resumes_to_the_same_summary(tmp_path):
+    config = load_config(None, ["seeds=[0, 1]", "federated.rounds=3", "client.epochs=1",
+                                "client.max_steps=2", "federated.clients_per_round=3",
+                                "baseline=false"])
+    full = run_seeds(config, tmp_path / "full")
+
+    class Interrupt:
+        def after_round(self, ctx, report):
+            if report.round == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # seed 0 finishes, seed 1 stops in round 2
+        run_seeds(config, tmp_path / "cut",
+                  callbacks=lambda seed, p, r: [Interrupt()] if seed == 1 else [])
+    assert not (tmp_path / "cut" / "seeds.json").exists()
+    resumed = run_seeds(load_config(tmp_path / "cut" / "config.toml"), tmp_path / "cut",
+                        resume=True)
+    for figure in ("final_window", "best", "last"):
+        a = full["paradigms"]["federated"]["metrics"]["accuracy"][figure]
+        b = resumed["paradigms"]["federated"]["metrics"]["accuracy"][figure]
+        assert a == b, figure
