@@ -171,7 +171,7 @@ def run_seeds(config: Config, run_dir: str | Path, *, seeds: Sequence[int] | Non
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
     task = load_task(config.task.name, **config.task.options)
-    primary = getattr(config.evaluation, "primary", "") or task.primary
+    primary = config.evaluation.primary or task.primary
     runs: dict[int, list[ParadigmResult]] = {}
     for seed in seeds:
         one = dataclasses.replace(config, seed=seed, seeds=[])
