@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shoal import tree
 from shoal.config import load_config
-from shoal.errors import ConfigError, DataError
+from shoal.errors import ConfigError
 from shoal.experiment import run_experiment
 
 FAST = ["federated.rounds=4", "client.epochs=1", "federated.clients_per_round=5"]
@@ -63,9 +63,11 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path):
 def test_unknown_task_and_option_and_missing_data(tmp_path):
     with pytest.raises(ConfigError, match="load_task: unknown task 'mnist'; expected one of "):
         run_experiment(load_config(None, ["task.name=mnist"]), tmp_path)
-    with pytest.raises(ConfigError, match="load_task\\('digits'\\): unknown option 'depth'"):
+    with pytest.raises(ConfigError, match="config field 'task.depth': task 'digits' has no "
+                                          "option 'depth'; its options are task.hidden."):
         run_experiment(load_config(None, ["task.depth=3"]), tmp_path)
-    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(ConfigError, match="config \\[task\\]: fashion_mnist: data directory .* "
+                                          "does not exist.*apt-get install dataset-fashion-mnist"):
         run_experiment(load_config(None, ["task.name=fashion_mnist",
                                           f"task.data_dir='{tmp_path}/none'"]), tmp_path)
 
@@ -75,8 +77,9 @@ def test_krum_needs_enough_clients_per_round(tmp_path):
         run_experiment(load_config(None, ["federated.reducer=krum", "federated.krum_f=2",
                                           "federated.clients_per_round=5"]), tmp_path)
     assert str(e.value) == (
-        "config field 'federated.clients_per_round': 5 gives 5 clients per round, but at least "
-        "7 valid replies are needed (min_replies / krum(f=2)); sample more clients.")
+        "config field 'federated.clients_per_round': 5 gives 5 of the 20 clients per round, "
+        "but federated.reducer = \"krum\" needs 7 updates; sample at least 7 clients per "
+        "round, or lower the requirement.")
 
 
 def _shoal(*args, cwd):

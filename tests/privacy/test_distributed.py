@@ -341,22 +341,23 @@ def test_a_distributed_run_stops_at_its_budget(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["secagg.enabled=false"],
-     "config [privacy]: mode = 'distributed' adds each client's share of the noise before "
-     "secure aggregation, and without it every client's update would be seen with only its "
-     "own share; set secagg.enabled = true (or use mode = \"user\")."),
+     "config [privacy]: privacy.mode = \"distributed\" (distributed DP) needs secure "
+     "aggregation, which hides each update while its client's share of the noise is all it "
+     "carries: set secagg.enabled = true (or privacy.mode = \"user\")."),
     (["privacy.adaptive_clipping=true"],
-     "config [privacy]: adaptive_clipping is not implemented for mode = 'distributed' (the "
-     "clipped-count bit would need noise of its own); set privacy.adaptive_clipping = false "
-     "and choose privacy.clip_norm."),
+     "config field 'privacy.adaptive_clipping': adaptive clipping is implemented for "
+     "privacy.mode = \"user\" only, so with privacy.mode = \"distributed\" it would not be "
+     "applied; set privacy.adaptive_clipping = false and choose privacy.clip_norm."),
     (["privacy.accountant=pld"],
-     "config [privacy]: mode = 'distributed' is accounted by the RDP accountant (each round "
-     "is a zCDP bound), not 'pld'; set privacy.accountant = \"rdp\" or \"auto\"."),
+     "config [privacy]: privacy.mode = \"distributed\" (distributed DP) needs the RDP "
+     "accountant (each round is a zCDP bound), but privacy.accountant = \"pld\": set "
+     "privacy.accountant = \"rdp\" or \"auto\"."),
     (["privacy.min_clients=11"],
      "config [privacy]: min_clients = 11 exceeds the 10 clients a round can have; lower "
      "privacy.min_clients or sample more clients per round."),
     (["federated.weighting=examples"],
-     "config [privacy]: mode = 'distributed' (distributed DP) needs the uniform mean, but "
-     "federated.reducer = 'mean' and federated.weighting = 'examples'; set "
+     "config [privacy]: privacy.mode = \"distributed\" (distributed DP) needs the uniform "
+     "mean, but federated.reducer = \"mean\" and federated.weighting = \"examples\": set "
      "federated.reducer = \"mean\" and federated.weighting = \"uniform\"."),
 ])
 def test_settings_distributed_dp_cannot_honour_are_refused(tmp_path, extra, message):
