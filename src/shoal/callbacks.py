@@ -11,6 +11,7 @@ and early stopping. Checkpointing lives in :mod:`shoal.checkpoint`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithm import RoundReport
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .message import COORDINATOR, Message
 from .metrics import distribution_summary, pooled_average, tail_key
 from .metrics import lower_is_better as _lower_is_better
@@ -27,6 +28,8 @@ from .tree import Params
 
 __all__ = ["CentralEvaluation", "EarlyStopping", "FederatedEvaluation", "MetricsLog",
            "read_metrics"]
+
+log = logging.getLogger(__name__)
 
 
 def _every(name: str, every: int) -> int:
@@ -117,7 +120,8 @@ class MetricsLog(Callback):
     """Append each round's metrics as one JSON line to ``path`` (``metrics.jsonl``).
 
     On a resumed run, lines for rounds after the resumed-from round are dropped first, so the
-    file never holds a round twice.
+    file never holds a round twice; rounds the checkpoint's history has but the file lacks (a
+    torn last line, dropped with a warning) are written back from the history.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -127,6 +131,10 @@ class MetricsLog(Callback):
         """Truncate the log to the rounds already completed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= ctx.round]
+        have = {r.get("round") for r in kept}
+        kept += [dict(h) for h in ctx.history
+                 if h.get("round", 0) <= ctx.round and h.get("round") not in have]
+        kept.sort(key=lambda r: r.get("round", 0))
         with self.path.open("w") as f:
             for rec in kept:
                 f.write(json.dumps(rec) + "\n")
@@ -143,11 +151,31 @@ class MetricsLog(Callback):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (empty if it does not exist)."""
+    """The records of a ``metrics.jsonl`` file (empty if it does not exist).
+
+    A torn last line (a crash mid-write) is dropped with a warning; a line that is not JSON
+    before the last raises :class:`~shoal.errors.CheckpointError`."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: line %d is torn (cut off mid-write, as by a crash) and is "
+                            "dropped: %.80r", p, n, line)
+                break
+            raise CheckpointError(
+                f"{p}: line {n} is not a JSON object of one round's metrics ({e}), and it is not "
+                "the last line, so the file was edited or damaged; restore it or delete the "
+                "broken lines (each line is one round).") from e
+        records.append(rec)
+    return records
 
 
 class EarlyStopping(Callback):

@@ -12,7 +12,7 @@ was wrong, what was expected, what was got, and how to fix it::
     ├── RoundError         a round cannot complete (too few valid replies)
     ├── ClientError        an exception inside a client, naming the client, round and step
     ├── WorkerError        a worker process failed to start or died, naming it and the fix
-    ├── CheckpointError    a run directory cannot be resumed
+    ├── CheckpointError    a run directory cannot be used or resumed
     └── TransportError     a message could not be delivered or decoded
 """
 
@@ -82,7 +82,8 @@ class WorkerError(ShoalError):
 
 
 class CheckpointError(ShoalError):
-    """A run directory cannot be resumed (missing, foreign or corrupt checkpoint)."""
+    """A run directory cannot be used or resumed: it holds another run, cannot be created, is
+    missing, or its checkpoints belong to another config or cannot be read."""
 
 
 class TransportError(ShoalError):

@@ -13,7 +13,9 @@ the same task, model initialisation and number of examples seen, and writes one 
 
 ``resume=True`` continues an interrupted run from its newest checkpoints; because every random
 draw derives from the seed, the round and the client, the resumed run ends bit-identical to an
-uninterrupted one.
+uninterrupted one. A resumed run keeps its config, except ``federated.rounds``: more rounds
+extend a finished run. A new run refuses a directory that already holds files unless
+``overwrite=True`` (see :func:`shoal.checkpoint.prepare_run_dir`).
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ from .algorithms.fedavg import FedAvg
 from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
-from .checkpoint import Checkpoint, latest_checkpoint, restore
+from .checkpoint import Checkpoint, check_resume_config, prepare_run_dir, restore_latest
 from .client import local_sgd, optimizer_fn
 from .config import Config, to_dict, to_toml
 from .costs import cost_summary
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .loggers import metric_loggers
 from .metrics import Evaluator
 from .privacy import configure as privacy
@@ -380,7 +382,7 @@ def centralized_paradigm(setup: Setup) -> Built:
 # -- running -----------------------------------------------------------------------------------
 
 def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
-                   callbacks: CallbackFactory | None = None,
+                   overwrite: bool = False, callbacks: CallbackFactory | None = None,
                    transport: Callable[[str, Built], Any] | None = None,
                    round_retries: int = 0) -> list[ParadigmResult]:
     """Run what ``config`` asks for into ``run_dir``; see the module docstring.
@@ -388,23 +390,21 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     ``transport(paradigm, built)``, when given, supplies the transport each paradigm runs over
     instead of its simulated one (``shoal serve`` passes the gRPC coordinator, and closes it
     itself: BYE when the run is over, RESTART when it stopped before);
-    ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``)."""
-    run_dir = Path(run_dir)
+    ``round_retries`` is :func:`shoal.run.run`'s (``shoal serve``: ``network.round_retries``).
+    ``overwrite=True`` empties an existing run directory first (a new run refuses one that
+    holds files)."""
     if config.seeds:
         raise ConfigError(f"config field 'seeds': {config.seeds} asks for one run per seed, "
                           "which shoal.seeds.run_seeds (or `shoal run`) does; run_experiment "
                           "runs one seed (config field 'seed'): set seeds = [] for it.")
     check_config(config)  # every problem of the config, before anything is written
+    run_dir = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     task = load_task(config.task.name, **config.task.options)
     task.primary = primary_metric(config, task)
     config = resolve_config(config, task)
-    if resume:
-        if not (run_dir / "config.toml").exists():
-            raise CheckpointError(f"resume: {run_dir} has no config.toml; is it a run directory "
-                                  "written by `shoal run`?")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
+    if resume:  # only federated.rounds may change; the run's config.toml then says so
+        check_resume_config(run_dir, config)
+    (run_dir / "config.toml").write_text(to_toml(config))
     if task.test is None or len(task.test) == 0:
         raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
     model, params0 = initial_params(config, task)
@@ -429,7 +429,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             CentralEvaluation(central, every=config.evaluation.central_every or rounds),
             *built.callbacks,
             MetricsLog(out / "metrics.jsonl"),
-            Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep),
+            Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep,
+                       config=config),
             *metric_loggers(config, run_dir, paradigm),  # [logging]: TensorBoard, MLflow
             *(callbacks(paradigm, rounds) if callbacks else []),
         ]
@@ -452,10 +453,12 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
     done = out / "result.json"
     if resume and done.exists():
         saved = json.loads(done.read_text())
-        return ParadigmResult(**saved, history=read_metrics(out / "metrics.jsonl"))
+        if saved["rounds"] >= rounds or saved.get("stopped"):  # else: extended by more rounds
+            return ParadigmResult(**saved, history=read_metrics(out / "metrics.jsonl"))
     start_round, state, history = 1, None, None
-    if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
-        start_round, state, history = restore(ckpt, algorithm, params0, transport)
+    if resume and (found := restore_latest(out / "checkpoints", algorithm, params0, transport,
+                                           config)) is not None:
+        start_round, state, history, ckpt = found
         log.info("%s: resuming after round %d from %s", paradigm, start_round - 1, ckpt)
     t0 = time.perf_counter()
     res = run(algorithm, transport, rounds=rounds, callbacks=callbacks,

@@ -1,7 +1,8 @@
 """The ``shoal`` command.
 
     shoal run [CONFIG.toml] [--set key=value ...] [--out DIR] [--seeds 0,1,2]
-    shoal run --resume DIR
+    shoal run [CONFIG.toml] --out DIR --overwrite
+    shoal run --resume DIR [--set federated.rounds=N]
     shoal config [CONFIG.toml] [--set key=value ...]
     shoal tasks
 """
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..checkpoint import prepare_run_dir
 from ..config import Config, load_config
 from ..errors import ShoalError
 from ..validate_config import load_checked
@@ -40,7 +42,11 @@ def run_command(
     out: Annotated[Path | None, typer.Option(
         help="Run directory (default: <out_dir>/<task>-<paradigm>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(
-        help="Continue the interrupted run in this directory.")] = None,
+        help="Continue the interrupted run in this directory (--set federated.rounds=N "
+             "extends a finished one).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Delete the run already in --out and start over (without it, a run refuses a "
+             "directory that holds files).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
     seeds: Annotated[str | None, typer.Option(
@@ -54,11 +60,12 @@ def run_command(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if resume is not None:
-        if config is not None or set_ or out is not None:
+        if config is not None or out is not None or overwrite:
             raise ShoalError("--resume continues a run in its own directory with the config it "
-                             "started with; drop the CONFIG argument and the --set and --out "
-                             "options.")
-        cfg = load_config(resume / "config.toml")
+                             "started with; drop the CONFIG argument and the --out and "
+                             "--overwrite options.")
+        prepare_run_dir(resume, resume=True)  # it exists and is a run directory
+        cfg = load_config(resume / "config.toml", _resume_overrides(set_ or []))
         run_dir = resume
     else:
         cfg = load_checked(config, set_ or [])  # every problem, before a directory is made
@@ -75,6 +82,8 @@ def run_command(
     def callbacks(paradigm: str, rounds: int) -> list[ProgressBar]:
         return [] if quiet else [ProgressBar(console, paradigm, rounds)]
 
+    if resume is None:  # refuses a directory that holds files, unless --overwrite
+        prepare_run_dir(run_dir, overwrite=overwrite)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     if cfg.seeds:
         _run_seeds(cfg, run_dir, resume is not None, quiet)
@@ -152,6 +161,20 @@ def _run_seeds(cfg: Config, run_dir: Path, resume: bool, quiet: bool) -> None:
     for name, p in summary["paradigms"].items():
         for seed, why in p["stopped"].items():
             console.print(escape(f"{name} (seed {seed}) stopped early: {why}"))
+
+
+def _resume_overrides(overrides: list[str]) -> list[str]:
+    """The ``--set`` options of ``--resume``: only the fields a resumed run may change."""
+    from ..checkpoint import RESUMABLE
+
+    refused = [o for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
+    if refused:
+        raise ShoalError(
+            f"--resume: --set {', '.join(refused)}: a resumed run keeps the config it started "
+            f"with; only {', '.join(RESUMABLE)} may change (e.g. --set federated.rounds=50 "
+            "extends a finished run). Drop the other --set options, or start a new run with "
+            "them.")
+    return overrides
 
 
 def _new_run_dir(parent: Path, stem: str) -> Path:
