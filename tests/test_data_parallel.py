@@ -6,17 +6,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from shoal import data_parallel
 from shoal.config import load_config
+from shoal.data import tasks
 from shoal.data.tasks import load_task
 from shoal.data_parallel import DataParallel
+from shoal.errors import WorkerError
 from shoal.experiment import initial_params, resolve_config, run_experiment
 from shoal.transport import FunctionTransport
+from shoal.workers import GUARD_FIX
 
 BASE = ["seed=4", "task.name=digits", "task.hidden=16", "data.partition=iid",
         "data.num_clients=4", "federated.rounds=2", "client.lr=0.05", "baseline=false",
@@ -90,3 +95,77 @@ def test_torchrun_two_ranks_equal_one_worker(tmp_path: Path) -> None:
     two = load_file(str(tmp_path / "run" / "data_parallel" / "model.safetensors"))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def _dies_after_reporting(rank, ready, *args) -> None:
+    """A worker that reports its start, then dies before it joins the process group."""
+    from shoal.workers import report_started
+
+    report_started(ready, rank)
+    ready.close()
+    ready.join_thread()  # the report is delivered before the worker dies
+    os._exit(3)
+
+
+def _raised_within(fn, seconds: float = 60.0) -> BaseException | None:
+    """What ``fn()`` raised, run in a thread that must end within ``seconds`` (the parent must
+    not wait for a dead worker)."""
+    box: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            box.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the parent still waits for its workers after {seconds:g} s"
+    return box[0]
+
+
+def test_a_worker_that_dies_joining_the_group_stops_the_run_naming_it(monkeypatch) -> None:
+    monkeypatch.setattr(data_parallel, "_spawned", _dies_after_reporting)
+    error = _raised_within(lambda: _train(["data_parallel.workers=2", "client.batch_size=8"]))
+    assert isinstance(error, WorkerError), repr(error)
+    text = str(error)
+    assert text.startswith("data_parallel: worker process 1 exited with code 3 while the ranks "
+                           "were joining the process group (torch.distributed rendezvous at "
+                           "tcp://127.0.0.1:"), text
+    assert text.endswith("backend 'gloo'); its error, if any, is printed above. The run stops "
+                         f"here and the other workers were stopped. {GUARD_FIX}"), text
+
+
+def test_a_worker_that_cannot_build_its_task_stops_the_run_with_its_error(monkeypatch) -> None:
+    """A task registered only in the parent (as under a script's __main__ guard)."""
+    tasks.task_names()  # the built-in tasks are registered before the registry is copied
+    monkeypatch.setattr(tasks, "_REGISTRY", dict(tasks._REGISTRY))
+    tasks.register_task("parent_only_digits")(_parent_only_digits)
+    config = load_config(None, BASE + ["task.name=parent_only_digits", "data_parallel.workers=2",
+                                       "client.batch_size=8"])
+    algorithm = DataParallel(config)
+    _, params0 = initial_params(resolve_config(config, load_task("digits", hidden=16)),
+                                load_task("digits", hidden=16))
+    state = algorithm.init(params0)
+
+    def round_one() -> None:
+        try:
+            algorithm.round(state, FunctionTransport([], lambda m: m), 1)
+        finally:
+            algorithm.close()
+
+    error = _raised_within(round_one)
+    assert isinstance(error, WorkerError), repr(error)
+    text = str(error)
+    assert text.startswith("data_parallel: worker process 1 could not start:\nTraceback"), text
+    assert "ConfigError: load_task: unknown task 'parent_only_digits'" in text
+    assert text.endswith("\nA task or model registered in the script that starts shoal, under "
+                         "its `if __name__ == \"__main__\":` guard, is unknown to the worker "
+                         "processes (they import the script without running that block): "
+                         "register it at the script's top level or in a module it imports.")
+
+
+def _parent_only_digits(*, hidden: int = 16):
+    return load_task("digits", hidden=hidden)

@@ -54,7 +54,7 @@ from .algorithm import RoundReport
 from .client import LossFn, OptimizerFn
 from .config import Config, parse_config, to_dict
 from .data.arrays import ArrayData
-from .errors import ConfigError
+from .errors import ConfigError, WorkerError
 from .experiment import (
     Built,
     Setup,
@@ -68,7 +68,7 @@ from .node import Handler
 from .seeding import torch_generator
 from .transport import FunctionTransport, Transport
 from .tree import Params
-from .workers import Workers, report_started, watch_parent
+from .workers import GUARD_FIX, Workers, report_started, watch_parent
 
 __all__ = ["COLLECTIVE", "DataParallel", "DataParallelState", "Trainer", "data_parallel_paradigm",
            "main", "serve_rank"]
@@ -192,7 +192,9 @@ def _counting_allreduce(trainer, bucket):
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def _trainer_from_config(config: Config) -> Trainer:
+def _trainer_parts(config: Config) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """What a :class:`Trainer` is built from (task, model, pooled data): the part of a rank's
+    start that can fail on its own, before it joins the process group."""
     from .data.tasks import load_task
 
     task = load_task(config.task.name, **config.task.options)
@@ -200,9 +202,14 @@ def _trainer_from_config(config: Config) -> Trainer:
     model, _ = initial_params(config, task)
     data = make_dataset(config, task).pooled_train()
     d = config.data_parallel
-    return Trainer(model, task.loss_fn, data, batch_size=config.client.batch_size,
-                   optimizer=client_optimizer(config), seed=config.seed, local_steps=d.local_steps,
-                   steps_per_round=d.steps_per_round)
+    return (model, task.loss_fn, data), dict(
+        batch_size=config.client.batch_size, optimizer=client_optimizer(config),
+        seed=config.seed, local_steps=d.local_steps, steps_per_round=d.steps_per_round)
+
+
+def _trainer_from_config(config: Config) -> Trainer:
+    args, kwargs = _trainer_parts(config)
+    return Trainer(*args, **kwargs)
 
 
 def serve_rank(trainer: Trainer) -> None:
@@ -215,22 +222,89 @@ def serve_rank(trainer: Trainer) -> None:
         trainer.train_round(int(cmd[1]), None)
 
 
+_REGISTERED_HINT = (
+    "\nA task or model registered in the script that starts shoal, under its `if __name__ == "
+    "\"__main__\":` guard, is unknown to the worker processes (they import the script without "
+    "running that block): register it at the script's top level or in a module it imports.")
+
+_RENDEZVOUS_S = 120.0
+"""How long rank 0 waits for the started workers to join the process group."""
+
+_JOINED = "shoal/joined/"
+
+
 def _spawned(rank: int, ready: Any, world: int, init_method: str, backend: str,
              config: dict[str, Any]) -> None:
     watch_parent()
     try:
         torch.set_num_threads(1)
-        parsed = parse_config(config)
+        args, kwargs = _trainer_parts(parse_config(config))  # fails here, not in a collective
     except BaseException:  # noqa: BLE001 - reported to rank 0, which raises it
-        report_started(ready, rank, traceback.format_exc())
+        report_started(ready, rank, traceback.format_exc() + _REGISTERED_HINT)
         return
     report_started(ready, rank)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=dt.timedelta(minutes=30))
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    wait = dt.timedelta(minutes=30)
+    store = dist.TCPStore(host, int(port), world, is_master=False, timeout=wait)
+    store.set(f"{_JOINED}{rank}", "1")  # rank 0 joins the group once every worker is here
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
     try:
-        serve_rank(_trainer_from_config(parsed))
+        serve_rank(Trainer(*args, **kwargs))
     finally:
         dist.destroy_process_group()
+
+
+def _join_group(workers: Workers, backend: str, init_method: str, world: int,
+                timeout: float = _RENDEZVOUS_S) -> None:
+    """Rank 0's side of the rendezvous with its spawned workers, watched: rank 0 holds the
+    store; each worker checks in there before it joins the process group, and rank 0 joins only
+    once every worker has checked in. A worker that exits before stops the run within a second,
+    naming the worker and its exit code; a rendezvous that fails or does not complete in
+    ``timeout`` seconds stops it too (the workers are stopped either way)."""
+    host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+    wait = dt.timedelta(seconds=timeout)
+    store = dist.TCPStore(host, int(port), world, is_master=True, timeout=wait,
+                          wait_for_workers=False)
+    pending = set(range(1, world))
+    deadline = time.monotonic() + timeout
+    while pending:
+        pending = {r for r in pending if not store.check([f"{_JOINED}{r}"])}
+        dead = workers.dead()
+        if pending and dead:
+            workers.stop()
+            rank, code = dead[0]
+            raise WorkerError(
+                f"data_parallel: worker process {rank} exited with code {code} while the ranks "
+                f"were joining the process group (torch.distributed rendezvous at {init_method}, "
+                f"backend {backend!r}); its error, if any, is printed above. The run stops here "
+                f"and the other workers were stopped. {GUARD_FIX}")
+        if pending and time.monotonic() > deadline:
+            workers.stop()
+            raise WorkerError(
+                f"data_parallel: worker processes {sorted(pending)} started but did not join the "
+                f"process group (torch.distributed rendezvous at {init_method}) within "
+                f"{timeout:g} s; they were stopped. Their output above may say why.")
+        time.sleep(0.05)
+    try:
+        dist.init_process_group(backend, store=store, rank=0, world_size=world, timeout=wait)
+    except (RuntimeError, ValueError) as e:  # a worker died in its own init, or no backend
+        workers.stop()
+        dead = workers.dead()
+        first = (str(e).splitlines() or [""])[0][:300]
+        who = (f"worker process {dead[0][0]} exited with code {dead[0][1]}; "
+               if dead and dead[0][1] not in (None, 0, -15) else "")
+        raise WorkerError(
+            f"data_parallel: the {world} ranks could not form the process group (torch."
+            f"distributed rendezvous at {init_method}, backend {backend!r}): {who}"
+            f"{type(e).__name__}: {first}. The workers were stopped. Check that the backend is "
+            "available here (data_parallel.backend = \"gloo\" runs everywhere) and that the "
+            "workers' output above shows no error.") from e
+    try:  # collectives wait as long as a round may take, not as long as the rendezvous
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(dt.timedelta(minutes=30))
+    except (ImportError, RuntimeError, ValueError):  # pragma: no cover - older torch
+        pass
 
 
 def _free_port() -> int:
@@ -285,14 +359,20 @@ class DataParallel:
             workers = Workers("data_parallel", _spawned, self.workers - 1,
                               lambda rank: (self.workers, init, self.backend, cfg))
             workers.wait_started()  # a worker that cannot start stops the run, naming the fix
+            _join_group(workers, self.backend, init, self.workers)  # ... or dies joining
             self._procs = workers
-            dist.init_process_group(self.backend, init_method=init, rank=0,
-                                    world_size=self.workers, timeout=dt.timedelta(minutes=30))
             self._own_group = True
         elif dist.get_world_size() != self.workers:
             log.info("data_parallel: using the launcher's %d ranks (config asked for %d)",
                      dist.get_world_size(), self.workers)
-        self._trainer = _trainer_from_config(self.config)
+        try:
+            self._trainer = _trainer_from_config(self.config)  # DDP's first collectives
+        except RuntimeError as e:  # a worker died building its own
+            failure = self._procs.failure(e) if self._procs is not None else None
+            if failure is None:
+                raise
+            self._abandon()
+            raise failure from e
         return self._trainer
 
     def round(self, state: DataParallelState, transport: Transport,
