@@ -369,3 +369,10 @@ def test_serve_command_shows_progress(tmp_path: Path) -> None:
     quiet = CliRunner().invoke(app, ["serve", "--resume", str(tmp_path / "run"), "-q"])
     assert quiet.exit_code == 0, quiet.output
     assert not [x for x in quiet.output.splitlines() if x.startswith("round ")]
+
+
+def test_serve_resume_of_a_missing_directory_says_it_is_no_run_directory(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["serve", "--resume", str(tmp_path / "nope"), "--insecure"])
+    assert res.exit_code != 0
+    assert str(res.exception).startswith(f"resume: the run directory {tmp_path / 'nope'} does "
+                                         "not exist; pass the directory a run wrote")

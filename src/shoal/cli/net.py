@@ -290,8 +290,10 @@ def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume
         if config is not None or out is not None:
             raise ShoalError("--resume continues a run in its own directory with the config it "
                              "started with; drop the CONFIG argument and --out.")
+        from ..checkpoint import prepare_run_dir
+
+        run_dir = prepare_run_dir(resume, resume=True)  # says so when it is no run directory
         cfg = load_config(resume / "config.toml", overrides)
-        run_dir = resume
     else:
         cfg = load_config(config, overrides)
         run_dir = out or _new_run_dir(Path(cfg.out_dir), f"{cfg.task.name}-served")
