@@ -24,7 +24,7 @@ def test_run_writes_outputs_and_baseline_sees_as_many_examples(tmp_path):
     fed, cen = results
     assert (fed.paradigm, cen.paradigm) == ("federated", "centralized")
     for p in ("federated", "centralized"):
-        for f in ("metrics.jsonl", "model.safetensors", "result.json"):
+        for f in ("metrics.jsonl", "model.safetensors", "costs.json"):
             assert (tmp_path / p / f).exists()
     assert (tmp_path / "config.toml").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -148,7 +148,7 @@ def test_resume_with_more_rounds_extends_a_finished_run_bit_identically(tmp_path
                      "--set", "federated.rounds=3")
     assert code == 0
     run_experiment(load_config(None, [*FAST, "federated.rounds=3"]), tmp_path / "full")
-    result = json.loads((tmp_path / "short/federated/result.json").read_text())
+    (result,) = json.loads((tmp_path / "short/summary.json").read_text())["results"][:1]
     assert result["rounds"] == 3
     assert [r["round"] for r in read_metrics(tmp_path / "short/federated/metrics.jsonl")] == [
         1, 2, 3]

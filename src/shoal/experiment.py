@@ -5,7 +5,8 @@ asks for, runs the chosen paradigm and (with ``baseline = true``) the centralize
 the same task, model initialisation and number of examples seen, and writes one directory::
 
     RUN_DIR/config.toml                      the resolved config (what actually ran)
-    RUN_DIR/summary.json                     one entry per paradigm (accuracy, bytes, time, cost)
+    RUN_DIR/summary.json                     one entry per finished paradigm (accuracy, ε,
+                                             bytes, time, cost), rewritten as each finishes
     RUN_DIR/<paradigm>/costs.json            bytes and compute time of every participant
     RUN_DIR/<paradigm>/metrics.jsonl         metrics per round
     RUN_DIR/<paradigm>/checkpoints/round-N/  state after the newest rounds
@@ -436,25 +437,43 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         ]
         try:
             result = _run_one(paradigm, built.algorithm, built.transport, params0, rounds, cbs,
-                              out, resume, config, round_retries)
+                              out, resume, config, round_retries,
+                              _finished(run_dir, paradigm) if resume else None)
         finally:
             if hasattr(own, "close"):  # stops an executor's worker processes
                 own.close()
         results.append(result)
         setup.histories[paradigm] = result.history
-    (run_dir / "summary.json").write_text(json.dumps(
-        {"config": to_dict(config), "results": [r.summary() for r in results]}, indent=2))
+        # After each paradigm: a resumed run takes a finished paradigm's entry from here.
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(
+            {"config": to_dict(config), "results": [r.summary() for r in results]}, indent=2))
+        tmp.replace(run_dir / "summary.json")
     return results
+
+
+def _finished(run_dir: Path, paradigm: str) -> dict[str, Any] | None:
+    """``paradigm``'s entry in the run's ``summary.json`` (it finished), or ``None``."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        entries = json.loads(path.read_text()).get("results", [])
+    except (json.JSONDecodeError, AttributeError):
+        log.warning("%s is not readable JSON; the paradigms are resumed from their checkpoints",
+                    path)
+        return None
+    return next((e for e in entries if isinstance(e, dict) and e.get("paradigm") == paradigm),
+                None)
 
 
 def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rounds: int,
              callbacks: list[Any], out: Path, resume: bool, config: Config,
-             round_retries: int = 0) -> ParadigmResult:
-    done = out / "result.json"
-    if resume and done.exists():
-        saved = json.loads(done.read_text())
-        if saved["rounds"] >= rounds or saved.get("stopped"):  # else: extended by more rounds
-            return ParadigmResult(**saved, history=read_metrics(out / "metrics.jsonl"))
+             round_retries: int = 0, finished: dict[str, Any] | None = None) -> ParadigmResult:
+    """Run (or resume) one paradigm; ``finished``: its summary entry when a resumed run had
+    finished it (returned as it is, unless more rounds extend it)."""
+    if finished is not None and (finished["rounds"] >= rounds or finished.get("stopped")):
+        return ParadigmResult(**finished, history=read_metrics(out / "metrics.jsonl"))
     start_round, state, history = 1, None, None
     if resume and (found := restore_latest(out / "checkpoints", algorithm, params0, transport,
                                            config)) is not None:
@@ -485,5 +504,4 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
         privacy=(privacy.privacy_summary(config, res.history) if paradigm == "federated"
                  else {}),
         history=res.history)
-    done.write_text(json.dumps(result.summary(), indent=2))
     return result

@@ -97,7 +97,7 @@ def test_coordinator_killed_and_resumed_equals_an_uninterrupted_run(tmp_path: Pa
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        assert not (run_dir / "federated" / "result.json").exists()
+        assert not (run_dir / "summary.json").exists()
         resumed = _serve(["--resume", str(run_dir)], tmp_path)
         out, _ = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, out.decode()

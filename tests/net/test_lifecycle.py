@@ -222,7 +222,7 @@ def test_sigterm_stops_shoal_serve_like_ctrl_c(tmp_path: Path) -> None:
         _wait(lambda: all(c.notices for c in clients.clients), "the RESTART notices")
         assert all("interrupted: Ctrl-C or SIGTERM" in c.notices[0] for c in clients.clients)
         assert clients.outcome == {}  # waiting for the resumed coordinator
-    assert not (run_dir / "federated" / "result.json").exists()
+    assert not (run_dir / "summary.json").exists()
 
 
 def test_a_client_gives_up_after_its_patience(ca_dir: Path) -> None:

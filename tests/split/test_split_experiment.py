@@ -27,7 +27,7 @@ def test_split_run_writes_outputs_beside_the_baseline(tmp_path):
     results = run_experiment(load_config(None, [*FAST, "split.schedule=splitfed"]), tmp_path)
     assert [r.paradigm for r in results] == ["split", "centralized"]
     split, cen = results
-    for f in ("metrics.jsonl", "model.safetensors", "result.json"):
+    for f in ("metrics.jsonl", "model.safetensors", "costs.json"):
         assert (tmp_path / "split" / f).exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["split"]["schedule"] == "splitfed"
