@@ -376,3 +376,13 @@ def test_serve_resume_of_a_missing_directory_says_it_is_no_run_directory(tmp_pat
     assert res.exit_code != 0
     assert str(res.exception).startswith(f"resume: the run directory {tmp_path / 'nope'} does "
                                          "not exist; pass the directory a run wrote")
+
+
+def test_serve_refuses_a_used_run_directory_and_offers_overwrite(tmp_path: Path) -> None:
+    used = tmp_path / "run"
+    used.mkdir()
+    (used / "config.toml").write_text("seed = 0\n")
+    res = CliRunner().invoke(app, ["serve", "--out", str(used), "--insecure"])
+    assert res.exit_code != 0 and "--overwrite" in str(res.exception)
+    res = CliRunner().invoke(app, ["serve", "--resume", str(used), "--overwrite", "--insecure"])
+    assert res.exit_code != 0

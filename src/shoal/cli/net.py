@@ -267,6 +267,8 @@ def serve_command(
     out: Annotated[Path | None, typer.Option(help="Run directory.")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the interrupted run in this directory.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Empty the run directory --out first (a new run refuses one holding files).")] = False,
     address: Annotated[str | None, typer.Option(help="host:port to listen on.")] = None,
     insecure: Annotated[bool, _INSECURE] = False,
     verbose: Annotated[bool, _VERBOSE] = False,
@@ -277,11 +279,11 @@ def serve_command(
     Ctrl-C or SIGTERM stops it before the run is over: the clients are told to wait, and
     `shoal serve --resume DIR` continues from the last completed round."""
     with _logging(verbose, quiet):
-        _serve(config, set_, out, resume, address, insecure, quiet)
+        _serve(config, set_, out, resume, address, insecure, quiet, overwrite)
 
 
 def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume: Path | None,
-           address: str | None, insecure: bool, quiet: bool) -> None:
+           address: str | None, insecure: bool, quiet: bool, overwrite: bool = False) -> None:
     from ..net.deploy import coordinator_config, coordinator_transport, serve
     from .display import summary_table
 
@@ -306,7 +308,8 @@ def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume
             def progress(paradigm: str, rounds: int) -> list[ServeProgress]:
                 return [] if quiet else [ServeProgress(console, transport, paradigm, rounds)]
 
-            results = serve(cfg, run_dir, resume=resume is not None, transport=transport,
+            results = serve(cfg, run_dir, resume=resume is not None, overwrite=overwrite,
+                            transport=transport,
                             callbacks=progress)
         except KeyboardInterrupt:
             how = "terminated (SIGTERM)" if received else "interrupted"

@@ -135,7 +135,7 @@ def refuse_reproducible(config: Config, command: str) -> None:
             "set privacy.reproducible = false.")
 
 
-def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
+def serve(config: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           transport: GrpcTransport | None = None, callbacks: Any = None,
           ) -> list[ParadigmResult]:
     """Run ``config``'s federated job as the coordinator; clients connect with :func:`join`.
@@ -168,7 +168,8 @@ def serve(config: Config, run_dir: str | Path, *, resume: bool = False,
         return grpc_transport
 
     try:
-        results = run_experiment(config, run_dir, resume=resume, callbacks=factory,
+        results = run_experiment(config, run_dir, resume=resume, overwrite=overwrite,
+                                 callbacks=factory,
                                  transport=swap, round_retries=round_retries(config))
     except BaseException as e:
         why = ("interrupted: Ctrl-C or SIGTERM" if isinstance(e, KeyboardInterrupt)
