@@ -36,3 +36,16 @@ def test_errors_print_their_full_text_with_status_2() -> None:
     text = " ".join(proc.stderr.split())
     assert ("error: config: unknown field 'secagg.enabld'. Did you mean 'enabled'? Known fields "
             "in [secagg]: enabled, clip, max_weight, neighbours, threshold.") in text
+
+
+def test_run_verbose_logs_info_although_opacus_configured_logging_first(tmp_path):
+    """`shoal run -v` shows INFO lines (opacus calls logging.basicConfig at import, which made
+    the CLI's own basicConfig a no-op and -v silent)."""
+    run = [sys.executable, "-m", "shoal", "run", "-q", "--set", "federated.rounds=1",
+           "--set", "baseline=false", "--out", str(tmp_path / "r")]
+    subprocess.run(run, check=True, capture_output=True, cwd=tmp_path)
+    more = subprocess.run([sys.executable, "-m", "shoal", "run", "-v", "-q", "--resume",
+                           str(tmp_path / "r"), "--set", "federated.rounds=2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    assert "INFO shoal.experiment: federated: resuming after round 1" in more.stderr

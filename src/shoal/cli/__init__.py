@@ -57,7 +57,8 @@ def run_command(
     from ..experiment import run_experiment
     from .display import ProgressBar, cost_line, summary_table
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+    # force: a dependency (opacus) calls basicConfig at import, which made this one a no-op
+    logging.basicConfig(force=True, level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if resume is not None:
         if config is not None or out is not None or overwrite:
