@@ -91,3 +91,14 @@ def test_too_few_clients_for_the_reducer_names_the_fields() -> None:
         "config field 'federated.clients_per_round': 4 gives 4 of the 20 clients per round, but "
         "federated.reducer = \"krum\" needs 5 updates; sample at least 5 clients per round, or "
         "lower the requirement.")
+
+
+def test_an_unknown_primary_metric_is_a_config_problem() -> None:
+    """`shoal config` checks evaluation.primary against the task's metrics, as `shoal run`
+    does before it creates the run directory."""
+    problems = config_problems(load_config(None, ["evaluation.primary=rmse"]))
+    assert problems == [
+        "config field 'evaluation.primary': 'rmse' is not a metric of task 'digits'; expected "
+        "one of loss, accuracy, f1 (a classification task). A metric of your own goes into "
+        "your task's Task(metrics={name: fn}), run with task.name = \"package.module:factory\"."]
+    assert config_problems(load_config(None, ["evaluation.primary=accuracy"])) == []

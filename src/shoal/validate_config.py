@@ -67,6 +67,8 @@ def config_problems(config: Config) -> list[str]:
     task_problem, population = _population(config)
     if task_problem is not None:
         out.append(task_problem)
+    elif config.evaluation.primary:
+        out += _primary_problems(config)
     if config.paradigm == "federated":
         from .privacy.configure import privacy_problems
 
@@ -155,6 +157,18 @@ def _population(config: Config) -> tuple[str | None, int]:
     except ShoalError as e:
         return f"config [task]: {e}", 0
     return None, population(resolve_config(config, task, quiet=True), task)
+
+
+def _primary_problems(config: Config) -> list[str]:
+    """``evaluation.primary`` must name one of the task's metrics."""
+    from .data.tasks import load_task
+    from .experiment import primary_metric
+
+    try:
+        primary_metric(config, load_task(config.task.name, **config.task.options))
+    except ShoalError as e:
+        return [str(e)]
+    return []
 
 
 def _cohort_problems(config: Config, population: int) -> list[str]:
