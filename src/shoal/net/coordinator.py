@@ -16,7 +16,8 @@ matching an outstanding request (no replay of an old round); a rejected reply be
 reply with the reason logged, and the round goes on.
 
 Limits: nothing a peer sends, enrolled or not, can exhaust the coordinator's file descriptors,
-threads, memory or log; each limit is a constructor argument (see :class:`GrpcTransport`).
+threads, memory or log; each limit is a constructor argument (see :class:`GrpcTransport`;
+the file limit, the log limiter and the late grace live in :mod:`shoal.net.limits`).
 
 * Connections: at start the coordinator raises its soft limit on open files to the hard limit
   where allowed and accepts at most ``max_connections`` TCP connections at once (by default
@@ -62,8 +63,9 @@ from ..message import COORDINATOR, Message
 from ..transport import Transport, timed
 from . import wire
 from .ca import NODE_ID_PATTERN, Identity, RevocationList, peer_identity
+from .limits import FD_RESERVE, LateGrace, LogLimiter, default_max_connections, raise_fd_limit
 
-__all__ = ["METHOD", "SERVICE", "GrpcTransport", "default_max_connections", "raise_fd_limit"]
+__all__ = ["METHOD", "SERVICE", "GrpcTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -75,36 +77,6 @@ REJECTED_KEPT = 1000
 """How many of the latest rejections :attr:`GrpcTransport.rejected` keeps."""
 IDLE_CONNECTION_MS = 60_000
 """A connection that carries no stream for this long is closed (clients always hold one)."""
-_FD_RESERVE = 64
-"""File descriptors always kept for the coordinator's own files (logs, checkpoints, the CRL)."""
-
-
-def raise_fd_limit() -> int | None:
-    """Raise this process's soft limit on open files to its hard limit where the system allows
-    it; the soft limit now (``None`` where there is none, or no ``resource`` module)."""
-    try:
-        import resource
-    except ImportError:  # not a POSIX system
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
-    if want > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError) as e:
-            log.info("could not raise the limit on open files from %d to %d (%s)", soft, want, e)
-    return int(soft)
-
-
-def default_max_connections(fd_limit: int | None) -> int:
-    """The connection limit for a process that may open ``fd_limit`` files: a quarter of them
-    (at least 64) kept for the coordinator's own files, at least 16 and at most 10,000."""
-    if fd_limit is None:
-        return 10_000
-    return max(16, min(10_000, fd_limit - max(_FD_RESERVE, fd_limit // 4)))
 
 
 def _host(context: grpc.ServicerContext) -> str:
@@ -121,56 +93,6 @@ class _Abort:
     details: str
 
 
-class _LogLimiter:
-    """At most ``limit`` warnings about one node per ``window`` seconds; then one line saying
-    that further ones are suppressed, and when the window ends how many were."""
-
-    def __init__(self, limit: int, window: float = 60.0):
-        self.limit = limit
-        self.window = window
-        self._lock = threading.Lock()
-        self._state: dict[str, list[float]] = {}  # node -> [window start, count, suppressed]
-
-    def warning(self, node: str, msg: str, *args: Any) -> None:
-        """Log ``msg % args`` as a warning about ``node`` unless over its rate."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._state) > 4096:  # ids of the past: forget those whose window ended
-                self._state = {k: v for k, v in self._state.items()
-                               if now - v[0] < self.window}
-            st = self._state.get(node)
-            suppressed = 0
-            if st is None or now - st[0] >= self.window:
-                suppressed = int(st[2]) if st is not None else 0
-                st = self._state[node] = [now, 0, 0]
-            st[1] += 1
-            emit, last = st[1] <= self.limit, st[1] == self.limit
-            if not emit:
-                st[2] += 1
-        if suppressed:
-            self._suppressed(node, suppressed)
-        if emit:
-            log.warning(msg, *args)
-        if last:
-            log.warning("node %s: %d warnings about it within %g s; suppressing more until the "
-                        "%g s are over (max_warnings_per_node)", node, self.limit, self.window,
-                        self.window)
-
-    def flush(self, node: str) -> None:
-        """Say how many warnings about ``node`` were suppressed so far (its stream ended)."""
-        with self._lock:
-            st = self._state.get(node)
-            suppressed = int(st[2]) if st is not None else 0
-            if st is not None:
-                st[2] = 0
-        if suppressed:
-            self._suppressed(node, suppressed)
-
-    def _suppressed(self, node: str, count: int) -> None:
-        log.warning("node %s: %d more warning(s) about it were suppressed (at most %d per %g s, "
-                    "max_warnings_per_node)", node, count, self.limit, self.window)
-
-
 class _Pending:
     def __init__(self, request: Message):
         self.request = request
@@ -181,45 +103,6 @@ class _Pending:
         if not self.event.is_set():
             self.reply = reply
             self.event.set()
-
-
-class _LateGrace:
-    """A batch's deadline after its quorum: once ``quorum`` of the requests have a valid
-    (non-error) reply, the others get ``grace_s`` more, so one straggler cannot hold a round
-    for the whole timeout."""
-
-    POLL_S = 0.05
-
-    def __init__(self, quorum: int | None, grace_s: float | None, pending: list[_Pending]):
-        self.on = quorum is not None and grace_s is not None and len(pending) > quorum
-        self.quorum = quorum or 0
-        self.grace_s = grace_s or 0.0
-        self.pending = pending
-        self.until: float | None = None
-
-    def _check(self) -> None:
-        if self.on and self.until is None and sum(
-                p.event.is_set() and p.reply is not None and p.reply.error is None
-                for p in self.pending) >= self.quorum:
-            self.until = time.monotonic() + self.grace_s
-
-    def expired(self) -> bool:
-        """Whether the grace has run out."""
-        return self.until is not None and time.monotonic() >= self.until
-
-    def wait(self, p: _Pending, deadline: float | None) -> bool:
-        """Wait for ``p``'s reply until ``deadline`` or the end of the grace; whether it came."""
-        while True:
-            self._check()
-            limits = [t for t in (deadline, self.until) if t is not None]
-            left = None if not limits else min(limits) - time.monotonic()
-            if left is not None and left <= 0:
-                return p.event.is_set()
-            waiting_for_quorum = self.on and self.until is None
-            step = min(left, self.POLL_S) if waiting_for_quorum and left is not None else (
-                self.POLL_S if waiting_for_quorum else left)
-            if p.event.wait(step):
-                return True
 
 
 class _Conn:
@@ -321,11 +204,11 @@ class GrpcTransport(Transport):
             raise TransportError(f"GrpcTransport: max_streams={max_streams} needs more threads "
                                  f"than max_workers={max_workers} provides (one per stream, "
                                  "plus 2); raise max_workers or lower max_streams.")
-        if fd_limit is not None and max_connections > fd_limit - _FD_RESERVE:
+        if fd_limit is not None and max_connections > fd_limit - FD_RESERVE:
             raise TransportError(
                 f"GrpcTransport: max_connections={max_connections} leaves fewer than "
-                f"{_FD_RESERVE} of the {fd_limit} files this process may open for the "
-                f"coordinator's own files; pass at most {fd_limit - _FD_RESERVE}, or raise the "
+                f"{FD_RESERVE} of the {fd_limit} files this process may open for the "
+                f"coordinator's own files; pass at most {fd_limit - FD_RESERVE}, or raise the "
                 "hard limit (`ulimit -Hn`).")
         super().__init__()
         self.insecure = identity is None
@@ -350,7 +233,7 @@ class GrpcTransport(Transport):
         self._seq = 0
         self._streams = 0
         self._streams_of: Counter[str] = Counter()
-        self._warn = _LogLimiter(max_warnings_per_node)
+        self._warn = LogLimiter(max_warnings_per_node)
         self._crl = None
         options = [("grpc.max_receive_message_length", FRAME_LIMIT),
                    ("grpc.max_send_message_length", FRAME_LIMIT),
@@ -416,7 +299,7 @@ class GrpcTransport(Transport):
         """Send every message now; yield the replies in order as they arrive (or fail)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         sent = [self._send(m) for m in messages]
-        grace = _LateGrace(self.quorum, self.late_grace_s,
+        grace = LateGrace(self.quorum, self.late_grace_s,
                            [p for p in sent if isinstance(p, _Pending)])
 
         def gen() -> Iterator[Message]:
