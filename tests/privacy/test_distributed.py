@@ -218,15 +218,22 @@ def _coordinators_view(recorder: Recorder) -> np.ndarray:
     return total
 
 
-def test_the_coordinators_view_carries_the_noise():
-    """The honest-but-curious coordinator records every message it gets and unmasks the sum
-    itself: what it learns is the clipped updates' sum plus noise of the promised size, and it
-    is exactly what the round applied."""
+def _ten_clients() -> tuple[list[str], DistributedDP, SecureFedAvg]:
+    """Ten clients c0..c9 summing fixed updates under distributed DP (n_min = 9) and secure
+    aggregation: their ids, the DP stage and the algorithm."""
     ids = [f"c{i}" for i in range(10)]
     ddp = distributed_dp(1.0, 1.0, D, 9, 10)
     alg = SecureFedAvg(_fixed_update, pipeline=Pipeline([ddp, secure_aggregation()],
                                                         weighted_mean("uniform")),
                        min_replies=9, seed=0)
+    return ids, ddp, alg
+
+
+def test_the_coordinators_view_carries_the_noise():
+    """The honest-but-curious coordinator records every message it gets and unmasks the sum
+    itself: what it learns is the clipped updates' sum plus noise of the promised size, and it
+    is exactly what the round applied."""
+    ids, ddp, alg = _ten_clients()
     transport = InProcessTransport(ids, lambda _: None, alg.handlers())
     recorder = transport.observe(Recorder(COORDINATOR, kinds={MASKED_INPUT, UNMASK}))
     params = {"w": torch.zeros(D)}
@@ -244,11 +251,7 @@ def test_a_coordinator_that_shrinks_the_survivor_set_is_refused():
     """To unmask a sum of fewer noise shares than the clients agreed to, a coordinator tells
     them that most of the others dropped (after their masked inputs arrived). Every client
     refuses to sign a survivor set below its own min_clients; nothing is unmasked."""
-    ids = [f"c{i}" for i in range(10)]
-    ddp = distributed_dp(1.0, 1.0, D, 9, 10)
-    alg = SecureFedAvg(_fixed_update, pipeline=Pipeline([ddp, secure_aggregation()],
-                                                        weighted_mean("uniform")),
-                       min_replies=9, seed=0)
+    ids, ddp, alg = _ten_clients()
     inner = InProcessTransport(ids, lambda _: None, alg.handlers())
 
     def shrink(m: Message) -> Message:
