@@ -102,3 +102,10 @@ def test_an_unknown_primary_metric_is_a_config_problem() -> None:
         "one of loss, accuracy, f1 (a classification task). A metric of your own goes into "
         "your task's Task(metrics={name: fn}), run with task.name = \"package.module:factory\"."]
     assert config_problems(load_config(None, ["evaluation.primary=accuracy"])) == []
+
+
+def test_a_weight_cap_outside_federated_runs_is_refused() -> None:
+    assert config_problems(load_config(None, ["paradigm=split", "federated.max_weight=50"])) == [
+        "config field 'federated.max_weight': paradigm = \"split\" does not cap reported "
+        "weights (the cap is FedAvg's), so federated.max_weight = 50 would not be applied; set "
+        "federated.max_weight = 0, or paradigm = \"federated\"."]
