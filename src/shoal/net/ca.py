@@ -185,11 +185,12 @@ class CertificateAuthority:
         return ca
 
     def issue(self, node_id: str, out: str | Path, *, hosts: tuple[str, ...] = (),
-              server: bool = False, days: int = 825,
+              server: bool = False, client: bool | None = None, days: int = 825,
               passphrase: bytes | None = None) -> Identity:
         """Issue a key and certificate for ``node_id`` into ``out`` (``NODE_ID.key``, mode
         0600 and encrypted with ``passphrase`` when given, ``NODE_ID.crt`` and a copy of
-        ``ca.crt``)."""
+        ``ca.crt``). The certificate authenticates a TLS server when ``server``, a TLS client
+        when ``client`` (default: ``not server``); a swarm peer and an etcd member are both."""
         _check_id(node_id)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +203,10 @@ class CertificateAuthority:
                    .not_valid_before(now - _DAY).not_valid_after(now + days * _DAY)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
                    .add_extension(x509.ExtendedKeyUsage(
-                       [ExtendedKeyUsageOID.SERVER_AUTH if server
-                        else ExtendedKeyUsageOID.CLIENT_AUTH]), False))
+                       ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
+                       + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client or (client is None
+                                                                          and not server)
+                          else [])), False))
         if hosts:
             names: list[x509.GeneralName] = []
             for h in hosts:

@@ -1,0 +1,126 @@
+"""The replicated key-value store under the ledger, and its in-process backend.
+
+The ledger (:mod:`shoal.ledger.ledger`) needs four things of a store, all of which etcd's v3
+API gives (:class:`~shoal.ledger.etcd.EtcdStore`) and :class:`MemoryStore` imitates in one
+process for simulation and fast tests:
+
+* ``create(key, value)`` — write once: succeeds only if ``key`` was never written (etcd: a
+  transaction that requires ``create_revision == 0``), returning the write's revision;
+* ``ranges(prefixes)`` — the records under each prefix, all read at one revision (etcd: one
+  transaction of range requests), and that revision;
+* ``wait(prefix, revision, timeout)`` — block until something under ``prefix`` is written
+  after ``revision`` (etcd: a watch), or the timeout passes;
+* revisions: one counter for the whole store, raised by every write, so that "written before"
+  is a fact every reader agrees on. A record keeps the revision that created it, the revision
+  that last changed it and its ``version`` (1 for a record written once and never changed).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["KeyValueStore", "MemoryStore", "Record"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One key as the store holds it."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+
+
+class KeyValueStore(Protocol):
+    """What the ledger needs of its store; see the module docstring."""
+
+    def create(self, key: str, value: bytes) -> int | None:
+        """Write ``value`` under ``key`` if the key was never written; its revision, or
+        ``None`` when the key exists."""
+        ...
+
+    def ranges(self, prefixes: Sequence[str]) -> tuple[list[list[Record]], int]:
+        """The records under each prefix (sorted by key), read at one revision, and it."""
+        ...
+
+    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
+        """Block until a key under ``prefix`` is written after ``revision`` (``True``) or
+        ``timeout`` seconds pass (``False``)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryStore:
+    """A :class:`KeyValueStore` in one process (simulation, tests). ``put`` and ``delete``
+    are what an administrator of the real store can do (tests play that insider with them);
+    the ledger itself only ever calls ``create``."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, Record] = {}
+        self._revision = 0
+        self._changed = threading.Condition()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._records)} keys, revision {self._revision})"
+
+    @property
+    def revision(self) -> int:
+        """The store's current revision."""
+        return self._revision
+
+    def _write(self, key: str, value: bytes, *, only_new: bool) -> int | None:
+        with self._changed:
+            old = self._records.get(key)
+            if only_new and old is not None:
+                return None
+            self._revision += 1
+            self._records[key] = Record(
+                key, bytes(value), old.create_revision if old else self._revision,
+                self._revision, old.version + 1 if old else 1)
+            self._changed.notify_all()
+            return self._revision
+
+    def create(self, key: str, value: bytes) -> int | None:
+        """Write once; see :class:`KeyValueStore`."""
+        return self._write(key, value, only_new=True)
+
+    def put(self, key: str, value: bytes) -> int:
+        """Overwrite ``key`` (an administrator's power, not the ledger's)."""
+        rev = self._write(key, value, only_new=False)
+        assert rev is not None
+        return rev
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key`` (an administrator's power, not the ledger's)."""
+        with self._changed:
+            if self._records.pop(key, None) is None:
+                return False
+            self._revision += 1
+            self._changed.notify_all()
+            return True
+
+    def ranges(self, prefixes: Sequence[str]) -> tuple[list[list[Record]], int]:
+        """See :class:`KeyValueStore`."""
+        with self._changed:
+            keys = sorted(self._records)
+            return ([[self._records[k] for k in keys if k.startswith(p)] for p in prefixes],
+                    self._revision)
+
+    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
+        """See :class:`KeyValueStore`."""
+        def changed() -> bool:
+            return any(r.mod_revision > revision and r.key.startswith(prefix)
+                       for r in self._records.values())
+        with self._changed:
+            return self._changed.wait_for(changed, timeout)
+
+    def close(self) -> None:
+        """Nothing to release."""
