@@ -50,7 +50,7 @@ from .errors import ConfigError
 __all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
            "EvaluationConfig", "FederatedConfig", "LoggingConfig", "NetworkConfig",
            "PrivacyConfig", "SecAggConfig",
-           "SplitConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
+           "SplitConfig", "SwarmConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
            "problems_error", "to_dict", "to_toml"]
 
 
@@ -276,6 +276,27 @@ class SplitConfig:
 
 
 @dataclass
+class SwarmConfig:
+    """Swarm learning (``paradigm = "swarm"``; :mod:`shoal.algorithms.swarm`): how peers merge
+    a round's updates (``merge``; ``trim_beta`` for the trimmed mean), the fewest updates a
+    round merges (``min_peers``; 0: every peer), how long peers wait for the others before
+    closing a round with fewer (``close_timeout_s``, deployment), and the job's name on the
+    ledger (``job``). Deployment: the etcd ``endpoints`` and each peer's ``identity_dir`` (``shoal swarm enroll`` writes it), ``listen`` (where the peer
+    serves its blobs; port 0 picks a free one) and ``advertise`` (the address others fetch
+    from; default: the listen address)."""
+
+    merge: Literal["mean", "median", "trimmed_mean", "geometric_median"] = "mean"
+    trim_beta: float = field(default=0.1, metadata=_check(min=0))
+    min_peers: int = field(default=0, metadata=_check(min=0))
+    close_timeout_s: float = field(default=60.0, metadata=_check(min=0))
+    job: str = "shoal"
+    endpoints: list[str] = field(default_factory=list)
+    identity_dir: str = ""
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides ``RUN/<paradigm>/metrics.jsonl`` (:mod:`shoal.loggers`).
 
@@ -305,7 +326,8 @@ class Config:
 
     seed: int = field(default=0, metadata=_check(min=0))
     seeds: list[int] = field(default_factory=list, metadata=_check(min=0))
-    paradigm: Literal["federated", "centralized", "data_parallel", "split"] = "federated"
+    paradigm: Literal["federated", "centralized", "data_parallel", "split",
+                      "swarm"] = "federated"
     baseline: bool = True
     out_dir: str = "runs"
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -319,6 +341,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -44,6 +44,7 @@ from .aggregate import (
     adam,
     clip_by_norm,
     coordinate_median,
+    geometric_median,
     krum,
     momentum,
     multi_krum,
@@ -57,14 +58,19 @@ from .algorithms.cohort import Cohort
 from .algorithms.fedavg import FedAvg
 from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
+from .algorithms.swarm import TRAIN, Swarm
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
 from .checkpoint import Checkpoint, check_resume_config, prepare_run_dir, restore_latest
 from .client import local_sgd, optimizer_fn
 from .config import Config, to_dict, to_toml
 from .costs import cost_summary
+from .credentials import RunKeys
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import ConfigError
+from .ledger.keys import registry_key, registry_value
+from .ledger.ledger import Ledger
+from .ledger.store import MemoryStore
 from .loggers import metric_loggers
 from .metrics import Evaluator
 from .privacy import configure as privacy
@@ -79,10 +85,10 @@ from .tree import Params
 from .validate_config import check_config
 
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
-           "centralized_paradigm", "client_optimizer", "config_reducer", "config_server_opt",
+           "build_swarm", "centralized_paradigm", "client_optimizer", "config_client_update", "config_reducer", "config_server_opt",
            "federated_paradigm", "initial_params", "make_dataset", "population",
            "primary_metric", "register_paradigm", "resolve_config", "run_experiment",
-           "scheduled_examples", "weight_cap"]
+           "scheduled_examples", "swarm_paradigm", "weight_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +230,47 @@ def weight_cap(config: Config, dataset: FederatedDataset) -> WeightCap:
     return WeightCap({cid: float(dataset.num_examples(cid)) for cid in dataset.client_ids()})
 
 
+def config_client_update(config: Config, task: Task, model: torch.nn.Module,
+                         noise: float) -> Any:
+    """The ``[client]`` update: local SGD (FedProx with ``prox_mu``), or DP-SGD with noise
+    multiplier ``noise`` under ``privacy.mode = "sample"``."""
+    c = config.client
+    update: Any = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
+                            optimizer=client_optimizer(config), prox_mu=c.prox_mu,
+                            max_steps=c.max_steps or None)
+    return privacy.dp_client_update(config, model, task.loss_fn, client_optimizer(config),
+                                    noise) or update
+
+
+def build_swarm(config: Config, task: Task, dataset: FederatedDataset,
+                model: torch.nn.Module) -> tuple[Swarm, InProcessTransport]:
+    """The swarm the config describes, simulated: every client is a peer enrolled on an
+    in-process ledger with a per-run Ed25519 key (:class:`~shoal.credentials.RunKeys`)."""
+    f, sw = config.federated, config.swarm
+    peers = list(dataset.client_ids())
+    noise = (privacy.noise_for(config, len(dataset), min(map(dataset.num_examples, peers)), 0)
+             if config.privacy.mode != "off" else 0.0)
+    update = config_client_update(config, task, model, noise)
+    reducer = {"mean": lambda: weighted_mean(f.weighting), "median": coordinate_median,
+               "trimmed_mean": lambda: trimmed_mean(sw.trim_beta),
+               "geometric_median": geometric_median}[sw.merge]()
+    keys = RunKeys()
+    store = MemoryStore()
+    for p in peers:  # the registrar's enrollment, as `shoal swarm enroll` records it
+        store.create(registry_key(p), registry_value(p, keys.public(p)))
+    algorithm = Swarm(update, Ledger(store), keys.for_node, reducer=reducer,
+                      min_peers=sw.min_peers or len(peers),
+                      weight_cap=weight_cap(config, dataset), seed=config.seed, job=sw.job)
+    mods = [simulated_dropout(f.dropout, config.seed, (TRAIN,))] if f.dropout > 0 else []
+    transport = InProcessTransport(peers, dataset.client, algorithm.handlers(), mods=mods,
+                                   on_error=f.on_client_error)
+    return algorithm, transport
+
+
 def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                     model: torch.nn.Module) -> tuple[FedAvg, InProcessTransport]:
     """The FedAvg-family algorithm and the simulated federation the config describes."""
-    f, c = config.federated, config.client
+    f = config.federated
     stages: list[Stage] = [clip_by_norm(f.clip_norm, f.clip_at)] if f.clip_norm > 0 else []
     cohort = Cohort(f.clients_per_round, f.sampling)
     dim = tree.numel(tree.params_of(model))
@@ -253,11 +296,7 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
             f"{expected:g} clients per round, but at least {min_replies} valid replies are "
             f"needed (min_replies / {reducer!r}); sample more clients."
         )
-    update: Any = local_sgd(model, task.loss_fn, epochs=c.epochs, batch_size=c.batch_size,
-                            optimizer=client_optimizer(config), prox_mu=c.prox_mu,
-                            max_steps=c.max_steps or None)
-    update = privacy.dp_client_update(config, model, task.loss_fn, client_optimizer(config),
-                                      noise) or update
+    update = config_client_update(config, task, model, noise)
     evaluator = Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size)
     kwargs: dict[str, Any] = dict(
         pipeline=pipeline, server_opt=config_server_opt(config), cohort=cohort,
@@ -359,6 +398,17 @@ def federated_paradigm(setup: Setup) -> Built:
         callbacks.append(SecureFederatedEvaluation(every) if config.secagg.enabled
                          else FederatedEvaluation(every, metric=task.primary,
                                                   lower_is_better=task.lower_is_better()))
+    return Built(algorithm, transport, callbacks)
+
+
+@register_paradigm("swarm")
+def swarm_paradigm(setup: Setup) -> Built:
+    """Swarm learning over simulated peers and an in-process ledger (no aggregator); DP-SGD's
+    accounting per peer under ``privacy.mode = "sample"``."""
+    config = setup.config
+    algorithm, transport = build_swarm(config, setup.task, setup.dataset, setup.model)
+    callbacks: list[Any] = [cb for cb in [privacy.dp_callback(
+        config, algorithm, len(setup.dataset), setup.dataset.num_examples)] if cb is not None]
     return Built(algorithm, transport, callbacks)
 
 
@@ -501,7 +551,7 @@ def _run_one(paradigm: str, algorithm: Any, transport: Any, params0: Params, rou
         paradigm=paradigm, rounds=res.rounds, final=final,
         examples=math.fsum(h.get("train/examples", 0.0) for h in res.history),
         bytes=cost["bytes"]["total"], seconds=seconds, stopped=res.stopped, cost=cost,
-        privacy=(privacy.privacy_summary(config, res.history) if paradigm == "federated"
-                 else {}),
+        privacy=(privacy.privacy_summary(config, res.history)
+                 if paradigm in ("federated", "swarm") else {}),
         history=res.history)
     return result

@@ -69,6 +69,8 @@ def config_problems(config: Config) -> list[str]:
         out.append(task_problem)
     elif config.evaluation.primary:
         out += _primary_problems(config)
+    if config.paradigm == "swarm" and task_problem is None:
+        out += _swarm_size_problems(config, population)
     if config.paradigm == "federated":
         from .privacy.configure import privacy_problems
 
@@ -105,6 +107,8 @@ def _paradigm_problems(config: Config) -> list[str]:
     paradigm = config.paradigm
     if paradigm == "federated":
         return []
+    if paradigm == "swarm":
+        return _swarm_problems(config)
     out = []
     where = f"paradigm = \"{paradigm}\""
     if config.privacy.mode != "off":
@@ -129,6 +133,54 @@ def _paradigm_problems(config: Config) -> list[str]:
             f"config field 'federated.algorithm': {where} does not run "
             f"\"{config.federated.algorithm}\"; set federated.algorithm = \"fedavg\", or "
             "paradigm = \"federated\".")
+    return out
+
+
+def _swarm_problems(config: Config) -> list[str]:
+    """What swarm learning does not implement: it has no aggregator (no central or distributed
+    DP, no secure aggregation, no server optimizer, no coordinator-side clipping), every peer
+    takes part in every round, and it merges with ``swarm.merge``."""
+    f, out = config.federated, []
+    where = "paradigm = \"swarm\""
+    if config.privacy.mode in ("user", "distributed"):
+        out.append(
+            f"config field 'privacy.mode': {where} has no aggregator to add \"{config.privacy.mode}"
+            "\" noise to the merged model; set privacy.mode = \"sample\" (DP-SGD on every "
+            "peer) or \"off\", or paradigm = \"federated\".")
+    if config.secagg.enabled:
+        out.append(
+            f"config field 'secagg.enabled': {where} merges each peer's update by its hash "
+            "on the ledger; secure aggregation needs a coordinator. Set secagg.enabled = false, "
+            "or paradigm = \"federated\".")
+    defaults = {"algorithm": "fedavg", "reducer": "mean", "server_opt": "fedavg",
+                "clip_norm": 0.0, "sampling": "fixed", "executor": "sequential"}
+    use = {"reducer": "set swarm.merge instead"}
+    for name, default in defaults.items():
+        value = getattr(f, name)
+        if value != default:
+            out.append(
+                f"config field 'federated.{name}': {where} does not implement it, so "
+                f"federated.{name} = {value!r} would not be applied; "
+                f"{use.get(name, f'leave it at {default!r}')}.")
+    return out
+
+
+def _swarm_size_problems(config: Config, population: int) -> list[str]:
+    """Every peer takes part in every round; ``swarm.min_peers`` cannot exceed the peers."""
+    out = []
+    c, sw = config.federated.clients_per_round, config.swarm
+    if (c < population) if isinstance(c, int) else (c < 1):
+        out.append(
+            f"config field 'federated.clients_per_round': paradigm = \"swarm\" has every one "
+            f"of the {population} peers take part in every round, so clients_per_round = {c} "
+            f"would not be applied; set it to {population} (or more), and swarm.min_peers for "
+            "the fewest updates a round merges.")
+    if sw.min_peers > population:
+        out.append(
+            f"config field 'swarm.min_peers': {sw.min_peers} is more than the {population} "
+            f"peers of this task; set swarm.min_peers <= {population} (0: every peer).")
+    if sw.merge == "trimmed_mean" and not 0 <= sw.trim_beta < 0.5:
+        out.append(f"config field 'swarm.trim_beta': must be in [0, 0.5) (got {sw.trim_beta}).")
     return out
 
 

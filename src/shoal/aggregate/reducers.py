@@ -21,11 +21,13 @@ from ..tree import Params
 
 __all__ = [
     "CoordinateMedian",
+    "GeometricMedian",
     "Krum",
     "Reducer",
     "TrimmedMean",
     "WeightedMean",
     "coordinate_median",
+    "geometric_median",
     "krum",
     "multi_krum",
     "trimmed_mean",
@@ -171,6 +173,50 @@ class TrimmedMean(Reducer):
 def trimmed_mean(beta: float) -> TrimmedMean:
     """The coordinate-wise ``beta``-trimmed mean; see :class:`TrimmedMean`."""
     return TrimmedMean(beta)
+
+
+class GeometricMedian(Reducer):
+    """The weighted geometric median of the updates (RFA, Pillutla et al. 2022): the point
+    minimising ``sum_i w_i * ||z - x_i||``, found by the smoothed Weiszfeld algorithm —
+    ``z <- sum_i b_i x_i / sum_i b_i`` with ``b_i = w_i / max(eps, ||z - x_i||)`` — from the
+    weighted mean, for at most ``max_iter`` steps or until ``z`` moves less than ``tol``
+    (relative). Robust to fewer than half of the total weight being arbitrary. Computed in
+    float64 on the flattened updates, in the order given, so the same inputs in the same order
+    give the same bits."""
+
+    def __init__(self, max_iter: int = 100, eps: float = 1e-8, tol: float = 1e-7):
+        if max_iter < 1:
+            raise ConfigError(f"geometric_median: max_iter must be >= 1 (got {max_iter}).")
+        if not eps > 0 or not tol > 0:
+            raise ConfigError(f"geometric_median: eps and tol must be > 0 (got {eps}, {tol}).")
+        self.max_iter, self.eps, self.tol = int(max_iter), float(eps), float(tol)
+
+    def __repr__(self) -> str:
+        return "geometric_median()"
+
+    def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        self._check(updates, weights)
+        flat = torch.stack([tree.flatten(u)[0].double() for u in updates])  # (n, d)
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float64)  # (n,)
+        if not bool((w > 0).all()):
+            raise AggregationError(f"geometric_median: every weight must be > 0 (got "
+                                   f"{[float(x) for x in weights]}).")
+        z = (w[:, None] * flat).sum(0) / w.sum()  # (d,)
+        for _ in range(self.max_iter):
+            b = w / (flat - z).norm(dim=1).clamp_min(self.eps)
+            nxt = (b[:, None] * flat).sum(0) / b.sum()
+            moved = float((nxt - z).norm()) <= self.tol * max(1.0, float(z.norm()))
+            z = nxt
+            if moved:
+                break
+        _, spec = tree.flatten(updates[0])
+        out = tree.unflatten(z, spec)
+        return {k: v.to(updates[0][k].dtype) for k, v in out.items()}
+
+
+def geometric_median(max_iter: int = 100) -> GeometricMedian:
+    """The weighted geometric median (smoothed Weiszfeld); see :class:`GeometricMedian`."""
+    return GeometricMedian(max_iter)
 
 
 class Krum(Reducer):

@@ -1,0 +1,294 @@
+"""The ledger: append a signed entry, read a round's entries (verified), wait for new ones.
+
+A :class:`Ledger` sits on any :class:`~shoal.ledger.store.KeyValueStore` — etcd in deployment,
+:class:`~shoal.ledger.store.MemoryStore` in simulation — and trusts it for availability and
+order only. Everything it returns was checked against the enrolled devices' public keys
+(``ROOT/registry/``), and everything it refused is logged with the reason and kept in
+:attr:`Ledger.problems`:
+
+* an entry of a device that is not enrolled, or that was written after the device's revocation;
+* an entry under a key that does not match what it says (a device writing under another's
+  prefix, which etcd's RBAC also refuses), or of the wrong job, round or kind;
+* a signature that does not verify (a forged or altered entry);
+* an entry rewritten after it was written: its version is not 1, or its revision or content
+  changed since this ledger first read it (an administrator of the store can do that; Raft
+  cannot stop it, but the signatures and the chain make it visible);
+* a chain break: an entry whose ``prev`` is not the hash of its device's previous entry.
+
+:meth:`Ledger.audit` walks every device's whole chain of a job — what a newcomer or an auditor
+runs to check history nobody watched live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ShoalError
+from .entry import Entry, Signer, entry_hash, sign_entry, verify_entry
+from .keys import (
+    DEFAULT_ROOT,
+    entry_key,
+    peer_prefix,
+    registry_prefix,
+    revoked_prefix,
+    round_prefix,
+)
+from .store import KeyValueStore, Record
+
+__all__ = ["Enrolled", "Ledger", "LedgerError", "RoundView"]
+
+log = logging.getLogger(__name__)
+
+MAX_PROBLEMS = 1000
+"""Problems kept in :attr:`Ledger.problems` (the oldest go first; a hostile device cannot grow
+a peer's memory by writing bad entries)."""
+
+
+class LedgerError(ShoalError):
+    """An entry could not be written (it exists: entries are written once) or the ledger
+    refuses an operation."""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """An enrolled device: its public key, the revision of its enrollment, and the revision of
+    its revocation (``None`` while it is not revoked)."""
+
+    device: str
+    public_key: bytes
+    revision: int
+    revoked: int | None = None
+
+
+@dataclass
+class RoundView:
+    """A round's verified entries, read at store ``revision``: per kind, ``device -> (entry,
+    create revision)``."""
+
+    job: str
+    round: int
+    revision: int
+    updates: dict[str, tuple[Entry, int]] = field(default_factory=dict)
+    closes: dict[str, tuple[Entry, int]] = field(default_factory=dict)
+    merged: dict[str, tuple[Entry, int]] = field(default_factory=dict)
+
+    def of(self, kind: str) -> dict[str, tuple[Entry, int]]:
+        """The entries of ``kind``."""
+        return {"update": self.updates, "close": self.closes, "merged": self.merged}[kind]
+
+
+class Ledger:
+    """Signed, chained entries on a key-value store; see the module docstring.
+
+    Args:
+        store: the replicated store (etcd, or in-process).
+        root: the key prefix of this ledger.
+    """
+
+    def __init__(self, store: KeyValueStore, root: str = DEFAULT_ROOT):
+        self.store = store
+        self.root = root
+        self.problems: list[str] = []
+        self._said: set[str] = set()
+        self._seen: dict[str, tuple[int, str]] = {}  # key -> (create revision, entry hash)
+        self._heads: dict[tuple[str, str], tuple[int, str]] = {}  # (job, device) -> (seq, hash)
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.store!r}, root={self.root!r})"
+
+    # -- who may write --------------------------------------------------------------------
+
+    def enrolled(self) -> dict[str, Enrolled]:
+        """The enrolled devices (revoked ones included, with their revocation revision)."""
+        (reg, rev), _ = self.store.ranges([registry_prefix(self.root), revoked_prefix(self.root)])
+        revoked = {r.key.removeprefix(revoked_prefix(self.root)): r.create_revision for r in rev}
+        out: dict[str, Enrolled] = {}
+        for r in reg:
+            device = r.key.removeprefix(registry_prefix(self.root))
+            try:
+                d = json.loads(r.value)
+                key = bytes.fromhex(d["public_key"])
+                if d["device"] != device or len(key) != 32:
+                    raise ValueError("it names another device or holds no 32-byte key")
+            except (ValueError, KeyError, TypeError) as e:
+                self._problem(f"the registry record of {device!r} is malformed ({e}); the "
+                              "device is treated as not enrolled")
+                continue
+            out[device] = Enrolled(device, key, r.create_revision, revoked.get(device))
+        return out
+
+    def active(self) -> list[str]:
+        """The enrolled devices not revoked, sorted."""
+        return sorted(d for d, e in self.enrolled().items() if e.revoked is None)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def head(self, job: str, device: str) -> tuple[int, str]:
+        """``(seq, hash)`` of ``device``'s newest entry of ``job`` (``(0, "")`` for none),
+        read from the store the first time (a peer that restarts continues its chain)."""
+        if (job, device) not in self._heads:
+            (records,), _ = self.store.ranges([f"{peer_prefix(device, self.root)}{job}/"])
+            best = (0, "")
+            for r in records:
+                try:
+                    e = Entry.decode(r.value)
+                except ValueError:
+                    continue
+                if e.device == device and e.seq > best[0]:
+                    best = (e.seq, entry_hash(e))
+            self._heads[(job, device)] = best
+        return self._heads[(job, device)]
+
+    def append(self, entry: Entry, signer: Signer) -> Entry:
+        """Sign ``entry`` (its ``seq`` and ``prev`` set from its device's chain) and write it
+        once; the signed entry. :class:`LedgerError` when its key was written before."""
+        seq, prev = self.head(entry.job, entry.device)
+        signed = sign_entry(dataclasses.replace(entry, seq=seq + 1, prev=prev), signer)
+        key = entry_key(entry.device, entry.job, entry.round, entry.kind, self.root)
+        revision = self.store.create(key, signed.encode())
+        if revision is None:
+            raise LedgerError(f"ledger: {key!r} was already written; entries are written once "
+                              f"(device {entry.device!r} wrote its {entry.kind} entry of round "
+                              f"{entry.round} before).")
+        h = entry_hash(signed)
+        self._heads[(entry.job, entry.device)] = (signed.seq, h)
+        self._seen[key] = (revision, h)
+        return signed
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_round(self, job: str, round: int,
+                   devices: Sequence[str] | None = None) -> RoundView:
+        """The verified entries of ``job``'s ``round`` by ``devices`` (default: every enrolled
+        device), all read at one store revision."""
+        enrolled = self.enrolled()
+        names = sorted(enrolled) if devices is None else list(devices)
+        prefixes = [round_prefix(d, job, round, self.root) for d in names]
+        got, revision = self.store.ranges(prefixes) if prefixes else ([], 0)
+        view = RoundView(job, round, revision)
+        for device, records in zip(names, got, strict=True):
+            for r in records:
+                entry = self._verified(r, enrolled, job)
+                if entry is None:
+                    continue
+                if entry.round != round:
+                    self._problem(f"{r.key!r}: the entry says round {entry.round}, its key "
+                                  f"round {round}; refused")
+                    continue
+                view.of(entry.kind)[device] = (entry, r.create_revision)
+        return view
+
+    def _verified(self, r: Record, enrolled: Mapping[str, Enrolled], job: str) -> Entry | None:
+        """The entry in record ``r`` if it passes every check of the module docstring."""
+        rest = r.key.removeprefix(f"{self.root}/peers/")
+        parts = rest.split("/")
+        if len(parts) != 4 or rest == r.key:
+            self._problem(f"{r.key!r} is not an entry key; refused")
+            return None
+        device, key_job, _, kind = parts
+        who = enrolled.get(device)
+        if who is None:
+            self._problem(f"{r.key!r}: device {device!r} is not enrolled; entry refused")
+            return None
+        if who.revoked is not None and r.create_revision > who.revoked:
+            self._problem(f"{r.key!r}: device {device!r} was revoked (revision {who.revoked}) "
+                          f"before it wrote this entry (revision {r.create_revision}); refused")
+            return None
+        try:
+            entry = Entry.decode(r.value)
+        except ValueError as e:
+            self._problem(f"{r.key!r}: {e}; refused")
+            return None
+        if (entry.device, entry.job, entry.kind) != (device, key_job, kind) or key_job != job:
+            self._problem(f"{r.key!r}: the entry says device {entry.device!r}, job "
+                          f"{entry.job!r}, kind {entry.kind!r}, which is not its key (written "
+                          "under another device's prefix, or moved); refused")
+            return None
+        bad = verify_entry(entry, who.public_key)
+        if bad is not None:
+            self._problem(f"{r.key!r}: {bad} (forged or altered); refused")
+            return None
+        h = entry_hash(entry)
+        seen = self._seen.get(r.key)
+        if r.version != 1 or (seen is not None and seen != (r.create_revision, h)):
+            self._problem(f"{r.key!r} was rewritten after it was written (version {r.version}"
+                          + (f", first read at revision {seen[0]}" if seen else "")
+                          + "): an insider with write access to the store changed history; "
+                          "refused")
+            return None
+        self._seen.setdefault(r.key, (r.create_revision, h))
+        head = self._heads.get((job, device))
+        if head is not None and entry.seq == head[0] + 1:
+            if entry.prev != head[1]:
+                self._problem(f"{r.key!r}: its prev hash does not match {device!r}'s previous "
+                              "entry (the chain was broken: an entry was deleted, replaced or "
+                              "replayed); refused")
+                return None
+            self._heads[(job, device)] = (entry.seq, h)
+        elif head is None or entry.seq > head[0]:
+            self._heads[(job, device)] = (entry.seq, h)
+        return entry
+
+    def wait(self, job: str, revision: int, timeout: float) -> bool:
+        """Block until an entry is written after store ``revision`` (``True``) or ``timeout``
+        seconds pass (``False``)."""
+        del job  # every device's prefix holds the job; watch them all
+        return self.store.wait(f"{self.root}/peers/", revision, max(0.0, timeout))
+
+    def audit(self, job: str) -> list[str]:
+        """Check every enrolled device's whole chain of ``job`` (signatures, versions,
+        ``seq`` 1, 2, ... without gaps, ``prev`` links); the problems found (empty: intact)."""
+        enrolled = self.enrolled()
+        names = sorted(enrolled)
+        got, _ = self.store.ranges([f"{peer_prefix(d, self.root)}{job}/" for d in names])
+        found: list[str] = []
+        for device, records in zip(names, got, strict=True):
+            chain: list[tuple[Entry, Record]] = []
+            for r in records:
+                try:
+                    e = Entry.decode(r.value)
+                except ValueError as err:
+                    found.append(f"{r.key!r}: {err}")
+                    continue
+                bad = verify_entry(e, enrolled[device].public_key)
+                if bad is not None:
+                    found.append(f"{r.key!r}: {bad}")
+                elif r.version != 1:
+                    found.append(f"{r.key!r} was rewritten after it was written (version "
+                                 f"{r.version})")
+                elif e.device != device or e.job != job or not r.key.endswith("/" + e.kind):
+                    found.append(f"{r.key!r}: the entry does not match its key")
+                elif not r.key.startswith(round_prefix(device, job, e.round, self.root)):
+                    found.append(f"{r.key!r}: the entry says round {e.round}, not its key's")
+                else:
+                    chain.append((e, r))
+            chain.sort(key=lambda er: er[0].seq)
+            prev = ""
+            for i, (e, r) in enumerate(chain, start=1):
+                if e.seq != i:
+                    found.append(f"{device!r}'s chain of job {job!r} skips from entry {i - 1} "
+                                 f"to {e.seq} at {r.key!r} (an entry was deleted)")
+                    break
+                if e.prev != prev:
+                    found.append(f"{r.key!r}: its prev hash does not match {device!r}'s entry "
+                                 f"{i - 1} (an entry was replaced or replayed)")
+                    break
+                prev = entry_hash(e)
+        for p in found:
+            self._problem(p)
+        return found
+
+    def _problem(self, text: str) -> None:
+        if text in self._said:
+            return
+        self._said.add(text)
+        log.warning("ledger: %s", text)
+        self.problems.append(text)
+        if len(self.problems) > MAX_PROBLEMS:
+            gone = self.problems.pop(0)
+            self._said.discard(gone)
+
