@@ -56,6 +56,7 @@ from ..seeding import derive_seed
 from ..transport import Transport
 from ..tree import Params
 from ..types import ClientInfo
+from .cohort import Cohort
 from .fedavg import train_data
 from .influence import WeightCap, client_metrics
 
@@ -260,8 +261,10 @@ class SwarmPeer:
         has (its own), by device."""
         result = assemble(view, params, base, reducer=self.reducer, min_peers=self.min_peers,
                           weight_cap=self.weight_cap, fetch=self.blobs.fetch, own=own)
+        # The merged model is served too: a peer that rejoins fetches it by its hash.
+        endpoint = self.blobs.publish(blob_bytes(result.params))
         self.ledger.append(Entry(self.job, round, self.device, "merged", 0, blob=result.hash,
-                                 base=base, included=tuple(result.included),
+                                 base=base, included=tuple(result.included), endpoint=endpoint,
                                  reason=result.failed or ""), self.signer)
         return result
 
@@ -328,6 +331,7 @@ class Swarm:
         self.weight_cap = weight_cap
         self.seed = seed
         self.job = job
+        self.cohort = Cohort()  # every peer, every round (what DP accounting needs to know)
         self._params0: Params | None = None
 
     def __repr__(self) -> str:

@@ -199,3 +199,4 @@ def main() -> None:
 
 from . import dp as _dp  # noqa: E402,F401  (registers data-parallel, the torchrun entry)
 from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)
+from . import swarm as _swarm  # noqa: E402,F401  (registers shoal swarm ...)

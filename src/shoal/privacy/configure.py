@@ -21,7 +21,6 @@ from typing import Any
 from torch import nn
 
 from ..algorithms.cohort import Cohort
-from ..algorithms.fedavg import FedAvg
 from ..client import LossFn, OptimizerFn
 from ..config import Config
 from ..errors import ConfigError
@@ -304,11 +303,12 @@ def dp_stage(config: Config, cohort: Cohort, noise_multiplier: float, population
                          reproducible=p.reproducible)
 
 
-def dp_callback(config: Config, algorithm: FedAvg, population: int,
+def dp_callback(config: Config, algorithm: Any, population: int,
                 num_examples: Callable[[str], int]) -> PrivacyAccounting | None:
     """The accounting callback (``dp/epsilon`` every round; the budget) of ``algorithm``, a
-    FedAvg built with :func:`dp_client_update` or :func:`dp_stage`; it accounts the very
-    cohort sampling and seed the algorithm uses."""
+    FedAvg built with :func:`dp_client_update` or :func:`dp_stage` (or a swarm whose peers
+    run DP-SGD); it accounts the very cohort sampling and seed the algorithm uses (its
+    ``client_update``, ``cohort``, ``seed`` and ``pipeline``)."""
     p = config.privacy
     if p.mode == "off":
         return None

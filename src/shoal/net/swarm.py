@@ -1,0 +1,280 @@
+"""``shoal swarm join``: one swarm peer, deployed — etcd for the ledger, its own blob server.
+
+A :class:`SwarmNode` runs the same :class:`~shoal.algorithms.swarm.SwarmPeer` as the
+simulation, built from the same config (:func:`shoal.experiment.build_swarm` supplies the
+client update, the merge and the weight caps), with the deployment's pieces underneath:
+
+* the ledger on an etcd cluster (:class:`~shoal.ledger.etcd.EtcdStore`, mutual TLS, the
+  certificate enrollment issued; etcd's RBAC lets it write under its own prefix only);
+* its updates and merged models as content-addressed blobs in a bounded
+  :class:`~shoal.ledger.blobs.BlobStore`, mirrored to ``blob_dir`` so a restarted peer serves
+  them again, and served by a :class:`~shoal.ledger.blobs.BlobServer` (mutual TLS; a device
+  that is not enrolled, or revoked, on the ledger is refused);
+* its peers' blobs fetched with a :class:`~shoal.ledger.blobs.BlobClient` and used only when
+  their SHA-256 is the one their signed entry names.
+
+A peer that starts (or restarts after a crash or a cut) catches up from the ledger: it takes
+the newest round that peers merged, adopts the merged model most of them recorded (fetched by
+its hash from one of them and checked), and continues with the next round. It does the same
+at the start of every round when its own merged model was not the majority's (it is flagged in
+the log). A round it had already published in is not published again (entries are written
+once); it merges with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from .. import tree
+from ..algorithms.swarm import SwarmPeer, model_hash
+from ..config import Config
+from ..data.tasks import load_task
+from ..errors import ConfigError, TransportError
+from ..experiment import build_swarm, initial_params, make_dataset, resolve_config
+from ..ledger.blobs import BlobClient, BlobServer, BlobStore, blob_hash, blob_params
+from ..ledger.enroll import SwarmIdentity
+from ..ledger.entry import Entry
+from ..ledger.etcd import EtcdStore
+from ..ledger.ledger import Ledger
+from ..tree import Params
+from .clientdata import load_client_data
+from .deploy import refuse_reproducible
+
+__all__ = ["PeerBlobs", "SwarmNode", "SwarmOutcome"]
+
+log = logging.getLogger(__name__)
+
+ALLOWED_CACHE_S = 2.0
+"""How long the blob server trusts its last read of who is enrolled and not revoked."""
+
+
+class PeerBlobs:
+    """A deployed peer's :class:`~shoal.algorithms.swarm.BlobAccess`: its own blob server
+    (``publish`` returns its advertised address) and a client for its peers'."""
+
+    def __init__(self, store: BlobStore, client: BlobClient, address: str,
+                 blob_dir: Path | None = None):
+        self.store = store
+        self.client = client
+        self.address = address
+        self.blob_dir = blob_dir
+        if blob_dir is not None:
+            blob_dir.mkdir(parents=True, exist_ok=True)
+            for f in sorted(blob_dir.glob("*.blob")):
+                data = f.read_bytes()
+                if blob_hash(data) == f.stem:  # a torn or altered file is not served
+                    store.put(data)
+
+    def publish(self, data: bytes) -> str:
+        """Keep ``data`` (in memory and in ``blob_dir``); where peers fetch it."""
+        sha = self.store.put(data)
+        if self.blob_dir is not None:
+            path = self.blob_dir / f"{sha}.blob"
+            if not path.exists():
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+        return self.address
+
+    def keep(self, shas: set[str]) -> None:
+        """Keep only the blobs ``shas`` on disk and pinned in memory (older ones may go)."""
+        self.store.keep(shas)
+        if self.blob_dir is not None:
+            for f in self.blob_dir.glob("*.blob"):
+                if f.stem not in shas:
+                    f.unlink(missing_ok=True)
+
+    def fetch(self, entry: Entry) -> bytes:
+        """The blob ``entry`` names, from its author's endpoint (or our own store)."""
+        own = self.store.get(entry.blob)
+        if own is not None:
+            return own
+        return self.client.fetch(entry.endpoint, entry.blob)
+
+
+@dataclass
+class SwarmOutcome:
+    """How a peer's run ended: rounds done, the final model's hash, and per round what it
+    merged (``history``: round, hash, included, failed, mismatches, train metrics)."""
+
+    rounds: int
+    hash: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SwarmNode:
+    """One deployed swarm peer; see the module docstring.
+
+    Args:
+        config: the job (``paradigm = "swarm"``; ``[swarm]`` names the etcd endpoints).
+        device: this peer's enrolled id.
+        data: its examples (``.npz``, as ``shoal split`` writes them).
+        identity: what ``shoal swarm enroll`` gave it (default: from ``swarm.identity_dir``).
+        out: where it writes ``metrics.jsonl``, ``model.safetensors`` and its ``blobs/``.
+    """
+
+    def __init__(self, config: Config, device: str, data: str | Path, *,
+                 identity: SwarmIdentity | None = None, out: str | Path | None = None,
+                 listen: str | None = None):
+        if config.paradigm != "swarm":
+            raise ConfigError(f"swarm join: the config's paradigm is {config.paradigm!r}; "
+                              "set paradigm = \"swarm\".")
+        refuse_reproducible(config, "swarm join")
+        sw = config.swarm
+        if not sw.endpoints:
+            raise ConfigError("config field 'swarm.endpoints': empty; list the etcd members' "
+                              "client addresses, e.g. [\"10.0.0.1:2379\", \"10.0.0.2:2379\", "
+                              "\"10.0.0.3:2379\"].")
+        if identity is None:
+            if not sw.identity_dir:
+                raise ConfigError("config field 'swarm.identity_dir': empty; set it to the "
+                                  "directory `shoal swarm enroll` wrote this device's files to.")
+            identity = SwarmIdentity.load(sw.identity_dir, device)
+        task = load_task(config.task.name, **config.task.options)
+        config = resolve_config(config, task)
+        model, self.params0 = initial_params(config, task)
+        swarm, _ = build_swarm(config, task, make_dataset(config, task), model)
+        self.config, self.device, self.identity = config, device, identity
+        self.data = load_client_data(data)
+        self.out = Path(out) if out is not None else None
+        self.ledger = Ledger(EtcdStore(sw.endpoints, identity.tls))
+        self.store = BlobStore()
+        host, _, port = (listen or sw.listen).rpartition(":")
+        crl = identity.tls.ca.parent / "crl.pem"
+        self.server = BlobServer(self.store, identity.tls, host=host or "127.0.0.1",
+                                 port=int(port or 0), crl=crl if crl.is_file() else None,
+                                 allowed=self._allowed)
+        address = sw.advertise or self.server.address
+        self.client = BlobClient(identity.tls)
+        self.blobs = PeerBlobs(self.store, self.client, address,
+                               self.out / "blobs" if self.out is not None else None)
+        self.peer = SwarmPeer(device, identity.signer(), self.ledger, self.blobs,
+                              swarm.client_update, reducer=swarm.reducer, job=sw.job,
+                              min_peers=sw.min_peers or max(1, len(self.ledger.active())),
+                              close_timeout=sw.close_timeout_s, weight_cap=swarm.weight_cap,
+                              seed=config.seed)
+        self._active: tuple[float, set[str]] = (0.0, set())
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SwarmNode({self.device!r}, blobs at {self.blobs.address})"
+
+    def _allowed(self, node_id: str) -> str | None:
+        """Why ``node_id`` may not fetch our blobs (not enrolled, or revoked), or ``None``."""
+        with self._lock:
+            at, active = self._active
+            if time.monotonic() - at > ALLOWED_CACHE_S:
+                active = set(self.ledger.active())
+                self._active = (time.monotonic(), active)
+        return None if node_id in active else (f"{node_id!r} is not an enrolled, unrevoked "
+                                               "device of this swarm's ledger")
+
+    def close(self) -> None:
+        """Stop the blob server and close the connections."""
+        self.server.stop()
+        self.client.close()
+        self.ledger.store.close()
+
+    def __enter__(self) -> SwarmNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- catching up -----------------------------------------------------------------------
+
+    def _latest_merged(self) -> tuple[int, Entry | None]:
+        """The newest round with merged entries and its majority entry (:func:`_majority`);
+        ``(0, None)`` for none."""
+        r, found = 0, None
+        while (view := self.ledger.read_round(self.peer.job, r + 1)).merged:
+            r, found = r + 1, _majority(view.merged)
+        return r, found
+
+    def _adopt(self, entry: Entry, template: Params) -> Params:
+        """The merged model ``entry`` names, from one of the peers that hold it."""
+        view = self.ledger.read_round(self.peer.job, entry.round)
+        holders = [e for _, (e, _) in sorted(view.merged.items()) if e.blob == entry.blob]
+        problems = []
+        for e in holders:
+            try:
+                data = self.blobs.fetch(e)
+            except TransportError as err:
+                problems.append(f"{e.device}: {err}")
+                continue
+            if blob_hash(data) == entry.blob:
+                self.blobs.publish(data)
+                return blob_params(data, template)
+            problems.append(f"{e.device}: its blob's hash differs")
+        raise TransportError(f"swarm: no peer serves the merged model {entry.blob[:12]} of round "
+                             f"{entry.round} ({'; '.join(problems) or 'none holds it'}).")
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, rounds: int | None = None, stop: threading.Event | None = None) -> SwarmOutcome:
+        """Take part in rounds until ``rounds`` (default ``federated.rounds``) are merged, or
+        ``stop`` is set."""
+        rounds = rounds or self.config.federated.rounds
+        params, base = tree.clone(self.params0), model_hash(self.params0)
+        done, latest = self._latest_merged()
+        if latest is not None:
+            log.info("swarm: %s catches up to round %d (model %s)", self.device, done,
+                     latest.blob[:12])
+            params, base = self._adopt(latest, params), latest.blob
+        outcome = SwarmOutcome(done, base)
+        for r in range(done + 1, rounds + 1):
+            if stop is not None and stop.is_set():
+                break
+            if r > 1:  # were we the odd one out last round? then take the majority's model
+                last = _majority(self.ledger.read_round(self.peer.job, r - 1).merged)
+                if last is not None and last.blob != base:
+                    log.warning("swarm round %d: our merged model %s is not the one most peers "
+                                "recorded (%s); adopting theirs", r - 1, base[:12],
+                                last.blob[:12])
+                    params, base = self._adopt(last, params), last.blob
+            view = self.ledger.read_round(self.peer.job, r)
+            row: dict[str, Any] = {"round": r}
+            if self.device not in view.updates and not view.closes:
+                row.update(self.peer.train(params, base, self.data.train, r).metrics)
+            view = self.peer.wait_close(r, base)
+            result = self.peer.merge(r, params, base, view)
+            row.update({"hash": result.hash, "included": result.included,
+                        "failed": result.failed, "refused": result.refused,
+                        "mismatches": sorted(self.peer.mismatches(r, result.hash))})
+            params, base = result.params, result.hash
+            self.blobs.keep({base} | {e.blob for e, _ in view.updates.values()
+                                      if e.device == self.device})
+            outcome.rounds, outcome.hash = r, base
+            outcome.history.append(row)
+            self._record(row)
+        if self.out is not None:
+            save_file({k: v.contiguous() for k, v in params.items()},
+                      str(self.out / "model.safetensors"))
+        self.params = params
+        return outcome
+
+    def _record(self, row: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _majority(merged: dict[str, tuple[Entry, int]]) -> Entry | None:
+    """The merged entry whose model hash most peers recorded (ties: the first device in
+    sorted order); ``None`` when no merged entry names a model (failed rounds keep theirs)."""
+    votes = Counter(e.blob for e, _ in merged.values() if e.blob)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return next(e for _, (e, _) in sorted(merged.items()) if votes.get(e.blob) == best)
