@@ -190,4 +190,4 @@ def test_entry_hash_chain_links_each_device_entries():
     chain = sorted((Entry.decode(r.value) for r in recs), key=lambda e: e.seq)
     assert [e.seq for e in chain] == list(range(1, len(chain) + 1))
     assert chain[0].prev == ""
-    assert all(b.prev == entry_hash(a) for a, b in zip(chain, chain[1:]))
+    assert all(b.prev == entry_hash(a) for a, b in zip(chain, chain[1:], strict=False))

@@ -92,10 +92,13 @@ def swarm_enroll(
 
     Issues its certificate and Ed25519 signing key, creates its etcd user and role (it may
     write under its own prefix only) and records its public key in the ledger's registry."""
+    import shutil
+
     ident = _registrar(ca, endpoints, registrar).enroll(
         device, out, hosts=tuple(host or ("127.0.0.1", "localhost")))
+    shutil.copyfile(ca / "crl.pem", out / "crl.pem")  # the blob server's revocation list
     console.print(f"enrolled {device}: {ident.tls.key}, {ident.tls.cert}, {ident.tls.ca}, "
-                  f"{ident.signing_key}; copy them to the device's swarm.identity_dir over a "
+                  f"{ident.signing_key}, {out / 'crl.pem'}; copy them to the device's swarm.identity_dir over a "
                   "secure channel.", soft_wrap=True)
 
 

@@ -40,7 +40,7 @@ from ..config import Config
 from ..data.tasks import load_task
 from ..errors import ConfigError, TransportError
 from ..experiment import build_swarm, initial_params, make_dataset, resolve_config
-from ..ledger.blobs import BlobClient, BlobServer, BlobStore, blob_hash, blob_params
+from ..ledger.blobs import BlobClient, BlobError, BlobServer, BlobStore, blob_hash, blob_params
 from ..ledger.enroll import SwarmIdentity
 from ..ledger.entry import Entry
 from ..ledger.etcd import EtcdStore
@@ -62,11 +62,12 @@ class PeerBlobs:
     (``publish`` returns its advertised address) and a client for its peers'."""
 
     def __init__(self, store: BlobStore, client: BlobClient, address: str,
-                 blob_dir: Path | None = None):
+                 blob_dir: Path | None = None, patience: float = 0.0):
         self.store = store
         self.client = client
         self.address = address
         self.blob_dir = blob_dir
+        self.patience = patience
         if blob_dir is not None:
             blob_dir.mkdir(parents=True, exist_ok=True)
             for f in sorted(blob_dir.glob("*.blob")):
@@ -94,11 +95,24 @@ class PeerBlobs:
                     f.unlink(missing_ok=True)
 
     def fetch(self, entry: Entry) -> bytes:
-        """The blob ``entry`` names, from its author's endpoint (or our own store)."""
+        """The blob ``entry`` names, from its author's endpoint (or our own store). A peer
+        out of reach is tried again for up to ``patience`` seconds (it may be restarting: it
+        serves its blobs again from its ``blob_dir``); a refusal, a wrong hash or a missing
+        blob is final."""
         own = self.store.get(entry.blob)
         if own is not None:
             return own
-        return self.client.fetch(entry.endpoint, entry.blob)
+        deadline, wait = time.monotonic() + self.patience, 0.1
+        while True:
+            try:
+                return self.client.fetch(entry.endpoint, entry.blob)
+            except BlobError:
+                raise
+            except TransportError:
+                if time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
+                wait = min(2 * wait, 2.0)
 
 
 @dataclass
@@ -156,7 +170,8 @@ class SwarmNode:
         address = sw.advertise or self.server.address
         self.client = BlobClient(identity.tls)
         self.blobs = PeerBlobs(self.store, self.client, address,
-                               self.out / "blobs" if self.out is not None else None)
+                               self.out / "blobs" if self.out is not None else None,
+                               patience=sw.close_timeout_s)
         self.peer = SwarmPeer(device, identity.signer(), self.ledger, self.blobs,
                               swarm.client_update, reducer=swarm.reducer, job=sw.job,
                               min_peers=sw.min_peers or max(1, len(self.ledger.active())),
@@ -256,11 +271,23 @@ class SwarmNode:
             outcome.rounds, outcome.hash = r, base
             outcome.history.append(row)
             self._record(row)
+        self._linger(outcome.rounds)
         if self.out is not None:
             save_file({k: v.contiguous() for k, v in params.items()},
                       str(self.out / "model.safetensors"))
         self.params = params
         return outcome
+
+    def _linger(self, round: int) -> None:
+        """Keep serving our blobs until every active peer has merged ``round`` (or
+        ``close_timeout_s`` passes): a peer that leaves first must not leave the slower ones
+        without its update."""
+        deadline = time.monotonic() + self.config.swarm.close_timeout_s
+        while round > 0:
+            view = self.ledger.read_round(self.peer.job, round)
+            if set(self.ledger.active()) <= set(view.merged) or time.monotonic() >= deadline:
+                return
+            self.ledger.wait(self.peer.job, view.revision, max(0.0, deadline - time.monotonic()))
 
     def _record(self, row: dict[str, Any]) -> None:
         if self.out is None:
