@@ -12,6 +12,14 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
     || echo "setup: could not install dataset-fashion-mnist; the fashion_mnist task will say how to get it" >&2
 fi
 
+# etcd for the swarm ledger (shoal.ledger.etcd; its tests start a local 3-member cluster).
+if [ ! -x /usr/bin/etcd ] && ! command -v etcd >/dev/null \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q etcd-server >/dev/null \
+    || (apt-get update -q >/dev/null && apt-get install -y -q etcd-server >/dev/null) \
+    || echo "setup: could not install etcd-server; the etcd ledger tests will be skipped (install etcd 3.4+ and put it on PATH)" >&2
+fi
+
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 # torch==2.13.0 first: it is the CPU build on this disk. The package itself asks for torch>=2.4,
