@@ -5,14 +5,17 @@ Each round every peer (:class:`SwarmPeer`, the same code in simulation and deplo
 1. trains its ``ClientUpdate`` from the model it holds, keeps the update as a content-addressed
    blob and appends an ``"update"`` entry (the blob's SHA-256, the hash of the model it trained
    from, its weight, its metrics, where the blob is served) to the ledger;
-2. waits until every active peer has published — or, after ``close_timeout`` seconds, for at
-   least ``min_peers`` — and then appends a ``"close"`` entry unless one exists. The earliest
-   close (by the store's revision, which every reader agrees on) decides the round: it merges
-   the valid updates written before that close and trained from the round's model. A round with
-   fewer than ``min_peers`` such updates fails and leaves the model unchanged; the ledger keeps
-   the close that says so;
-3. fetches each included blob from the peer that serves it, uses it only if its SHA-256 is the
-   one its signed entry names, and merges the updates in one fixed order (sorted device ids)
+2. waits until every active peer has published (then the first active peer in sorted order
+   closes the round at once; the others after a grace, should it be down) — or until
+   ``close_timeout`` seconds pass (then any peer closes it). The closer first fetches and
+   checks every published update's blob, and its ``"close"`` entry lists those it holds. The
+   earliest close (by the store's revision, which every reader agrees on) decides the round: it
+   merges the updates it lists that were trained from the round's model. A round with fewer
+   than ``min_peers`` fails and leaves the model unchanged; the ledger keeps the close that says
+   so;
+3. fetches each included blob from the peer that made it — or, when that peer is gone, from the
+   closer, which holds them all — uses it only if its SHA-256 is the one its signed entry
+   names, and merges the updates in one fixed order (sorted device ids)
    with the reducer — weighted mean (weights capped as in FedAvg), coordinate median, trimmed
    mean or geometric median — so every honest peer computes the bit-identical model, whose hash
    it records in a ``"merged"`` entry. A peer whose merged hash differs is flagged.
@@ -31,6 +34,7 @@ another is flagged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,6 +71,10 @@ log = logging.getLogger(__name__)
 
 TRAIN, MERGE, BLOB = "swarm.train", "swarm.merge", "swarm.blob"
 
+CLOSER_GRACE_S = 2.0
+"""How long the other peers leave the first active peer (sorted) to close a round in which
+every active peer published, before they close it themselves."""
+
 
 def model_hash(params: Params) -> str:
     """The SHA-256 of ``params``' canonical blob (what entries name as ``base``)."""
@@ -74,9 +82,12 @@ def model_hash(params: Params) -> str:
 
 
 class BlobAccess(Protocol):
-    """How a peer keeps its blobs and gets its peers': ``publish(data) -> endpoint`` (where
-    others fetch it) and ``fetch(entry) -> bytes`` (the blob ``entry`` names, from its
-    author's endpoint; the caller checks the hash)."""
+    """How a peer keeps its blobs and gets its peers': ``publish(data) -> endpoint`` (keep and
+    serve it; where others fetch it), ``address`` (that endpoint) and ``fetch(entry) -> bytes``
+    (the blob ``entry`` names, from our own store or the entry's endpoint; the caller checks
+    the hash)."""
+
+    address: str
 
     def publish(self, data: bytes) -> str: ...
 
@@ -98,15 +109,21 @@ class MergeResult:
 
 def decide_round(view: RoundView, base: str) -> tuple[Entry | None, list[str], dict[str, str]]:
     """The round's decision from ``view``: the earliest close (``None``: not closed yet), the
-    devices whose updates it merges (sorted), and the updates it leaves out, with why."""
+    devices whose updates it merges (sorted) — those the close lists, each with a valid update
+    entry written before the close and trained from ``base`` — and the updates it leaves out,
+    with why."""
     if not view.closes:
         return None, [], {}
     device, (close, at) = min(view.closes.items(), key=lambda kv: (kv[1][1], kv[0]))
+    listed = set(close.included)
     included: list[str] = []
     left: dict[str, str] = {}
     for d, (e, rev) in sorted(view.updates.items()):
         if rev > at:
             left[d] = f"published after the round was closed by {device!r}"
+        elif d not in listed:
+            left[d] = (f"not in {device!r}'s close (its blob could not be fetched and checked "
+                       "when the round closed)")
         elif e.base != base:
             left[d] = f"trained from another model ({e.base[:12]}, not {base[:12]})"
         elif not e.blob:
@@ -135,7 +152,7 @@ def assemble(view: RoundView, params: Params, base: str, *, reducer: Reducer,
         entry = view.updates[d][0]
         got = own.get(d) if own else None
         if got is None:
-            got = _fetched(entry, params, fetch, refused)
+            got = _fetched(entry, params, fetch, refused, close)
         if got is None:
             continue
         weight = entry.examples
@@ -160,10 +177,17 @@ def assemble(view: RoundView, params: Params, base: str, *, reducer: Reducer,
 
 
 def _fetched(entry: Entry, template: Params, fetch: Callable[[Entry], bytes],
-             refused: dict[str, str]) -> Params | None:
-    """The update ``entry`` names, if its blob can be fetched, matches its hash and fits."""
+             refused: dict[str, str], close: Entry) -> Params | None:
+    """The update ``entry`` names, if its blob can be fetched — from its author, else from
+    the peer that closed the round (which fetched it before closing) — matches its hash and
+    fits."""
     try:
-        data = fetch(entry)
+        try:
+            data = fetch(entry)
+        except Exception:  # noqa: BLE001 - the author may be gone; the closer holds a copy
+            if not close.endpoint or close.device == entry.device:
+                raise
+            data = fetch(dataclasses.replace(entry, endpoint=close.endpoint))
     except Exception as e:  # noqa: BLE001 - a peer's failure is its own; the round goes on
         refused[entry.device] = f"its blob could not be fetched ({e})"
     else:
@@ -231,28 +255,61 @@ class SwarmPeer:
             self.job, round, self.device, "update", 0, blob=blob_hash(blob), base=base,
             examples=float(result.weight), metrics=metrics, endpoint=endpoint), self.signer)
 
-    def wait_close(self, round: int, base: str, wait_s: float | None = None) -> RoundView:
+    def wait_close(self, round: int, base: str, wait_s: float | None = None,
+                   seen: Callable[[RoundView], None] | None = None) -> RoundView:
         """Wait until the round is closed (closing it when every active peer has published,
         or when ``wait_s`` — default ``close_timeout`` — has passed); the view that holds the
-        deciding close."""
+        deciding close. ``seen(view)`` is called with every view read while waiting (a
+        deployed peer fetches the updates published so far meanwhile)."""
         deadline = time.monotonic() + (self.close_timeout if wait_s is None else wait_s)
+        everyone: float | None = None  # when we first saw every active peer published
+        view = self.ledger.read_round(self.job, round)
         while True:
-            view = self.ledger.read_round(self.job, round)
             if view.closes:
                 return view
-            active = self.ledger.active()
+            active = view.active
             ready = [d for d, (e, _) in view.updates.items() if e.base == base]
-            left = deadline - time.monotonic()
-            if set(active) <= set(view.updates) or left <= 0:
+            now = time.monotonic()
+            left = deadline - now
+            if set(active) <= set(view.updates) and everyone is None:
+                everyone = now
+            # One close is enough: the first active peer in sorted order writes it at once,
+            # the others only if it has not after CLOSER_GRACE_S (it may be down).
+            if left <= 0 or (everyone is not None and (
+                    self.device == min(active, default="") or now - everyone >= CLOSER_GRACE_S)):
                 reason = (f"all {len(active)} active peers published" if left > 0 else
                           f"timeout: {len(ready)} of {len(active)} active peers published "
                           f"within {self.close_timeout:g} s")
-                if self.device not in view.closes:
-                    self.ledger.append(Entry(self.job, round, self.device, "close", 0,
-                                             base=base, included=tuple(sorted(ready)),
-                                             reason=reason), self.signer)
+                # The close lists the updates this peer holds and checked: it serves them to
+                # the others, should their authors be gone, so every peer merges the same set.
+                have = tuple(d for d in sorted(ready) if self._obtain(view.updates[d][0]))
+                self.ledger.append(Entry(self.job, round, self.device, "close", 0, base=base,
+                                         included=have, reason=reason,
+                                         endpoint=self.blobs.address), self.signer)
+                view = self.ledger.read_round(self.job, round)
                 continue
-            self.ledger.wait(self.job, view.revision, min(left, 5.0))
+            if seen is not None:  # only now: a close to write goes first
+                seen(view)
+            wake = left if everyone is None else CLOSER_GRACE_S - (now - everyone)
+            # Follow the round's new entries as the store announces them (no re-reading).
+            self.ledger.follow(view, max(0.0, min(wake, left, 5.0)))
+
+    def _obtain(self, entry: Entry) -> bool:
+        """Fetch ``entry``'s blob, check its hash and keep it (to serve it); whether that
+        worked."""
+        try:
+            data = self.blobs.fetch(entry)
+        except Exception as e:  # noqa: BLE001 - left out of the close, with the reason logged
+            log.warning("swarm round %d: %s's blob could not be fetched (%s); it is left out of "
+                        "the round", entry.round, entry.device, e)
+            return False
+        if blob_hash(data) != entry.blob:
+            log.warning("swarm round %d: %s: its blob's SHA-256 is %s, not the %s its signed "
+                        "entry names; refused", entry.round, entry.device, blob_hash(data)[:12],
+                        entry.blob[:12])
+            return False
+        self.blobs.publish(data)
+        return True
 
     def merge(self, round: int, params: Params, base: str, view: RoundView,
               own: Mapping[str, Params] | None = None) -> MergeResult:
@@ -267,15 +324,6 @@ class SwarmPeer:
                                  base=base, included=tuple(result.included), endpoint=endpoint,
                                  reason=result.failed or ""), self.signer)
         return result
-
-    def mismatches(self, round: int, merged_hash: str) -> dict[str, str]:
-        """Peers whose recorded merged model of ``round`` differs from ``merged_hash``."""
-        view = self.ledger.read_round(self.job, round)
-        out = {d: e.blob for d, (e, _) in view.merged.items() if e.blob != merged_hash}
-        for d, h in out.items():
-            log.warning("swarm round %d: %s's merged model %s differs from ours %s", round, d,
-                        h[:12], merged_hash[:12])
-        return out
 
 
 # -- simulation -------------------------------------------------------------------------------
@@ -295,12 +343,15 @@ class _SimBlobs:
         self.context = context
         self.round = round
         self.store: dict[str, bytes] = context.state.setdefault("swarm.blobs", {})
+        self.address = context.node_id
 
     def publish(self, data: bytes) -> str:
         self.store[blob_hash(data)] = data
-        return self.context.node_id
+        return self.address
 
     def fetch(self, entry: Entry) -> bytes:
+        if entry.blob in self.store:
+            return self.store[entry.blob]
         peers = self.context.peers
         if peers is None:
             raise ConfigError("swarm: this transport gives nodes no link to their peers")

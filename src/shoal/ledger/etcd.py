@@ -117,6 +117,12 @@ class _Member:
     auth: Any
 
 
+def _record(kv: Any) -> Record:
+    """A store record from etcd's ``mvccpb.KeyValue``."""
+    return Record(kv.key.decode(), bytes(kv.value), int(kv.create_revision),
+                  int(kv.mod_revision), int(kv.version))
+
+
 class EtcdStore:
     """The ledger's :class:`~shoal.ledger.store.KeyValueStore` on an etcd cluster.
 
@@ -306,13 +312,34 @@ class EtcdStore:
                         f"etcd: more than max_records={self.max_records} records under "
                         f"{p!r} ({rr.count}); the ledger refuses to read a truncated prefix. "
                         "Read narrower prefixes or raise EtcdStore(max_records=...).")
-                out.append([Record(kv.key.decode(), bytes(kv.value), int(kv.create_revision),
-                                   int(kv.mod_revision), int(kv.version)) for kv in rr.kvs])
+                out.append([_record(kv) for kv in rr.kvs])
         return out, revision
 
-    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
-        """Block until a key under ``prefix`` is written after ``revision`` (``True``) or
-        ``timeout`` seconds pass (``False``); see :class:`~shoal.ledger.store.KeyValueStore`.
+    def wait(self, prefix: str, revision: int, timeout: float,
+             match: Callable[[str], bool] | None = None) -> bool:
+        """:meth:`watch`, saying only whether something was written (``True``) — or, when the
+        start revision was compacted away, may have been."""
+        got = self._watch(prefix, revision, timeout, match)
+        return got is None or bool(got)
+
+    def watch(self, prefix: str, revision: int, timeout: float,
+              match: Callable[[str], bool] | None = None) -> list[Record]:
+        """The records under ``prefix`` that ``match`` accepts, written after ``revision``:
+        the first batch a watch delivers (in revision order), or ``[]`` when ``timeout``
+        passes first; see :class:`~shoal.ledger.store.KeyValueStore`. A start revision etcd
+        compacted away gives a fresh read of the prefix instead."""
+        got = self._watch(prefix, revision, timeout, match)
+        if got is None:  # compacted: whatever is there now
+            (records,), _ = self.ranges([prefix])
+            return [r for r in records if r.mod_revision > revision
+                    and (match is None or match(r.key))]
+        return got
+
+    def _watch(self, prefix: str, revision: int, timeout: float,
+               match: Callable[[str], bool] | None) -> list[Record] | None:
+        """Block until a key under ``prefix`` (and, given ``match``, one it accepts) is written
+        after ``revision`` (``True``) or ``timeout`` seconds pass (``False``); see
+        :class:`~shoal.ledger.store.KeyValueStore`.
 
         A watch stream on the prefix from ``revision + 1`` (puts only), cancelled when it
         returns; a member that fails mid-watch hands over to the next. A start revision etcd
@@ -320,12 +347,12 @@ class EtcdStore:
         no member could be watched at all, a :class:`TransportError`."""
         p = prefix.encode()
         if timeout <= 0:
-            def count(m: _Member, t: float, retried: bool) -> bool:
-                # (count_only would count before the min_mod_revision filter)
+            def count(m: _Member, t: float, retried: bool) -> list[Record]:
                 r = m.kv.Range(rpc_pb2.RangeRequest(
-                    key=p, range_end=prefix_end(p), keys_only=True, limit=1,
+                    key=p, range_end=prefix_end(p), limit=self.max_records,
                     min_mod_revision=revision + 1), timeout=t, metadata=_REQUIRE_LEADER)
-                return len(r.kvs) > 0
+                return [_record(kv) for kv in r.kvs
+                        if match is None or match(kv.key.decode(errors="replace"))]
             return self._call("watch", prefix, count, timeout=self.timeout)
         deadline = time.monotonic() + timeout
         create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
@@ -333,7 +360,7 @@ class EtcdStore:
             filters=[rpc_pb2.WatchCreateRequest.NODELETE]))
         watched = False
 
-        def watch(m: _Member, t: float, retried: bool) -> bool:
+        def watch(m: _Member, t: float, retried: bool) -> list[Record] | None:
             nonlocal watched
             done = threading.Event()
 
@@ -342,13 +369,13 @@ class EtcdStore:
                 done.wait()  # keep the stream open until we are done with it
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return False
+                return []
             call = m.watch.Watch(requests(), timeout=remaining, metadata=_REQUIRE_LEADER)
             try:
                 for resp in call:
                     if resp.canceled:
                         if resp.compact_revision:
-                            return True
+                            return None
                         reason = resp.cancel_reason or "cancelled by the member"
                         if "permission denied" in reason:
                             raise LedgerAccessError(
@@ -360,11 +387,13 @@ class EtcdStore:
                                              f"{m.endpoint} was cancelled ({reason}).")
                     if resp.created:
                         watched = True
-                    if resp.events:
-                        return True
+                    got = [_record(ev.kv) for ev in resp.events
+                           if match is None or match(ev.kv.key.decode(errors="replace"))]
+                    if got:
+                        return got
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and watched:
-                    return False
+                    return []
                 raise
             finally:
                 done.set()
@@ -377,7 +406,7 @@ class EtcdStore:
             raise
         except TransportError:
             if watched and time.monotonic() >= deadline:
-                return False
+                return []
             raise
 
     def close(self) -> None:

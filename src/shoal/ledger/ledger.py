@@ -48,6 +48,10 @@ MAX_PROBLEMS = 1000
 a peer's memory by writing bad entries)."""
 
 
+MAX_CACHED = 20_000
+"""Verified entries a ledger remembers so that reading them again costs no verification."""
+
+
 class LedgerError(ShoalError):
     """An entry could not be written (it exists: entries are written once) or the ledger
     refuses an operation."""
@@ -67,11 +71,14 @@ class Enrolled:
 @dataclass
 class RoundView:
     """A round's verified entries, read at store ``revision``: per kind, ``device -> (entry,
-    create revision)``."""
+    create revision)``; ``active``: the devices enrolled and not revoked at that revision
+    (``enrolled``: the registry as read then)."""
 
     job: str
     round: int
     revision: int
+    active: list[str] = field(default_factory=list)
+    enrolled: dict[str, Enrolled] = field(default_factory=dict, repr=False)
     updates: dict[str, tuple[Entry, int]] = field(default_factory=dict)
     closes: dict[str, tuple[Entry, int]] = field(default_factory=dict)
     merged: dict[str, tuple[Entry, int]] = field(default_factory=dict)
@@ -96,6 +103,8 @@ class Ledger:
         self._said: set[str] = set()
         self._seen: dict[str, tuple[int, str]] = {}  # key -> (create revision, entry hash)
         self._heads: dict[tuple[str, str], tuple[int, str]] = {}  # (job, device) -> (seq, hash)
+        self._known: list[str] = []  # the enrolled devices of the last registry read
+        self._valid: dict[str, tuple[int, int, bytes, Entry]] = {}  # verified, by key
 
     def __repr__(self) -> str:
         return f"Ledger({self.store!r}, root={self.root!r})"
@@ -105,6 +114,9 @@ class Ledger:
     def enrolled(self) -> dict[str, Enrolled]:
         """The enrolled devices (revoked ones included, with their revocation revision)."""
         (reg, rev), _ = self.store.ranges([registry_prefix(self.root), revoked_prefix(self.root)])
+        return self._parse_registry(reg, rev)
+
+    def _parse_registry(self, reg: Sequence[Record], rev: Sequence[Record]) -> dict[str, Enrolled]:
         revoked = {r.key.removeprefix(revoked_prefix(self.root)): r.create_revision for r in rev}
         out: dict[str, Enrolled] = {}
         for r in reg:
@@ -119,6 +131,7 @@ class Ledger:
                               "device is treated as not enrolled")
                 continue
             out[device] = Enrolled(device, key, r.create_revision, revoked.get(device))
+        self._known = sorted(out)
         return out
 
     def active(self) -> list[str]:
@@ -165,22 +178,37 @@ class Ledger:
                    devices: Sequence[str] | None = None) -> RoundView:
         """The verified entries of ``job``'s ``round`` by ``devices`` (default: every enrolled
         device), all read at one store revision."""
-        enrolled = self.enrolled()
-        names = sorted(enrolled) if devices is None else list(devices)
-        prefixes = [round_prefix(d, job, round, self.root) for d in names]
-        got, revision = self.store.ranges(prefixes) if prefixes else ([], 0)
-        view = RoundView(job, round, revision)
-        for device, records in zip(names, got, strict=True):
-            for r in records:
-                entry = self._verified(r, enrolled, job)
-                if entry is None:
-                    continue
-                if entry.round != round:
-                    self._problem(f"{r.key!r}: the entry says round {entry.round}, its key "
-                                  f"round {round}; refused")
-                    continue
-                view.of(entry.kind)[device] = (entry, r.create_revision)
-        return view
+        return self.read_rounds(job, [round], devices)[0]
+
+    def read_rounds(self, job: str, rounds: Sequence[int],
+                    devices: Sequence[str] | None = None) -> list[RoundView]:
+        """:meth:`read_round` of each of ``rounds``, and the registry, in one read at one store
+        revision (the devices enrolled since the last read are read again at once)."""
+        while True:
+            names = list(devices) if devices is not None else list(self._known)
+            prefixes = [registry_prefix(self.root), revoked_prefix(self.root)] + [
+                round_prefix(d, job, r, self.root) for r in rounds for d in names]
+            got, revision = self.store.ranges(prefixes)
+            enrolled = self._parse_registry(got[0], got[1])
+            if devices is not None or set(enrolled) <= set(names):
+                break  # else: a device enrolled since we last looked; read its entries too
+        views = []
+        for i, round in enumerate(rounds):
+            view = RoundView(job, round, revision, active=sorted(
+                d for d, e in enrolled.items() if e.revoked is None), enrolled=enrolled)
+            part = got[2 + i * len(names):2 + (i + 1) * len(names)]
+            for device, records in zip(names, part, strict=True):
+                for r in records:
+                    entry = self._verified(r, enrolled, job)
+                    if entry is None:
+                        continue
+                    if entry.round != round:
+                        self._problem(f"{r.key!r}: the entry says round {entry.round}, its "
+                                      f"key round {round}; refused")
+                        continue
+                    view.of(entry.kind)[device] = (entry, r.create_revision)
+            views.append(view)
+        return views
 
     def _verified(self, r: Record, enrolled: Mapping[str, Enrolled], job: str) -> Entry | None:
         """The entry in record ``r`` if it passes every check of the module docstring."""
@@ -198,6 +226,10 @@ class Ledger:
             self._problem(f"{r.key!r}: device {device!r} was revoked (revision {who.revoked}) "
                           f"before it wrote this entry (revision {r.create_revision}); refused")
             return None
+        cached = self._valid.get(r.key)
+        if cached is not None and cached[:2] == (r.create_revision, r.version) \
+                and cached[2] == r.value:
+            return cached[3]  # read before, verified, unchanged: no second verification
         try:
             entry = Entry.decode(r.value)
         except ValueError as e:
@@ -231,13 +263,42 @@ class Ledger:
             self._heads[(job, device)] = (entry.seq, h)
         elif head is None or entry.seq > head[0]:
             self._heads[(job, device)] = (entry.seq, h)
+        if len(self._valid) >= MAX_CACHED:
+            self._valid.clear()
+        self._valid[r.key] = (r.create_revision, r.version, r.value, entry)
         return entry
 
-    def wait(self, job: str, revision: int, timeout: float) -> bool:
-        """Block until an entry is written after store ``revision`` (``True``) or ``timeout``
-        seconds pass (``False``)."""
-        del job  # every device's prefix holds the job; watch them all
-        return self.store.wait(f"{self.root}/peers/", revision, max(0.0, timeout))
+    def follow(self, view: RoundView, timeout: float, kinds: Sequence[str] = ()) -> bool:
+        """Wait up to ``timeout`` seconds for entries of ``view``'s round (of ``kinds``) written
+        after ``view.revision`` and add them to ``view`` — verified against the registry
+        ``view`` was read with — without reading the round again; whether any came."""
+        tail = f"/{view.job}/{view.round:08d}/"
+        got = self.store.watch(f"{self.root}/peers/", view.revision, max(0.0, timeout),
+                               lambda key: tail in key and (
+                                   not kinds or key.rsplit("/", 1)[-1] in kinds))
+        added = False
+        for r in got:
+            view.revision = max(view.revision, r.mod_revision)
+            entry = self._verified(r, view.enrolled, view.job)
+            if entry is None or entry.round != view.round:
+                continue
+            device = r.key.removeprefix(f"{self.root}/peers/").split("/", 1)[0]
+            view.of(entry.kind)[device] = (entry, r.create_revision)
+            added = True
+        return added
+
+    def wait(self, job: str, revision: int, timeout: float, round: int | None = None,
+             kinds: Sequence[str] = ()) -> bool:
+        """Block until an entry of ``job`` (of ``round`` and ``kinds``, when given) is written
+        after store ``revision`` (``True``) or ``timeout`` seconds pass (``False``). The
+        filter keeps a waiting peer from waking (and reading) for every other write."""
+        tail = f"/{job}/" + (f"{round:08d}/" if round is not None else "")
+
+        def match(key: str) -> bool:
+            if tail not in key:
+                return False
+            return not kinds or key.rsplit("/", 1)[-1] in kinds
+        return self.store.wait(f"{self.root}/peers/", revision, max(0.0, timeout), match)
 
     def audit(self, job: str) -> list[str]:
         """Check every enrolled device's whole chain of ``job`` (signatures, versions,

@@ -8,8 +8,9 @@ process for simulation and fast tests:
   transaction that requires ``create_revision == 0``), returning the write's revision;
 * ``ranges(prefixes)`` — the records under each prefix, all read at one revision (etcd: one
   transaction of range requests), and that revision;
-* ``wait(prefix, revision, timeout)`` — block until something under ``prefix`` is written
-  after ``revision`` (etcd: a watch), or the timeout passes;
+* ``wait(prefix, revision, timeout, match)`` / ``watch(...)`` — block until something under
+  ``prefix`` (whose key ``match`` accepts) is written after ``revision`` (etcd: a watch), or
+  the timeout passes; ``watch`` returns what was written, so a follower needs no new read;
 * revisions: one counter for the whole store, raised by every write, so that "written before"
   is a fact every reader agrees on. A record keeps the revision that created it, the revision
   that last changed it and its ``version`` (1 for a record written once and never changed).
@@ -18,7 +19,7 @@ process for simulation and fast tests:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,9 +49,16 @@ class KeyValueStore(Protocol):
         """The records under each prefix (sorted by key), read at one revision, and it."""
         ...
 
-    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
-        """Block until a key under ``prefix`` is written after ``revision`` (``True``) or
-        ``timeout`` seconds pass (``False``)."""
+    def wait(self, prefix: str, revision: int, timeout: float,
+             match: Callable[[str], bool] | None = None) -> bool:
+        """Block until a key under ``prefix`` (and accepted by ``match``, when given) is
+        written after ``revision`` (``True``) or ``timeout`` seconds pass (``False``)."""
+        ...
+
+    def watch(self, prefix: str, revision: int, timeout: float,
+              match: Callable[[str], bool] | None = None) -> list[Record]:
+        """The records under ``prefix`` (accepted by ``match``) written after ``revision``,
+        in revision order, as soon as there is one; ``[]`` when ``timeout`` passes first."""
         ...
 
     def close(self) -> None:
@@ -114,13 +122,25 @@ class MemoryStore:
             return ([[self._records[k] for k in keys if k.startswith(p)] for p in prefixes],
                     self._revision)
 
-    def wait(self, prefix: str, revision: int, timeout: float) -> bool:
+    def wait(self, prefix: str, revision: int, timeout: float,
+             match: Callable[[str], bool] | None = None) -> bool:
         """See :class:`KeyValueStore`."""
         def changed() -> bool:
             return any(r.mod_revision > revision and r.key.startswith(prefix)
-                       for r in self._records.values())
+                       and (match is None or match(r.key)) for r in self._records.values())
         with self._changed:
             return self._changed.wait_for(changed, timeout)
+
+    def watch(self, prefix: str, revision: int, timeout: float,
+              match: Callable[[str], bool] | None = None) -> list[Record]:
+        """See :class:`KeyValueStore`."""
+        def changed() -> list[Record]:
+            return sorted((r for r in self._records.values() if r.mod_revision > revision
+                           and r.key.startswith(prefix) and (match is None or match(r.key))),
+                          key=lambda r: r.mod_revision)
+        with self._changed:
+            self._changed.wait_for(changed, timeout)
+            return changed()
 
     def close(self) -> None:
         """Nothing to release."""

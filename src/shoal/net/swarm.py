@@ -23,11 +23,13 @@ once); it merges with the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from ..ledger.blobs import BlobClient, BlobError, BlobServer, BlobStore, blob_ha
 from ..ledger.enroll import SwarmIdentity
 from ..ledger.entry import Entry
 from ..ledger.etcd import EtcdStore
-from ..ledger.ledger import Ledger
+from ..ledger.ledger import Ledger, RoundView
 from ..tree import Params
 from .clientdata import load_client_data
 from .deploy import refuse_reproducible
@@ -52,6 +54,9 @@ from .deploy import refuse_reproducible
 __all__ = ["PeerBlobs", "SwarmNode", "SwarmOutcome"]
 
 log = logging.getLogger(__name__)
+
+PREFETCH_THREADS = 8
+"""Blobs a peer fetches at once after a round closes."""
 
 ALLOWED_CACHE_S = 2.0
 """How long the blob server trusts its last read of who is enrolled and not revoked."""
@@ -93,6 +98,19 @@ class PeerBlobs:
             for f in self.blob_dir.glob("*.blob"):
                 if f.stem not in shas:
                     f.unlink(missing_ok=True)
+
+    def prefetch(self, entries: list[Entry]) -> None:
+        """Fetch the blobs of ``entries`` at once, in threads, into our store (what fails is
+        fetched again, and reported, by :meth:`fetch`)."""
+        todo = [e for e in entries if e.blob not in self.store]
+        if not todo:
+            return
+
+        def get(e: Entry) -> None:
+            with contextlib.suppress(TransportError):
+                self.store.put(self.client.fetch(e.endpoint, e.blob))
+        with ThreadPoolExecutor(min(len(todo), PREFETCH_THREADS)) as pool:
+            list(pool.map(get, todo))
 
     def fetch(self, entry: Entry) -> bytes:
         """The blob ``entry`` names, from its author's endpoint (or our own store). A peer
@@ -249,26 +267,40 @@ class SwarmNode:
         for r in range(done + 1, rounds + 1):
             if stop is not None and stop.is_set():
                 break
-            if r > 1:  # were we the odd one out last round? then take the majority's model
-                last = _majority(self.ledger.read_round(self.peer.job, r - 1).merged)
-                if last is not None and last.blob != base:
-                    log.warning("swarm round %d: our merged model %s is not the one most peers "
-                                "recorded (%s); adopting theirs", r - 1, base[:12],
-                                last.blob[:12])
-                    params, base = self._adopt(last, params), last.blob
-            view = self.ledger.read_round(self.peer.job, r)
-            row: dict[str, Any] = {"round": r}
+            last, view = self.ledger.read_rounds(self.peer.job, [r - 1, r])
+            majority = _majority(last.merged)
+            if majority is not None and majority.blob != base:  # we were the odd one out
+                log.warning("swarm round %d: our merged model %s is not the one most peers "
+                            "recorded (%s); adopting theirs", r - 1, base[:12],
+                            majority.blob[:12])
+                params, base = self._adopt(majority, params), majority.blob
+            row: dict[str, Any] = {"round": r, "time/start": time.time()}
+            if r > 1:
+                row["mismatches"] = sorted(d for d, (e, _) in last.merged.items()
+                                           if e.blob != base)
+            t = time.perf_counter()
             if self.device not in view.updates and not view.closes:
                 row.update(self.peer.train(params, base, self.data.train, r).metrics)
-            view = self.peer.wait_close(r, base)
+            row["time/train_s"], t = time.perf_counter() - t, time.perf_counter()
+            row["time/published"] = time.time()
+
+            def fetch_published(v: RoundView, base: str = base) -> None:
+                self.blobs.prefetch([e for d, (e, _) in sorted(v.updates.items())
+                                     if e.base == base and d != self.device])
+            view = self.peer.wait_close(r, base, seen=fetch_published)
+            row["time/closed"] = time.time()
+            row["time/wait_s"], t = time.perf_counter() - t, time.perf_counter()
+            fetch_published(view)
+            row["time/fetch_s"], t = time.perf_counter() - t, time.perf_counter()
             result = self.peer.merge(r, params, base, view)
+            row["time/merge_s"] = time.perf_counter() - t
             row.update({"hash": result.hash, "included": result.included,
-                        "failed": result.failed, "refused": result.refused,
-                        "mismatches": sorted(self.peer.mismatches(r, result.hash))})
+                        "failed": result.failed, "refused": result.refused})
             params, base = result.params, result.hash
             self.blobs.keep({base} | {e.blob for e, _ in view.updates.values()
                                       if e.device == self.device})
             outcome.rounds, outcome.hash = r, base
+            row["time/end"] = time.time()
             outcome.history.append(row)
             self._record(row)
         self._linger(outcome.rounds)
@@ -285,9 +317,10 @@ class SwarmNode:
         deadline = time.monotonic() + self.config.swarm.close_timeout_s
         while round > 0:
             view = self.ledger.read_round(self.peer.job, round)
-            if set(self.ledger.active()) <= set(view.merged) or time.monotonic() >= deadline:
+            if set(view.active) <= set(view.merged) or time.monotonic() >= deadline:
                 return
-            self.ledger.wait(self.peer.job, view.revision, max(0.0, deadline - time.monotonic()))
+            self.ledger.wait(self.peer.job, view.revision, max(0.0, deadline - time.monotonic()),
+                             round=round, kinds=("merged",))
 
     def _record(self, row: dict[str, Any]) -> None:
         if self.out is None:
