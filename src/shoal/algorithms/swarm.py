@@ -282,6 +282,8 @@ class SwarmPeer:
                           f"within {self.close_timeout:g} s")
                 # The close lists the updates this peer holds and checked: it serves them to
                 # the others, should their authors be gone, so every peer merges the same set.
+                if seen is not None:  # a deployed peer fetches them all at once
+                    seen(view)
                 have = tuple(d for d in sorted(ready) if self._obtain(view.updates[d][0]))
                 self.ledger.append(Entry(self.job, round, self.device, "close", 0, base=base,
                                          included=have, reason=reason,

@@ -164,6 +164,7 @@ class EtcdStore:
         self._creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                                    certificate_chain=cert)
         self._members: list[_Member | None] = [None] * len(self.endpoints)
+        self._tails: dict[str, _Tail] = {}
         self._current = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -324,10 +325,24 @@ class EtcdStore:
 
     def watch(self, prefix: str, revision: int, timeout: float,
               match: Callable[[str], bool] | None = None) -> list[Record]:
-        """The records under ``prefix`` that ``match`` accepts, written after ``revision``:
-        the first batch a watch delivers (in revision order), or ``[]`` when ``timeout``
-        passes first; see :class:`~shoal.ledger.store.KeyValueStore`. A start revision etcd
-        compacted away gives a fresh read of the prefix instead."""
+        """The records under ``prefix`` that ``match`` accepts, written after ``revision``, in
+        revision order, as soon as there is one; ``[]`` when ``timeout`` passes first; see
+        :class:`~shoal.ledger.store.KeyValueStore`.
+
+        The first call on a prefix opens a watch stream that stays open (:class:`_Tail`):
+        etcd delivers events at once to a watch that is up to date, but serves one that
+        starts at a past revision only from its sync loop, every 100 ms — which a follower
+        asking again after each event would pay every time. A start revision etcd compacted
+        away gives a fresh read of the prefix instead."""
+        with self._lock:
+            tail = self._tails.get(prefix)
+            if tail is None or not tail.covers(revision):
+                if tail is not None:
+                    tail.stop()
+                tail = self._tails[prefix] = _Tail(self, prefix, revision)
+        got = tail.get(revision, timeout, match)
+        if got is not None:
+            return got
         got = self._watch(prefix, revision, timeout, match)
         if got is None:  # compacted: whatever is there now
             (records,), _ = self.ranges([prefix])
@@ -412,6 +427,10 @@ class EtcdStore:
     def close(self) -> None:
         """Close the channels to every member; the store cannot be used afterwards."""
         with self._lock:
+            tails, self._tails = list(self._tails.values()), {}
+        for t in tails:
+            t.stop()
+        with self._lock:
             self._closed = True
             members, self._members = self._members, [None] * len(self.endpoints)
         for m in members:
@@ -445,6 +464,117 @@ class EtcdStore:
         return self._call("health check", "\\0", lambda m, t, r: int(
             m.kv.Range(req, timeout=t, metadata=_REQUIRE_LEADER).header.revision),
             timeout=timeout)
+
+
+MAX_TAIL_RECORDS = 10_000
+"""Records a :class:`_Tail` keeps (the oldest go first; a follower asking for older ones gets
+a one-shot watch instead)."""
+
+
+class _Tail:
+    """A watch stream kept open on one prefix of an :class:`EtcdStore`, from ``revision + 1``,
+    buffering what it delivers (at most :data:`MAX_TAIL_RECORDS`) for :meth:`get`. When its
+    member fails, it reopens on the next one from the last revision it saw; a refusal by
+    RBAC ends it, and :meth:`get` raises it."""
+
+    def __init__(self, store: EtcdStore, prefix: str, revision: int):
+        self.store, self.prefix = store, prefix
+        self.first = revision + 1  # the oldest revision this tail has every record of
+        self.seen = revision
+        self.records: list[Record] = []
+        self.error: Exception | None = None
+        self.compacted = False
+        self._cond = threading.Condition()
+        self._stopped = threading.Event()
+        self._call: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"etcd-tail {prefix}",
+                                        daemon=True)
+        self._thread.start()
+
+    def covers(self, revision: int) -> bool:
+        """Whether :meth:`get` can answer for records after ``revision``."""
+        return (not self._stopped.is_set() and self.error is None and not self.compacted
+                and revision + 1 >= self.first)
+
+    def get(self, revision: int, timeout: float,
+            match: Callable[[str], bool] | None) -> list[Record] | None:
+        """The buffered records after ``revision`` that ``match`` accepts, waiting up to
+        ``timeout`` for one; ``None`` when this tail cannot answer (compacted, stopped)."""
+        def found() -> list[Record]:
+            return [r for r in self.records if r.mod_revision > revision
+                    and (match is None or match(r.key))]
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.covers(revision):
+                    return None
+                got = found()
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    return got
+                self._cond.wait(min(left, 1.0))
+
+    def stop(self) -> None:
+        """Close the stream and end the thread."""
+        self._stopped.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        p = self.prefix.encode()
+        n = len(self.store.endpoints)
+        i = self.store._current
+        while not self._stopped.is_set():
+            done = threading.Event()
+            create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                key=p, range_end=prefix_end(p), start_revision=self.seen + 1,
+                filters=[rpc_pb2.WatchCreateRequest.NODELETE]))
+
+            def requests(create: Any = create, done: threading.Event = done) -> Any:
+                yield create
+                done.wait()
+            try:
+                m = self.store._member(i)
+                self._call = m.watch.Watch(requests(), metadata=_REQUIRE_LEADER)
+                for resp in self._call:
+                    if resp.canceled:
+                        reason = resp.cancel_reason or "cancelled by the member"
+                        with self._cond:
+                            if resp.compact_revision:
+                                self.compacted = True
+                            elif "permission denied" in reason:
+                                self.error = LedgerAccessError(
+                                    f"etcd refused device {self.store.device!r} a watch of "
+                                    f"{self.prefix!r} ({reason}); the device must be enrolled "
+                                    f"(`shoal swarm enroll {self.store.device}`) and not "
+                                    "revoked.", device=self.store.device, key=self.prefix)
+                            self._cond.notify_all()
+                        if self.compacted or self.error is not None:
+                            return
+                        break
+                    if resp.events:
+                        with self._cond:
+                            for ev in resp.events:
+                                self.records.append(_record(ev.kv))
+                                self.seen = max(self.seen, int(ev.kv.mod_revision))
+                            if len(self.records) > MAX_TAIL_RECORDS:
+                                del self.records[:len(self.records) - MAX_TAIL_RECORDS]
+                                self.first = self.records[0].mod_revision
+                            self._cond.notify_all()
+            except (grpc.RpcError, TransportError):
+                pass  # the member failed (or we stopped): reopen on the next one
+            finally:
+                done.set()
+                if self._call is not None:
+                    self._call.cancel()
+            if not self._stopped.is_set():
+                i = (i + 1) % n
+                self._stopped.wait(0.1)
 
 
 class _StreamEnded(grpc.RpcError):
