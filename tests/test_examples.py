@@ -38,3 +38,10 @@ def test_quickstart_example() -> None:
 def test_keyboard_example() -> None:
     out = _run("keyboard.py", "--rounds", "2", "--phones", "20", "--per-round", "5")
     assert "next-character accuracy on held-out roles" in out and "worst phone" in out
+
+
+def test_clinics_swarm_example() -> None:
+    out = _run("clinics_swarm.py", "--rounds", "2")
+    for row in ("swarm (4 peers, ledger)", "FedAvg (coordinator)", "centralized (pooled data)",
+                "cleveland alone", "va alone"):
+        assert row in out

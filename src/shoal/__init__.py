@@ -30,6 +30,7 @@ from .aggregate import (
     adam,
     clip_by_norm,
     coordinate_median,
+    geometric_median,
     krum,
     momentum,
     multi_krum,
@@ -44,6 +45,7 @@ from .algorithms.cohort import Cohort, cohort
 from .algorithms.fedavg import FedAvg, FedAvgState
 from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold, ScaffoldState
+from .algorithms.swarm import Swarm
 from .callbacks import CentralEvaluation, EarlyStopping, FederatedEvaluation, MetricsLog
 from .checkpoint import Checkpoint
 from .client import ClientUpdate, local_sgd, optimizer_fn
@@ -77,4 +79,5 @@ __all__ = [
     "run_experiment", "sgd", "simulated_dropout", "split", "tree", "trimmed_mean", "weighted_mean",
     "yogi",
 ]
+__all__ += ["Swarm", "geometric_median"]
 __all__ += ["PrivacyAccounting", "calibrate_noise_multiplier", "dp_fedavg", "dp_sgd"]

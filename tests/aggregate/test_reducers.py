@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shoal import tree
 from shoal.aggregate import (
     coordinate_median,
+    geometric_median,
     krum,
     multi_krum,
     trimmed_mean,
@@ -325,3 +326,39 @@ def test_reducer_reprs_and_linearity():
         "trimmed_mean(0.1)", "krum(f=1)", "multi_krum(f=2, m=3)"]
     assert weighted_mean().linear and weighted_mean("uniform").linear
     assert not any(r.linear for r in (coordinate_median(), trimmed_mean(0.1), krum(1)))
+
+
+# --- geometric median -------------------------------------------------------------------------
+
+def test_geometric_median_of_collinear_points_is_their_median():
+    # On a line the geometric median is the (weighted) 1-D median.
+    xs = [u(w=[float(v), 0.0]) for v in (0, 1, 2, 10, 100)]
+    got = geometric_median()(xs, [1.0] * 5)
+    assert abs(float(got["w"][0]) - 2.0) < 1e-3 and abs(float(got["w"][1])) < 1e-6
+
+
+def test_geometric_median_minimises_the_sum_of_distances():
+    g = torch.Generator().manual_seed(0)
+    xs = [{"w": torch.randn(4, generator=g)} for _ in range(7)]
+    ws = [1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 2.0]
+    z = geometric_median()(xs, ws)["w"].double()
+
+    def cost(p: torch.Tensor) -> float:
+        return sum(w * float((p - x["w"].double()).norm()) for x, w in zip(xs, ws, strict=True))
+    for _ in range(50):  # no nearby point does better
+        assert cost(z) <= cost(z + 1e-2 * torch.randn(4, generator=g, dtype=torch.float64)) + 1e-9
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "large"])
+def test_geometric_median_ignores_a_minority_of_outliers(attack):
+    honest, bad = _honest_and_attackers(attack)
+    got = geometric_median()(honest + bad, [1.0] * 10)
+    for v in got.values():
+        assert torch.all((v - 1).abs() < 0.2)
+
+
+def test_geometric_median_errors():
+    with pytest.raises(ConfigError, match=r"geometric_median: max_iter must be >= 1 \(got 0\)"):
+        geometric_median(0)
+    with pytest.raises(AggregationError, match="every weight must be > 0"):
+        geometric_median()([u(w=[1.0]), u(w=[2.0])], [1.0, 0.0])

@@ -192,3 +192,84 @@ def test_entry_hash_chain_links_each_device_entries():
     assert [e.seq for e in chain] == list(range(1, len(chain) + 1))
     assert chain[0].prev == ""
     assert all(b.prev == entry_hash(a) for a, b in zip(chain, chain[1:], strict=False))
+
+
+def test_a_replaced_registry_key_is_detected_and_the_first_key_kept(caplog):
+    # The store's administrator swaps a device's public key for one of its own, then signs an
+    # entry in the device's name with it: the ledger pinned the key it first read.
+    tiny = make_tiny(clients=2)
+    swarm, transport, store, keys = _swarm(tiny)
+    run(swarm, transport, rounds=1, params=tree.params_of(tiny.model()))
+    from shoal.ledger.entry import sign_entry
+    insider = RunKeys().for_node("client-1")
+    store.delete(registry_key("client-1"))
+    store.create(registry_key("client-1"), registry_value("client-1", insider.credential()))
+    forged = Entry("sim", 2, "client-1", "update", 1, blob="00" * 32, base="x")
+    store.create(entry_key("client-1", "sim", 2, "update"), sign_entry(forged, insider).encode())
+    with caplog.at_level(logging.WARNING):
+        view = swarm.ledger.read_round("sim", 2)
+    assert "registry record of 'client-1' was replaced" in caplog.text
+    assert "client-1" not in view.updates
+
+
+def test_a_peer_claiming_a_huge_weight_is_capped():
+    tiny = make_tiny(clients=3)
+    params0 = tree.params_of(tiny.model())
+
+    def run_with(claim: float, cap: bool):
+        swarm, transport, _, _ = _swarm(tiny)
+        if not cap:
+            swarm.weight_cap = None
+        real = swarm.client_update
+
+        def boastful(params, data, info):
+            r = real(params, data, info)
+            return type(r)(r.update, claim, r.metrics) if info.client_id == "client-2" else r
+        swarm.client_update = boastful
+        return run(swarm, transport, rounds=1, params=params0).state.params
+
+    honest = run_with(25.0, cap=True)  # client-2 trains on 25 examples: its true weight
+    assert tree.equal(run_with(1e30, cap=True), honest)  # capped at the 25 assigned
+    uncapped = run_with(1e30, cap=False)  # without the cap, client-2's update is the model
+    assert tree.norm(tree.sub(uncapped, honest)) > 1e-3
+
+
+def test_swarm_runs_from_the_config_with_dp_sgd_on_every_peer(tmp_path):
+    import shoal
+    config = shoal.load_config(None, [
+        "paradigm=swarm", "task.name=heart", "federated.rounds=2", "baseline=false",
+        "federated.clients_per_round=4", "privacy.mode=sample", "privacy.noise_multiplier=1.0",
+        "privacy.clip_norm=1.0"])
+    (res,) = shoal.run_experiment(config, tmp_path / "run")
+    assert res.paradigm == "swarm" and res.rounds == 2
+    assert res.privacy["epsilon"] > 0 and res.privacy["noise"] != "reproducible"
+    import json
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["results"][0]["paradigm"] == "swarm"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("secagg.enabled=true", "config field 'secagg.enabled': paradigm = \"swarm\" merges each "
+     "peer's update by its hash on the ledger; secure aggregation needs a coordinator."),
+    ("federated.reducer=median", "config field 'federated.reducer': paradigm = \"swarm\" does "
+     "not implement it, so federated.reducer = 'median' would not be applied; set swarm.merge "
+     "instead."),
+    ("privacy.mode=user", "config field 'privacy.mode': paradigm = \"swarm\" has no aggregator "
+     "to add \"user\" noise"),
+    ("federated.clients_per_round=2", "config field 'federated.clients_per_round': paradigm = "
+     "\"swarm\" has every one of the 4 peers take part in every round"),
+])
+def test_settings_swarm_does_not_implement_are_errors(override, message):
+    import shoal
+    from shoal.validate_config import config_problems
+    config = shoal.load_config(None, ["paradigm=swarm", "task.name=heart", override])
+    assert any(message in p for p in config_problems(config)), config_problems(config)
+
+
+def test_the_ca_refuses_reserved_ids(tmp_path):
+    from shoal.errors import ConfigError
+    from shoal.net import CertificateAuthority
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    for reserved in ("root", "registrar", "coordinator", "etcd-member-0"):
+        with pytest.raises(ConfigError, match=f"CA: '{reserved}' is reserved"):
+            ca.enroll(reserved, tmp_path / "nodes")

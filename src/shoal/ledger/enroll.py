@@ -35,16 +35,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ConfigError
-from ..net.ca import NODE_ID_PATTERN, CertificateAuthority, Identity, write_private
+from ..net.ca import (
+    NODE_ID_PATTERN,
+    RESERVED_NODE_IDS,
+    CertificateAuthority,
+    Identity,
+    write_private,
+)
 from .keys import DEFAULT_ROOT, peer_prefix, registry_key, registry_value, revoked_key
 from .store import KeyValueStore
 
 __all__ = ["RESERVED_IDS", "AccessControl", "AdminStore", "Ed25519Signer", "Grant",
            "RecordedAccess", "Registrar", "SwarmIdentity", "load_signing_key"]
 
-RESERVED_IDS = frozenset({"root", "registrar", "coordinator"})
+RESERVED_IDS = RESERVED_NODE_IDS
 """Ids no device may have: etcd's superuser, the registrar, the federated coordinator (and
-``etcd-*``, the members of :class:`~shoal.ledger.etcd.EtcdCluster`)."""
+``etcd-*``, the members of :class:`~shoal.ledger.etcd.EtcdCluster`); the CA's own list."""
 
 
 class AdminStore(KeyValueStore, Protocol):

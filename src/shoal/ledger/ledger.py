@@ -13,7 +13,9 @@ order only. Everything it returns was checked against the enrolled devices' publ
 * an entry rewritten after it was written: its version is not 1, or its revision or content
   changed since this ledger first read it (an administrator of the store can do that; Raft
   cannot stop it, but the signatures and the chain make it visible);
-* a chain break: an entry whose ``prev`` is not the hash of its device's previous entry.
+* a chain break: an entry whose ``prev`` is not the hash of its device's previous entry;
+* a replaced registry record: a device's public key is pinned when this ledger first reads it,
+  so an administrator who swaps in a key of its own cannot sign in the device's name.
 
 :meth:`Ledger.audit` walks every device's whole chain of a job — what a newcomer or an auditor
 runs to check history nobody watched live.
@@ -105,6 +107,7 @@ class Ledger:
         self._heads: dict[tuple[str, str], tuple[int, str]] = {}  # (job, device) -> (seq, hash)
         self._known: list[str] = []  # the enrolled devices of the last registry read
         self._valid: dict[str, tuple[int, int, bytes, Entry]] = {}  # verified, by key
+        self._pinned: dict[str, tuple[bytes, int]] = {}  # device -> key and revision first read
 
     def __repr__(self) -> str:
         return f"Ledger({self.store!r}, root={self.root!r})"
@@ -130,6 +133,15 @@ class Ledger:
                 self._problem(f"the registry record of {device!r} is malformed ({e}); the "
                               "device is treated as not enrolled")
                 continue
+            pinned = self._pinned.setdefault(device, (key, r.create_revision))
+            if pinned != (key, r.create_revision):
+                # Only the store's administrator can replace a registry record: with a key of
+                # its own, it could then sign entries in the device's name.
+                self._problem(f"the registry record of {device!r} was replaced (its key or "
+                              f"revision changed since revision {pinned[1]}): an insider with "
+                              "write access to the store rewrote enrollment; the device's "
+                              "entries are checked against the key first read")
+                key = pinned[0]
             out[device] = Enrolled(device, key, r.create_revision, revoked.get(device))
         self._known = sorted(out)
         return out

@@ -37,8 +37,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "load_private_key",
+__all__ = ["RESERVED_NODE_IDS", "CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "load_private_key",
            "peer_identity", "read_passphrase", "write_private"]
+
+RESERVED_NODE_IDS = frozenset({"coordinator", "registrar", "root"})
+"""Ids :meth:`CertificateAuthority.enroll` refuses: a certificate's name is its holder's
+identity, and etcd takes ``root`` and ``registrar`` as its administrators (``etcd-*``, its
+members, are refused too)."""
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Allowed node ids: letters, digits, ``.``, ``_`` and ``-``, at most 64 characters."""
@@ -232,9 +237,11 @@ class CertificateAuthority:
                passphrase: bytes | None = None) -> Identity:
         """Issue a client certificate for ``node_id`` (its identity) into ``out``; ``passphrase``
         encrypts its key."""
-        if node_id == "coordinator":
-            raise ConfigError("CA: 'coordinator' is the coordinator's own id; enroll clients "
-                              "under another id.")
+        if node_id in RESERVED_NODE_IDS or node_id.startswith("etcd-"):
+            raise ConfigError(f"CA: {node_id!r} is reserved (the coordinator, the swarm's "
+                              "registrar and etcd's superuser, whose certificates carry "
+                              "their powers, and etcd members); enroll the node under another "
+                              "id.")
         return self.issue(node_id, out, passphrase=passphrase)
 
     def revoke(self, node_id: str) -> list[int]:

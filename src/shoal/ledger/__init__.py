@@ -1,0 +1,17 @@
+"""The permissioned ledger of swarm learning, its stores, enrollment and the weights blobs.
+
+    store    KeyValueStore (the contract) and MemoryStore (simulation, tests)
+    etcd     EtcdStore (the store in deployment: mutual TLS, RBAC, fail-over), EtcdCluster
+    keys     where entries, the registry and revocations live (what RBAC follows)
+    entry    Entry: what a device records, signed (Ed25519) and chained by hash
+    ledger   Ledger: append, read a round (verified), follow new entries, audit a job
+    enroll   Registrar (enroll, revoke), SwarmIdentity, the devices' signing keys
+    blobs    content-addressed weights blobs: BlobStore, BlobServer, BlobClient (mutual TLS)
+"""
+
+from .entry import Entry
+from .ledger import Ledger, LedgerError, RoundView
+from .store import KeyValueStore, MemoryStore, Record
+
+__all__ = ["Entry", "KeyValueStore", "Ledger", "LedgerError", "MemoryStore", "Record",
+           "RoundView"]
