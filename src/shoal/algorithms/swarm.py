@@ -203,6 +203,15 @@ def _fetched(entry: Entry, template: Params, fetch: Callable[[Entry], bytes],
     return None
 
 
+def _merging(reducer: Reducer | None, min_peers: int) -> Reducer:
+    """``reducer`` (default: the example-weighted mean), if ``min_peers`` updates suffice."""
+    reducer = reducer if reducer is not None else weighted_mean()
+    if min_peers < reducer.min_updates:
+        raise ConfigError(f"swarm: min_peers is {min_peers}, but {reducer!r} needs at least "
+                          f"{reducer.min_updates} updates; raise min_peers.")
+    return reducer
+
+
 class SwarmPeer:
     """One peer of a swarm: trains, publishes, closes and merges rounds; see the module
     docstring.
@@ -233,7 +242,7 @@ class SwarmPeer:
         self.ledger = ledger
         self.blobs = blobs
         self.client_update = client_update
-        self.reducer = reducer if reducer is not None else weighted_mean()
+        self.reducer = _merging(reducer, min_peers)
         self.job = job
         self.min_peers = min_peers
         self.close_timeout = close_timeout
@@ -376,10 +385,7 @@ class Swarm:
         self.client_update = client_update
         self.ledger = ledger
         self.signers = signers
-        self.reducer = reducer if reducer is not None else weighted_mean()
-        if min_peers < self.reducer.min_updates:
-            raise ConfigError(f"swarm: min_peers is {min_peers}, but {self.reducer!r} needs at "
-                              f"least {self.reducer.min_updates} updates; raise min_peers.")
+        self.reducer = _merging(reducer, min_peers)
         self.min_peers = min_peers
         self.weight_cap = weight_cap
         self.seed = seed
