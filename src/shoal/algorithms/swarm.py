@@ -89,9 +89,13 @@ class BlobAccess(Protocol):
 
     address: str
 
-    def publish(self, data: bytes) -> str: ...
+    def publish(self, data: bytes) -> str:
+        """Keep and serve ``data``; where peers fetch it."""
+        ...
 
-    def fetch(self, entry: Entry) -> bytes: ...
+    def fetch(self, entry: Entry) -> bytes:
+        """The blob ``entry`` names."""
+        ...
 
 
 @dataclass

@@ -44,9 +44,13 @@ class Signer(Protocol):
 
     node_id: str
 
-    def sign(self, data: bytes) -> bytes: ...
+    def sign(self, data: bytes) -> bytes:
+        """An Ed25519 signature of ``data``."""
+        ...
 
-    def credential(self) -> bytes: ...
+    def credential(self) -> bytes:
+        """The raw 32-byte public key."""
+        ...
 
 
 @dataclass(frozen=True)
