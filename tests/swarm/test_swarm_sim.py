@@ -273,3 +273,19 @@ def test_the_ca_refuses_reserved_ids(tmp_path):
     for reserved in ("root", "registrar", "coordinator", "etcd-member-0"):
         with pytest.raises(ConfigError, match=f"CA: '{reserved}' is reserved"):
             ca.enroll(reserved, tmp_path / "nodes")
+
+
+def test_a_resumed_swarm_simulation_ends_bit_identical(tmp_path):
+    # The peers' models are node state (checkpointed); the resumed run starts a new
+    # in-process ledger and continues each peer's chain from there.
+    from safetensors.torch import load_file
+
+    import shoal
+    base = ["paradigm=swarm", "task.name=heart", "baseline=false",
+            "federated.clients_per_round=4"]
+    shoal.run_experiment(shoal.load_config(None, [*base, "federated.rounds=4"]), tmp_path / "a")
+    shoal.run_experiment(shoal.load_config(None, [*base, "federated.rounds=2"]), tmp_path / "b")
+    shoal.run_experiment(shoal.load_config(None, [*base, "federated.rounds=4"]), tmp_path / "b",
+                         resume=True)
+    a, b = (load_file(str(tmp_path / x / "swarm" / "model.safetensors")) for x in "ab")
+    assert model_hash(a) == model_hash(b)
