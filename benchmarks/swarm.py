@@ -148,9 +148,9 @@ def _rounds(root: Path, job: Path, ids: list[str], ca_dir: Path, rounds: int,
 
 def deployed(peers: int, rounds: int, appends: int) -> dict[str, float]:
     """Swarm vs FedAvg rounds on loopback (both jobs), and ledger appends per second."""
+    from shoal.ledger.cluster import EtcdCluster
     from shoal.ledger.enroll import Registrar, SwarmIdentity
     from shoal.ledger.entry import Entry
-    from shoal.ledger.etcd import EtcdCluster
     from shoal.ledger.ledger import Ledger
     from shoal.net import CertificateAuthority
 

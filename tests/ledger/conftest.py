@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from shoal.ledger.cluster import ETCD_BINARY, EtcdCluster
 from shoal.ledger.enroll import Registrar
-from shoal.ledger.etcd import ETCD_BINARY, EtcdCluster, EtcdStore
+from shoal.ledger.etcd import EtcdStore
 from shoal.net.ca import CertificateAuthority
 
 _CA_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE",

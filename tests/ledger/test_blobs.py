@@ -14,17 +14,19 @@ import pytest
 import torch
 
 from shoal.errors import TransportError, UpdateError
-from shoal.ledger.blobs import (
+from shoal.ledger.blob_service import (
     MAX_REQUEST_BYTES,
     METHOD,
     BlobClient,
-    BlobError,
     BlobServer,
+    fetch_blob,
+)
+from shoal.ledger.blobs import (
+    BlobError,
     BlobStore,
     blob_bytes,
     blob_hash,
     blob_params,
-    fetch_blob,
 )
 from shoal.net.ca import CertificateAuthority, Identity
 

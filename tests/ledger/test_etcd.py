@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shoal.errors import ConfigError, TransportError
+from shoal.ledger.cluster import EtcdCluster
 from shoal.ledger.enroll import (
     Grant,
     RecordedAccess,
@@ -23,7 +24,7 @@ from shoal.ledger.enroll import (
     SwarmIdentity,
     load_signing_key,
 )
-from shoal.ledger.etcd import EtcdCluster, EtcdStore, LedgerAccessError, prefix_end
+from shoal.ledger.etcd import EtcdStore, LedgerAccessError, prefix_end
 from shoal.ledger.keys import peer_prefix, registry_key, registry_value, revoked_key
 from shoal.ledger.store import MemoryStore
 from shoal.net.ca import CertificateAuthority

@@ -20,9 +20,10 @@ import shoal
 from shoal.algorithms.swarm import model_hash
 from shoal.errors import TransportError
 from shoal.experiment import make_dataset, resolve_config
-from shoal.ledger.blobs import BlobClient
+from shoal.ledger.blob_service import BlobClient
+from shoal.ledger.cluster import ETCD_BINARY, EtcdCluster
 from shoal.ledger.enroll import Registrar, SwarmIdentity
-from shoal.ledger.etcd import ETCD_BINARY, EtcdCluster, LedgerAccessError
+from shoal.ledger.etcd import LedgerAccessError
 from shoal.ledger.ledger import Ledger
 from shoal.net import CertificateAuthority
 from shoal.net.clientdata import split_federation

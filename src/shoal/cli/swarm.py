@@ -64,7 +64,7 @@ def swarm_ledger(
     """Run a local etcd cluster for the swarm's ledger until Ctrl-C.
 
     For one machine (demos, tests); in production each consortium member runs one member."""
-    from ..ledger.etcd import EtcdCluster
+    from ..ledger.cluster import EtcdCluster
     from ..net import CertificateAuthority
 
     with EtcdCluster(dir, CertificateAuthority(ca), members=members) as cluster:

@@ -6,7 +6,8 @@
     entry    Entry: what a device records, signed (Ed25519) and chained by hash
     ledger   Ledger: append, read a round (verified), follow new entries, audit a job
     enroll   Registrar (enroll, revoke), SwarmIdentity, the devices' signing keys
-    blobs    content-addressed weights blobs: BlobStore, BlobServer, BlobClient (mutual TLS)
+    blobs    content-addressed weights blobs: the canonical format, BlobStore
+    blob_service  BlobServer and BlobClient: blobs served peer to peer over mutual TLS
 """
 
 from .entry import Entry

@@ -8,9 +8,9 @@ client update, the merge and the weight caps), with the deployment's pieces unde
   certificate enrollment issued; etcd's RBAC lets it write under its own prefix only);
 * its updates and merged models as content-addressed blobs in a bounded
   :class:`~shoal.ledger.blobs.BlobStore`, mirrored to ``blob_dir`` so a restarted peer serves
-  them again, and served by a :class:`~shoal.ledger.blobs.BlobServer` (mutual TLS; a device
+  them again, and served by a :class:`~shoal.ledger.blob_service.BlobServer` (mutual TLS; a device
   that is not enrolled, or revoked, on the ledger is refused);
-* its peers' blobs fetched with a :class:`~shoal.ledger.blobs.BlobClient` and used only when
+* its peers' blobs fetched with a :class:`~shoal.ledger.blob_service.BlobClient` and used only when
   their SHA-256 is the one their signed entry names.
 
 A peer that starts (or restarts after a crash or a cut) catches up from the ledger: it takes
@@ -42,7 +42,8 @@ from ..config import Config
 from ..data.tasks import load_task
 from ..errors import ConfigError, TransportError
 from ..experiment import build_swarm, initial_params, make_dataset, resolve_config
-from ..ledger.blobs import BlobClient, BlobError, BlobServer, BlobStore, blob_hash, blob_params
+from ..ledger.blob_service import BlobClient, BlobServer
+from ..ledger.blobs import BlobError, BlobStore, blob_hash, blob_params
 from ..ledger.enroll import SwarmIdentity
 from ..ledger.entry import Entry
 from ..ledger.etcd import EtcdStore
