@@ -1,0 +1,68 @@
+"""Privacy audits: what an honest-but-curious coordinator (or peer) learns from what it received.
+
+Federated learning keeps the data on the clients, but the updates they send are functions of
+that data. These audits measure how much of it an observer recovers from exactly what crossed
+the wire (:class:`~shoal.observe.Recorder` keeps it: ``[m.tensors for m in
+recorder.received]``), so a privacy claim is a number, not a hope.
+
+Gradient inversion (:mod:`shoal.audits.inversion`): reconstruct a client's input from its update.
+
+* :func:`~shoal.audits.inversion.analytic_recovery` — the exact input of a fully connected
+  layer from a batch-1 gradient, ``dL/dW[i] / dL/db[i]`` (Phong et al. 2017; Geiping et al.
+  2020).
+* :func:`~shoal.audits.inversion.update_to_gradient` — a one-step SGD update as a gradient.
+* :func:`~shoal.audits.inversion.invert_gradients` — gradient matching by optimisation: DLG
+  (Zhu et al. 2019, "Deep Leakage from Gradients"), the label from the last bias gradient as
+  iDLG (Zhao et al. 2020), the cosine distance of "Inverting Gradients" (Geiping et al. 2020).
+* :func:`~shoal.audits.inversion.reconstruction_error`,
+  :func:`~shoal.audits.inversion.exact_recovery` — how close the reconstruction is.
+
+Membership inference (:mod:`shoal.audits.membership`): was this example in the training data?
+
+* :func:`~shoal.audits.membership.loss_threshold_scores` — the loss attack (Yeom et al. 2018).
+* :class:`~shoal.audits.membership.LiRA`, :func:`~shoal.audits.membership.lira_scores` — the
+  likelihood-ratio attack with shadow models, online and offline (Carlini et al. 2022,
+  "Membership inference attacks from first principles").
+* :func:`~shoal.audits.membership.roc`, :func:`~shoal.audits.membership.tpr_at_fpr`,
+  :func:`~shoal.audits.membership.membership_auc` — the attack's power, at low FPR above all.
+* :func:`~shoal.audits.membership.epsilon_bound_tpr` — the highest TPR an ``(ε, δ)``-DP training
+  allows at a given FPR (Kairouz et al. 2015): a measured TPR above it refutes the claim.
+"""
+
+from __future__ import annotations
+
+from .inversion import (
+    analytic_recovery,
+    exact_recovery,
+    infer_label,
+    invert_gradients,
+    reconstruction_error,
+    update_to_gradient,
+)
+from .membership import (
+    LiRA,
+    epsilon_bound_tpr,
+    lira_scores,
+    loss_threshold_scores,
+    membership_auc,
+    roc,
+    scaled_logit,
+    tpr_at_fpr,
+)
+
+__all__ = [
+    "LiRA",
+    "analytic_recovery",
+    "epsilon_bound_tpr",
+    "exact_recovery",
+    "infer_label",
+    "invert_gradients",
+    "lira_scores",
+    "loss_threshold_scores",
+    "membership_auc",
+    "reconstruction_error",
+    "roc",
+    "scaled_logit",
+    "tpr_at_fpr",
+    "update_to_gradient",
+]
