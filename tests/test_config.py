@@ -31,7 +31,7 @@ from shoal.errors import ConfigError
     ("data.alpha=nan", "config field 'data.alpha': expected a finite number, got nan."),
     ("sed=1", "config: unknown field 'sed'. Did you mean 'seed'? Known fields in the top level: "
      "seed, seeds, paradigm, baseline, out_dir, task, data, federated, client, evaluation, "
-     "checkpoint, secagg, privacy, network, data_parallel, split, swarm, logging."),
+     "checkpoint, secagg, privacy, network, data_parallel, split, swarm, attack, logging."),
     ("rounds", "--set 'rounds': expected key=value, e.g. federated.rounds=5."),
 ])
 def test_bad_fields_name_field_expected_and_got(override, message):

@@ -47,7 +47,7 @@ import tomli_w
 
 from .errors import ConfigError
 
-__all__ = ["CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
+__all__ = ["AttackConfig", "CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
            "EvaluationConfig", "FederatedConfig", "LoggingConfig", "NetworkConfig",
            "PrivacyConfig", "SecAggConfig",
            "SplitConfig", "SwarmConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
@@ -297,6 +297,28 @@ class SwarmConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Malicious participants in simulation (:mod:`shoal.attacks`): ``kind`` of attack by a
+    ``fraction`` of the clients (federated) or peers (swarm), chosen from the seed. ``scale``:
+    sign flip's and ``scaled``'s factor; ``sigma``: the Gaussian attack's std; ``z``: ALIE's
+    (0: the paper's from the numbers of clients and attackers); ``epsilon``: IPM's; the
+    backdoor's ``target`` class, ``boost`` (model replacement) and trigger (a ``trigger_size``
+    square of pixels, or the first ``trigger_size`` features, set to ``trigger_value``)."""
+
+    kind: Literal["none", "label_flip", "sign_flip", "scaled", "gaussian", "free_rider", "alie",
+                  "ipm", "backdoor"] = "none"
+    fraction: float = field(default=0.1, metadata=_check(gt=0, max=1))
+    scale: float = field(default=1.0, metadata=_check(gt=0))
+    sigma: float = field(default=1.0, metadata=_check(gt=0))
+    z: float = field(default=0.0, metadata=_check(min=0))
+    epsilon: float = field(default=0.5, metadata=_check(gt=0))
+    target: int = field(default=0, metadata=_check(min=0))
+    boost: float = field(default=10.0, metadata=_check(gt=0))
+    trigger_size: int = field(default=3, metadata=_check(min=1))
+    trigger_value: float = 1.0
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides ``RUN/<paradigm>/metrics.jsonl`` (:mod:`shoal.loggers`).
 
@@ -342,6 +364,7 @@ class Config:
     data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -465,9 +488,10 @@ def _value(tp: Any, value: Any, where: str, check: dict[str, Any]) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config field '{where}': expected a finite number, got {value}.")
         for op, bound in check.items():
-            bad = {"min": value < bound, "gt": value <= bound, "lt": value >= bound}[op]
+            bad = {"min": value < bound, "gt": value <= bound, "lt": value >= bound,
+                   "max": value > bound}[op]
             if bad:
-                rule = {"min": ">=", "gt": ">", "lt": "<"}[op]
+                rule = {"min": ">=", "gt": ">", "lt": "<", "max": "<="}[op]
                 raise ConfigError(f"config field '{where}': expected a value {rule} {bound}, "
                                   f"got {value}.")
     return value

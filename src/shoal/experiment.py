@@ -59,6 +59,7 @@ from .algorithms.fedavg import FedAvg
 from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .algorithms.swarm import TRAIN, Swarm
+from .attacks.configure import attacked_update
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
 from .checkpoint import Checkpoint, check_resume_config, prepare_run_dir, restore_latest
 from .client import local_sgd, optimizer_fn
@@ -250,7 +251,8 @@ def build_swarm(config: Config, task: Task, dataset: FederatedDataset,
     peers = list(dataset.client_ids())
     noise = (privacy.noise_for(config, len(dataset), min(map(dataset.num_examples, peers)), 0)
              if config.privacy.mode != "off" else 0.0)
-    update = config_client_update(config, task, model, noise)
+    update = attacked_update(config, task, config_client_update(config, task, model, noise),
+                             peers, dataset.client)
     reducer = {"mean": lambda: weighted_mean(f.weighting), "median": coordinate_median,
                "trimmed_mean": lambda: trimmed_mean(sw.trim_beta),
                "geometric_median": geometric_median}[sw.merge]()
@@ -296,7 +298,8 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
             f"{expected:g} clients per round, but at least {min_replies} valid replies are "
             f"needed (min_replies / {reducer!r}); sample more clients."
         )
-    update = config_client_update(config, task, model, noise)
+    update: Any = attacked_update(config, task, config_client_update(config, task, model, noise),
+                                  dataset.client_ids(), dataset.client)
     evaluator = Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size)
     kwargs: dict[str, Any] = dict(
         pipeline=pipeline, server_opt=config_server_opt(config), cohort=cohort,

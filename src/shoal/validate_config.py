@@ -33,7 +33,7 @@ def config_problems(config: Config) -> list[str]:
     """Every problem of ``config`` that would fail or silently change a run (an empty list
     when it is ready to run); loads the task (not the other paradigms' data) to check what
     depends on the federation."""
-    out = _paradigm_problems(config)
+    out = _paradigm_problems(config) + _attack_problems(config)
     f, s = config.federated, config.secagg
     if f.sampling == "poisson" and isinstance(f.clients_per_round, int):
         out.append(
@@ -133,6 +133,31 @@ def _paradigm_problems(config: Config) -> list[str]:
             f"config field 'federated.algorithm': {where} does not run "
             f"\"{config.federated.algorithm}\"; set federated.algorithm = \"fedavg\", or "
             "paradigm = \"federated\".")
+    return out
+
+
+def _attack_problems(config: Config) -> list[str]:
+    """``[attack]`` is applied to federated and swarm runs, by the clients of one process."""
+    a = config.attack
+    if a.kind == "none":
+        return []
+    out = []
+    if config.paradigm not in ("federated", "swarm"):
+        out.append(
+            f"config field 'attack.kind': paradigm = \"{config.paradigm}\" has no malicious "
+            f"participants yet, so attack.kind = \"{a.kind}\" would not be applied; set "
+            "attack.kind = \"none\", or paradigm = \"federated\" or \"swarm\".")
+    if config.federated.algorithm == "scaffold":
+        out.append(
+            "config field 'attack.kind': federated.algorithm = \"scaffold\" needs client "
+            "updates with gradient corrections, which the attack wrappers do not have yet; "
+            "set federated.algorithm = \"fedavg\" or attack.kind = \"none\".")
+    if a.kind in ("alie", "ipm") and config.federated.executor in ("processes", "auto"):
+        out.append(
+            f"config field 'federated.executor': attack.kind = \"{a.kind}\" has its attackers "
+            "collude in one process, which executor = "
+            f"\"{config.federated.executor}\" may split into workers; set federated.executor = "
+            "\"sequential\" or \"vectorized\".")
     return out
 
 

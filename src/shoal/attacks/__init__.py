@@ -15,6 +15,9 @@ clients :func:`choose_attackers` picks; no algorithm changes. The attacks:
 - :func:`backdoor` — a :class:`Trigger` backdoor by model replacement (Bagdasaryan et al.
   2020), measured by :func:`backdoor_success`.
 
+From a config, ``[attack]`` (:mod:`shoal.attacks.configure`) puts them in federated runs (also
+under secure aggregation) and swarm runs.
+
 Attacks draw their randomness from the run's seeds: they model an adversary, reproducibly.
 Collusive attacks share state in-process: use the sequential executor.
 """

@@ -1,0 +1,68 @@
+"""``[attack]``: applied to federated and swarm runs from the config; refused where it would not
+be applied."""
+
+from __future__ import annotations
+
+import pytest
+
+import shoal
+from shoal.attacks import Malicious
+from shoal.experiment import (
+    build_federated,
+    build_swarm,
+    initial_params,
+    make_dataset,
+    resolve_config,
+)
+from shoal.validate_config import config_problems
+
+BASE = ["task.name=heart", "federated.rounds=2", "baseline=false",
+        "federated.clients_per_round=4"]
+
+
+def _built(overrides: list[str], builder=build_federated):
+    config = shoal.load_config(None, [*BASE, *overrides])
+    task = shoal.load_task("heart")
+    config = resolve_config(config, task)
+    model, _ = initial_params(config, task)
+    return builder(config, task, make_dataset(config, task), model)[0]
+
+
+def test_no_attack_leaves_the_client_update_alone():
+    assert not isinstance(_built([]).client_update, Malicious)
+
+
+@pytest.mark.parametrize("builder", [build_federated, build_swarm])
+def test_the_attack_wraps_the_update_of_a_seeded_fraction(builder):
+    paradigm = "federated" if builder is build_federated else "swarm"
+    algo = _built([f"paradigm={paradigm}", "attack.kind=sign_flip", "attack.fraction=0.5",
+                   "attack.scale=3"], builder)
+    update = algo.client_update
+    assert isinstance(update, Malicious) and len(update.attackers) == 2
+    again = _built([f"paradigm={paradigm}", "attack.kind=sign_flip", "attack.fraction=0.5"],
+                   builder).client_update
+    assert update.attackers == again.attackers  # drawn from the seed
+
+
+def test_a_sign_flipping_run_is_worse_than_a_clean_one(tmp_path):
+    clean = shoal.run_experiment(shoal.load_config(None, [*BASE, "federated.rounds=5"]),
+                                 tmp_path / "clean")[0].final["accuracy"]
+    bad = shoal.run_experiment(shoal.load_config(None, [
+        *BASE, "federated.rounds=5", "attack.kind=sign_flip", "attack.fraction=0.5",
+        "attack.scale=5"]), tmp_path / "bad")[0].final["accuracy"]
+    assert bad < clean
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["paradigm=split", "attack.kind=sign_flip"],
+     "config field 'attack.kind': paradigm = \"split\" has no malicious participants yet"),
+    (["attack.kind=alie", "federated.executor=processes"],
+     "config field 'federated.executor': attack.kind = \"alie\" has its attackers collude in "
+     "one process"),
+    (["attack.kind=gaussian", "federated.algorithm=scaffold"],
+     "config field 'attack.kind': federated.algorithm = \"scaffold\" needs client updates "
+     "with gradient corrections"),
+])
+def test_attacks_where_they_would_not_be_applied_are_errors(overrides, message):
+    config = shoal.load_config(None, [*BASE, *overrides])
+    assert any(message in p for p in config_problems(config)), config_problems(config)
