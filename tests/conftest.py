@@ -45,6 +45,15 @@ def make_tiny(clients: int = 4, per_client: int = 30, seed: int = 0) -> Tiny:
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny models: more threads only add contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny() -> Tiny:
     return make_tiny()
 

@@ -39,13 +39,7 @@ from shoal.types import ClientInfo
 
 from ..conftest import cross_entropy, make_tiny, sgd
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -25,13 +25,7 @@ from shoal.client import local_sgd
 from shoal.data.arrays import ArrayData
 from shoal.types import ClientInfo
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def relu_mlp(seed: int = 0) -> nn.Module:
