@@ -16,7 +16,8 @@ sampled every round, 30 rounds) with an ``[attack]`` section, run through
 
 The default defence: coordinate-wise trimmed mean (beta 0.2) after clipping every update to norm
 1.0 at the coordinator (``federated.reducer = "trimmed_mean"``, ``federated.clip_norm = 1.0``,
-``federated.clip_at = "coordinator"``).
+``federated.clip_at = "coordinator"``). FLTrust (``federated.reducer = "fltrust"``, 100 root
+examples at the coordinator) is measured beside it.
 
     python benchmarks/attacks.py [--rounds 30]
 """
@@ -35,6 +36,7 @@ BASE = ["task.name=digits", "data.partition=iid", "data.num_clients=20",
         "federated.clients_per_round=20", "baseline=false", "seed=0"]
 DEFENCE = ["federated.reducer=trimmed_mean", "federated.trim_beta=0.2",
            "federated.clip_norm=1.0", "federated.clip_at=coordinator"]
+FLTRUST = ["federated.reducer=fltrust", "federated.root_examples=100"]
 BACKDOOR = ["attack.kind=backdoor", "attack.fraction=0.05", "attack.boost=20",
             "attack.target=0", "attack.trigger_size=3", "attack.trigger_value=1.0"]
 
@@ -73,11 +75,16 @@ def main() -> None:
     acc, figures["backdoor_defended"] = run(args.rounds, [*BACKDOOR, *DEFENCE])
     print(f"backdoor, defended: success {figures['backdoor_defended']:.4f}, accuracy {acc:.4f}",
           flush=True)
+    acc, figures["backdoor_fltrust"] = run(args.rounds, [*BACKDOOR, *FLTRUST])
+    print(f"backdoor, FLTrust: success {figures['backdoor_fltrust']:.4f}, accuracy {acc:.4f}",
+          flush=True)
     flips = ["attack.kind=sign_flip", "attack.fraction=0.2", "attack.scale=5"]
     figures["signflip_fedavg_accuracy"], _ = run(args.rounds, flips)
     figures["signflip_robust_accuracy"], _ = run(args.rounds, [*flips, *DEFENCE])
+    figures["signflip_fltrust_accuracy"], _ = run(args.rounds, [*flips, *FLTRUST])
     print(f"sign flip (20 %): FedAvg {figures['signflip_fedavg_accuracy']:.4f}, defended "
-          f"{figures['signflip_robust_accuracy']:.4f}", flush=True)
+          f"{figures['signflip_robust_accuracy']:.4f}, FLTrust "
+          f"{figures['signflip_fltrust_accuracy']:.4f}", flush=True)
     figures["alie_robust_accuracy"], _ = run(args.rounds, ["attack.kind=alie",
                                                            "attack.fraction=0.2", *DEFENCE])
     print(f"ALIE (20 %), defended: accuracy {figures['alie_robust_accuracy']:.4f}", flush=True)

@@ -79,7 +79,10 @@ class DataConfig:
 
 @dataclass
 class FederatedConfig:
-    """Rounds, cohorts, dropouts, aggregation and the server optimizer."""
+    """Rounds, cohorts, dropouts, aggregation and the server optimizer. ``reducer =
+    "fltrust"`` runs FLTrust (:class:`~shoal.algorithms.fltrust.FLTrust`): the coordinator
+    trains on ``root_examples`` clean examples of its own each round and trusts an update by
+    its agreement with that (in simulation they are drawn from the task's training pool)."""
 
     algorithm: Literal["fedavg", "scaffold"] = "fedavg"
     rounds: int = field(default=30, metadata=_check(min=1))
@@ -90,10 +93,12 @@ class FederatedConfig:
     timeout_s: float = field(default=0.0, metadata=_check(min=0))
     on_client_error: Literal["drop", "raise"] = "drop"
     weighting: Literal["examples", "uniform"] = "examples"
-    reducer: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    reducer: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum",
+                     "geometric_median", "fltrust"] = "mean"
     trim_beta: float = field(default=0.1, metadata=_check(min=0, lt=0.5))
     krum_f: int = field(default=1, metadata=_check(min=0))
     krum_m: int = field(default=1, metadata=_check(min=1))
+    root_examples: int = field(default=100, metadata=_check(min=1))
     clip_norm: float = field(default=0.0, metadata=_check(min=0))
     clip_at: Literal["client", "coordinator"] = "client"
     server_opt: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"

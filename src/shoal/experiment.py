@@ -50,12 +50,14 @@ from .aggregate import (
     multi_krum,
     sgd,
     trimmed_mean,
+    trusted_mean,
     weighted_mean,
     yogi,
 )
 from .algorithms.centralized import Centralized
 from .algorithms.cohort import Cohort
 from .algorithms.fedavg import FedAvg
+from .algorithms.fltrust import FLTrust
 from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .algorithms.swarm import TRAIN, Swarm
@@ -66,6 +68,7 @@ from .client import local_sgd, optimizer_fn
 from .config import Config, to_dict, to_toml
 from .costs import cost_summary
 from .credentials import RunKeys
+from .data.arrays import ArrayData
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import ConfigError
@@ -88,7 +91,7 @@ from .validate_config import check_config
 __all__ = ["PARADIGMS", "Built", "ParadigmBuilder", "ParadigmResult", "Setup", "build_federated",
            "build_swarm", "centralized_paradigm", "client_optimizer", "config_client_update", "config_reducer", "config_server_opt",
            "federated_paradigm", "initial_params", "make_dataset", "population",
-           "primary_metric", "register_paradigm", "resolve_config", "run_experiment",
+           "primary_metric", "register_paradigm", "resolve_config", "root_data", "run_experiment",
            "scheduled_examples", "swarm_paradigm", "weight_cap"]
 
 log = logging.getLogger(__name__)
@@ -209,6 +212,8 @@ def config_reducer(config: Config) -> Reducer:
         "trimmed_mean": lambda: trimmed_mean(f.trim_beta),
         "krum": lambda: krum(f.krum_f),
         "multi_krum": lambda: multi_krum(f.krum_f, f.krum_m),
+        "geometric_median": geometric_median,
+        "fltrust": lambda: trusted_mean({}),  # FLTrust sets the round's reference
     }[f.reducer]()
 
 
@@ -320,6 +325,8 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
                 "control-variate update beside its model update, which secure aggregation "
                 "does not cover; set federated.algorithm = \"fedavg\" or secagg.enabled = false.")
         algorithm: FedAvg = Scaffold(update, **kwargs)
+    elif f.reducer == "fltrust":
+        algorithm = FLTrust(update, root_data(config, task), **kwargs)
     elif s.enabled:
         algorithm = SecureFedAvg(update, secagg=secure_aggregation(
             s.clip, s.max_weight, s.neighbours or None, s.threshold), **kwargs)
@@ -331,6 +338,14 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
     transport = InProcessTransport(dataset.client_ids(), dataset.client, algorithm.handlers(),
                                    mods=mods, on_error=f.on_client_error, executor=executor)
     return algorithm, transport
+
+
+def root_data(config: Config, task: Task) -> ArrayData:
+    """FLTrust's root data set: ``federated.root_examples`` examples of the task's training
+    pool, drawn from the seed (the paper's coordinator collects them itself)."""
+    n = min(config.federated.root_examples, len(task.train))
+    g = torch.Generator().manual_seed(derive_seed(config.seed, "fltrust-root-data"))
+    return task.train.subset(torch.randperm(len(task.train), generator=g)[:n])
 
 
 def scheduled_examples(config: Config, dataset: FederatedDataset) -> list[int]:

@@ -16,6 +16,7 @@ from shoal.aggregate import (
     krum,
     multi_krum,
     trimmed_mean,
+    trusted_mean,
     weighted_mean,
 )
 from shoal.errors import AggregationError, ConfigError
@@ -362,3 +363,22 @@ def test_geometric_median_errors():
         geometric_median(0)
     with pytest.raises(AggregationError, match="every weight must be > 0"):
         geometric_median()([u(w=[1.0]), u(w=[2.0])], [1.0, 0.0])
+
+
+# --- FLTrust's trusted mean -------------------------------------------------------------------
+
+def test_trusted_mean_by_hand():
+    ref = u(w=[1.0, 0.0])
+    xs = [u(w=[2.0, 0.0]), u(w=[0.0, 3.0]), u(w=[-5.0, 0.0]), u(w=[1.0, 1.0])]
+    r = trusted_mean(ref)
+    got = r(xs, [1.0, 1e9, 1e9, 1.0])  # weights ignored
+    # trust: cos = 1, 0, -1 -> 0, 1/sqrt(2); each rescaled to the reference's norm 1
+    t = [1.0, 0.0, 0.0, 2 ** -0.5]
+    want = (1.0 * torch.tensor([1.0, 0.0]) + t[3] * torch.tensor([1.0, 1.0]) / 2 ** 0.5) / (1 + t[3])
+    assert torch.allclose(got["w"], want.float(), atol=1e-6)
+    assert r.last_trust == pytest.approx(t)
+
+
+def test_trusted_mean_of_untrusted_updates_is_zero():
+    got = trusted_mean(u(w=[1.0, 1.0]))([u(w=[-1.0, -2.0]), u(w=[-3.0, 0.0])], [1.0, 1.0])
+    assert torch.equal(got["w"], torch.zeros(2))

@@ -11,12 +11,14 @@ from .reducers import (
     Krum,
     Reducer,
     TrimmedMean,
+    TrustedMean,
     WeightedMean,
     coordinate_median,
     geometric_median,
     krum,
     multi_krum,
     trimmed_mean,
+    trusted_mean,
     weighted_mean,
 )
 from .server_opt import ServerOpt, adagrad, adam, momentum, sgd, yogi
@@ -34,6 +36,7 @@ __all__ = [
     "Stage",
     "StageState",
     "TrimmedMean",
+    "TrustedMean",
     "WeightedMean",
     "adagrad",
     "adam",
@@ -45,6 +48,7 @@ __all__ = [
     "multi_krum",
     "sgd",
     "trimmed_mean",
+    "trusted_mean",
     "weighted_mean",
     "yogi",
 ]

@@ -22,12 +22,14 @@ from ..tree import Params
 __all__ = [
     "CoordinateMedian",
     "GeometricMedian",
+    "TrustedMean",
     "Krum",
     "Reducer",
     "TrimmedMean",
     "WeightedMean",
     "coordinate_median",
     "geometric_median",
+    "trusted_mean",
     "krum",
     "multi_krum",
     "trimmed_mean",
@@ -217,6 +219,43 @@ class GeometricMedian(Reducer):
 def geometric_median(max_iter: int = 100) -> GeometricMedian:
     """The weighted geometric median (smoothed Weiszfeld); see :class:`GeometricMedian`."""
     return GeometricMedian(max_iter)
+
+
+class TrustedMean(Reducer):
+    """FLTrust's aggregation (Cao et al. 2021): each update is scored by its direction's
+    agreement with a ``reference`` update the coordinator computed itself on a small clean root
+    data set — trust ``ReLU(cos(update, reference))`` — rescaled to the reference's norm, and
+    the trust-weighted mean is returned (the zero update when no update is trusted). Ignores
+    the clients' weights; :attr:`last_trust` keeps the round's trust scores (the coordinator's
+    per-client anomaly scores: 0 is an update pointing away from the reference)."""
+
+    def __init__(self, reference: Params):
+        self.reference = reference
+        self.last_trust: list[float] = []
+
+    def __repr__(self) -> str:
+        return "trusted_mean(reference)"
+
+    def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
+        self._check(updates, weights)
+        ref, spec = tree.flatten(self.reference)
+        ref = ref.double()
+        ref_norm = float(ref.norm())
+        flat = torch.stack([tree.flatten(u)[0].double() for u in updates])  # (n, d)
+        norms = flat.norm(dim=1).clamp_min(1e-12)  # (n,)
+        trust = torch.relu(flat @ ref / (norms * max(ref_norm, 1e-12)))  # (n,)
+        self.last_trust = [float(t) for t in trust]
+        if float(trust.sum()) == 0.0:
+            z = torch.zeros_like(ref)
+        else:
+            z = (trust[:, None] * flat * (ref_norm / norms)[:, None]).sum(0) / trust.sum()
+        out = tree.unflatten(z, spec)
+        return {k: v.to(updates[0][k].dtype) for k, v in out.items()}
+
+
+def trusted_mean(reference: Params) -> TrustedMean:
+    """FLTrust's trust-weighted mean against ``reference``; see :class:`TrustedMean`."""
+    return TrustedMean(reference)
 
 
 class Krum(Reducer):
