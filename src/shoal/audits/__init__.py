@@ -27,10 +27,22 @@ Membership inference (:mod:`shoal.audits.membership`): was this example in the t
   :func:`~shoal.audits.membership.membership_auc` — the attack's power, at low FPR above all.
 * :func:`~shoal.audits.membership.epsilon_bound_tpr` — the highest TPR an ``(ε, δ)``-DP training
   allows at a given FPR (Kairouz et al. 2015): a measured TPR above it refutes the claim.
+
+One-run ε audit (:mod:`shoal.audits.epsilon`): ε ≥ a bound from one training (Steinke et al.).
 """
 
 from __future__ import annotations
 
+from .epsilon import (
+    OneRunBound,
+    best_lower_bound,
+    canary_mask,
+    default_grid,
+    one_run_epsilon_from_counts,
+    one_run_epsilon_lower_bound,
+    one_run_guesses,
+    one_run_p_value,
+)
 from .inversion import (
     analytic_recovery,
     exact_recovery,
@@ -52,7 +64,11 @@ from .membership import (
 
 __all__ = [
     "LiRA",
+    "OneRunBound",
     "analytic_recovery",
+    "best_lower_bound",
+    "canary_mask",
+    "default_grid",
     "epsilon_bound_tpr",
     "exact_recovery",
     "infer_label",
@@ -60,6 +76,10 @@ __all__ = [
     "lira_scores",
     "loss_threshold_scores",
     "membership_auc",
+    "one_run_epsilon_from_counts",
+    "one_run_epsilon_lower_bound",
+    "one_run_guesses",
+    "one_run_p_value",
     "reconstruction_error",
     "roc",
     "scaled_logit",
