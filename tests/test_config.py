@@ -13,7 +13,7 @@ from shoal.errors import ConfigError
 @pytest.mark.parametrize("override, message", [
     ("federated.rouds=3", "config: unknown field 'federated.rouds'. Did you mean 'rounds'? "
      "Known fields in [federated]: algorithm, rounds, clients_per_round, sampling, min_replies, dropout, "
-     "timeout_s, on_client_error, weighting, reducer, trim_beta, krum_f, krum_m, clip_norm, "
+     "timeout_s, on_client_error, weighting, reducer, trim_beta, krum_f, krum_m, root_examples, clip_norm, "
      "clip_at, server_opt, server_lr, server_momentum, beta1, beta2, tau, max_weight, executor, workers, "
      "worker_executor."),
     ("federated.rounds=ten", "config field 'federated.rounds': expected an integer, "
@@ -21,7 +21,7 @@ from shoal.errors import ConfigError
     ("federated.rounds=0", "config field 'federated.rounds': expected a value >= 1, got 0."),
     ("client.lr=-1", "config field 'client.lr': expected a value > 0, got -1.0."),
     ("federated.reducer=avg", "config field 'federated.reducer': expected one of 'mean', "
-     "'median', 'trimmed_mean', 'krum', 'multi_krum', got 'avg' (str)."),
+     "'median', 'trimmed_mean', 'krum', 'multi_krum', 'geometric_median', 'fltrust', got 'avg' (str)."),
     ("baseline=1", "config field 'baseline': expected true or false, got 1 (int)."),
     ("data=3", "config section 'data': expected a table, got 3 (int)."),
     ("federated.clients_per_round=2.5", "config field 'federated.clients_per_round': expected "
@@ -31,7 +31,7 @@ from shoal.errors import ConfigError
     ("data.alpha=nan", "config field 'data.alpha': expected a finite number, got nan."),
     ("sed=1", "config: unknown field 'sed'. Did you mean 'seed'? Known fields in the top level: "
      "seed, seeds, paradigm, baseline, out_dir, task, data, federated, client, evaluation, "
-     "checkpoint, secagg, privacy, network, data_parallel, split, swarm, attack, logging."),
+     "checkpoint, secagg, privacy, network, data_parallel, split, swarm, attack, audit, logging."),
     ("rounds", "--set 'rounds': expected key=value, e.g. federated.rounds=5."),
 ])
 def test_bad_fields_name_field_expected_and_got(override, message):

@@ -47,7 +47,7 @@ import tomli_w
 
 from .errors import ConfigError
 
-__all__ = ["AttackConfig", "CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
+__all__ = ["AttackConfig", "AuditConfig", "CheckpointConfig", "ClientConfig", "Config", "DataConfig", "DataParallelConfig",
            "EvaluationConfig", "FederatedConfig", "LoggingConfig", "NetworkConfig",
            "PrivacyConfig", "SecAggConfig",
            "SplitConfig", "SwarmConfig", "TaskConfig", "apply_overrides", "load_config", "parse_config",
@@ -324,6 +324,17 @@ class AttackConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Privacy audits of the run (:mod:`shoal.audits`): ``capture_rounds`` keeps what the
+    coordinator received in those rounds (``RUN/<paradigm>/views/``) for the inversion audit;
+    ``run`` lists the audits to run when the run ends (``"inversion"``, ``"membership"``), as
+    ``shoal audit RUN_DIR`` does, into ``RUN/audit.json``."""
+
+    capture_rounds: list[int] = field(default_factory=list, metadata=_check(min=1))
+    run: list[Literal["inversion", "membership"]] = field(default_factory=list)
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go besides ``RUN/<paradigm>/metrics.jsonl`` (:mod:`shoal.loggers`).
 
@@ -370,6 +381,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

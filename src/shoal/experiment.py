@@ -62,6 +62,7 @@ from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .algorithms.swarm import TRAIN, Swarm
 from .attacks.configure import attacked_update
+from .audits.views import CaptureViews
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
 from .checkpoint import Checkpoint, check_resume_config, prepare_run_dir, restore_latest
 from .client import local_sgd, optimizer_fn
@@ -501,6 +502,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep,
                        config=config),
             *metric_loggers(config, run_dir, paradigm),  # [logging]: TensorBoard, MLflow
+            *([CaptureViews(config.audit.capture_rounds, out / "views")]
+              if config.audit.capture_rounds and paradigm == "federated" else []),
             *(callbacks(paradigm, rounds) if callbacks else []),
         ]
         try:
@@ -517,6 +520,9 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         tmp.write_text(json.dumps(
             {"config": to_dict(config), "results": [r.summary() for r in results]}, indent=2))
         tmp.replace(run_dir / "summary.json")
+    if config.audit.run:  # [audit]: what `shoal audit RUN_DIR` does, now
+        from .audits.run_audit import audit_run
+        audit_run(run_dir, config.audit.run)
     return results
 
 

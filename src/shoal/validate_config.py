@@ -34,6 +34,16 @@ def config_problems(config: Config) -> list[str]:
     when it is ready to run); loads the task (not the other paradigms' data) to check what
     depends on the federation."""
     out = _paradigm_problems(config) + _attack_problems(config)
+    if config.audit.capture_rounds and config.paradigm != "federated":
+        out.append(
+            f"config field 'audit.capture_rounds': paradigm = \"{config.paradigm}\" has no "
+            "coordinator whose view could be captured, so it would not be applied; set "
+            "audit.capture_rounds = [], or paradigm = \"federated\".")
+    late = [r for r in config.audit.capture_rounds if r > config.federated.rounds]
+    if late:
+        out.append(
+            f"config field 'audit.capture_rounds': rounds {late} come after the last round "
+            f"({config.federated.rounds}); capture rounds 1 to {config.federated.rounds}.")
     f, s = config.federated, config.secagg
     if f.sampling == "poisson" and isinstance(f.clients_per_round, int):
         out.append(

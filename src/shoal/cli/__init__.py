@@ -197,6 +197,7 @@ def main() -> None:
         sys.exit(2)
 
 
+from . import audit as _audit  # noqa: E402,F401  (registers shoal audit)
 from . import dp as _dp  # noqa: E402,F401  (registers data-parallel, the torchrun entry)
 from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)
 from . import swarm as _swarm  # noqa: E402,F401  (registers shoal swarm ...)

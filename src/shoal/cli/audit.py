@@ -1,0 +1,44 @@
+"""``shoal audit RUN_DIR [--only inversion,membership]``: privacy audits of a finished run.
+
+Reads the run's config, models and captured views (``[audit] capture_rounds``), writes
+``RUN_DIR/audit.json`` and prints one line per paradigm and audit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from . import app, console
+
+__all__ = ["audit_command"]
+
+
+@app.command("audit")
+def audit_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's directory.")],
+    only: Annotated[str, typer.Option(
+        help="Comma-separated audits to run (default: all): inversion, membership.")] = "",
+) -> None:
+    """Audit what a finished run leaks: gradient inversion of the captured updates,
+    membership inference against the final model; writes RUN_DIR/audit.json."""
+    from ..audits.run_audit import audit_run
+
+    results = audit_run(run_dir, [a for a in only.split(",") if a])
+    for paradigm, audits in results.items():
+        for name, figures in audits.items():
+            if "skipped" in figures:
+                line = f"skipped: {figures['skipped']}"
+            elif name == "inversion":
+                line = (f"{figures['clients_exposed']} of {figures['clients_attacked']} clients' "
+                        f"inputs recovered exactly from {figures['updates_attacked']} updates "
+                        f"the coordinator received ({figures['messages_by_kind']})")
+            else:
+                line = (f"{figures['attack']}: AUC {figures['auc']:.4f}, TPR "
+                        f"{figures['tpr_at_1%_fpr']:.4f} at 1 % FPR, "
+                        f"{figures['tpr_at_0.1%_fpr']:.4f} at 0.1 %")
+            console.print(escape(f"{paradigm} {name}: {line}"), soft_wrap=True)
+    console.print(f"written to {run_dir / 'audit.json'}")
