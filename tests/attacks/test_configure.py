@@ -66,3 +66,14 @@ def test_a_sign_flipping_run_is_worse_than_a_clean_one(tmp_path):
 def test_attacks_where_they_would_not_be_applied_are_errors(overrides, message):
     config = shoal.load_config(None, [*BASE, *overrides])
     assert any(message in p for p in config_problems(config)), config_problems(config)
+
+
+def test_a_malicious_swarm_peer_is_outvoted_by_robust_merging(tmp_path):
+    peers = ["task.name=digits", "paradigm=swarm", "data.num_clients=5",
+             "federated.clients_per_round=5", "federated.rounds=6", "baseline=false",
+             "data.partition=iid", "attack.kind=sign_flip", "attack.fraction=0.2",
+             "attack.scale=10"]
+    mean = shoal.run_experiment(shoal.load_config(None, peers), tmp_path / "mean")[0]
+    median = shoal.run_experiment(shoal.load_config(None, [*peers, "swarm.merge=median"]),
+                                  tmp_path / "median")[0]
+    assert median.final["accuracy"] > 0.8 > mean.final["accuracy"]
