@@ -29,10 +29,21 @@ Membership inference (:mod:`shoal.audits.membership`): was this example in the t
   allows at a given FPR (Kairouz et al. 2015): a measured TPR above it refutes the claim.
 
 One-run ε audit (:mod:`shoal.audits.epsilon`): ε ≥ a bound from one training (Steinke et al.).
+Canary exposure (:mod:`shoal.audits.canary`): is a secret one phone typed memorised (Carlini)?
 """
 
 from __future__ import annotations
 
+from .canary import (
+    Canary,
+    candidate_log_perplexities,
+    expected_random_exposure,
+    exposure,
+    exposure_from_log_perplexities,
+    insert,
+    log_perplexity,
+    make_canary,
+)
 from .epsilon import (
     OneRunBound,
     best_lower_bound,
@@ -63,18 +74,26 @@ from .membership import (
 )
 
 __all__ = [
+    "Canary",
     "LiRA",
     "OneRunBound",
     "analytic_recovery",
     "best_lower_bound",
     "canary_mask",
+    "candidate_log_perplexities",
     "default_grid",
     "epsilon_bound_tpr",
     "exact_recovery",
+    "expected_random_exposure",
+    "exposure",
+    "exposure_from_log_perplexities",
     "infer_label",
+    "insert",
     "invert_gradients",
     "lira_scores",
+    "log_perplexity",
     "loss_threshold_scores",
+    "make_canary",
     "membership_auc",
     "one_run_epsilon_from_counts",
     "one_run_epsilon_lower_bound",
