@@ -58,6 +58,11 @@ def first_dense_layer(params: Params) -> str | None:
 
 def _inversion(run_dir: Path, paradigm: str, config: Any, dataset: Any,
                template: Params) -> dict[str, Any]:
+    if paradigm != "federated":
+        return {"skipped": f"paradigm {paradigm!r} has no coordinator receiving updates to "
+                           "capture (the centralized baseline receives the raw data itself)"
+                if paradigm == "centralized" else
+                f"paradigm {paradigm!r}: capturing its views is not built yet"}
     views = sorted((run_dir / paradigm / "views").glob("round-*.safetensors"))
     if not views:
         return {"skipped": "no captured views: set audit.capture_rounds (e.g. [1]) and run "
