@@ -28,10 +28,14 @@ set's mean image.
   The plain and DP cases also try the aggregate update, so every case gives the attacker the
   same extra candidate.
 
-Membership inference (LiRA, Carlini et al. 2022): a model trained on a random half of 400
-digits examples, plainly and with DP-SGD at ε = 8 (δ = 1e-5); 16 shadow models trained with the
+Membership inference (LiRA, Carlini et al. 2022): a model (MLP) trained on a random half of
+2,000 Fashion-MNIST images, 10 epochs, plainly and with DP-SGD at ε = 8 (δ = 1e-5); 16 shadow models trained with the
 same recipe; ``lira_tpr_*`` is the TPR at 0.1 % FPR (a DP model's must stay under what (ε, δ)
 allows, printed beside it).
+
+Canary exposure (Carlini et al. 2019, "The Secret Sharer"): a secret PIN inserted 5 times into
+a keyboard model's text; its exposure among all 10^4 PINs, without and with DP-SGD, beside the
+largest exposure of never-inserted PINs.
 
 The one-run audit (Steinke, Nasr & Jagielski 2023): 1,000 mislabelled canaries, each in the
 training set with probability 1/2, DP-SGD at ε = 8; ``eps_lower_bound`` (95 % confidence) must
@@ -162,15 +166,16 @@ def attack(case: str, seed: int) -> dict:
             "none": sum(x_hat is None for _, x_hat in candidates), "seconds": seconds}
 
 
-POOL = 400        # LiRA's candidate pool: digits training examples, each a member with p 1/2
+POOL = 400        # the one-run audit's ordinary examples (digits)
+LIRA_POOL = 2000  # LiRA's candidates: Fashion-MNIST training images, each a member with p 1/2
 SHADOWS = 16
-EPOCHS = 30
+EPOCHS = 10
 DELTA = 1e-5
 
 
 def membership(epsilon: float | None, seed: int) -> dict[str, float]:
-    """LiRA (online, 16 shadows) against a model trained on a random half of a pool of digits
-    examples — plainly (``epsilon=None``) or with DP-SGD calibrated to ``epsilon`` at δ = 1e-5;
+    """LiRA (online, 16 shadows) against a model trained on a random half of a pool of 2,000
+    Fashion-MNIST images (MLP) — plainly (``epsilon=None``) or with DP-SGD calibrated to ``epsilon`` at δ = 1e-5;
     the shadows follow the same recipe (the attacker knows it). TPR at 0.1 % and 1 % FPR, the
     AUC, and the highest TPR at 0.1 % FPR that (ε, δ)-DP allows."""
     import shoal
@@ -186,9 +191,9 @@ def membership(epsilon: float | None, seed: int) -> dict[str, float]:
     from shoal.privacy.dpsgd import DPSGD
     from shoal.types import ClientInfo
 
-    task = shoal.load_task("digits")
+    task = shoal.load_task("fashion_mnist", model="mlp")
     g = torch.Generator().manual_seed(seed)
-    pool = task.train.subset(torch.randperm(len(task.train), generator=g)[:POOL])
+    pool = task.train.subset(torch.randperm(len(task.train), generator=g)[:LIRA_POOL])
     x, y = pool.tensors()
     model = task.model_fn()
     batch = 32
@@ -196,7 +201,7 @@ def membership(epsilon: float | None, seed: int) -> dict[str, float]:
         update = local_sgd(model, task.loss_fn, epochs=EPOCHS, batch_size=batch,
                            optimizer=optimizer_fn("SGD", lr=0.1))
     else:
-        rate, steps = batch / (POOL // 2), EPOCHS * (POOL // 2) // batch
+        rate, steps = batch / (LIRA_POOL // 2), EPOCHS * (LIRA_POOL // 2) // batch
         z = calibrate_noise_multiplier(epsilon, DELTA, steps, rate)
         update = DPSGD(model, task.loss_fn, noise_multiplier=z, max_grad_norm=1.0,
                        batch_size=batch, epochs=EPOCHS, optimizer=optimizer_fn("SGD", lr=0.5))
@@ -208,7 +213,7 @@ def membership(epsilon: float | None, seed: int) -> dict[str, float]:
         return tree.add(params0, result.update)
 
     lira = LiRA(train, model, (x, y), n_shadows=SHADOWS, seed=seed).fit()
-    member = torch.rand(POOL, generator=g) < 0.5
+    member = torch.rand(LIRA_POOL, generator=g) < 0.5
     target = train(member.nonzero().flatten(), seed + 10_000)
     scores = lira.scores(target)
     out = {"tpr_0.1%": tpr_at_fpr(scores, member, 0.001), "tpr_1%": tpr_at_fpr(scores, member, 0.01),
@@ -261,6 +266,66 @@ def one_run(epsilon: float, seed: int) -> tuple[float, float]:
     return bound.epsilon, epsilon
 
 
+WORDS = ("thou", "art", "more", "lovely", "and", "temperate", "rough", "winds", "do", "shake",
+         "the", "darling", "buds", "of", "may", "summer", "lease", "hath", "all", "too", "short",
+         "a", "date", "sometime", "eye", "heaven", "shines", "his", "gold", "complexion")
+CONTEXT = 8
+COPIES = 5           # the secret's copies in the text (DP protects one record: 5 is a group)
+EPOCHS_KEYBOARD = 6
+FRESH = 32           # never-inserted secrets: their largest exposure is the spread
+
+
+def canaries(dp: bool, seed: int) -> tuple[float, float]:
+    """The Secret Sharer on a keyboard model (Carlini et al. 2019): a next-character model over
+    8-character contexts (embedding, one hidden layer), trained on 3,000 words of text with
+    numbers in it, into which ``my pin is DDDD`` was inserted 5 times; exposure of that secret
+    among all 10^4 (exact rank), and the largest exposure of 32 never-inserted secrets of the
+    same format (the spread a model shows without memorising). Plain training (Adam) or DP-SGD
+    (σ = 1, clip 1) for the same 6 epochs."""
+    import string
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from shoal import tree
+    from shoal.audits.canary import encode, exposure, insert, make_canary
+    from shoal.client import local_sgd, optimizer_fn
+    from shoal.data.arrays import ArrayData
+    from shoal.privacy.dpsgd import DPSGD
+    from shoal.types import ClientInfo
+
+    vocab = string.ascii_lowercase + string.digits + " "
+    g = torch.Generator().manual_seed(seed)
+    words = []
+    for _ in range(3000):
+        if torch.rand(1, generator=g) < 0.15:
+            words.append("".join(str(int(d)) for d in torch.randint(0, 10, (3,), generator=g)))
+        else:
+            words.append(WORDS[int(torch.randint(0, len(WORDS), (1,), generator=g))])
+    ids = encode(" ".join(words), vocab)
+    x = ids.unfold(0, CONTEXT, 1)[:-1]  # (n, CONTEXT) contexts
+    y = ids[CONTEXT:]                   # (n,) next characters
+    secret = make_canary("my pin is ", string.digits, 4, seed)
+    x, y = insert((x, y), secret, COPIES, vocab=vocab, seed=seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(len(vocab), 16), nn.Flatten(),
+                          nn.Linear(16 * CONTEXT, 128), nn.ReLU(), nn.Linear(128, len(vocab)))
+    opt = optimizer_fn("Adam", lr=5e-3)
+    if dp:
+        update = DPSGD(model, F.cross_entropy, noise_multiplier=1.0, max_grad_norm=1.0,
+                       batch_size=64, epochs=EPOCHS_KEYBOARD, optimizer=opt)
+    else:
+        update = local_sgd(model, F.cross_entropy, epochs=EPOCHS_KEYBOARD, batch_size=64,
+                           optimizer=opt)
+    params0 = tree.params_of(model)
+    data = ArrayData(x, y, torch.arange(len(y)))
+    params = tree.add(params0, update(params0, data, ClientInfo("phone", 1, seed, {})).update)
+    inserted = exposure(model, params, secret, vocab=vocab, context=CONTEXT)
+    fresh = max(exposure(model, params, make_canary("my pin is ", string.digits, 4, seed + s),
+                         vocab=vocab, context=CONTEXT) for s in range(1, FRESH + 1))
+    return inserted, fresh
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -292,10 +357,17 @@ def main() -> None:
         figures[f"lira_tpr_{name}"] = m["tpr_0.1%"]
         extra = (f"; (ε = 8, δ = {DELTA:g}) allows at most {m['dp_allows_0.1%']:.4f}"
                  if eps is not None else "")
-        print(f"LiRA ({SHADOWS} shadows, {POOL} candidates, {EPOCHS} epochs), "
+        print(f"LiRA ({SHADOWS} shadows, {LIRA_POOL} Fashion-MNIST candidates, {EPOCHS} epochs), "
               f"{'no DP' if eps is None else 'DP-SGD at ε = 8'}: TPR {m['tpr_0.1%']:.4f} at "
               f"0.1 % FPR, {m['tpr_1%']:.4f} at 1 %, AUC {m['auc']:.4f}{extra} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for name, dp in (("nodp", False), ("dp", True)):
+        t0 = time.perf_counter()
+        inserted, fresh = canaries(dp, args.seed)
+        figures[f"canary_exposure_{name}"] = inserted
+        print(f"canary exposure, {'DP-SGD (σ = 1)' if dp else 'no DP'}: inserted secret "
+              f"{inserted:.2f} bits of log2(10^4) = 13.29; never-inserted secrets up to "
+              f"{fresh:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     t0 = time.perf_counter()
     figures["eps_lower_bound"], figures["eps_accountant"] = one_run(8.0, args.seed)
     verdict = ("consistent" if figures["eps_lower_bound"] <= figures["eps_accountant"] else
