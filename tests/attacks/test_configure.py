@@ -77,3 +77,14 @@ def test_a_malicious_swarm_peer_is_outvoted_by_robust_merging(tmp_path):
     median = shoal.run_experiment(shoal.load_config(None, [*peers, "swarm.merge=median"]),
                                   tmp_path / "median")[0]
     assert median.final["accuracy"] > 0.8 > mean.final["accuracy"]
+
+
+def test_attackers_act_under_secure_aggregation_too(tmp_path):
+    # The coordinator sees only the masked sum, so it cannot inspect (or drop) the flipped
+    # updates: FedAvg under secure aggregation is dragged down as plain FedAvg is.
+    common = [*BASE, "federated.rounds=5", "secagg.enabled=true"]
+    clean = shoal.run_experiment(shoal.load_config(None, common), tmp_path / "clean")[0]
+    bad = shoal.run_experiment(shoal.load_config(None, [
+        *common, "attack.kind=sign_flip", "attack.fraction=0.5", "attack.scale=5"]),
+        tmp_path / "bad")[0]
+    assert bad.final["accuracy"] < clean.final["accuracy"]
