@@ -180,6 +180,9 @@ class SwarmNode:
         self.data = load_client_data(data)
         self.out = Path(out) if out is not None else None
         self.ledger = Ledger(EtcdStore(sw.endpoints, identity.tls))
+        # The blob server's threads read the registry through a ledger of their own (a
+        # Ledger's caches are not shared between threads; the store is).
+        self._registry = Ledger(self.ledger.store)
         self.store = BlobStore()
         host, _, port = (listen or sw.listen).rpartition(":")
         crl = identity.tls.ca.parent / "crl.pem"
@@ -207,7 +210,7 @@ class SwarmNode:
         with self._lock:
             at, active = self._active
             if time.monotonic() - at > ALLOWED_CACHE_S:
-                active = set(self.ledger.active())
+                active = set(self._registry.active())
                 self._active = (time.monotonic(), active)
         return None if node_id in active else (f"{node_id!r} is not an enrolled, unrevoked "
                                                "device of this swarm's ledger")
