@@ -152,11 +152,23 @@ def _attack_problems(config: Config) -> list[str]:
     if a.kind == "none":
         return []
     out = []
-    if config.paradigm not in ("federated", "swarm"):
+    if config.paradigm == "split":
+        from .attacks.configure import DATA_POISONING
+
+        if a.kind not in DATA_POISONING:
+            out.append(
+                f"config field 'attack.kind': in split learning a client sends activations, "
+                f"not model updates, so attack.kind = \"{a.kind}\" would not be applied; "
+                f"choose one that poisons the client's data ({', '.join(DATA_POISONING)}).")
+        elif config.split.labels == "server":
+            out.append(
+                "config field 'attack.kind': with split.labels = \"server\" the server holds "
+                "the labels, so a client cannot poison them; set split.labels = \"client\".")
+    elif config.paradigm not in ("federated", "swarm"):
         out.append(
             f"config field 'attack.kind': paradigm = \"{config.paradigm}\" has no malicious "
             f"participants yet, so attack.kind = \"{a.kind}\" would not be applied; set "
-            "attack.kind = \"none\", or paradigm = \"federated\" or \"swarm\".")
+            "attack.kind = \"none\", or paradigm = \"federated\", \"swarm\" or \"split\".")
     if config.federated.algorithm == "scaffold":
         out.append(
             "config field 'attack.kind': federated.algorithm = \"scaffold\" needs client "

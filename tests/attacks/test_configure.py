@@ -55,7 +55,12 @@ def test_a_sign_flipping_run_is_worse_than_a_clean_one(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["paradigm=split", "attack.kind=sign_flip"],
-     "config field 'attack.kind': paradigm = \"split\" has no malicious participants yet"),
+     "config field 'attack.kind': in split learning a client sends activations, not model "
+     "updates, so attack.kind = \"sign_flip\" would not be applied"),
+    (["paradigm=split", "attack.kind=label_flip", "split.labels=server"],
+     "with split.labels = \"server\" the server holds the labels"),
+    (["paradigm=centralized", "attack.kind=label_flip"],
+     "config field 'attack.kind': paradigm = \"centralized\" has no malicious participants"),
     (["attack.kind=alie", "federated.executor=processes"],
      "config field 'federated.executor': attack.kind = \"alie\" has its attackers collude in "
      "one process"),
@@ -88,3 +93,29 @@ def test_attackers_act_under_secure_aggregation_too(tmp_path):
         *common, "attack.kind=sign_flip", "attack.fraction=0.5", "attack.scale=5"]),
         tmp_path / "bad")[0]
     assert bad.final["accuracy"] < clean.final["accuracy"]
+
+
+def test_a_split_learning_client_poisons_its_data(tmp_path):
+    common = ["task.name=digits", "paradigm=split", "data.num_clients=4",
+              "federated.clients_per_round=4", "federated.rounds=3", "baseline=false",
+              "data.partition=iid", "split.leakage=false"]
+    clean = shoal.run_experiment(shoal.load_config(None, common), tmp_path / "clean")[0]
+    bad = shoal.run_experiment(shoal.load_config(None, [
+        *common, "attack.kind=label_flip", "attack.fraction=0.75"]), tmp_path / "bad")[0]
+    assert bad.final["accuracy"] < clean.final["accuracy"] - 0.2
+
+
+def test_poisoned_data_changes_only_the_attackers_training_labels():
+    from shoal.attacks.configure import poisoned_data
+    config = shoal.load_config(None, ["task.name=heart", "attack.kind=label_flip",
+                                      "attack.fraction=0.5"])
+    task = shoal.load_task("heart")
+    config = resolve_config(config, task)
+    ds = make_dataset(config, task)
+    data = poisoned_data(config, task, ds.client, ds.client_ids())
+    changed = [c for c in ds.client_ids()
+               if not bool((data(c).train.tensors()[1] == ds.client(c).train.tensors()[1]).all())]
+    assert len(changed) == 2
+    for c in changed:
+        assert bool((data(c).train.tensors()[1] == 1 - ds.client(c).train.tensors()[1]).all())
+        assert bool((data(c).eval.tensors()[1] == ds.client(c).eval.tensors()[1]).all())

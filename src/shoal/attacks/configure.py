@@ -15,11 +15,24 @@ from typing import Any
 from ..client import ClientUpdate
 from ..config import Config
 from ..data.tasks import Task
-from .backdoor import Trigger, backdoor
+from .backdoor import Trigger, backdoor, poison
 from .clients import Attack, Malicious, choose_attackers
-from .poisoning import alie, free_rider, gaussian, ipm, label_flip, scaled, sign_flip
+from .poisoning import (
+    alie,
+    flip_labels,
+    free_rider,
+    gaussian,
+    ipm,
+    label_flip,
+    scaled,
+    sign_flip,
+)
 
-__all__ = ["attack_of", "attacked_update", "trigger_of"]
+__all__ = ["DATA_POISONING", "attack_of", "attacked_update", "poisoned_data", "trigger_of"]
+
+DATA_POISONING = ("label_flip", "backdoor")
+"""Attacks that act through the attacker's data alone (what a split-learning client can do:
+it sends activations, not updates)."""
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +76,28 @@ def attacked_update(config: Config, task: Task, update: ClientUpdate, client_ids
     log.info("attack: %d of %d participants run %r: %s", len(attackers), len(ids), attack,
              ", ".join(attackers))
     return Malicious(update, attack, attackers, data_fn=data_fn, seed=config.seed)
+
+
+def poisoned_data(config: Config, task: Task, data_fn: Callable[[str], Any],
+                  client_ids: Sequence[str]) -> Callable[[str], Any]:
+    """``data_fn`` for a run without ``[attack]``; else one that gives the attackers (drawn as
+    :func:`attacked_update` draws them) poisoned training data — labels flipped, or triggered
+    copies relabelled to the target (no boost: there is no update to scale). For paradigms
+    whose clients send no model update (split learning)."""
+    a = config.attack
+    if a.kind == "none":
+        return data_fn
+    ids = list(client_ids)
+    attackers = set(choose_attackers(ids, a.fraction, config.seed))
+    log.info("attack: %d of %d clients poison their data (%s): %s", len(attackers), len(ids),
+             a.kind, ", ".join(sorted(attackers)))
+    trigger = trigger_of(config, task) if a.kind == "backdoor" else None
+
+    def data(client: str) -> Any:
+        d = data_fn(client)
+        if client not in attackers:
+            return d
+        train = (flip_labels(d.train, task.num_classes) if trigger is None
+                 else poison(d.train, trigger, a.target))
+        return type(d)(train, d.eval)
+    return data

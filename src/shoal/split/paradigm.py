@@ -15,6 +15,7 @@ import torch
 
 from ..aggregate import Pipeline, Stage, clip_by_norm
 from ..algorithms.cohort import Cohort
+from ..attacks.configure import poisoned_data
 from ..config import Config
 from ..data.tasks import Task, task_options
 from ..errors import ConfigError
@@ -105,9 +106,9 @@ def split_paradigm(setup: Setup) -> Built:
     algorithm = build_split(config, task, setup)
     mods = [simulated_dropout(config.federated.dropout, config.seed)] \
         if config.federated.dropout > 0 else []
-    transport = InProcessTransport(setup.dataset.client_ids(), setup.dataset.client,
-                                   algorithm.handlers(), mods=mods,
-                                   on_error=config.federated.on_client_error)
+    data = poisoned_data(config, task, setup.dataset.client, setup.dataset.client_ids())
+    transport = InProcessTransport(setup.dataset.client_ids(), data, algorithm.handlers(),
+                                   mods=mods, on_error=config.federated.on_client_error)
     callbacks: list[Any] = []
     if config.split.decoder_every > 0:
         k = config.split.decoder_examples
