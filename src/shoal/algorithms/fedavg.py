@@ -24,6 +24,7 @@ import torch
 
 from .. import tree
 from ..aggregate import Pipeline, ServerOpt, sgd
+from ..aggregate.anomaly import anomaly_scores
 from ..aggregate.server_opt import ServerOptState
 from ..aggregate.stages import StageState
 from ..algorithm import RoundReport
@@ -170,6 +171,7 @@ class FedAvg:
             m.update({k: v for k, v in weighted_average(part.metrics, "weight").items()
                       if k != "weight"})
             m["train/examples"] = math.fsum(c.get("train/examples", 0.0) for c in part.metrics)
+        self._anomalies(part, chosen, m)
         m["round/sampled"] = float(len(chosen))
         m["round/replied"] = float(len(part.positions))
         m["round/dropped"] = float(len(report.dropped))
@@ -181,6 +183,23 @@ class FedAvg:
                         "(%s) or not finite", round, part.refused, ", ".join(CLIENT_NAMESPACES))
         info = RoundInfo(round, self.seed, len(chosen), len(part.positions), len(population))
         return self.finish_round(state, fold, part, info, report)
+
+    @staticmethod
+    def _anomalies(part: Partial, chosen: Sequence[str], m: dict[str, float]) -> None:
+        """Per-client anomaly scores (:mod:`shoal.aggregate.anomaly`) when the reducer kept
+        the round's updates (robust reducers do; a running mean does not): the smallest
+        cosine with the median update, the largest norm ratio, how many were flagged, and the
+        cosine of each flagged client under ``anomaly/client/ID``."""
+        fold = part.fold
+        if fold.linear or not fold.updates:
+            return
+        scores = anomaly_scores(fold.updates)
+        m["anomaly/cos_min"] = min(a.cosine for a in scores)
+        m["anomaly/norm_ratio_max"] = max(a.norm_ratio for a in scores)
+        flagged = [(pos, a) for pos, a in zip(fold.positions, scores, strict=True) if a.flagged]
+        m["anomaly/flagged"] = float(len(flagged))
+        for pos, a in flagged:
+            m[f"anomaly/client/{chosen[pos]}"] = a.cosine
 
     def finish_round(self, state: FedAvgState, fold: RoundFold, part: Partial, info: RoundInfo,
                      report: RoundReport) -> tuple[FedAvgState, RoundReport]:
