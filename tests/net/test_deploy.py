@@ -23,7 +23,7 @@ from shoal.experiment import make_dataset, resolve_config, run_experiment
 from shoal.message import Message
 from shoal.net import CertificateAuthority
 from shoal.net.clientdata import load_client_data, split_federation
-from shoal.net.deploy import coordinator_config, node_client, refuse_reproducible
+from shoal.net.deploy import coordinator_config, node_client, refuse_simulation_only
 from shoal.node import Handler, NodeContext
 
 from ._helpers import running
@@ -158,9 +158,20 @@ def test_a_deployment_refuses_dp_noise_from_the_shared_seed() -> None:
                                 "privacy.noise_multiplier=1.0", "privacy.reproducible=true"])
     for command in ("serve", "join"):
         with pytest.raises(ConfigError) as info:
-            refuse_reproducible(seeded, command)
+            refuse_simulation_only(seeded, command)
         assert str(info.value) == (
             f"config field 'privacy.reproducible': {command} runs a deployment, whose DP noise "
             "must stay secret from the coordinator and the other participants, but "
             "reproducible = true draws it from the run's seed, which every participant holds; "
             "set privacy.reproducible = false.")
+
+
+def test_a_deployment_refuses_simulated_attackers() -> None:
+    # [attack] simulates malicious participants; a deployed node with it would be one.
+    attacked = load_config(None, ["attack.kind=sign_flip"])
+    for command in ("serve", "join", "swarm join"):
+        with pytest.raises(ConfigError, match=f"config field 'attack.kind': {command} runs a "
+                           "deployment, but attack.kind = \"sign_flip\" simulates malicious"):
+            refuse_simulation_only(attacked, command)
+    with pytest.raises(ConfigError, match="config field 'attack.kind'"):
+        coordinator_config(attacked)

@@ -44,7 +44,7 @@ from .clientdata import load_client_data
 from .coordinator import GrpcTransport
 
 __all__ = ["WaitForNodes", "coordinator_config", "coordinator_transport", "join", "node_client",
-           "refuse_reproducible", "round_retries", "serve"]
+           "refuse_simulation_only", "round_retries", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,19 @@ def coordinator_config(config: Config) -> Config:
     if config.paradigm != "federated":
         raise ConfigError(f"serve: paradigm is {config.paradigm!r}; the coordinator runs "
                           "federated jobs (paradigm = \"federated\").")
-    refuse_reproducible(config, "serve")
+    refuse_simulation_only(config, "serve")
     return dataclasses.replace(config, baseline=False)
 
 
-def refuse_reproducible(config: Config, command: str) -> None:
-    """Raise a ConfigError for a deployed run with ``privacy.reproducible = true``."""
+def refuse_simulation_only(config: Config, command: str) -> None:
+    """Raise a ConfigError for a deployed run with a setting only a simulation may have:
+    ``privacy.reproducible = true`` (noise anyone could regenerate) or an ``[attack]`` (the
+    simulated malicious participants would be real ones)."""
+    if config.attack.kind != "none":
+        raise ConfigError(
+            f"config field 'attack.kind': {command} runs a deployment, but attack.kind = "
+            f"\"{config.attack.kind}\" simulates malicious participants, which would make this "
+            "node one; set attack.kind = \"none\" (attacks are for `shoal run`).")
     if config.privacy.mode != "off" and config.privacy.reproducible:
         raise ConfigError(
             f"config field 'privacy.reproducible': {command} runs a deployment, whose DP noise "
@@ -210,7 +217,7 @@ def node_client(config: Config, node_id: str, data: str | Path, *,
     ``state`` is a file where the node keeps what the algorithm stores on it between rounds
     (SCAFFOLD's control variate): read at start when it exists, rewritten after every change,
     so a restarted client continues with its state. It never leaves this machine."""
-    refuse_reproducible(config, "join")
+    refuse_simulation_only(config, "join")
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task)
     model, _ = initial_params(config, task)

@@ -50,7 +50,7 @@ from ..ledger.etcd import EtcdStore
 from ..ledger.ledger import Ledger, RoundView
 from ..tree import Params
 from .clientdata import load_client_data
-from .deploy import refuse_reproducible
+from .deploy import refuse_simulation_only
 
 __all__ = ["PeerBlobs", "SwarmNode", "SwarmOutcome"]
 
@@ -161,7 +161,7 @@ class SwarmNode:
         if config.paradigm != "swarm":
             raise ConfigError(f"swarm join: the config's paradigm is {config.paradigm!r}; "
                               "set paradigm = \"swarm\".")
-        refuse_reproducible(config, "swarm join")
+        refuse_simulation_only(config, "swarm join")
         sw = config.swarm
         if not sw.endpoints:
             raise ConfigError("config field 'swarm.endpoints': empty; list the etcd members' "
