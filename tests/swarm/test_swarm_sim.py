@@ -144,8 +144,8 @@ def test_an_entry_rewritten_by_a_store_administrator_is_detected(caplog):
     ledger = swarm.ledger
     assert ledger.audit("sim") == []
     key = entry_key("client-1", "sim", 1, "update")
-    (rec,), _ = store.ranges([key])
-    e = Entry.decode(rec[0].value) if isinstance(rec, list) else Entry.decode(rec.value)
+    (records,), _ = store.ranges([key])
+    e = Entry.decode(records[0].value)
     # 1. overwritten in place with different content: the signature no longer verifies
     import dataclasses
     store.put(key, dataclasses.replace(e, examples=1e9).encode())
