@@ -20,6 +20,14 @@ if [ ! -x /usr/bin/etcd ] && ! command -v etcd >/dev/null \
     || echo "setup: could not install etcd-server; the etcd ledger tests will be skipped (install etcd 3.4+ and put it on PATH)" >&2
 fi
 
+# A headless browser for the tests of `shoal report` and the live dashboard (driven by selenium).
+if ! command -v chromedriver >/dev/null \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q chromium chromium-driver >/dev/null \
+    || (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null) \
+    || echo "setup: could not install chromium and chromium-driver; the browser tests will be skipped (install both, e.g. apt-get install chromium chromium-driver)" >&2
+fi
+
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 # torch==2.13.0 first: it is the CPU build on this disk. The package itself asks for torch>=2.4,

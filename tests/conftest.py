@@ -63,3 +63,27 @@ def sgd(lr: float):
 
 
 cross_entropy = F.cross_entropy
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless chromium driven by selenium through chromedriver (scripts/setup.sh
+    installs both as root); skipped, saying what to install, where they are missing."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("browser tests need chromium and chromedriver: apt-get install chromium "
+                    "chromium-driver (scripts/setup.sh does, as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000"):
+        options.add_argument(arg)
+    drv = webdriver.Chrome(service=Service(driver), options=options)
+    yield drv
+    drv.quit()
