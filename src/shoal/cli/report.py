@@ -1,0 +1,34 @@
+"""``shoal report DIR [--out FILE]``: the HTML report of a run or a comparison.
+
+Writes one self-contained HTML file (plots, tables and a plain-language reading; no network
+needed to view it), by default ``DIR/report.html``, and prints the reading and the file's path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from . import app, console
+
+__all__ = ["report_command"]
+
+
+@app.command("report")
+def report_command(
+    directory: Annotated[Path, typer.Argument(
+        help="A run directory (shoal run --out DIR) or a comparison directory (shoal compare).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Where to write the HTML file (default: DIR/report.html).")] = None,
+) -> None:
+    """Write the HTML report of a run or comparison: accuracy, loss, ε, per-client accuracy,
+    bytes, privacy-utility and audit ROC plots, the tables, and a plain-language reading."""
+    from ..report import load_report, reading, write_report
+
+    path = write_report(directory, out)
+    for sentence in reading(load_report(directory)):
+        console.print(escape(sentence), soft_wrap=True)
+    console.print(f"report written to {escape(str(path))}")

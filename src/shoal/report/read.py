@@ -1,0 +1,326 @@
+"""Load what a report shows from a run directory or a comparison directory.
+
+A **run directory** (``shoal run --out DIR``)::
+
+    DIR/config.toml                  the resolved config
+    DIR/summary.json                 {"config": {...}, "results": [{paradigm, rounds, final, ...}]}
+    DIR/<paradigm>/metrics.jsonl     one JSON object per round
+    DIR/<paradigm>/costs.json        every participant's messages, bytes and compute
+    DIR/audit.json                   optional: {paradigm: {audit: {...}}} (``shoal audit``)
+
+A **comparison directory** (``shoal compare``)::
+
+    DIR/compare.json                 {"config": {...}, "variants": [{name, paradigm, run_dir,
+                                      status, figures: {...}}]}
+    DIR/<run_dir>/...                each variant's own run directory, as above
+
+Both load into one :class:`ReportData`: a list of :class:`Entry` (a paradigm of a run, or a
+variant of a comparison), each with its figures (the comparison's figure names, ``None`` where
+nothing was measured — the page shows "—", it never invents a figure), its per-round history
+and its audits. A file that is missing or unreadable raises
+:class:`~shoal.errors.CheckpointError` naming the file and how to get a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..metrics import lower_is_better
+
+__all__ = ["FIGURES", "Entry", "ReportData", "load_report", "read_metrics_file"]
+
+FIGURES = ("accuracy", "accuracy_worst_client", "accuracy_p10", "epsilon", "protects",
+           "bytes_per_participant", "bytes_total", "seconds", "compute_s_per_participant",
+           "rounds", "examples", "stopped")
+"""The figures of one entry, in the comparison's names (``compare.json``'s ``figures``)."""
+
+STATUSES = ("finished", "failed", "pending")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the report: a paradigm of a run, or a variant of a comparison.
+
+    ``figures`` holds every name of :data:`FIGURES` (``None``: not measured); ``history`` the
+    run's rounds as ``metrics.jsonl`` has them (empty for a variant that did not finish);
+    ``audit`` the audits that ran against it (``{}``: none), by audit name.
+    """
+
+    name: str
+    paradigm: str
+    status: str
+    figures: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    audit: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the entry ran to its end (only those are compared in the reading)."""
+        return self.status == "finished"
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything a report shows: ``kind`` is ``"run"`` or ``"comparison"``; ``primary`` the
+    metric the entries are judged by (``accuracy`` unless the task says otherwise) and
+    ``lower_is_better`` its direction; ``config_text`` the config as the directory holds it."""
+
+    kind: str
+    path: Path
+    config: dict[str, Any]
+    config_text: str
+    entries: list[Entry]
+    primary: str = "accuracy"
+    lower_is_better: bool = False
+
+    @property
+    def baseline(self) -> Entry | None:
+        """The finished centralized entry (the pooled-data baseline), if there is one."""
+        return next((e for e in self.entries if e.finished and e.paradigm == "centralized"),
+                    None)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+def _read_json(path: Path, fix: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"shoal report: {path} is missing; {fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"shoal report: cannot read {path} ({e}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"shoal report: {path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+            f"{e.colno}); it was perhaps cut short while being written. {fix}") from e
+
+
+def read_metrics_file(path: Path, fix: str) -> list[dict[str, Any]]:
+    """The rounds of a ``metrics.jsonl`` (one JSON object a line), in file order.
+
+    Raises :class:`~shoal.errors.CheckpointError` naming the file (and the line) when it is
+    missing or a line is not a JSON object; ``fix`` says how to get a good file.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"shoal report: {path} is missing; {fix}")
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"shoal report: cannot read {path} ({e}); {fix}") from e
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"shoal report: {path} line {n} is not valid JSON ({e.msg}); each line must be "
+                f"one round's metrics as a JSON object. {fix}") from e
+        if not isinstance(row, dict):
+            raise CheckpointError(
+                f"shoal report: {path} line {n} is a JSON {type(row).__name__}, expected an "
+                f"object of one round's metrics. {fix}")
+        rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or ``None`` (not measured; NaN and strings count as not measured)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _primary(config: Mapping[str, Any], finals: list[Mapping[str, Any]]) -> tuple[str, bool]:
+    """The metric the entries are judged by: the config's ``evaluation.primary``, else
+    accuracy, else the first error metric the runs report."""
+    named = _mapping(config.get("evaluation")).get("primary")
+    if isinstance(named, str) and named:
+        return named, lower_is_better(named)
+    for candidate in ("accuracy", "rmse", "mae", "perplexity", "loss"):
+        if any(candidate in f for f in finals):
+            return candidate, lower_is_better(candidate)
+    return "accuracy", False
+
+
+# -- a run directory -------------------------------------------------------------------------
+
+def _run_fix(run_dir: Path) -> str:
+    return (f"rerun the run (`shoal run --resume {run_dir}` finishes an interrupted one and "
+            "rewrites its files), or point shoal report at another directory.")
+
+
+def _load_audit(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "audit.json"
+    if not path.exists():
+        return {}
+    data = _read_json(path, f"rerun `shoal audit {run_dir}` to rewrite it, or delete it to "
+                            "report without audits.")
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"shoal report: {path} holds a JSON {type(data).__name__}, expected an object "
+            f"{{paradigm: {{audit: figures}}}} as `shoal audit` writes; rerun `shoal audit "
+            f"{run_dir}` to rewrite it.")
+    return data
+
+
+def run_figures(result: Mapping[str, Any], primary: str) -> dict[str, Any]:
+    """The comparison's figures (:data:`FIGURES`) of one ``summary.json`` result, from what it
+    measured; ``None`` for each figure it did not measure."""
+    final = _mapping(result.get("final"))
+    cost = _mapping(result.get("cost"))
+    clients = _mapping(cost.get("clients"))
+    privacy = _mapping(result.get("privacy"))
+    sent, received = (_number(clients.get(k)) for k in ("bytes_sent_mean",
+                                                        "bytes_received_mean"))
+    tail = "p90" if lower_is_better(primary) else "p10"
+    stopped = result.get("stopped")
+    protects = privacy.get("protects")
+    return {
+        "accuracy": _number(final.get(primary)),
+        "accuracy_worst_client": _number(final.get(f"fed_eval/{primary}_worst")),
+        "accuracy_p10": _number(final.get(f"fed_eval/{primary}_{tail}")),
+        "epsilon": _number(privacy.get("epsilon")),
+        "protects": protects if isinstance(protects, str) else None,
+        "bytes_per_participant": (None if sent is None or received is None
+                                  else sent + received),
+        "bytes_total": _number(result.get("bytes")),
+        "seconds": _number(result.get("seconds")),
+        "compute_s_per_participant": _number(clients.get("compute_s_mean")),
+        "rounds": _number(result.get("rounds")),
+        "examples": _number(result.get("examples")),
+        "stopped": stopped if isinstance(stopped, str) else None,
+    }
+
+
+def _load_run(run_dir: Path) -> ReportData:
+    fix = _run_fix(run_dir)
+    summary = _read_json(run_dir / "summary.json", fix)
+    results = summary.get("results") if isinstance(summary, dict) else None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "paradigm" in r
+                                                for r in results):
+        raise CheckpointError(
+            f"shoal report: {run_dir / 'summary.json'} does not hold a list 'results' of "
+            f"paradigm results (each with a 'paradigm'), as `shoal run` writes. {fix}")
+    config = _mapping(summary.get("config"))
+    toml = run_dir / "config.toml"
+    config_text = (toml.read_text(encoding="utf-8", errors="replace") if toml.is_file()
+                   else json.dumps(config, indent=2))
+    primary, lower = _primary(config, [_mapping(r.get("final")) for r in results])
+    audits = _load_audit(run_dir)
+    entries = []
+    for r in results:
+        paradigm = str(r["paradigm"])
+        history = read_metrics_file(run_dir / paradigm / "metrics.jsonl", fix)
+        entries.append(Entry(name=paradigm, paradigm=paradigm, status="finished",
+                             figures=run_figures(r, primary), history=history,
+                             audit=_mapping(audits.get(paradigm)),
+                             final=_mapping(r.get("final"))))
+    return ReportData("run", run_dir, config, config_text, entries, primary, lower)
+
+
+# -- a comparison directory ------------------------------------------------------------------
+
+def _variant(raw: Any, i: int, root: Path) -> Entry:
+    where = f"{root / 'compare.json'}: variant {i + 1}"
+    fix = f"rerun `shoal compare` into {root} (it resumes) to rewrite it."
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise CheckpointError(f"shoal report: {where} is not an object with a 'name'; {fix}")
+    name = raw["name"]
+    status = raw.get("status", "finished")
+    if status not in STATUSES:
+        raise CheckpointError(
+            f"shoal report: {where} ({name!r}) has status {status!r}; expected one of "
+            f"{', '.join(STATUSES)}. {fix}")
+    paradigm = str(raw.get("paradigm") or name)
+    given = _mapping(raw.get("figures"))
+    figures = {k: given.get(k) for k in FIGURES}
+    for k in FIGURES:
+        if k not in ("protects", "stopped"):
+            figures[k] = _number(figures[k])
+        elif not isinstance(figures[k], str):
+            figures[k] = None
+    history: list[dict[str, Any]] = []
+    audit = _mapping(given.get("audit"))
+    final: dict[str, Any] = {}
+    run_dir = raw.get("run_dir")
+    if status == "finished":
+        if not isinstance(run_dir, str) or not run_dir:
+            raise CheckpointError(
+                f"shoal report: {where} ({name!r}) is finished but names no 'run_dir' (the "
+                f"variant's run directory, relative to {root}). {fix}")
+        vdir = root / run_dir
+        history = read_metrics_file(
+            vdir / paradigm / "metrics.jsonl",
+            f"variant {name!r}'s run directory {vdir} lacks it; {fix}")
+        if not audit:
+            audit = _mapping(_load_audit(vdir).get(paradigm))
+        summary = vdir / "summary.json"
+        if summary.is_file():
+            found = _read_json(summary, fix)
+            for r in found.get("results", []) if isinstance(found, dict) else []:
+                if isinstance(r, dict) and r.get("paradigm") == paradigm:
+                    final = _mapping(r.get("final"))
+    return Entry(name=name, paradigm=paradigm, status=status, figures=figures,
+                 history=history, audit=audit, final=final)
+
+
+def _load_comparison(root: Path) -> ReportData:
+    fix = f"rerun `shoal compare` into {root} (it resumes) to rewrite it."
+    data = _read_json(root / "compare.json", fix)
+    variants = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(variants, list):
+        raise CheckpointError(
+            f"shoal report: {root / 'compare.json'} does not hold a list 'variants', as "
+            f"`shoal compare` writes. {fix}")
+    config = _mapping(data.get("config"))
+    entries = [_variant(v, i, root) for i, v in enumerate(variants)]
+    primary, lower = _primary(config, [e.final for e in entries])
+    return ReportData("comparison", root, config, json.dumps(config, indent=2), entries,
+                      primary, lower)
+
+
+def load_report(path: str | Path) -> ReportData:
+    """Load a run directory (``summary.json``) or a comparison directory (``compare.json``).
+
+    Raises :class:`~shoal.errors.CheckpointError` when ``path`` is neither, or one of its
+    files is missing or unreadable; the message names the file and how to fix it.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(
+            f"shoal report: {root} does not exist; give the directory of a run (`shoal run "
+            "--out DIR`) or of a comparison (`shoal compare`).")
+    if not root.is_dir():
+        raise CheckpointError(
+            f"shoal report: {root} is a file; give the directory that holds summary.json (a "
+            "run) or compare.json (a comparison).")
+    if (root / "compare.json").exists():
+        return _load_comparison(root)
+    if (root / "summary.json").exists():
+        return _load_run(root)
+    if (root / "seeds.json").exists():
+        seeds = sorted(p.name for p in root.glob("seed-*") if p.is_dir())
+        raise CheckpointError(
+            f"shoal report: {root} is a run of several seeds; report one seed's run "
+            f"directory, e.g. `shoal report {root / (seeds[0] if seeds else 'seed-0')}`.")
+    if (root / "config.toml").exists():
+        raise CheckpointError(
+            f"shoal report: {root / 'summary.json'} is missing: the run has not finished. "
+            f"{_run_fix(root)}")
+    raise CheckpointError(
+        f"shoal report: {root} holds neither summary.json (a run directory, `shoal run --out "
+        "DIR`) nor compare.json (a comparison directory, `shoal compare`); give one of those.")
