@@ -325,13 +325,33 @@ class AttackConfig:
 
 @dataclass
 class AuditConfig:
-    """Privacy audits of the run (:mod:`shoal.audits`): ``capture_rounds`` keeps what the
-    coordinator received in those rounds (``RUN/<paradigm>/views/``) for the inversion audit;
-    ``run`` lists the audits to run when the run ends (``"inversion"``, ``"membership"``), as
+    """Privacy audits of the run (:mod:`shoal.audits`).
+
+    ``capture_rounds`` keeps what the coordinator (federated) or the first peer (swarm)
+    received in those rounds (``RUN/<paradigm>/views/``) for the inversion audit.
+    ``canaries`` plants that many mislabelled copies of training examples in random clients'
+    data, each with probability 1/2 drawn from a secure source (``RUN/audit/``), for the one-run
+    lower bound on ε (audit ``"epsilon"``). ``shadow_models`` (even) is LiRA's number of shadow
+    models (audit ``"lira"``). ``run`` lists the audits to run when the run ends, as
     ``shoal audit RUN_DIR`` does, into ``RUN/audit.json``."""
 
     capture_rounds: list[int] = field(default_factory=list, metadata=_check(min=1))
-    run: list[Literal["inversion", "membership"]] = field(default_factory=list)
+    canaries: int = field(default=0, metadata=_check(min=0))
+    shadow_models: int = field(default=8, metadata=_check(min=2))
+    run: list[Literal["inversion", "membership", "lira", "epsilon"]] = field(
+        default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.shadow_models % 2:
+            raise ConfigError(
+                f"config field 'audit.shadow_models': {self.shadow_models} is odd; LiRA trains "
+                "each candidate into exactly half of the shadow models, so it needs an even "
+                f"number (e.g. {self.shadow_models + 1}).")
+        if "epsilon" in self.run and not self.canaries:
+            raise ConfigError(
+                "config field 'audit.run': \"epsilon\" (the one-run lower bound on ε) needs "
+                "canaries planted in training, but audit.canaries = 0; set audit.canaries "
+                "(e.g. 1000).")
 
 
 @dataclass

@@ -62,7 +62,8 @@ from .algorithms.influence import WeightCap
 from .algorithms.scaffold import Scaffold
 from .algorithms.swarm import TRAIN, Swarm
 from .attacks.configure import attacked_update
-from .audits.views import CaptureViews
+from .audits.planted import plant_canaries
+from .audits.views import CaptureViews, observer
 from .callbacks import CentralEvaluation, FederatedEvaluation, MetricsLog, read_metrics
 from .checkpoint import Checkpoint, check_resume_config, prepare_run_dir, restore_latest
 from .client import local_sgd, optimizer_fn
@@ -478,7 +479,8 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     if task.test is None or len(task.test) == 0:
         raise ConfigError(f"task {task.name!r} has no test set for central evaluation.")
     model, params0 = initial_params(config, task)
-    setup = Setup(config, task, make_dataset(config, task), model, params0,
+    dataset = plant_canaries(config, task, make_dataset(config, task), run_dir, resume=resume)
+    setup = Setup(config, task, dataset, model, params0,
                   Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size))
 
     def central(params: Params) -> dict[str, float]:
@@ -502,8 +504,9 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
             Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep,
                        config=config),
             *metric_loggers(config, run_dir, paradigm),  # [logging]: TensorBoard, MLflow
-            *([CaptureViews(config.audit.capture_rounds, out / "views")]
-              if config.audit.capture_rounds and paradigm == "federated" else []),
+            *([CaptureViews(config.audit.capture_rounds, out / "views",
+                            observer(paradigm, setup.dataset))]
+              if config.audit.capture_rounds and paradigm in ("federated", "swarm") else []),
             *(callbacks(paradigm, rounds) if callbacks else []),
         ]
         try:

@@ -34,11 +34,15 @@ def config_problems(config: Config) -> list[str]:
     when it is ready to run); loads the task (not the other paradigms' data) to check what
     depends on the federation."""
     out = _paradigm_problems(config) + _attack_problems(config)
-    if config.audit.capture_rounds and config.paradigm != "federated":
+    if config.audit.capture_rounds and config.paradigm not in ("federated", "swarm"):
         out.append(
             f"config field 'audit.capture_rounds': paradigm = \"{config.paradigm}\" has no "
-            "coordinator whose view could be captured, so it would not be applied; set "
-            "audit.capture_rounds = [], or paradigm = \"federated\".")
+            "coordinator or peer receiving updates whose view could be captured, so it would "
+            "not be applied; set audit.capture_rounds = [], or paradigm = \"federated\" or "
+            "\"swarm\".")
+    if config.audit.canaries:
+        from .audits.planted import canary_problems
+        out.extend(canary_problems(config))
     late = [r for r in config.audit.capture_rounds if r > config.federated.rounds]
     if late:
         out.append(

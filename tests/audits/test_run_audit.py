@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import shoal
@@ -74,3 +75,82 @@ def test_first_dense_layer():
     assert first_dense_layer({"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3)}) == "0"
     assert first_dense_layer({"c.weight": torch.zeros(3, 1, 2, 2), "c.bias": torch.zeros(3),
                               "f.weight": torch.zeros(2, 3), "f.bias": torch.zeros(2)}) is None
+
+
+SWARM = ["paradigm=swarm", "swarm.close_timeout_s=5"]
+
+
+def test_a_swarm_peer_s_view_exposes_the_other_peers_one_step_updates(tmp_path):
+    run = _run(tmp_path, SWARM)
+    got = audit_run(run, ["inversion"])["swarm"]["inversion"]
+    assert got["messages_by_kind"].get("swarm.blob", 0) >= 5
+    # client-0 is the observing peer: it fetched the five others' update blobs.
+    assert got["clients_exposed"] == 5 and "client-0" not in got["exposed"]
+
+
+def _canary_run(tmp_path, extra=()):
+    cfg = shoal.load_config(None, [
+        "task.name=digits", "data.num_clients=4", "federated.clients_per_round=4",
+        "federated.rounds=10", "client.epochs=10", "client.lr=0.3", "baseline=false",
+        "data.eval_fraction=0", "audit.canaries=200", *extra])
+    shoal.run_experiment(cfg, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_canaries_are_planted_from_a_secret_draw_and_kept_on_resume(tmp_path):
+    from shoal.audits.planted import load_canaries, plant_canaries
+    from shoal.experiment import make_dataset
+
+    short = ["federated.rounds=1", "client.epochs=1"]
+    a, b = _canary_run(tmp_path / "a", short), _canary_run(tmp_path / "b", short)
+    ca, cb = load_canaries(a), load_canaries(b)
+    assert ca is not None and cb is not None and len(ca) == 200
+    # The same config and seed, yet another draw: whoever holds the config cannot know it.
+    assert not torch.equal(ca.included, cb.included)
+    assert (ca.y != torch.as_tensor(0)).any()
+    cfg = shoal.load_config(a / "config.toml")
+    task = shoal.load_task("digits")
+    plain = make_dataset(cfg, task)
+    planted = plant_canaries(cfg, task, plain, a, resume=True)  # read back, not redrawn
+    added = sum(planted.num_examples(c) - plain.num_examples(c) for c in plain.client_ids())
+    assert added == int(ca.included.sum())
+    assert torch.equal(load_canaries(a).included, ca.included)
+
+
+def test_the_one_run_bound_never_exceeds_the_accountant_and_sees_plain_memorisation(tmp_path):
+    plain = audit_run(_canary_run(tmp_path / "plain"), ["epsilon"])["federated"]["epsilon"]
+    assert plain["eps_accountant"] is None and plain["consistent"] is None
+    assert plain["eps_lower_bound"] > 0.5  # mislabelled canaries are memorised without DP
+    dp = audit_run(_canary_run(tmp_path / "dp", ["privacy.mode=sample",
+                                                 "privacy.noise_multiplier=1.0",
+                                                 "federated.rounds=3", "client.epochs=2"]),
+                   ["epsilon"])["federated"]["epsilon"]
+    assert dp["consistent"] is True
+    assert dp["eps_lower_bound"] <= dp["eps_accountant"]
+    assert dp["verdict"].startswith("consistent")
+
+
+def test_lira_against_the_run_reports_roc_and_the_dp_bound(tmp_path):
+    run = _canary_run(tmp_path, ["audit.canaries=0", "federated.rounds=3", "client.epochs=2",
+                                 "privacy.mode=sample",
+                                 "privacy.noise_multiplier=1.0", "audit.shadow_models=4"])
+    got = audit_run(run, ["lira", "membership"])["federated"]
+    lira = got["lira"]
+    assert lira["shadow_models"] == 4 and lira["shadow_recipe"] == "DP-SGD"
+    assert 0 <= lira["auc"] <= 1 and lira["within_dp_bound"] is True
+    for audit in (lira, got["membership"]):
+        roc = audit["roc"]
+        assert len(roc["fpr"]) == len(roc["tpr"]) <= 200
+        assert roc["fpr"][0] == 0 and roc["fpr"][-1] == roc["tpr"][-1] == 1
+
+
+def test_audit_settings_that_cannot_apply_are_errors():
+    with pytest.raises(ConfigError, match=r"'audit.shadow_models': 5 is odd"):
+        shoal.load_config(None, ["audit.shadow_models=5"])
+    with pytest.raises(ConfigError, match=r"needs canaries planted in training, but "
+                                          r"audit.canaries = 0"):
+        shoal.load_config(None, ["audit.run=[\"epsilon\"]"])
+    problems = config_problems(shoal.load_config(None, ["task.name=cmapss",
+                                                        "audit.canaries=10"]))
+    assert any("canaries are mislabelled examples, but task 'cmapss' is a regression" in p
+               for p in problems)

@@ -175,3 +175,11 @@ def test_a_deployment_refuses_simulated_attackers() -> None:
             refuse_simulation_only(attacked, command)
     with pytest.raises(ConfigError, match="config field 'attack.kind'"):
         coordinator_config(attacked)
+
+
+def test_a_deployment_refuses_planted_canaries() -> None:
+    planted = load_config(None, ["audit.canaries=10"])
+    for command in ("serve", "join", "swarm join"):
+        with pytest.raises(ConfigError, match=f"config field 'audit.canaries': {command} runs "
+                           "a deployment, where each client holds its own data"):
+            refuse_simulation_only(planted, command)

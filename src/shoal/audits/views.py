@@ -24,11 +24,17 @@ from ..observe import Recorder
 from ..run import Callback, RunContext
 from ..tree import Params
 
-__all__ = ["CaptureViews", "load_views"]
+__all__ = ["CaptureViews", "load_views", "observer"]
+
+
+def observer(paradigm: str, dataset: Any) -> str:
+    """Whose view a run captures: the coordinator's (federated), or the first peer's in sorted
+    order (swarm: there is no coordinator; any peer receives the others' updates)."""
+    return dataset.client_ids()[0] if paradigm == "swarm" else COORDINATOR
 
 
 class CaptureViews(Callback):
-    """Record what ``node`` receives in ``rounds`` into ``out`` (see the module docstring)."""
+    """Record what ``node`` (a coordinator or a peer) receives in ``rounds`` into ``out`` (see the module docstring)."""
 
     def __init__(self, rounds: Sequence[int], out: str | Path, node: str = COORDINATOR):
         self.rounds = set(int(r) for r in rounds)

@@ -1,4 +1,4 @@
-"""``shoal audit RUN_DIR [--only inversion,membership]``: privacy audits of a finished run.
+"""``shoal audit RUN_DIR [--only inversion,membership,lira,epsilon]``: privacy audits of a finished run.
 
 Reads the run's config, models and captured views (``[audit] capture_rounds``), writes
 ``RUN_DIR/audit.json`` and prints one line per paradigm and audit.
@@ -21,10 +21,12 @@ __all__ = ["audit_command"]
 def audit_command(
     run_dir: Annotated[Path, typer.Argument(help="A finished run's directory.")],
     only: Annotated[str, typer.Option(
-        help="Comma-separated audits to run (default: all): inversion, membership.")] = "",
+        help="Comma-separated audits to run (default: all): inversion, membership, lira, "
+             "epsilon.")] = "",
 ) -> None:
     """Audit what a finished run leaks: gradient inversion of the captured updates,
-    membership inference against the final model; writes RUN_DIR/audit.json."""
+    membership inference (loss threshold, LiRA with shadow models) against the final model,
+    and the one-run lower bound on ε from planted canaries; writes RUN_DIR/audit.json."""
     from ..audits.run_audit import audit_run
 
     results = audit_run(run_dir, [a for a in only.split(",") if a])
@@ -35,7 +37,10 @@ def audit_command(
             elif name == "inversion":
                 line = (f"{figures['clients_exposed']} of {figures['clients_attacked']} clients' "
                         f"inputs recovered exactly from {figures['updates_attacked']} updates "
-                        f"the coordinator received ({figures['messages_by_kind']})")
+                        f"the observer received ({figures['messages_by_kind']})")
+            elif name == "epsilon":
+                line = (f"{figures['verdict']} ({figures['correct']} of {figures['guesses']} "
+                        f"guesses right on {figures['canaries']} canaries)")
             else:
                 line = (f"{figures['attack']}: AUC {figures['auc']:.4f}, TPR "
                         f"{figures['tpr_at_1%_fpr']:.4f} at 1 % FPR, "

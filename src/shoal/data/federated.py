@@ -222,6 +222,23 @@ class FederatedDataset:
         return ClientData(ArrayData(self.x, self.y, train),
                           None if held is None else ArrayData(self.x, self.y, held))
 
+    def with_rows(self, x: Tensor, y: Tensor, owners: Tensor) -> FederatedDataset:
+        """A copy with examples ``x[i], y[i]`` added to the training data of the client at
+        position ``owners[i]`` (of :meth:`client_ids`); evaluation rows and the test set are
+        unchanged (the audits' canaries, :mod:`shoal.audits.planted`)."""
+        if not (len(x) == len(y) == len(owners)):
+            raise DataError(f"FederatedDataset.with_rows: {len(x)} inputs, {len(y)} targets "
+                            f"and {len(owners)} owners; expected one of each per example.")
+        n = int(self.x.shape[0])
+        owners = owners.to(torch.int64)
+        extra = torch.arange(n, n + len(y), dtype=torch.int64)
+        parts = [torch.cat([self._train.rows(i), extra[owners == i]])
+                 for i in range(len(self._ids))]
+        return FederatedDataset.from_ranges(
+            torch.cat([self.x, x.to(self.x.dtype)]), torch.cat([self.y, y.to(self.y.dtype)]),
+            self._ids, Ranges.pack(parts), self._held, self.test,
+            info={**self.info, "added_rows": len(y)})
+
     def num_examples(self, cid: str) -> int:
         """The number of training examples of client ``cid`` (FedAvg's weight)."""
         return int(self._train.lengths[self._pos(cid)])

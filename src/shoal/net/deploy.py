@@ -127,8 +127,15 @@ def coordinator_config(config: Config) -> Config:
 
 def refuse_simulation_only(config: Config, command: str) -> None:
     """Raise a ConfigError for a deployed run with a setting only a simulation may have:
-    ``privacy.reproducible = true`` (noise anyone could regenerate) or an ``[attack]`` (the
-    simulated malicious participants would be real ones)."""
+    ``privacy.reproducible = true`` (noise anyone could regenerate), an ``[attack]`` (the
+    simulated malicious participants would be real ones) or ``audit.canaries`` (planted by the
+    simulation into data that, deployed, each client holds itself)."""
+    if config.audit.canaries:
+        raise ConfigError(
+            f"config field 'audit.canaries': {command} runs a deployment, where each client "
+            "holds its own data, but audit.canaries = "
+            f"{config.audit.canaries} plants canaries into the clients' data, which only a "
+            "simulation can; set audit.canaries = 0 (the one-run audit is for `shoal run`).")
     if config.attack.kind != "none":
         raise ConfigError(
             f"config field 'attack.kind': {command} runs a deployment, but attack.kind = "
