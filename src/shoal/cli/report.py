@@ -26,9 +26,10 @@ def report_command(
 ) -> None:
     """Write the HTML report of a run or comparison: accuracy, loss, ε, per-client accuracy,
     bytes, privacy-utility and audit ROC plots, the tables, and a plain-language reading."""
-    from ..report import load_report, reading, write_report
+    from ..report import load_report, reading, write_page
 
-    path = write_report(directory, out)
-    for sentence in reading(load_report(directory)):
+    data = load_report(directory)
+    path = write_page(data, out if out is not None else directory / "report.html")
+    for sentence in reading(data):
         console.print(escape(sentence), soft_wrap=True)
     console.print(f"report written to {escape(str(path))}")

@@ -9,7 +9,7 @@ a short plain-language reading of the result (``shoal report DIR``).
 
 from __future__ import annotations
 
-from .html import render_report, write_report
+from .html import render_report, write_page, write_report
 from .plots import Plot, build_plots
 from .read import FIGURES, Entry, ReportData, load_report
 from .reading import entry_sentence, reading
@@ -17,4 +17,4 @@ from .tables import Table, audit_table, figures_table
 
 __all__ = ["FIGURES", "Entry", "Plot", "ReportData", "Table", "audit_table", "build_plots",
            "entry_sentence", "figures_table", "load_report", "reading", "render_report",
-           "write_report"]
+           "write_page", "write_report"]

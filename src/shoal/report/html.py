@@ -22,7 +22,7 @@ from .read import ReportData, load_report
 from .reading import reading
 from .tables import Table, audit_table, figures_table
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["render_report", "write_page", "write_report"]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -93,17 +93,11 @@ def render_report(data: ReportData) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the HTML report of a run or comparison directory ``path``; return its path.
-
-    ``out`` defaults to ``path/report.html``. The file is self-contained (it needs no network
-    to view) and written atomically. Raises :class:`~shoal.errors.CheckpointError` when
-    ``path`` is not a finished run or comparison directory, or a file in it is unreadable
-    (the message names the file and how to fix it), and :class:`~shoal.errors.ShoalError`
-    when ``out`` cannot be written.
-    """
-    data = load_report(path)
-    target = Path(out) if out is not None else Path(path) / "report.html"
+def write_page(data: ReportData, target: str | Path) -> Path:
+    """Write the page of loaded ``data`` to ``target`` atomically (a temporary file beside it,
+    then moved into place); return its path. Raises :class:`~shoal.errors.ShoalError` when
+    ``target`` is a directory or cannot be written."""
+    target = Path(target)
     if target.is_dir():
         raise ShoalError(f"shoal report: --out {target} is a directory; give a file name, "
                          f"e.g. {target / 'report.html'}.")
@@ -122,3 +116,16 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
         raise ShoalError(f"shoal report: cannot write {target} ({e.strerror or e}); choose "
                          "another place with --out.") from e
     return target
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of a run or comparison directory ``path``; return its path.
+
+    ``out`` defaults to ``path/report.html``. The file is self-contained (it needs no network
+    to view) and written atomically. Raises :class:`~shoal.errors.CheckpointError` when
+    ``path`` is not a finished run or comparison directory, or a file in it is unreadable
+    (the message names the file and how to fix it), and :class:`~shoal.errors.ShoalError`
+    when ``out`` cannot be written.
+    """
+    data = load_report(path)
+    return write_page(data, Path(out) if out is not None else Path(path) / "report.html")

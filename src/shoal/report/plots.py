@@ -7,6 +7,7 @@ entries keep one colour across all the plots, so a paradigm is recognised at a g
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +78,20 @@ def _bytes_curve(history: Sequence[dict[str, Any]]) -> tuple[list[int], list[flo
     return xs, ys
 
 
+def _label(text: str) -> str:
+    """A text from the directory as plotly shows it: plotly reads a subset of HTML in labels
+    and decodes entities, so escaping keeps a name like ``<b>x`` literal and harmless; ``%``
+    would start a hover-template field."""
+    return html.escape(text, quote=False).replace("%", "&#37;")
+
+
+def _rounds_axis(fig: go.Figure, data: ReportData) -> None:
+    """Whole rounds on the x axes (no "round 1.5")."""
+    last = max((int(row.get("round", i)) for e in data.entries
+                for i, row in enumerate(e.history, start=1)), default=1)
+    fig.update_xaxes(tick0=1, dtick=max(1, math.ceil(last / 10)))
+
+
 def _colours(entries: Sequence[Entry]) -> dict[str, str]:
     palette = qualitative.Plotly + qualitative.D3
     return {e.name: palette[i % len(palette)] for i, e in enumerate(entries)}
@@ -107,14 +122,15 @@ def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
     drawn = False
     for e in data.entries:
         first = True
-        for row, key, dash, label in ((1, f"central/{p}", "solid", e.name),
-                                      (2, "central/loss", "solid", f"{e.name} test loss"),
-                                      (2, "train/loss", "dot", f"{e.name} training loss")):
+        for row, key, dash, label in ((1, f"central/{p}", "solid", _label(e.name)),
+                                      (2, "central/loss", "solid", _label(f"{e.name} test loss")),
+                                      (2, "train/loss", "dot",
+                                       _label(f"{e.name} training loss"))):
             xs, ys = curve(e.history, key)
             if not xs:
                 continue
             drawn = True
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=e.name,
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_label(e.name),
                                      legendgroup=e.name, showlegend=first,
                                      hovertemplate=f"{label}<br>round %{{x}}: %{{y:.4g}}"
                                                    "<extra></extra>",
@@ -124,6 +140,7 @@ def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
         return Plot("progress", title, caption,
                     note=f"{_none(data, 'per-round evaluation')}: no {p} or loss curve.")
     fig.update_xaxes(title_text="round", row=2, col=1)
+    _rounds_axis(fig, data)
     return Plot("progress", title, caption, _layout(fig, height=HEIGHT + 180))
 
 
@@ -135,10 +152,11 @@ def _epsilon(data: ReportData, colour: dict[str, str]) -> Plot:
     for e in data.entries:
         xs, ys = epsilon_curve(e.history)
         if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=e.name,
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_label(e.name),
                                      line=dict(color=colour[e.name])))
     if not fig.data:
         return Plot("epsilon", title, caption, note=f"{_none(data, 'DP')}: no ε curve.")
+    _rounds_axis(fig, data)
     return Plot("epsilon", title, caption,
                 _layout(fig, xaxis_title="round", yaxis_title="ε"))
 
@@ -165,7 +183,7 @@ def _clients(data: ReportData, colour: dict[str, str]) -> Plot:
             v = values[label]
             if v is None:
                 continue
-            fig.add_trace(go.Scatter(x=[v], y=[e.name], mode="markers", name=label,
+            fig.add_trace(go.Scatter(x=[v], y=[_label(e.name)], mode="markers", name=label,
                                      legendgroup=label, showlegend=label not in shown,
                                      marker=dict(symbol=symbol, size=12, color=colour[e.name],
                                                  line=dict(width=2, color=colour[e.name]))))
@@ -196,13 +214,14 @@ def _bytes(data: ReportData, colour: dict[str, str]) -> Plot:
             total += y
             cum.append(total)
         for col, values, show in ((1, ys, True), (2, cum, False)):
-            fig.add_trace(go.Scatter(x=xs, y=values, mode="lines+markers", name=e.name,
+            fig.add_trace(go.Scatter(x=xs, y=values, mode="lines+markers", name=_label(e.name),
                                      legendgroup=e.name, showlegend=show,
                                      line=dict(color=colour[e.name])), row=1, col=col)
     if not fig.data:
         return Plot("bytes", title, caption,
                     note=f"{_none(data, 'traffic counted')}: no bytes curve.")
     fig.update_xaxes(title_text="round")
+    _rounds_axis(fig, data)
     fig.update_yaxes(title_text="bytes", row=1, col=1)
     return Plot("bytes", title, caption, _layout(fig))
 
@@ -221,12 +240,12 @@ def _privacy_utility(data: ReportData, colour: dict[str, str]) -> Plot:
         pts = [(x, at[r]) for r, x in zip(eps_x, eps, strict=True) if r in at]
         if pts:
             fig.add_trace(go.Scatter(x=[x for x, _ in pts], y=[y for _, y in pts],
-                                     mode="lines+markers", name=e.name, legendgroup=e.name,
+                                     mode="lines+markers", name=_label(e.name), legendgroup=e.name,
                                      line=dict(color=colour[e.name])))
         final_eps, final_acc = e.figures.get("epsilon"), e.figures.get("accuracy")
         if final_eps is not None and final_acc is not None:
             fig.add_trace(go.Scatter(x=[final_eps], y=[final_acc], mode="markers",
-                                     name=f"{e.name} (final)", legendgroup=e.name,
+                                     name=_label(f"{e.name} (final)"), legendgroup=e.name,
                                      showlegend=not pts,
                                      marker=dict(size=16, color=colour[e.name])))
     if not fig.data:
@@ -237,7 +256,7 @@ def _privacy_utility(data: ReportData, colour: dict[str, str]) -> Plot:
         if e.finished and level is not None and e.figures.get("epsilon") is None \
                 and not epsilon_curve(e.history)[0]:
             fig.add_hline(y=level, line=dict(color=colour[e.name], dash="dash"),
-                          annotation_text=f"{e.name} (no DP)", annotation_position="top left")
+                          annotation_text=_label(f"{e.name} (no DP)"), annotation_position="top left")
     return Plot("privacy_utility", title, caption, _layout(fig, xaxis_title="ε", yaxis_title=p))
 
 
@@ -270,7 +289,7 @@ def _roc(data: ReportData, colour: dict[str, str]) -> Plot:
             if pts is None:
                 continue
             auc = _finite(audit.get("auc"))
-            label = f"{e.name} {name}" + ("" if auc is None else f" (AUC {auc:.3f})")
+            label = _label(f"{e.name} {name}" + ("" if auc is None else f" (AUC {auc:.3f})"))
             fig.add_trace(go.Scatter(x=pts[0], y=pts[1], mode="lines", name=label,
                                      line=dict(color=colour[e.name], dash=dashes[i % 4])))
     if not fig.data:
