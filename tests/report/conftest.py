@@ -44,13 +44,14 @@ def _figures(run_dir: Path, paradigm: str, drop: tuple[str, ...] = ()) -> dict[s
     figures = run_figures(result, "accuracy")
     for k in drop:
         del figures[k]
-    return {**figures, "audit": None}
+    audit = run_dir / "audit.json"  # `shoal compare` copies the run's whole audit.json
+    return {**figures, "audit": json.loads(audit.read_text()) if audit.exists() else None}
 
 
 @pytest.fixture(scope="session")
 def comparison(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A comparison directory as `shoal compare` writes it: three finished variants (from two
-    real runs, ``plain`` and ``dp``), one pending and one failed."""
+    real runs, ``plain`` and ``dp``), one pending, one failed and one skipped."""
     import torch
 
     threads = torch.get_num_threads()
@@ -73,7 +74,9 @@ def comparison(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"name": "split", "paradigm": "split", "run_dir": "split", "status": "pending",
          "figures": {}},
         {"name": "swarm", "paradigm": "swarm", "run_dir": "swarm", "status": "failed",
-         "figures": {"accuracy": None}},
+         "reason": "RoundError: no peer replied", "figures": {"accuracy": None}},
+        {"name": "split-u", "paradigm": "split", "run_dir": "split-u", "status": "skipped",
+         "reason": "the model cannot be cut twice", "figures": {}},
     ]
     config = json.loads((root / "plain" / "summary.json").read_text())["config"]
     (root / "compare.json").write_text(json.dumps({"config": config, "variants": variants},

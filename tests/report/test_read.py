@@ -51,17 +51,30 @@ def test_a_comparison_directory_loads_its_variants_and_their_curves(comparison):
     assert [(e.name, e.paradigm, e.status) for e in data.entries] == [
         ("centralized", "centralized", "finished"), ("federated", "federated", "finished"),
         ("federated-dp", "federated", "finished"), ("split", "split", "pending"),
-        ("swarm", "swarm", "failed")]
-    central, fed, dp, split, swarm = data.entries
+        ("swarm", "swarm", "failed"), ("split-u", "split", "skipped")]
+    central, fed, dp, split, swarm, skipped = data.entries
     assert data.baseline is central
     assert len(central.history) == len(fed.history) == len(dp.history) == 3
     assert "central/accuracy" in fed.history[-1] and "dp/epsilon" in dp.history[-1]
-    # the variant without an audit in compare.json falls back to its run's audit.json
-    assert "membership" in dp.audit
+    # compare.json carries the run's whole audit.json: the variant's paradigm's audits
+    assert set(dp.audit) == {"membership"} and central.audit == {}
+    assert swarm.reason == "RoundError: no peer replied" and skipped.status == "skipped"
     # a figure compare.json does not carry is not measured, never invented
     assert fed.figures["compute_s_per_participant"] is None
     assert split.history == [] and all(v is None for v in split.figures.values())
     assert swarm.figures["accuracy"] is None
+
+
+def test_a_variant_without_audits_in_compare_json_reads_its_runs_audit_file(comparison,
+                                                                           tmp_path):
+    root = tmp_path / "cmp"
+    shutil.copytree(comparison, root)
+    spec = json.loads((root / "compare.json").read_text())
+    spec["variants"][2]["figures"]["audit"] = None
+    (root / "compare.json").write_text(json.dumps(spec))
+    dp = load_report(root).entries[2]
+    assert dp.audit["membership"]["auc"] == json.loads(
+        (root / "dp" / "audit.json").read_text())["federated"]["membership"]["auc"]
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -80,7 +93,7 @@ def test_a_directory_that_is_neither_says_what_it_expects(tmp_path):
         load_report(tmp_path)
     (tmp_path / "config.toml").write_text("")
     with pytest.raises(CheckpointError, match=r"summary.json is missing: the run has not "
-                                              r"finished. rerun the run \(`shoal run --resume"):
+                                              r"finished. Rerun the run \(`shoal run --resume"):
         load_report(tmp_path)
 
 
@@ -104,7 +117,7 @@ def test_corrupt_or_missing_files_are_named_with_the_fix(plain_run, tmp_path):
     with pytest.raises(CheckpointError, match="line 1 is a JSON list, expected an object"):
         load_report(run)
     (run / "federated" / "metrics.jsonl").unlink()
-    with pytest.raises(CheckpointError, match=r"metrics.jsonl is missing; rerun the run"):
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl is missing. Rerun the run"):
         load_report(run)
     (run / "summary.json").write_text('{"config": {}, "results": [')
     with pytest.raises(CheckpointError, match=r"summary.json is not valid JSON \(Expecting "
@@ -119,7 +132,7 @@ def test_corrupt_or_missing_files_are_named_with_the_fix(plain_run, tmp_path):
 def test_a_corrupt_audit_file_says_to_rerun_the_audit(dp_run, tmp_path):
     run = _copy(dp_run, tmp_path)
     (run / "audit.json").write_text("{")
-    with pytest.raises(CheckpointError, match=rf"audit.json is not valid JSON .* rerun `shoal "
+    with pytest.raises(CheckpointError, match=rf"audit.json is not valid JSON .* Rerun `shoal "
                                               rf"audit {run}` to rewrite it, or delete it"):
         load_report(run)
 
@@ -133,12 +146,13 @@ def test_a_bad_comparison_names_the_variant(comparison, tmp_path):
     (root / "compare.json").write_text(json.dumps({"variants": [
         {"name": "x", "status": "done"}]}))
     with pytest.raises(CheckpointError, match=r"variant 1 \('x'\) has status 'done'; expected "
-                                              "one of finished, failed, pending"):
+                                              "one of finished, failed, skipped, pending"):
         load_report(root)
     (root / "compare.json").write_text(json.dumps({"variants": [
         {"name": "x", "paradigm": "federated", "run_dir": "gone", "status": "finished"}]}))
-    with pytest.raises(CheckpointError, match=r"gone/federated/metrics.jsonl is missing; "
-                                              r"variant 'x'\'s run directory"):
+    with pytest.raises(CheckpointError, match=r"gone/federated/metrics.jsonl is missing. "
+                                              r"Variant 'x' is marked finished, but its run "
+                                              r"directory lacks it. Run `shoal compare --resume "):
         load_report(root)
 
 

@@ -29,14 +29,15 @@ def test_dp_federated_against_centralized_reads_its_cost_traffic_and_leakage():
                 history=[{"leak/label_auc_norm": 0.50}, {"leak/label_auc_norm": 0.571,
                                                          "leak/label_auc_direction": 0.55}],
                 audit={"membership": {"auc": 0.512}, "lira": {"skipped": "no shadow models"},
+                       "epsilon": {"eps_lower_bound": 0.8123, "eps_accountant": 3.0},
                        "inversion": {"clients_exposed": 3, "clients_attacked": 10}})
     assert reading(data(CENTRAL, fed)) == [
         "centralized (the pooled-data baseline) reaches accuracy 0.960 in 20 rounds and "
         "moves 1.0 MB.",
         "federated-dp with DP at ε = 3 costs 4.1 points of accuracy (0.919 against 0.960) "
         "and moves 12× the bytes of centralized; its worst client reaches accuracy 0.700; "
-        "label leakage AUC 0.57; gradient inversion recovered 3 of 10 clients' inputs; "
-        "membership inference AUC 0.51."]
+        "label leakage AUC 0.57; canary audit measures ε ≥ 0.81; gradient inversion recovered 3 "
+        "of 10 clients' inputs; membership inference AUC 0.51."]
 
 
 def test_a_gain_a_match_and_fewer_bytes_read_as_such():
@@ -57,14 +58,16 @@ def test_missing_figures_drop_their_clause_and_unfinished_variants_are_listed():
     unmeasured = entry("federated", bytes_total=None, accuracy=0.9)
     blank = entry("swarm")
     pending = entry("split", status="pending")
-    failed = entry("data-parallel", status="failed")
+    failed = Entry("data-parallel", "data_parallel", "failed", dict.fromkeys(FIGURES),
+                   reason="WorkerError: rank 1 died")
     assert reading(data(CENTRAL, unmeasured, blank, pending, failed)) == [
         "centralized (the pooled-data baseline) reaches accuracy 0.960 in 20 rounds and "
         "moves 1.0 MB.",
         "federated costs 6.0 points of accuracy (0.900 against 0.960).",
         "swarm has no figures measured.",
         "Best accuracy: centralized (0.960); fewest bytes: centralized (1.0 MB).",
-        "Not finished, so not read: split (pending), data-parallel (failed)."]
+        "Not finished, so not read: split (pending), data-parallel (failed: WorkerError: rank 1 "
+        "died)."]
 
 
 def test_without_a_baseline_each_entry_reads_its_own_figures():

@@ -34,7 +34,7 @@ section { margin: 2rem 0; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 
         padding: .4rem .8rem; }
 table { border-collapse: collapse; font-size: .9rem; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+th { background: #f4f4f4; } td.text { white-space: normal; min-width: 18rem; text-align: left; } td:first-child, th:first-child { text-align: left; }
 pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .85rem; }
 """
 
@@ -45,8 +45,9 @@ def _e(text: object) -> str:
 
 def _table(t: Table) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in t.headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
-                   for row in t.rows)
+    body = "".join("<tr>" + "".join(
+        f'<td class="text">{_e(c)}</td>' if len(c) > 28 else f"<td>{_e(c)}</td>" for c in row)
+        + "</tr>" for row in t.rows)
     note = f'<p class="tnote">{_e(t.notes)}</p>' if t.notes else ""
     return (f'<section id="table-{_e(t.title)}"><h2>{_e(t.title)}</h2>'
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"

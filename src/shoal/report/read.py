@@ -40,7 +40,10 @@ FIGURES = ("accuracy", "accuracy_worst_client", "accuracy_p10", "epsilon", "prot
            "rounds", "examples", "stopped")
 """The figures of one entry, in the comparison's names (``compare.json``'s ``figures``)."""
 
-STATUSES = ("finished", "failed", "pending")
+STATUSES = ("finished", "failed", "skipped", "pending")
+"""A comparison variant's ``status``: only finished ones have figures and curves."""
+
+PARADIGM_NAMES = ("centralized", "data_parallel", "federated", "split", "swarm")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,9 @@ class Entry:
 
     ``figures`` holds every name of :data:`FIGURES` (``None``: not measured); ``history`` the
     run's rounds as ``metrics.jsonl`` has them (empty for a variant that did not finish);
-    ``audit`` the audits that ran against it (``{}``: none), by audit name.
+    ``audit`` the audits that ran against it (``{}``: none), by audit name; ``final`` the
+    run's last evaluation (``summary.json``'s ``final``); ``reason`` why a variant failed or
+    was skipped.
     """
 
     name: str
@@ -59,6 +64,7 @@ class Entry:
     history: list[dict[str, Any]] = field(default_factory=list)
     audit: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,11 +97,11 @@ class ReportData:
 
 def _read_json(path: Path, fix: str) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"shoal report: {path} is missing; {fix}")
+        raise CheckpointError(f"shoal report: {path} is missing. {fix}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"shoal report: cannot read {path} ({e}); {fix}") from e
+        raise CheckpointError(f"shoal report: cannot read {path} ({e}). {fix}") from e
     except json.JSONDecodeError as e:
         raise CheckpointError(
             f"shoal report: {path} is not valid JSON ({e.msg} at line {e.lineno}, column "
@@ -109,12 +115,12 @@ def read_metrics_file(path: Path, fix: str) -> list[dict[str, Any]]:
     missing or a line is not a JSON object; ``fix`` says how to get a good file.
     """
     if not path.is_file():
-        raise CheckpointError(f"shoal report: {path} is missing; {fix}")
+        raise CheckpointError(f"shoal report: {path} is missing. {fix}")
     rows: list[dict[str, Any]] = []
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"shoal report: cannot read {path} ({e}); {fix}") from e
+        raise CheckpointError(f"shoal report: cannot read {path} ({e}). {fix}") from e
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -159,7 +165,7 @@ def _primary(config: Mapping[str, Any], finals: list[Mapping[str, Any]]) -> tupl
 # -- a run directory -------------------------------------------------------------------------
 
 def _run_fix(run_dir: Path) -> str:
-    return (f"rerun the run (`shoal run --resume {run_dir}` finishes an interrupted one and "
+    return (f"Rerun the run (`shoal run --resume {run_dir}` finishes an interrupted one and "
             "rewrites its files), or point shoal report at another directory.")
 
 
@@ -167,7 +173,7 @@ def _load_audit(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "audit.json"
     if not path.exists():
         return {}
-    data = _read_json(path, f"rerun `shoal audit {run_dir}` to rewrite it, or delete it to "
+    data = _read_json(path, f"Rerun `shoal audit {run_dir}` to rewrite it, or delete it to "
                             "report without audits.")
     if not isinstance(data, dict):
         raise CheckpointError(
@@ -236,9 +242,9 @@ def _load_run(run_dir: Path) -> ReportData:
 
 def _variant(raw: Any, i: int, root: Path) -> Entry:
     where = f"{root / 'compare.json'}: variant {i + 1}"
-    fix = f"rerun `shoal compare` into {root} (it resumes) to rewrite it."
+    fix = f"Run `shoal compare --resume {root}` to finish the comparison and rewrite it."
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        raise CheckpointError(f"shoal report: {where} is not an object with a 'name'; {fix}")
+        raise CheckpointError(f"shoal report: {where} is not an object with a 'name'. {fix}")
     name = raw["name"]
     status = raw.get("status", "finished")
     if status not in STATUSES:
@@ -254,7 +260,7 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
         elif not isinstance(figures[k], str):
             figures[k] = None
     history: list[dict[str, Any]] = []
-    audit = _mapping(given.get("audit"))
+    audit = _audits_of(given.get("audit"), paradigm)
     final: dict[str, Any] = {}
     run_dir = raw.get("run_dir")
     if status == "finished":
@@ -265,7 +271,7 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
         vdir = root / run_dir
         history = read_metrics_file(
             vdir / paradigm / "metrics.jsonl",
-            f"variant {name!r}'s run directory {vdir} lacks it; {fix}")
+            f"Variant {name!r} is marked finished, but its run directory lacks it. {fix}")
         if not audit:
             audit = _mapping(_load_audit(vdir).get(paradigm))
         summary = vdir / "summary.json"
@@ -274,12 +280,23 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
             for r in found.get("results", []) if isinstance(found, dict) else []:
                 if isinstance(r, dict) and r.get("paradigm") == paradigm:
                     final = _mapping(r.get("final"))
+    reason = raw.get("reason")
     return Entry(name=name, paradigm=paradigm, status=status, figures=figures,
-                 history=history, audit=audit, final=final)
+                 history=history, audit=audit, final=final,
+                 reason=reason if isinstance(reason, str) and reason else None)
+
+
+def _audits_of(audit: Any, paradigm: str) -> dict[str, Any]:
+    """A variant's audits by name, from its ``figures["audit"]``: either the audits
+    themselves or its run's whole ``audit.json`` (``{paradigm: {audit: figures}}``)."""
+    audit = _mapping(audit)
+    if any(k in PARADIGM_NAMES for k in audit):
+        return _mapping(audit.get(paradigm))
+    return audit
 
 
 def _load_comparison(root: Path) -> ReportData:
-    fix = f"rerun `shoal compare` into {root} (it resumes) to rewrite it."
+    fix = f"Run `shoal compare --resume {root}` to finish the comparison and rewrite it."
     data = _read_json(root / "compare.json", fix)
     variants = data.get("variants") if isinstance(data, dict) else None
     if not isinstance(variants, list):

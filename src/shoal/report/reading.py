@@ -40,7 +40,7 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 def leakage_clauses(entry: Entry) -> list[str]:
     """What the audits and leakage measures found: ``label leakage AUC 0.57``,
     ``membership inference AUC 0.51``, ``gradient inversion recovered 3 of 10 clients'
-    inputs``, in that order; audits that were skipped say nothing."""
+    inputs``, ``canary audit measures ε ≥ 0.8``; audits that were skipped say nothing."""
     out = []
     label = [v for k in ("leak/label_auc_norm", "leak/label_auc_direction")
              if (v := _last(entry.history, k)) is not None]
@@ -50,7 +50,10 @@ def leakage_clauses(entry: Entry) -> list[str]:
         if not isinstance(audit, Mapping) or "skipped" in audit:
             continue
         auc = _num(audit.get("auc"))
-        if auc is not None:
+        bound = _num(audit.get("eps_lower_bound"))
+        if bound is not None:
+            out.append(f"canary audit measures ε ≥ {bound:.2g}")
+        elif auc is not None:
             out.append(f"{_AUDIT_NAMES.get(name, name)} AUC {auc:.2f}")
         elif name == "inversion":
             exposed, attacked = (_num(audit.get(k)) for k in ("clients_exposed",
@@ -151,6 +154,7 @@ def reading(data: ReportData) -> list[str]:
         out.append(line + ".")
     unfinished = [e for e in data.entries if not e.finished]
     if unfinished:
-        out.append("Not finished, so not read: "
-                   + ", ".join(f"{e.name} ({e.status})" for e in unfinished) + ".")
+        out.append("Not finished, so not read: " + ", ".join(
+            f"{e.name} ({e.status}{': ' + e.reason if e.reason else ''})" for e in unfinished)
+            + ".")
     return out

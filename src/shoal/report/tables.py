@@ -32,7 +32,8 @@ def figures_table(data: ReportData) -> Table:
     comparison = data.kind == "comparison"
     headers = (["variant", "paradigm", "status"] if comparison else ["paradigm"]) + [
         p, "worst client", tail, "ε", "protects", "bytes / participant", "bytes total",
-        "wall time", "compute / participant", "rounds", "examples", "stopped early"]
+        "wall time", "compute / participant", "rounds", "examples", "stopped early"] + (
+        ["why not finished"] if comparison else [])
     rows = []
     for e in data.entries:
         f = e.figures
@@ -42,7 +43,8 @@ def figures_table(data: ReportData) -> Table:
             f["protects"] or DASH, fmt_bytes(f["bytes_per_participant"]),
             fmt_bytes(f["bytes_total"]), fmt_seconds(f["seconds"]),
             fmt_seconds(f["compute_s_per_participant"]), fmt_count(f["rounds"]),
-            fmt_count(f["examples"]), f["stopped"] or DASH])
+            fmt_count(f["examples"]), f["stopped"] or DASH] + (
+                [e.reason or DASH] if comparison else []))
     notes = (f"{p}: on the central test set after the last round. worst client, {tail}: each "
              "client tests the final model on its own held-out data (federated evaluation). "
              "ε at the run's δ. bytes / participant: sent plus received, mean over the "
@@ -61,8 +63,10 @@ def _audit_cells(name: str, audit: Mapping[str, Any]) -> list[str]:
     elif "members" in audit:
         detail = (f"{fmt_count(audit.get('members'))} members, "
                   f"{fmt_count(audit.get('non_members'))} non-members")
-    elif "epsilon" in audit:
-        detail = f"empirical ε {fmt_number(audit.get('epsilon'), '.3g')}"
+    elif "eps_lower_bound" in audit:
+        detail = (f"ε ≥ {fmt_number(audit.get('eps_lower_bound'), '.3g')} measured from "
+                  f"{fmt_count(audit.get('canaries'))} canaries (accountant's ε "
+                  f"{fmt_number(audit.get('eps_accountant'), '.3g')})")
     return [str(audit.get("attack", name)), fmt_number(audit.get("auc")),
             fmt_number(audit.get("tpr_at_1%_fpr")), fmt_number(audit.get("tpr_at_0.1%_fpr")),
             detail or DASH]
