@@ -149,6 +149,20 @@ class EvaluationConfig:
     # The metric the run is judged by (worst client, percentile, summary), one of the task's
     # (loss, accuracy, f1, auc, rmse, mae, perplexity or its own); "": the task's primary.
     primary: str = ""
+    # A validation set for the coordinator, never the test set (shoal.holdout): this fraction
+    # of the training pool is set aside before the data is dealt out to clients and evaluated
+    # after every round (val/<metric>); patience > 0 stops training once the primary metric on
+    # it has not improved by more than min_delta for that many rounds (0: no early stopping).
+    validation_fraction: float = field(default=0.0, metadata=_check(min=0, lt=1))
+    patience: int = field(default=0, metadata=_check(min=0))
+    min_delta: float = field(default=0.0, metadata=_check(min=0))
+
+    def __post_init__(self) -> None:
+        if self.patience > 0 and self.validation_fraction == 0:
+            raise ConfigError(
+                f"config field 'evaluation.patience': early stopping ({self.patience} rounds) "
+                "needs a validation set, but evaluation.validation_fraction = 0; set it (e.g. "
+                "0.1), so that the test set stays out of training decisions.")
 
 
 @dataclass

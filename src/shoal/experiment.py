@@ -74,6 +74,7 @@ from .data.arrays import ArrayData
 from .data.federated import FederatedDataset, federate
 from .data.tasks import Task, load_task
 from .errors import ConfigError
+from .holdout import HoldoutStopping, carve_validation
 from .ledger.keys import registry_key, registry_value
 from .ledger.ledger import Ledger
 from .ledger.store import MemoryStore
@@ -178,7 +179,9 @@ def primary_metric(config: Config, task: Task) -> str:
 
 
 def make_dataset(config: Config, task: Task) -> FederatedDataset:
-    """Partition the task's data as ``[data]`` says."""
+    """Partition the task's data as ``[data]`` says (without the coordinator's validation
+    rows, ``evaluation.validation_fraction``: see :mod:`shoal.holdout`)."""
+    task, _ = carve_validation(config, task)
     d = config.data
     options = {k: v for k, v in (("alpha", d.alpha), ("shards_per_client", d.shards_per_client))
                if v is not None}
@@ -486,6 +489,16 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
     def central(params: Params) -> dict[str, float]:
         return setup.evaluator(params, task.test)
 
+    _, validation = carve_validation(config, task)  # the rows make_dataset kept from clients
+
+    def holdout() -> list[Any]:  # a fresh one per paradigm: it keeps the best value so far
+        if validation is None:
+            return []
+        e = config.evaluation
+        return [HoldoutStopping(lambda p: setup.evaluator(p, validation), metric=task.primary,
+                                lower_is_better=task.lower_is_better(), patience=e.patience,
+                                min_delta=e.min_delta)]
+
     rounds = config.federated.rounds
     paradigms = [config.paradigm]
     if config.baseline and config.paradigm != "centralized":
@@ -500,6 +513,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         cbs: list[Any] = [
             CentralEvaluation(central, every=config.evaluation.central_every or rounds),
             *built.callbacks,
+            *holdout(),
             MetricsLog(out / "metrics.jsonl"),
             Checkpoint(out / "checkpoints", config.checkpoint.every, config.checkpoint.keep,
                        config=config),

@@ -198,6 +198,7 @@ def main() -> None:
 
 
 from . import audit as _audit  # noqa: E402,F401  (registers shoal audit)
+from . import compare as _compare  # noqa: E402,F401  (registers shoal compare)
 from . import dp as _dp  # noqa: E402,F401  (registers data-parallel, the torchrun entry)
 from . import net as _net  # noqa: E402,F401  (registers serve, join, split and ca)
 from . import report as _report  # noqa: E402,F401  (registers shoal report)
