@@ -19,9 +19,11 @@ return Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => {
   const box = d.getBoundingClientRect();
   return {id: d.id, js: d.classList.contains('js-plotly-plot'),
           width: box.width, height: box.height,
-          traces: d.querySelectorAll('.scatterlayer .trace').length,
+          traces: d.querySelectorAll('.scatterlayer .trace, .boxlayer .trace').length,
           marks: d.querySelectorAll('.scatterlayer .trace path.js-line, '
-                                    + '.scatterlayer .trace .points path').length};
+                                    + '.scatterlayer .trace .points path, '
+                                    + '.boxlayer .trace .points path').length,
+          boxes: d.querySelectorAll('.boxlayer .trace path.box').length};
 });
 """
 
@@ -39,6 +41,9 @@ def test_every_plot_renders_with_data_in_the_browser(browser, comparison, tmp_pa
     for p in plots:
         assert p["js"] and p["width"] > 100 and p["height"] > 100, p
         assert p["traces"] >= 1 and p["marks"] >= 1, p
+    # the per-client distribution: a box per finished variant, a dot per client
+    clients = plots[2]
+    assert clients["boxes"] == 3 and clients["marks"] >= 3 * 6, clients
     assert browser.find_elements(By.CSS_SELECTOR, ".note") == []
     rows = browser.find_elements(By.CSS_SELECTOR, "#table-figures tbody tr")
     assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == [

@@ -48,6 +48,21 @@ def test_a_plot_without_data_is_left_out_with_the_reason(plain_run):
         assert plots[key].figure is not None and _points(plots[key].figure) > 0
 
 
+def test_without_per_client_figures_the_recorded_summary_is_plotted(plain_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    (run / "federated" / "model.safetensors").unlink()
+    (run / "centralized" / "model.safetensors").unlink()
+    plots = {p.key: p for p in build_plots(load_report(run))}
+    clients = plots["clients"]
+    assert {t.name for t in clients.figure.data} == {"worst client", "10th percentile",
+                                                     "client mean", "central test set"}
+    assert clients.caption.endswith(
+        "For federated only the worst client, the 10th percentile and the mean the run "
+        f"recorded are shown (federated: {run / 'federated' / 'model.safetensors'} is "
+        "missing).")
+
+
 def test_the_page_is_self_contained_and_written_atomically(plain_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)

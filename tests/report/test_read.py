@@ -31,9 +31,27 @@ def test_a_run_directory_loads_each_paradigm_with_its_figures_and_rounds(plain_r
     fed, central = data.entries
     assert fed.figures["accuracy_worst_client"] == summary["results"][0]["final"][
         "fed_eval/accuracy_worst"]
-    # the centralized baseline has no clients' own evaluation: not measured, not zero
-    assert central.figures["accuracy_worst_client"] is None
+    # the centralized baseline has no clients' own evaluation: the report's, from its model
+    assert central.figures["accuracy_worst_client"] == min(central.clients.values())
+    plain = load_report(plain_run, clients=False).entries[1]
+    assert plain.figures["accuracy_worst_client"] is None  # not measured, not zero
     assert 'name = "digits"' in data.config_text
+
+
+def test_each_clients_figure_is_recomputed_from_the_final_model(plain_run, tmp_path):
+    fed, central = load_report(plain_run).entries
+    # 6 clients, each the final model on its held-out data: the run's own federated
+    # evaluation of the last round saw the same worst client
+    assert len(fed.clients) == len(central.clients) == 6
+    assert min(fed.clients.values()) == pytest.approx(fed.figures["accuracy_worst_client"])
+    assert fed.clients_why == ""
+    assert load_report(plain_run, clients=False).entries[0].clients == {}
+    run = _copy(plain_run, tmp_path)
+    (run / "federated" / "model.safetensors").unlink()
+    fed, central = load_report(run).entries
+    assert fed.clients == {} and fed.clients_why == (
+        f"{run / 'federated' / 'model.safetensors'} is missing")
+    assert len(central.clients) == 6
 
 
 def test_a_dp_run_carries_its_epsilon_and_audits(dp_run):

@@ -165,38 +165,64 @@ def _clients(data: ReportData, colour: dict[str, str]) -> Plot:
     p = data.primary
     tail = "90th percentile" if data.lower_is_better else "10th percentile"
     title = f"per-client {p}"
-    caption = (f"each client tests the final model on its own held-out data: the worst "
-               f"client, the {tail} and the mean over clients, beside the central test set. "
-               "A wide spread means the model serves some clients much worse than others.")
+    caption = ("each client tests the final model on its own held-out data: one dot per "
+               "client, the box spanning the middle half of the clients; the open square is "
+               "the central test set. A wide spread means the model serves some clients much "
+               "worse than others.")
     fig = go.Figure()
     marks = (("worst client", "accuracy_worst_client", "x"),
              (tail, "accuracy_p10", "diamond"),
-             ("client mean", None, "circle"),
-             ("central test set", "accuracy", "square-open"))
+             ("client mean", None, "circle"))
     shown: set[str] = set()
+    summarised: list[str] = []
+    rows = 0
     for e in data.entries:
-        values = {label: (_finite(e.final.get(f"fed_eval/{p}")) if key is None
-                          else e.figures.get(key)) for label, key, _ in marks}
-        if values["worst client"] is None and values[tail] is None:
-            continue
-        for label, _, symbol in marks:
-            v = values[label]
-            if v is None:
+        name = _label(e.name)
+        if e.clients:
+            ids = sorted(e.clients)
+            fig.add_trace(go.Box(x=[e.clients[c] for c in ids], y=[name] * len(ids),
+                                 name=name, orientation="h", boxpoints="all", jitter=0.5,
+                                 pointpos=0, text=[_label(c) for c in ids],
+                                 hovertemplate="%{text}: %{x:.4g}<extra></extra>",
+                                 marker=dict(color=colour[e.name], size=6),
+                                 line=dict(color=colour[e.name]), showlegend=False))
+        else:
+            values = {label: (_finite(e.final.get(f"fed_eval/{p}")) if key is None
+                              else e.figures.get(key)) for label, key, _ in marks}
+            if values["worst client"] is None and values[tail] is None:
                 continue
-            fig.add_trace(go.Scatter(x=[v], y=[_label(e.name)], mode="markers", name=label,
-                                     legendgroup=label, showlegend=label not in shown,
-                                     marker=dict(symbol=symbol, size=12, color=colour[e.name],
-                                                 line=dict(width=2, color=colour[e.name]))))
-            shown.add(label)
-    if not fig.data:
+            summarised.append(e.name)
+            for label, _, symbol in marks:
+                v = values[label]
+                if v is None:
+                    continue
+                fig.add_trace(go.Scatter(x=[v], y=[name], mode="markers", name=label,
+                                         legendgroup=label, showlegend=label not in shown,
+                                         marker=dict(symbol=symbol, size=12,
+                                                     color=colour[e.name])))
+                shown.add(label)
+        rows += 1
+        central = e.figures.get("accuracy")
+        if central is not None:
+            fig.add_trace(go.Scatter(x=[central], y=[name], mode="markers",
+                                     name="central test set", legendgroup="central",
+                                     showlegend="central" not in shown,
+                                     marker=dict(symbol="square-open", size=13,
+                                                 color=colour[e.name], line=dict(width=2))))
+            shown.add("central")
+    if not rows:
+        whys = sorted({e.clients_why for e in data.entries if e.clients_why})
         return Plot("clients", title, caption,
-                    note=f"{_none(data, 'federated evaluation')}: no per-client {p} (set "
-                         "evaluation.federated_every to measure it).")
-    n = sum(1 for e in data.entries if e.figures.get("accuracy_worst_client") is not None
-            or e.figures.get("accuracy_p10") is not None)
+                    note=f"{_none(data, 'per-client evaluation')}: no per-client {p}"
+                         + (f" ({'; '.join(whys)})." if whys else "."))
+    if summarised:
+        why = "; ".join(f"{e.name}: {e.clients_why}" for e in data.entries
+                        if e.name in summarised and e.clients_why)
+        caption += (f" For {', '.join(summarised)} only the worst client, the {tail} and the "
+                    f"mean the run recorded are shown" + (f" ({why})." if why else "."))
     return Plot("clients", title, caption,
-                _layout(fig, height=max(260, 120 + 60 * n), xaxis_title=p,
-                        yaxis=dict(type="category")))
+                _layout(fig, height=max(280, 130 + 70 * rows), xaxis_title=p,
+                        yaxis=dict(type="category", autorange="reversed")))
 
 
 def _bytes(data: ReportData, colour: dict[str, str]) -> Plot:

@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..metrics import lower_is_better
+from ..metrics import distribution_summary, lower_is_better
+from .clients import FederationCache, client_scores
 
 __all__ = ["FIGURES", "Entry", "ReportData", "load_report", "read_metrics_file"]
 
@@ -54,7 +55,8 @@ class Entry:
     run's rounds as ``metrics.jsonl`` has them (empty for a variant that did not finish);
     ``audit`` the audits that ran against it (``{}``: none), by audit name; ``final`` the
     run's last evaluation (``summary.json``'s ``final``); ``reason`` why a variant failed or
-    was skipped.
+    was skipped; ``clients`` the final model's primary metric on each client's held-out data
+    (by client id; empty when not computed, and ``clients_why`` says why).
     """
 
     name: str
@@ -65,6 +67,8 @@ class Entry:
     audit: dict[str, Any] = field(default_factory=dict)
     final: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
+    clients: dict[str, float] = field(default_factory=dict)
+    clients_why: str = ""
 
     @property
     def finished(self) -> bool:
@@ -212,7 +216,23 @@ def run_figures(result: Mapping[str, Any], primary: str) -> dict[str, Any]:
     }
 
 
-def _load_run(run_dir: Path) -> ReportData:
+def _with_clients(entry: Entry, run_dir: Path, primary: str,
+                  cache: FederationCache | None) -> Entry:
+    """``entry`` with its per-client figures (:mod:`shoal.report.clients`), when asked."""
+    if cache is None or not entry.finished:
+        return entry
+    scores = client_scores(run_dir, entry.paradigm, primary, cache)
+    figures = dict(entry.figures)
+    if scores.values and figures["accuracy_worst_client"] is None:
+        # the run did not evaluate on the clients (the centralized baseline): the report did
+        lower = lower_is_better(primary)
+        spread = distribution_summary(list(scores.values.values()), lower_is_better=lower)
+        figures["accuracy_worst_client"] = spread["worst"]
+        figures["accuracy_p10"] = spread["p90" if lower else "p10"]
+    return replace(entry, figures=figures, clients=scores.values, clients_why=scores.why)
+
+
+def _load_run(run_dir: Path, cache: FederationCache | None) -> ReportData:
     fix = _run_fix(run_dir)
     summary = _read_json(run_dir / "summary.json", fix)
     results = summary.get("results") if isinstance(summary, dict) else None
@@ -231,10 +251,10 @@ def _load_run(run_dir: Path) -> ReportData:
     for r in results:
         paradigm = str(r["paradigm"])
         history = read_metrics_file(run_dir / paradigm / "metrics.jsonl", fix)
-        entries.append(Entry(name=paradigm, paradigm=paradigm, status="finished",
-                             figures=run_figures(r, primary), history=history,
-                             audit=_mapping(audits.get(paradigm)),
-                             final=_mapping(r.get("final"))))
+        entry = Entry(name=paradigm, paradigm=paradigm, status="finished",
+                      figures=run_figures(r, primary), history=history,
+                      audit=_mapping(audits.get(paradigm)), final=_mapping(r.get("final")))
+        entries.append(_with_clients(entry, run_dir, primary, cache))
     return ReportData("run", run_dir, config, config_text, entries, primary, lower)
 
 
@@ -295,7 +315,7 @@ def _audits_of(audit: Any, paradigm: str) -> dict[str, Any]:
     return audit
 
 
-def _load_comparison(root: Path) -> ReportData:
+def _load_comparison(root: Path, cache: FederationCache | None) -> ReportData:
     fix = f"Run `shoal compare --resume {root}` to finish the comparison and rewrite it."
     data = _read_json(root / "compare.json", fix)
     variants = data.get("variants") if isinstance(data, dict) else None
@@ -306,12 +326,19 @@ def _load_comparison(root: Path) -> ReportData:
     config = _mapping(data.get("config"))
     entries = [_variant(v, i, root) for i, v in enumerate(variants)]
     primary, lower = _primary(config, [e.final for e in entries])
+    raws = [v for v in variants if isinstance(v, dict)]
+    entries = [_with_clients(e, root / str(raw.get("run_dir", "")), primary, cache)
+               for e, raw in zip(entries, raws, strict=True)]
     return ReportData("comparison", root, config, json.dumps(config, indent=2), entries,
                       primary, lower)
 
 
-def load_report(path: str | Path) -> ReportData:
+def load_report(path: str | Path, *, clients: bool = True) -> ReportData:
     """Load a run directory (``summary.json``) or a comparison directory (``compare.json``).
+
+    ``clients``: also evaluate each finished paradigm's final model on every client's
+    held-out data (:mod:`shoal.report.clients`; seconds for small tasks), for the per-client
+    distribution.
 
     Raises :class:`~shoal.errors.CheckpointError` when ``path`` is neither, or one of its
     files is missing or unreadable; the message names the file and how to fix it.
@@ -326,9 +353,9 @@ def load_report(path: str | Path) -> ReportData:
             f"shoal report: {root} is a file; give the directory that holds summary.json (a "
             "run) or compare.json (a comparison).")
     if (root / "compare.json").exists():
-        return _load_comparison(root)
+        return _load_comparison(root, FederationCache() if clients else None)
     if (root / "summary.json").exists():
-        return _load_run(root)
+        return _load_run(root, FederationCache() if clients else None)
     if (root / "seeds.json").exists():
         seeds = sorted(p.name for p in root.glob("seed-*") if p.is_dir())
         raise CheckpointError(

@@ -46,7 +46,8 @@ def figures_table(data: ReportData) -> Table:
             fmt_count(f["examples"]), f["stopped"] or DASH] + (
                 [e.reason or DASH] if comparison else []))
     notes = (f"{p}: on the central test set after the last round. worst client, {tail}: each "
-             "client tests the final model on its own held-out data (federated evaluation). "
+             "client tests the final model on its own held-out data (the run's federated "
+             "evaluation; where it ran none, the report's evaluation of the final model). "
              "ε at the run's δ. bytes / participant: sent plus received, mean over the "
              f"participants. {DASH}: not measured.")
     return Table("figures", headers, rows, notes)
