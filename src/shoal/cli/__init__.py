@@ -14,7 +14,7 @@ import datetime as dt
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from ..checkpoint import prepare_run_dir
 from ..config import Config, load_config
 from ..errors import ShoalError
 from ..validate_config import load_checked
+
+if TYPE_CHECKING:
+    from ..dashboard import Dashboard
 
 __all__ = ["app", "config_command", "main", "run_command", "tasks_command"]
 
@@ -52,6 +55,11 @@ def run_command(
     seeds: Annotated[str | None, typer.Option(
         help="Run once per seed, e.g. 0,1,2 (each in RUN/seed-N), and report the mean and "
              "spread across seeds (RUN/seeds.json).")] = None,
+    dashboard: Annotated[bool, typer.Option(
+        help="Serve a live, read-only page of the run on this machine "
+             "(http://127.0.0.1:PORT/; docs/dashboard.md).")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        help="The dashboard's port (0: any free port).")] = 8050,
 ) -> None:
     """Run a job in simulation (its paradigm, with the centralized baseline) and summarise it."""
     from ..experiment import run_experiment
@@ -80,21 +88,30 @@ def run_command(
 
         cfg = dataclasses.replace(cfg, seeds=parse_seeds(seeds))
 
-    def callbacks(paradigm: str, rounds: int) -> list[ProgressBar]:
-        return [] if quiet else [ProgressBar(console, paradigm, rounds)]
+    def callbacks(paradigm: str, rounds: int) -> list[object]:
+        return [*([] if quiet else [ProgressBar(console, paradigm, rounds)]),
+                *(board.callbacks(paradigm, rounds) if board else [])]
 
     if resume is None:  # refuses a directory that holds files, unless --overwrite
         prepare_run_dir(run_dir, overwrite=overwrite)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
-    if cfg.seeds:
-        _run_seeds(cfg, run_dir, resume is not None, quiet)
-        return
+    board: Dashboard | None = None
+    if dashboard:
+        from ..dashboard.launch import start_dashboard
+
+        board = start_dashboard(cfg, console.print, port=dashboard_port)
     try:
+        if cfg.seeds:
+            _run_seeds(cfg, run_dir, resume is not None, quiet, board)
+            return
         results = run_experiment(cfg, run_dir, resume=resume is not None, callbacks=callbacks)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; completed rounds are checkpointed. Continue with:\n"
                           f"  shoal run --resume {run_dir}")
         raise typer.Exit(130) from None
+    finally:
+        if board is not None:
+            board.stop()
     console.print(summary_table(results))
     line = cost_line(results)
     if line:
@@ -144,12 +161,15 @@ def tasks_command() -> None:
                   '"A task of your own").', highlight=False)
 
 
-def _run_seeds(cfg: Config, run_dir: Path, resume: bool, quiet: bool) -> None:
+def _run_seeds(cfg: Config, run_dir: Path, resume: bool, quiet: bool,
+               board: Dashboard | None = None) -> None:
     from ..seeds import run_seeds, seeds_table
     from .display import ProgressBar
 
-    def callbacks(seed: int, paradigm: str, rounds: int) -> list[ProgressBar]:
-        return [] if quiet else [ProgressBar(console, f"{paradigm} s{seed}", rounds)]
+    def callbacks(seed: int, paradigm: str, rounds: int) -> list[object]:
+        return [*([] if quiet else [ProgressBar(console, f"{paradigm} s{seed}", rounds)]),
+                *(board.callbacks(paradigm, rounds, f"{paradigm} (seed {seed})") if board
+                  else [])]
 
     try:
         summary = run_seeds(cfg, run_dir, resume=resume, callbacks=callbacks)

@@ -273,17 +273,28 @@ def serve_command(
     insecure: Annotated[bool, _INSECURE] = False,
     verbose: Annotated[bool, _VERBOSE] = False,
     quiet: Annotated[bool, _QUIET] = False,
+    dashboard: Annotated[bool, typer.Option(
+        help="Serve a live, read-only page of the run over mutual TLS with the coordinator's "
+             "certificate, to viewers with a certificate from the project's CA "
+             "(docs/dashboard.md).")] = False,
+    dashboard_port: Annotated[int, typer.Option(
+        help="The dashboard's port (0: any free port).")] = 8050,
+    dashboard_host: Annotated[str, typer.Option(
+        help="The address the dashboard listens on (with --insecure: loopback only).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the coordinator of a federated job; clients connect with `shoal join`.
 
     Ctrl-C or SIGTERM stops it before the run is over: the clients are told to wait, and
     `shoal serve --resume DIR` continues from the last completed round."""
     with _logging(verbose, quiet):
-        _serve(config, set_, out, resume, address, insecure, quiet, overwrite)
+        _serve(config, set_, out, resume, address, insecure, quiet, overwrite,
+               dashboard=(dashboard_host, dashboard_port) if dashboard else None)
 
 
 def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume: Path | None,
-           address: str | None, insecure: bool, quiet: bool, overwrite: bool = False) -> None:
+           address: str | None, insecure: bool, quiet: bool, overwrite: bool = False,
+           dashboard: tuple[str, int] | None = None) -> None:
     from ..net.deploy import coordinator_config, coordinator_transport, serve
     from .display import summary_table
 
@@ -301,12 +312,19 @@ def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume
         run_dir = out or _new_run_dir(Path(cfg.out_dir), f"{cfg.task.name}-served")
     console.print(f"run directory: [bold]{run_dir}[/bold]")
     received: list[int] = []
+    board = None
     with _sigterm_interrupts(received):
         try:
+            if dashboard is not None:
+                from ..dashboard.launch import start_dashboard
+
+                board = start_dashboard(coordinator_config(cfg), console.print,
+                                        host=dashboard[0], port=dashboard[1], deployment=True)
             transport = coordinator_transport(coordinator_config(cfg))
 
-            def progress(paradigm: str, rounds: int) -> list[ServeProgress]:
-                return [] if quiet else [ServeProgress(console, transport, paradigm, rounds)]
+            def progress(paradigm: str, rounds: int) -> list[object]:
+                return [*([] if quiet else [ServeProgress(console, transport, paradigm, rounds)]),
+                        *(board.callbacks(paradigm, rounds) if board else [])]
 
             results = serve(cfg, run_dir, resume=resume is not None, overwrite=overwrite,
                             transport=transport,
@@ -317,6 +335,9 @@ def _serve(config: Path | None, set_: list[str] | None, out: Path | None, resume
                               f"for the coordinator. Continue with:\n"
                               f"  shoal serve --resume {run_dir}", soft_wrap=True)
             raise typer.Exit(128 + (received[0] if received else signal.SIGINT)) from None
+        finally:
+            if board is not None:
+                board.stop()
     console.print(summary_table(results))
     for r in results:
         if r.stopped:

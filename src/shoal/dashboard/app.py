@@ -1,0 +1,173 @@
+"""The dashboard's web app (Starlette): read-only, bounded.
+
+* ``GET /`` — the page (:data:`~shoal.dashboard.page.PAGE`, self-contained);
+* ``GET /events`` — server-sent events: an ``event: state`` with the current snapshot at
+  once, then one each time the state's version changes (a viewer that reads slowly skips the
+  versions published meanwhile: it always gets the newest snapshot, never a backlog), and a
+  comment every ``heartbeat_s`` so dead connections are noticed; a viewer that takes
+  nothing for ``send_timeout_s`` is dropped;
+* ``GET /state`` — the current snapshot as JSON.
+
+Every route answers GET and HEAD only (anything else: 405); nothing a viewer sends changes the
+state. At most ``max_streams`` event streams are open at once; one more is refused with 503
+and a ``Retry-After``. Every response carries a Content-Security-Policy that lets only the
+page's own script and style run, and ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import ConfigError
+from .page import CONTENT_SECURITY_POLICY, PAGE
+from .state import DashboardState
+
+__all__ = ["SECURITY_HEADERS", "create_app"]
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+"""Headers on every response of the dashboard."""
+
+
+class _SlowViewer(Exception):
+    """A viewer did not take an event within ``send_timeout_s``."""
+
+
+class _Events:
+    """``/events``: a bounded number of server-sent-event streams of the state's snapshots."""
+
+    def __init__(self, state: DashboardState, max_streams: int, poll_s: float,
+                 heartbeat_s: float, send_timeout_s: float, closing: threading.Event):
+        self.state = state
+        self.max_streams = max_streams
+        self.poll_s = poll_s
+        self.heartbeat_s = heartbeat_s
+        self.send_timeout_s = send_timeout_s
+        self.closing = closing
+        self.open = 0  # only touched on the server's event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
+        if scope["method"] == "HEAD":
+            await Response(media_type="text/event-stream", headers=headers)(scope, receive, send)
+            return
+        if self.open >= self.max_streams:
+            log.warning("dashboard: refused an event stream from %s: %d streams are open "
+                        "(the limit)", _client(scope), self.open)
+            await PlainTextResponse(
+                f"too many viewers: {self.open} event streams are open, the most this "
+                "dashboard serves; close one or try again later.\n", status_code=503,
+                headers={**SECURITY_HEADERS, "Retry-After": "10"})(scope, receive, send)
+            return
+        async def bounded_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            except TimeoutError:
+                raise _SlowViewer from None
+
+        self.open += 1
+        try:
+            await StreamingResponse(self._stream(), media_type="text/event-stream",
+                                    headers=headers)(scope, receive, bounded_send)
+        except _SlowViewer:  # its slot goes to someone who reads
+            log.warning("dashboard: dropped the event stream of %s: it read nothing for %g s",
+                        _client(scope), self.send_timeout_s)
+        finally:
+            self.open -= 1
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        sent = -1
+        quiet_since = loop.time()
+        yield b"retry: 2000\n\n"
+        while True:
+            closing = self.closing.is_set()  # read first: the last snapshot still goes out
+            snap = self.state.snapshot()  # the newest, whatever was published meanwhile
+            if snap.version != sent:
+                sent = snap.version
+                quiet_since = loop.time()
+                yield f"event: state\nid: {snap.version}\ndata: {snap.json}\n\n".encode()
+            elif loop.time() - quiet_since >= self.heartbeat_s:
+                quiet_since = loop.time()
+                yield b": keep-alive\n\n"
+            if closing:
+                break
+            await asyncio.sleep(self.poll_s)
+        yield b"event: end\ndata: {}\n\n"
+
+
+class _ReadOnly:
+    """Refuse every method but GET and HEAD with 405, on every path (known or not)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
+            await PlainTextResponse(
+                f"the dashboard is read-only: {scope['method'][:16]} is not allowed; use GET.\n",
+                status_code=405, headers={**SECURITY_HEADERS, "Allow": "GET, HEAD"},
+            )(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "an unknown client"
+
+
+def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0.1,
+               heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
+               closing: threading.Event | None = None) -> Starlette:
+    """The dashboard app over ``state``; see the module docstring.
+
+    ``max_streams``: event streams open at once (more get 503); ``poll_s``: how often a stream
+    looks for a new version; ``heartbeat_s``: the comment sent on a quiet stream;
+    ``send_timeout_s``: a viewer that takes no data for this long is dropped (a stalled
+    viewer cannot hold a stream slot for ever); ``closing``:
+    set it to end every stream (with an ``event: end``), as
+    :class:`~shoal.dashboard.server.DashboardServer` does when it stops."""
+    if max_streams < 1:
+        raise ConfigError(f"dashboard: max_streams must be >= 1 (got {max_streams}).")
+    if min(poll_s, heartbeat_s, send_timeout_s) <= 0:
+        raise ConfigError(f"dashboard: poll_s, heartbeat_s and send_timeout_s must be > 0 (got "
+                          f"{poll_s}, {heartbeat_s}, {send_timeout_s}).")
+    events = _Events(state, max_streams, poll_s, heartbeat_s, send_timeout_s,
+                     closing or threading.Event())
+
+    async def page(request: Request) -> Response:
+        return Response(PAGE, media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
+
+    async def snapshot(request: Request) -> Response:
+        return Response(state.snapshot().json, media_type="application/json",
+                        headers=SECURITY_HEADERS)
+
+    async def no_icon(request: Request) -> Response:  # browsers ask; nothing to fetch
+        return Response(status_code=204, headers=SECURITY_HEADERS)
+
+    app = Starlette(middleware=[Middleware(_ReadOnly)], routes=[
+        Route("/", page, methods=["GET", "HEAD"]),
+        Route("/state", snapshot, methods=["GET", "HEAD"]),
+        Route("/events", events, methods=["GET", "HEAD"]),
+        Route("/favicon.ico", no_icon, methods=["GET", "HEAD"]),
+    ])
+    app.state.events = events  # for tests and the server: the open stream count
+    return app
