@@ -58,6 +58,12 @@ def test_nothing_a_viewer_sends_changes_anything() -> None:
                 assert "read-only" in r.text
         assert state.version == version
         assert http.get("/state").json()["run"]["status"] == "running"
+        # A page of another site whose name was rebound to 127.0.0.1 reads nothing.
+        for host in ("evil.example", "evil.example:8050", "127.0.0.1.evil.example"):
+            r = http.get("/state", headers={"Host": host})
+            assert r.status_code == 400 and "the dashboard answers to" in r.text, host
+        for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "127.0.0.1"):
+            assert http.get("/state", headers={"Host": host}).status_code == 200, host
 
 
 def test_events_arrive_as_the_rounds_of_a_real_run_complete(tmp_path, one_thread) -> None:
@@ -147,7 +153,7 @@ def test_a_viewer_that_never_reads_blocks_neither_training_nor_other_viewers() -
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
         stalled.connect(("127.0.0.1", server.port))
-        stalled.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         try:
             _wait(lambda: server.app.state.events.open == 1, what="the stalled stream")
             metrics = {f"m/{i}": float(i) for i in range(60)}

@@ -9,7 +9,8 @@
 * ``GET /state`` — the current snapshot as JSON.
 
 Every route answers GET and HEAD only (anything else: 405); nothing a viewer sends changes the
-state. At most ``max_streams`` event streams are open at once; one more is refused with 503
+state. With ``allowed_hosts`` (plain HTTP on loopback), a request naming another host is
+refused (DNS rebinding). At most ``max_streams`` event streams are open at once; one more is refused with 503
 and a ``Retry-After``. Every response carries a Content-Security-Policy that lets only the
 page's own script and style run, and ``Cache-Control: no-store``.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -113,13 +114,31 @@ class _Events:
         yield b"event: end\ndata: {}\n\n"
 
 
-class _ReadOnly:
-    """Refuse every method but GET and HEAD with 405, on every path (known or not)."""
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port (``[::1]:8050`` → ``::1``)."""
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
-    def __init__(self, app: ASGIApp):
+
+class _Guard:
+    """Refuse every method but GET and HEAD with 405, on every path (known or not); with
+    ``allowed_hosts``, refuse a request whose Host header names another host with 400 (a
+    page of another site, its name rebound to 127.0.0.1, cannot read the dashboard)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None = None):
         self.app = app
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.allowed_hosts is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if _host_name(host).lower() not in self.allowed_hosts:
+                await PlainTextResponse(
+                    f"the dashboard answers to {', '.join(sorted(self.allowed_hosts))} only "
+                    f"(this request named {host[:64]!r}); open it as http://127.0.0.1:PORT/.\n",
+                    status_code=400, headers=SECURITY_HEADERS)(scope, receive, send)
+                return
         if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD"):
             await PlainTextResponse(
                 f"the dashboard is read-only: {scope['method'][:16]} is not allowed; use GET.\n",
@@ -136,13 +155,15 @@ def _client(scope: Scope) -> str:
 
 def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0.1,
                heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
+               allowed_hosts: Iterable[str] | None = None,
                closing: threading.Event | None = None) -> Starlette:
     """The dashboard app over ``state``; see the module docstring.
 
     ``max_streams``: event streams open at once (more get 503); ``poll_s``: how often a stream
     looks for a new version; ``heartbeat_s``: the comment sent on a quiet stream;
     ``send_timeout_s``: a viewer that takes no data for this long is dropped (a stalled
-    viewer cannot hold a stream slot for ever); ``closing``:
+    viewer cannot hold a stream slot for ever); ``allowed_hosts``: the host names a request's
+    Host header may give (``None``: any); ``closing``:
     set it to end every stream (with an ``event: end``), as
     :class:`~shoal.dashboard.server.DashboardServer` does when it stops."""
     if max_streams < 1:
@@ -163,7 +184,8 @@ def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0
     async def no_icon(request: Request) -> Response:  # browsers ask; nothing to fetch
         return Response(status_code=204, headers=SECURITY_HEADERS)
 
-    app = Starlette(middleware=[Middleware(_ReadOnly)], routes=[
+    hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
+    app = Starlette(middleware=[Middleware(_Guard, allowed_hosts=hosts)], routes=[
         Route("/", page, methods=["GET", "HEAD"]),
         Route("/state", snapshot, methods=["GET", "HEAD"]),
         Route("/events", events, methods=["GET", "HEAD"]),

@@ -83,9 +83,12 @@ class DashboardServer:
         self.poll_nodes_s = poll_nodes_s
         self._requested_port = port
         self._closing = threading.Event()
+        # Plain HTTP serves this machine: only its own names are answered (a site whose name
+        # is rebound to 127.0.0.1 gets 400). Under TLS the certificate's names do that.
+        hosts = None if tls else {"127.0.0.1", "localhost", "::1", host}
         self.app = create_app(state, max_streams=max_streams, poll_s=poll_s,
                               heartbeat_s=heartbeat_s, send_timeout_s=send_timeout_s,
-                              closing=self._closing)
+                              allowed_hosts=hosts, closing=self._closing)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._poller: threading.Thread | None = None
