@@ -95,6 +95,18 @@ def test_a_variant_without_audits_in_compare_json_reads_its_runs_audit_file(comp
         (root / "dp" / "audit.json").read_text())["federated"]["membership"]["auc"]
 
 
+def test_a_primary_figure_the_comparison_left_empty_is_read_from_the_variants_run(
+        comparison, tmp_path):
+    root = tmp_path / "cmp"
+    shutil.copytree(comparison, root)
+    spec = json.loads((root / "compare.json").read_text())
+    del spec["variants"][1]["figures"]["accuracy"]  # as compare writes a regression's RMSE
+    (root / "compare.json").write_text(json.dumps(spec))
+    fed = load_report(root, clients=False).entries[1]
+    summary = json.loads((root / "plain" / "summary.json").read_text())
+    assert fed.figures["accuracy"] == summary["results"][0]["final"]["accuracy"]
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     shutil.copytree(src, dst)

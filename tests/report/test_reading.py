@@ -81,11 +81,11 @@ def test_an_error_metric_reads_as_raised_or_lowered():
     fed = entry("federated", accuracy=23.4, bytes_total=4e6, epsilon=None)
     best = entry("swarm", accuracy=18.0, bytes_total=5e6, epsilon=2.0)
     assert reading(data(central, fed, best, primary="rmse", lower=True)) == [
-        "centralized (the pooled-data baseline) reaches rmse 20.100 and moves 1.0 MB.",
-        "federated raises rmse from 20.1 to 23.4 and moves 4.0× the bytes of centralized.",
-        "swarm with DP at ε = 2 lowers rmse from 20.1 to 18 and moves 5.0× the bytes of "
+        "centralized (the pooled-data baseline) reaches RMSE 20.100 and moves 1.0 MB.",
+        "federated raises RMSE from 20.1 to 23.4 and moves 4.0× the bytes of centralized.",
+        "swarm with DP at ε = 2 lowers RMSE from 20.1 to 18 and moves 5.0× the bytes of "
         "centralized.",
-        "Best rmse: swarm (18.000); best with DP: swarm (18.000 at ε = 2); fewest bytes: "
+        "Best RMSE: swarm (18.000); best with DP: swarm (18.000 at ε = 2); fewest bytes: "
         "centralized (1.0 MB)."]
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DASH", "fmt_bytes", "fmt_count", "fmt_number", "fmt_ratio", "fmt_seconds"]
+__all__ = ["DASH", "fmt_bytes", "fmt_count", "fmt_number", "fmt_ratio", "fmt_seconds",
+           "metric_label"]
 
 DASH = "—"
 """What the report writes for a figure that was not measured."""
@@ -54,3 +55,11 @@ def fmt_ratio(r: float) -> str:
     if r >= 1:
         return f"{r:.1f}×"
     return f"{r:.2g}×"
+
+
+_LABELS = {"rmse": "RMSE", "mae": "MAE", "mse": "MSE", "auc": "AUC", "f1": "F1"}
+
+
+def metric_label(name: str) -> str:
+    """How a metric is named in prose and on axes: ``RMSE`` for ``rmse``; others as they are."""
+    return _LABELS.get(name, name)

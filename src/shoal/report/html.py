@@ -17,6 +17,7 @@ from pathlib import Path
 from plotly.offline import get_plotlyjs
 
 from ..errors import ShoalError
+from .fmt import metric_label
 from .plots import Plot, build_plots
 from .read import ReportData, load_report
 from .reading import reading
@@ -77,7 +78,7 @@ def render_report(data: ReportData) -> str:
         f"<h1>shoal report: {_e(data.path.name or data.path)}</h1>",
         f'<p class="where">{what} directory {_e(data.path.resolve())} · '
         f"{len(data.entries)} {'variants' if what == 'comparison' else 'paradigms'} · "
-        f"judged by {_e(data.primary)}</p>",
+        f"judged by {_e(metric_label(data.primary))}</p>",
         f'<section class="reading" id="reading"><h2>reading</h2><ul>{sentences}</ul></section>',
         _table(figures_table(data)),
         *(_plot(p) for p in build_plots(data)),

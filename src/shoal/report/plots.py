@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from .fmt import metric_label
 from .read import Entry, ReportData
 
 __all__ = ["EPSILON_KEYS", "Plot", "build_plots", "curve", "epsilon_curve"]
@@ -113,7 +114,7 @@ def _none(data: ReportData, what: str) -> str:
 # -- the plots --------------------------------------------------------------------------------
 
 def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
-    p = data.primary
+    metric, p = data.primary, metric_label(data.primary)
     title = f"{p} and loss per round"
     caption = (f"{p} and loss of the global model on the central test set after each round "
                "(solid), and the training loss (dotted); all paradigms share the axes.")
@@ -122,7 +123,7 @@ def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
     drawn = False
     for e in data.entries:
         first = True
-        for row, key, dash, label in ((1, f"central/{p}", "solid", _label(e.name)),
+        for row, key, dash, label in ((1, f"central/{metric}", "solid", _label(e.name)),
                                       (2, "central/loss", "solid", _label(f"{e.name} test loss")),
                                       (2, "train/loss", "dot",
                                        _label(f"{e.name} training loss"))):
@@ -162,7 +163,7 @@ def _epsilon(data: ReportData, colour: dict[str, str]) -> Plot:
 
 
 def _clients(data: ReportData, colour: dict[str, str]) -> Plot:
-    p = data.primary
+    metric, p = data.primary, metric_label(data.primary)
     tail = "90th percentile" if data.lower_is_better else "10th percentile"
     title = f"per-client {p}"
     caption = ("each client tests the final model on its own held-out data: one dot per "
@@ -187,7 +188,7 @@ def _clients(data: ReportData, colour: dict[str, str]) -> Plot:
                                  marker=dict(color=colour[e.name], size=6),
                                  line=dict(color=colour[e.name]), showlegend=False))
         else:
-            values = {label: (_finite(e.final.get(f"fed_eval/{p}")) if key is None
+            values = {label: (_finite(e.final.get(f"fed_eval/{metric}")) if key is None
                               else e.figures.get(key)) for label, key, _ in marks}
             if values["worst client"] is None and values[tail] is None:
                 continue
@@ -253,15 +254,16 @@ def _bytes(data: ReportData, colour: dict[str, str]) -> Plot:
 
 
 def _privacy_utility(data: ReportData, colour: dict[str, str]) -> Plot:
-    p = data.primary
+    metric, p = data.primary, metric_label(data.primary)
     title = f"privacy–utility: {p} against ε"
     caption = (f"each DP run's {p} against the ε it had spent, round by round (the large "
                "marker: the final figures); dashed lines: runs without DP, which give no "
-               "formal guarantee (ε = ∞). Up and to the left is better.")
+               "formal guarantee (ε = ∞). "
+               + ("Down" if data.lower_is_better else "Up") + " and to the left is better.")
     fig = go.Figure()
     for e in data.entries:
         eps_x, eps = epsilon_curve(e.history)
-        acc_x, acc = curve(e.history, f"central/{p}")
+        acc_x, acc = curve(e.history, f"central/{metric}")
         at = dict(zip(acc_x, acc, strict=True))
         pts = [(x, at[r]) for r, x in zip(eps_x, eps, strict=True) if r in at]
         if pts:

@@ -315,6 +315,15 @@ def _audits_of(audit: Any, paradigm: str) -> dict[str, Any]:
     return audit
 
 
+def _primary_figure(entry: Entry, primary: str) -> Entry:
+    """``entry`` with its primary metric as its ``accuracy`` figure when the comparison left
+    that empty (a regression task's RMSE), read from the variant's own ``summary.json``."""
+    value = _number(entry.final.get(primary))
+    if entry.figures["accuracy"] is not None or value is None:
+        return entry
+    return replace(entry, figures={**entry.figures, "accuracy": value})
+
+
 def _load_comparison(root: Path, cache: FederationCache | None) -> ReportData:
     fix = f"Run `shoal compare --resume {root}` to finish the comparison and rewrite it."
     data = _read_json(root / "compare.json", fix)
@@ -327,8 +336,8 @@ def _load_comparison(root: Path, cache: FederationCache | None) -> ReportData:
     entries = [_variant(v, i, root) for i, v in enumerate(variants)]
     primary, lower = _primary(config, [e.final for e in entries])
     raws = [v for v in variants if isinstance(v, dict)]
-    entries = [_with_clients(e, root / str(raw.get("run_dir", "")), primary, cache)
-               for e, raw in zip(entries, raws, strict=True)]
+    entries = [_with_clients(_primary_figure(e, primary), root / str(raw.get("run_dir", "")),
+                             primary, cache) for e, raw in zip(entries, raws, strict=True)]
     return ReportData("comparison", root, config, json.dumps(config, indent=2), entries,
                       primary, lower)
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .fmt import fmt_bytes, fmt_count, fmt_ratio
+from .fmt import fmt_bytes, fmt_count, fmt_ratio, metric_label
 from .read import Entry, ReportData
 
 __all__ = ["entry_sentence", "leakage_clauses", "reading"]
@@ -75,7 +75,7 @@ def _change(entry: Entry, base: Entry, data: ReportData) -> str | None:
     got, ref = entry.figures.get("accuracy"), base.figures.get("accuracy")
     if got is None or ref is None:
         return None
-    p = data.primary
+    p = metric_label(data.primary)
     if data.lower_is_better:
         if math.isclose(got, ref, rel_tol=1e-3):
             return f"matches its {p} ({got:.4g})"
@@ -101,7 +101,7 @@ def _worst(entry: Entry, data: ReportData) -> str | None:
     worst = entry.figures.get("accuracy_worst_client")
     if worst is None:
         return None
-    return f"its worst client reaches {data.primary} {worst:.3f}"
+    return f"its worst client reaches {metric_label(data.primary)} {worst:.3f}"
 
 
 def entry_sentence(entry: Entry, data: ReportData) -> str:
@@ -116,7 +116,7 @@ def entry_sentence(entry: Entry, data: ReportData) -> str:
         acc, rounds = entry.figures.get("accuracy"), entry.figures.get("rounds")
         own = []
         if acc is not None:
-            own.append(f"reaches {data.primary} {acc:.3f}"
+            own.append(f"reaches {metric_label(data.primary)} {acc:.3f}"
                        + ("" if rounds is None else f" in {fmt_count(rounds)} rounds"))
         if entry.figures.get("bytes_total") is not None:
             own.append(f"moves {fmt_bytes(entry.figures['bytes_total'])}")
@@ -141,7 +141,7 @@ def reading(data: ReportData) -> list[str]:
     if len(done) >= 3 and rated:
         pick = min if data.lower_is_better else max
         best = pick(rated, key=lambda e: e.figures["accuracy"])
-        line = f"Best {data.primary}: {best.name} ({best.figures['accuracy']:.3f})"
+        line = f"Best {metric_label(data.primary)}: {best.name} ({best.figures['accuracy']:.3f})"
         private = [e for e in rated if e.figures.get("epsilon") is not None]
         if private:
             best_dp = pick(private, key=lambda e: e.figures["accuracy"])

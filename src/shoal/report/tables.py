@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .fmt import DASH, fmt_bytes, fmt_count, fmt_number, fmt_seconds
+from .fmt import DASH, fmt_bytes, fmt_count, fmt_number, fmt_seconds, metric_label
 from .read import ReportData
 
 __all__ = ["Table", "audit_table", "figures_table"]
@@ -27,7 +27,7 @@ def figures_table(data: ReportData) -> Table:
     """One row per entry: its primary metric (central, worst client, tail), ε and what it
     protects, bytes per participant and in total, wall time, compute per participant, rounds,
     examples seen and why it stopped early."""
-    p = data.primary
+    p = metric_label(data.primary)
     tail = "p90" if data.lower_is_better else "p10"
     comparison = data.kind == "comparison"
     headers = (["variant", "paradigm", "status"] if comparison else ["paradigm"]) + [
