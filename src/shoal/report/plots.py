@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from .fmt import metric_label
 from .read import Entry, ReportData
 
-__all__ = ["EPSILON_KEYS", "Plot", "build_plots", "curve", "epsilon_curve"]
+__all__ = ["EPSILON_KEYS", "Plot", "build_plots", "curve", "epsilon_curve", "roc_points"]
 
 EPSILON_KEYS = ("dp/epsilon", "privacy/epsilon")
 """The per-round metric keys that carry the ε spent so far (the first one present is used)."""

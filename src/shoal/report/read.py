@@ -34,7 +34,8 @@ from ..errors import CheckpointError
 from ..metrics import distribution_summary, lower_is_better
 from .clients import FederationCache, client_scores
 
-__all__ = ["FIGURES", "Entry", "ReportData", "load_report", "read_metrics_file"]
+__all__ = ["FIGURES", "STATUSES", "Entry", "ReportData", "load_report", "read_metrics_file",
+           "run_figures"]
 
 FIGURES = ("accuracy", "accuracy_worst_client", "accuracy_p10", "epsilon", "protects",
            "bytes_per_participant", "bytes_total", "seconds", "compute_s_per_participant",
