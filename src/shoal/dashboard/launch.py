@@ -40,9 +40,9 @@ class Dashboard:
             raise ConfigError(
                 f"dashboard: {host!r} is not a loopback address, and without TLS the page "
                 "would show the run to anyone who can reach it; keep the default 127.0.0.1 "
-                f"(from elsewhere: ssh -L {port}:127.0.0.1:{port} THIS_HOST), or serve it with "
-                "`shoal serve --dashboard`, which requires a certificate from the project's "
-                "CA.")
+                f"(from elsewhere: ssh -L {port}:127.0.0.1:{port} THIS_HOST), or serve it over TLS "
+                "(`shoal serve --dashboard` without --insecure), which requires a certificate "
+                "from the project's CA.")
         self.state = DashboardState(title)
         self.server = DashboardServer(self.state, host=host, port=port, tls=tls,
                                       **server_options)

@@ -187,6 +187,9 @@ class DashboardState:
             self._rounds.clear()
             self._evicted = 0
             self._dropouts.clear()
+            self._nodes.clear()  # a new run: its own nodes and dropout counts
+            self._untracked.clear()
+            self._connected = 0
             self._privacy = {}
             self._budget = _number(budget) if budget else None
             for h in list(history)[-self.max_rounds:]:
