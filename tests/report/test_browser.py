@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from selenium.webdriver.common.by import By
@@ -59,6 +60,28 @@ def test_every_plot_renders_with_data_in_the_browser(browser, comparison, tmp_pa
         except Exception:  # noqa: BLE001 - a driver without the log endpoint
             errors = []
         assert errors == []
+
+
+def test_the_progress_plot_switches_to_examples_seen(browser, comparison, tmp_path):
+    root = tmp_path / "cmp"
+    shutil.copytree(comparison, root)
+    browser.get(write_report(root).resolve().as_uri())
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script(_RENDERED))
+    title = ("return document.querySelector('#plot-progress .g-x2title').textContent")
+    assert browser.execute_script(title) == "round"
+    (button,) = [b for b in browser.find_elements(
+        By.CSS_SELECTOR, "#plot-progress .updatemenu-button") if "examples" in b.text]
+    button.click()
+    WebDriverWait(browser, 10).until(
+        lambda d: d.execute_script(title) == "training examples seen")
+    xs = browser.execute_script("return document.getElementById('plot-progress').data[0].x")
+    history = [json.loads(line) for line in
+               (root / "plain" / "centralized" / "metrics.jsonl").read_text().splitlines()]
+    seen, total = [], 0.0
+    for h in history:
+        total += h["train/examples"]
+        seen.append(total)
+    assert xs == seen
 
 
 def test_a_run_without_dp_shows_its_notes_instead_of_empty_plots(browser, plain_run, tmp_path):

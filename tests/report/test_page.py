@@ -94,3 +94,12 @@ def test_text_from_the_files_is_escaped(comparison, tmp_path):
     assert "<img src=x" not in page and "<script>alert" not in page and "<b>pending" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "&lt;b&gt;pending&lt;/b&gt; (pending)" in page
+
+
+def test_examples_seen_is_cumulative_and_absent_when_a_round_hides_its_count():
+    from shoal.report.plots import examples_seen
+
+    assert examples_seen([{"round": 1, "train/examples": 10.0},
+                          {"round": 2, "train/examples": 12.0}]) == {1: 10.0, 2: 22.0}
+    assert examples_seen([{"round": 1, "train/examples": 10.0}, {"round": 2}]) is None
+    assert examples_seen([]) is None

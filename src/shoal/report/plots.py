@@ -20,7 +20,8 @@ from plotly.subplots import make_subplots
 from .fmt import metric_label
 from .read import Entry, ReportData
 
-__all__ = ["EPSILON_KEYS", "Plot", "build_plots", "curve", "epsilon_curve", "roc_points"]
+__all__ = ["EPSILON_KEYS", "Plot", "build_plots", "curve", "epsilon_curve", "examples_seen",
+           "roc_points"]
 
 EPSILON_KEYS = ("dp/epsilon", "privacy/epsilon")
 """The per-round metric keys that carry the ε spent so far (the first one present is used)."""
@@ -113,16 +114,33 @@ def _none(data: ReportData, what: str) -> str:
 
 # -- the plots --------------------------------------------------------------------------------
 
+def examples_seen(history: Sequence[dict[str, Any]]) -> dict[int, float] | None:
+    """Round -> training examples seen up to and including it (``train/examples`` summed),
+    or ``None`` when a round did not count them (distributed DP hides the count)."""
+    seen: dict[int, float] = {}
+    total = 0.0
+    for i, row in enumerate(history, start=1):
+        n = _finite(row.get("train/examples"))
+        if n is None:
+            return None
+        total += n
+        seen[int(row.get("round", i))] = total
+    return seen or None
+
+
 def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
     metric, p = data.primary, metric_label(data.primary)
     title = f"{p} and loss per round"
     caption = (f"{p} and loss of the global model on the central test set after each round "
-               "(solid), and the training loss (dotted); all paradigms share the axes.")
+               "(solid), and the training loss (dotted); all paradigms share the axes. The "
+               "buttons switch the x axis between rounds and training examples seen (a "
+               "comparison gives every paradigm the same number of examples).")
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=(f"{p} (test set)", "loss"))
-    drawn = False
+    by_examples: list[list[float]] | None = []
     for e in data.entries:
         first = True
+        seen = examples_seen(e.history)
         for row, key, dash, label in ((1, f"central/{metric}", "solid", _label(e.name)),
                                       (2, "central/loss", "solid", _label(f"{e.name} test loss")),
                                       (2, "train/loss", "dot",
@@ -130,19 +148,36 @@ def _progress(data: ReportData, colour: dict[str, str]) -> Plot:
             xs, ys = curve(e.history, key)
             if not xs:
                 continue
-            drawn = True
+            if by_examples is not None:
+                by_examples = None if seen is None else [*by_examples, [seen[x] for x in xs]]
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=_label(e.name),
                                      legendgroup=e.name, showlegend=first,
-                                     hovertemplate=f"{label}<br>round %{{x}}: %{{y:.4g}}"
+                                     hovertemplate=f"{label}<br>%{{x}}: %{{y:.4g}}"
                                                    "<extra></extra>",
                                      line=dict(color=colour[e.name], dash=dash)), row=row, col=1)
             first = False
-    if not drawn:
+    if not fig.data:
         return Plot("progress", title, caption,
                     note=f"{_none(data, 'per-round evaluation')}: no {p} or loss curve.")
     fig.update_xaxes(title_text="round", row=2, col=1)
     _rounds_axis(fig, data)
-    return Plot("progress", title, caption, _layout(fig, height=HEIGHT + 180))
+    if by_examples is None:
+        caption = caption[:caption.index(" The buttons")]
+    else:
+        rounds = [list(t.x) for t in fig.data]
+        tick = fig.layout.xaxis.dtick
+        fig.update_layout(updatemenus=[dict(
+            type="buttons", direction="right", x=1, xanchor="right", y=1.04, yanchor="bottom",
+            showactive=True, buttons=[
+                dict(label="by round", method="update",
+                     args=[{"x": rounds}, {"xaxis2.title.text": "round",
+                                           "xaxis.dtick": tick, "xaxis2.dtick": tick}]),
+                dict(label="by examples seen", method="update",
+                     args=[{"x": by_examples}, {"xaxis2.title.text": "training examples seen",
+                                                "xaxis.dtick": None, "xaxis2.dtick": None}]),
+            ])])
+    return Plot("progress", title, caption,
+                _layout(fig, height=HEIGHT + 200, margin=dict(l=60, r=20, t=90, b=50)))
 
 
 def _epsilon(data: ReportData, colour: dict[str, str]) -> Plot:
