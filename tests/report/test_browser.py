@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+import pytest
 
 from shoal.report import write_report
+
+pytest.importorskip("selenium", reason="browser tests need selenium (make test installs it)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 _RENDERED = """
 const divs = Array.from(document.querySelectorAll('.plotly-graph-div'));
