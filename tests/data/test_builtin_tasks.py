@@ -1,5 +1,5 @@
 """The task registry, tasks of the user's own ("module:factory"), kinds and primary metrics, and
-the built-in tasks: digits, fashion_mnist, heart, ai4i, cmapss."""
+the built-in tasks: digits, fashion_mnist, heart, ai4i, cmapss (gtsrb: tests/data/test_gtsrb.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def n_params(model: torch.nn.Module) -> int:
 # -- registry ---------------------------------------------------------------------------------
 
 def test_registry_lists_the_builtin_tasks() -> None:
-    assert task_names() == ["ai4i", "cmapss", "digits", "fashion_mnist", "heart"]
-    assert task_names(natural_ids=True) == ["ai4i", "cmapss", "heart"]
+    assert task_names() == ["ai4i", "cmapss", "digits", "fashion_mnist", "gtsrb", "heart"]
+    assert task_names(natural_ids=True) == ["ai4i", "cmapss", "gtsrb", "heart"]
     assert task_options("digits") == {"hidden": 128}
 
 
@@ -41,7 +41,7 @@ def test_unknown_task_and_option_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_task("mnist")
     assert str(info.value) == ("load_task: unknown task 'mnist'; expected one of ai4i, "
-                               "cmapss, digits, fashion_mnist, heart.")
+                               "cmapss, digits, fashion_mnist, gtsrb, heart.")
     with pytest.raises(ConfigError) as info:
         load_task("digits", width=3)
     assert str(info.value) == ("load_task('digits'): unknown option 'width'; accepted "

@@ -106,7 +106,7 @@ def test_natural_partition_needs_groups(digits: Task) -> None:
         federate(digits, partition="natural")
     assert str(info.value) == (
         "federate: task 'digits' has no natural client ids (Task.groups is None); tasks that "
-        "have them: ai4i, cmapss, heart. Use partition='dirichlet', 'iid', 'shards' or 'quantity'.")
+        "have them: ai4i, cmapss, gtsrb, heart. Use partition='dirichlet', 'iid', 'shards' or 'quantity'.")
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.0])

@@ -211,7 +211,7 @@ def rng() -> np.random.Generator:
      "are only 100; use fewer clients."),
     (lambda: P.partition("natural", LABELS, None, rng()),
      "partition 'natural': option groups is required (one group id per example, e.g. "
-     "Task.groups); built-in tasks with natural client ids: ai4i, cmapss, heart."),
+     "Task.groups); built-in tasks with natural client ids: ai4i, cmapss, gtsrb, heart."),
     (lambda: P.partition("natural", LABELS[:3], None, rng(), groups=["a", "b"]),
      "partition 'natural': groups has 2 entries but there are 3 examples; expected one group "
      "id per example."),

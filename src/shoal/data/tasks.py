@@ -10,8 +10,10 @@ a fresh-model factory and the loss. Built-in tasks register themselves with
 
 Built in: ``digits`` (scikit-learn's 8x8 digits, the default), ``fashion_mnist`` (the
 Debian-packaged IDX files), ``heart`` (UCI Heart Disease, one client per hospital),
-``ai4i`` (AI4I 2020 predictive maintenance, one client per production line) and ``cmapss``
-(NASA C-MAPSS turbofan engines, remaining useful life: a regression, one client per engine).
+``ai4i`` (AI4I 2020 predictive maintenance, one client per production line), ``cmapss``
+(NASA C-MAPSS turbofan engines, remaining useful life: a regression, one client per engine) and
+``gtsrb`` (the German traffic-sign benchmark read from a directory, one client per car holding
+whole tracks).
 
 A task of the user's own needs no registration to be run from a config: ``load_task`` also
 takes ``"package.module:factory"``, imports the module (the current directory first on the
@@ -145,7 +147,7 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 # Imported on first lookup, so that importing this module stays cheap and cycle-free.
 _BUILTIN_MODULES = ("task_ai4i", "task_cmapss", "task_digits", "task_fashion_mnist",
-                    "task_heart")
+                    "task_gtsrb", "task_heart")
 _builtins_loaded = False
 
 

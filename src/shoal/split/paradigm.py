@@ -42,6 +42,7 @@ DEFAULT_CUTS: dict[tuple[str, str | None], str] = {
     ("digits", None): "1",           # after the first layer's ReLU
     ("heart", "mlp"): "1",
     ("ai4i", None): "1",
+    ("gtsrb", None): "pool2",        # the camera side: both conv blocks, (B, 32, 8, 8)
 }
 """(task, its ``model`` option) -> the layer cut after by default."""
 
