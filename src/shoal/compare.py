@@ -226,6 +226,11 @@ def variant_overrides(variant: Variant, base: Config, task: Task,
         out.append(f"privacy.mode={mode}")
     if variant.dp and p.target_epsilon == 0 and p.noise_multiplier == 0:
         out.append(f"privacy.target_epsilon={DEFAULT_EPSILON}")
+    if not variant.dp:  # the base's DP budget is the DP variants'; without DP it is refused
+        out += [f"privacy.{k}={v}" for k, v, unset in (
+            ("target_epsilon", 0.0, p.target_epsilon == 0),
+            ("noise_multiplier", 0.0, p.noise_multiplier == 0),
+            ("adaptive_clipping", "false", not p.adaptive_clipping)) if not unset]
     skip = None
     if variant.name == "split-ushaped":
         head, skip = _head_cut(base, task)
