@@ -33,9 +33,9 @@ Membership inference (LiRA, Carlini et al. 2022): a model (MLP) trained on a ran
 same recipe; ``lira_tpr_*`` is the TPR at 0.1 % FPR (a DP model's must stay under what (ε, δ)
 allows, printed beside it).
 
-Canary exposure (Carlini et al. 2019, "The Secret Sharer"): a secret PIN inserted 5 times into
-a keyboard model's text; its exposure among all 10^4 PINs, without and with DP-SGD, beside the
-largest exposure of never-inserted PINs.
+Canary exposure (Carlini et al. 2019, "The Secret Sharer"): a secret PIN inserted into
+a keyboard model's text once (one record: what sample-level DP-SGD protects); its exposure among
+all 10^4 PINs, without and with DP-SGD, beside the largest exposure of never-inserted PINs.
 
 The one-run audit (Steinke, Nasr & Jagielski 2023): 1,000 mislabelled canaries, each in the
 training set with probability 1/2, DP-SGD at ε = 8; ``eps_lower_bound`` (95 % confidence) must
@@ -270,7 +270,8 @@ WORDS = ("thou", "art", "more", "lovely", "and", "temperate", "rough", "winds", 
          "the", "darling", "buds", "of", "may", "summer", "lease", "hath", "all", "too", "short",
          "a", "date", "sometime", "eye", "heaven", "shines", "his", "gold", "complexion")
 CONTEXT = 8
-COPIES = 5           # the secret's copies in the text (DP protects one record: 5 is a group)
+COPIES = 1           # the secret is one record: what sample-level DP-SGD protects (5 copies are a
+                     # group of 5, protected at 5ε: in 2 of 6 runs its exposure left the spread)
 EPOCHS_KEYBOARD = 6
 FRESH = 32           # never-inserted secrets: their largest exposure is the spread
 
@@ -278,7 +279,7 @@ FRESH = 32           # never-inserted secrets: their largest exposure is the spr
 def canaries(dp: bool, seed: int) -> tuple[float, float]:
     """The Secret Sharer on a keyboard model (Carlini et al. 2019): a next-character model over
     8-character contexts (embedding, one hidden layer), trained on 3,000 words of text with
-    numbers in it, into which ``my pin is DDDD`` was inserted 5 times; exposure of that secret
+    numbers in it, into which ``my pin is DDDD`` was inserted once; exposure of that secret
     among all 10^4 (exact rank), and the largest exposure of 32 never-inserted secrets of the
     same format (the spread a model shows without memorising). Plain training (Adam) or DP-SGD
     (σ = 1, clip 1) for the same 6 epochs."""
