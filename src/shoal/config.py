@@ -200,7 +200,7 @@ class SecAggConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy (see the README, "Differential privacy").
+    """Differential privacy (see docs/privacy.md).
 
     ``mode``: ``"off"``, ``"sample"`` (DP-SGD on every client; ``clip_norm`` per example),
     ``"user"`` (DP-FedAvg, central noise; ``clip_norm`` per client update, needs

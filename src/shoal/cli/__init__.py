@@ -157,7 +157,7 @@ def tasks_command() -> None:
         lines = [f"options: {opts}", *([info["summary"]] if info["summary"] else [])]
         for line in lines:
             console.print(Padding(Text(line), (0, 0, 0, 4), expand=False), highlight=False)
-    console.print('Your own task: task.name = "package.module:factory" (see the README, '
+    console.print('Your own task: task.name = "package.module:factory" (see docs/tasks.md, '
                   '"A task of your own").', highlight=False)
 
 

@@ -2,7 +2,7 @@
 
 The coordinator learns the sum of the clients' (clipped, quantized) inputs and nothing else,
 even when clients drop out mid-protocol. See :mod:`shoal.secagg.protocol` for the protocol and
-its trust model, and the README's "Secure aggregation" section for figures.
+its trust model, and docs/secagg.md for figures.
 
     SecureFedAvg(local_sgd(...), secagg=secure_aggregation(clip=1.0))
 

@@ -23,7 +23,7 @@ audits) see every message on every rank: each rank records into an empty part of
 Locally, ``ProcessesExecutor(workers)`` spawns ``workers - 1`` processes when it is first used
 and stops them at :meth:`close`. Across machines, launch the same script with
 ``torchrun``: every rank builds the same federation from the same seed, rank 0 runs the loop and
-the others call :func:`serve` (see the README, "Performance").
+the others call :func:`serve` (see docs/performance.md).
 
 With CUDA present, each rank trains on GPU ``rank % device_count`` (several ranks may share a
 GPU) when its inner executor is ``sequential`` and the client update is ``local_sgd``
