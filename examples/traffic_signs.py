@@ -70,4 +70,9 @@ for r in results:
 split, central = results[0], results[1]
 print(f"split learning vs centralized: {split.final['accuracy'] - central.final['accuracy']:+.4f} "
       "accuracy; no camera image left its car")
+dcor = split.history[-1].get("leak/dcor")
+if dcor is not None:  # what the server could still learn: activations are not anonymous
+    print(f"distance correlation of the images with what left the cars: {dcor:.3f} (last "
+          "round, per batch; 0: independent, 1: a copy; [split] activation_noise or "
+          "nopeek_alpha lower it)")
 print(f"report: {write_report(args.out)}")
