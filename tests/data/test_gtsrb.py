@@ -123,6 +123,11 @@ def test_malformed_files_say_what_was_expected(tmp_path: Path) -> None:
         (tmp_path / "d" / name).write_bytes(b"not a zip")
     with pytest.raises(DataError, match="cannot read .* as .npz"):
         load_task("gtsrb", data_dir=str(tmp_path / "d"))
+    _write(tmp_path / "e", _images(30), np.zeros(30, np.uint8))
+    whole = (tmp_path / "e" / "gtsrb32_train.npz").read_bytes()
+    (tmp_path / "e" / "gtsrb32_train.npz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="cannot read .* as .npz .* the file is truncated"):
+        load_task("gtsrb", data_dir=str(tmp_path / "e"))
     np.savez(tmp_path / "d" / "gtsrb32_train.npz", images=_images(2))
     with pytest.raises(DataError, match="holds arrays images; expected x, y"):
         load_task("gtsrb", data_dir=str(tmp_path / "d"))

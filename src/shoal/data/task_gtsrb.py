@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -116,8 +117,8 @@ def derive_tracks(y: np.ndarray, length: int = TRACK_LENGTH) -> np.ndarray:
     """Track ids for training labels in GTSRB's own order (class by class, each class's tracks
     one after another): every run of equal labels cut into consecutive tracks of ``length``,
     numbered ``class * 1000 + k``. Exact when every track has ``length`` images; the official
-    set has one shorter track (class 33's 20th, 29 images), after which a derived track may
-    start one image early. Shape ``(N,)`` int64."""
+    set has one shorter track (class 33's 20th, 29 images), after which each derived track of
+    that class starts one image early. Shape ``(N,)`` int64."""
     y = np.asarray(y, dtype=np.int64)
     out = np.empty_like(y)
     start = 0
@@ -142,14 +143,14 @@ def _check_images(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 def _read(path: Path, needed: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as npz:
-            found = set(npz.files)
-            if not set(needed) <= found:
-                raise DataError(f"gtsrb: {path} holds arrays {', '.join(sorted(found))}; "
-                                f"expected {', '.join(needed)}.")
-            return {k: npz[k] for k in found}
-    except (OSError, ValueError) as e:  # not a zip / truncated
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, truncated
         raise DataError(f"gtsrb: cannot read {path} as .npz ({e}); the file is truncated or "
                         "not a NumPy archive. Get it again.") from e
+    if not set(needed) <= set(arrays):
+        raise DataError(f"gtsrb: {path} holds arrays {', '.join(sorted(arrays))}; expected "
+                        f"{', '.join(needed)}.")
+    return arrays
 
 
 @functools.lru_cache(maxsize=2)
@@ -171,11 +172,11 @@ def read_gtsrb(root: Path) -> GtsrbArrays:
         log.warning("gtsrb: %s has no track ids; deriving tracks of %d consecutive images per "
                     "class (GTSRB's layout)", root / FILES[0], TRACK_LENGTH)
         track = derive_tracks(y)
-    ids, first = np.unique(track, return_inverse=True)
+    ids, row_track = np.unique(track, return_inverse=True)
     labels = np.full(len(ids), -1, dtype=np.int64)
-    labels[first] = y
-    if not np.array_equal(labels[first], y):
-        bad = int(track[np.flatnonzero(labels[first] != y)[0]])
+    labels[row_track] = y  # each track's label, from one of its rows
+    if not np.array_equal(labels[row_track], y):
+        bad = int(track[np.flatnonzero(labels[row_track] != y)[0]])
         raise DataError(f"gtsrb: track {bad} in {root / FILES[0]} holds images of several "
                         "classes; a track is one physical sign, so one class.")
     arrays = GtsrbArrays(x, y, track, test_x, test_y)
