@@ -48,7 +48,7 @@ from .checkpoint import prepare_run_dir
 from .config import Config, apply_overrides, parse_config, to_dict, to_toml
 from .data.federated import FederatedDataset
 from .data.tasks import Task, load_task
-from .errors import ConfigError, ModelError, ShoalError
+from .errors import CheckpointError, ConfigError, ModelError, ShoalError
 from .experiment import (
     initial_params,
     make_dataset,
@@ -396,7 +396,12 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
         check_config(config)
         base = base_config(config)
         check_config(base)
-        prepare_run_dir(out)  # refuses a directory that holds files
+        if out.is_dir() and any(out.iterdir()):
+            raise CheckpointError(
+                f"comparison directory {out} already holds files; a new comparison does not "
+                f"write into it. Continue the comparison there with `shoal compare --resume "
+                f"{out}` (compare(None, out, resume=True)), or pass another --out.")
+        prepare_run_dir(out)  # a file, not a directory: refused with its own message
     task = load_task(base.task.name, **base.task.options)
     task.primary = primary_metric(base, task)
     base = resolve_config(base, task, quiet=True)

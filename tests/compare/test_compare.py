@@ -300,3 +300,10 @@ def test_resume_refuses_another_variant_list(tmp_path):
 def test_resume_needs_a_comparison(tmp_path):
     with pytest.raises(Exception, match="not a comparison directory"):
         compare(None, tmp_path, resume=True)
+
+
+def test_audit_figures_where_they_ran(tmp_path):
+    results = compare(tiny('audit.run=["membership"]'), tmp_path / "c", only=["federated"])
+    audit = results[0].figures["audit"]
+    assert audit == json.loads((tmp_path / "c" / "federated" / "audit.json").read_text())
+    assert 0 <= audit["federated"]["membership"]["auc"] <= 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -106,7 +107,8 @@ def compare_command(
         err_console.print(f"interrupted; finished variants and completed rounds are kept. "
                           f"Continue with:\n  shoal compare --resume {out_dir}")
         raise typer.Exit(130) from None
-    console.print(compare_table(results))
+    # piped or captured, rich assumes 80 columns and would fold every figure; a log gets it whole
+    (console if console.is_terminal else Console(width=170)).print(compare_table(results))
     for r in results:
         if r.reason:
             console.print(escape(f"{r.name} {r.status}: {r.reason}"), soft_wrap=True)
