@@ -416,7 +416,8 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
     configs: dict[str, Config] = {}
     for v in variants:
         overrides, skip = variant_overrides(v, base, task, dataset)
-        r = VariantResult(v.name, v.paradigm, v.name, overrides)
+        r = VariantResult(v.name, v.paradigm, v.name, overrides,
+                          figures=dict.fromkeys(FIGURES))
         if skip is None:
             try:
                 configs[v.name] = cfg = _config_with(base, overrides)
@@ -425,7 +426,6 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
                 skip = str(e)
         if skip is not None:
             r.status, r.reason = "skipped", skip
-            r.figures = dict.fromkeys(FIGURES)
         elif previous.get(v.name, {}).get("status") == "finished":
             kept = previous[v.name]
             r.status, r.figures = "finished", kept.get("figures", {})

@@ -271,6 +271,7 @@ def test_resume_keeps_finished_variants_and_continues_the_interrupted_one(tmp_pa
         compare(cfg, out, only=["centralized", "federated", "splitfed"], callbacks=interrupt)
     data = json.loads((out / "compare.json").read_text())
     assert [v["status"] for v in data["variants"]] == ["finished", "pending", "pending"]
+    assert data["variants"][2]["figures"] == dict.fromkeys(FIGURES)  # pending: all null
     kept = data["variants"][0]
     mtime = (out / "centralized" / "summary.json").stat().st_mtime_ns
 
@@ -307,3 +308,19 @@ def test_audit_figures_where_they_ran(tmp_path):
     audit = results[0].figures["audit"]
     assert audit == json.loads((tmp_path / "c" / "federated" / "audit.json").read_text())
     assert 0 <= audit["federated"]["membership"]["auc"] <= 1
+
+
+def test_the_comparison_report_renders_in_a_browser(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    from shoal.compare import write_compare_report
+
+    compare(tiny(), tmp_path / "c", only=["centralized", "federated", "split-ushaped"])
+    report = write_compare_report(tmp_path / "c")
+    if report is None:
+        pytest.skip("shoal.report.write_report is not there yet")
+    assert report == tmp_path / "c" / "report.html"
+    browser.get(report.as_uri())
+    plots = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+    assert plots and all(p.find_elements(By.CSS_SELECTOR, ".main-svg") for p in plots)
+    assert "split-ushaped" in browser.page_source  # the skipped variant is shown, not dropped
