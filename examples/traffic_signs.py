@@ -75,4 +75,4 @@ if dcor is not None:  # what the server could still learn: activations are not a
     print(f"distance correlation of the images with what left the cars: {dcor:.3f} (last "
           "round, per batch; 0: independent, 1: a copy; [split] activation_noise or "
           "nopeek_alpha lower it)")
-print(f"report: {write_report(args.out)}")
+print(f"report: {write_report(args.out).resolve()}")

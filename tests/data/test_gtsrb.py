@@ -1,5 +1,6 @@
 """The ``gtsrb`` task: the files it reads and the errors when they are missing or wrong, cars that
-hold whole tracks, the model's cut, a tiny split-learning run and the traffic-signs example.
+hold whole tracks, the model's cut, a tiny split-learning run and packing the official download
+(the traffic-signs example: tests/examples/test_traffic_signs.py).
 
 Tests marked ``needs_data`` read the real files from ``../shared/data/gtsrb`` beside the
 repository (the CI checkout has them); they are skipped, saying so, where that directory is
@@ -9,8 +10,6 @@ absent.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,26 +272,6 @@ def test_tiny_split_learning_run(tmp_path: Path) -> None:
     # down) -- never the 3 x 32 x 32 image.
     assert result.bytes >= 2 * result.examples * 2048 * 4
     assert (tmp_path / "run" / "split" / "model.safetensors").is_file()
-
-
-# -- the example -----------------------------------------------------------------------------------
-
-@pytest.mark.slow  # about 30 s of CPU on 2 cores: two paradigms, two loads, the report
-@needs_data
-def test_traffic_signs_example(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "traffic_signs.py"), "--rounds", "1",
-         "--cars", "6", "--per-round", "2", "--max-steps", "3", "--data-dir", str(DATA),
-         "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout
-    for row in ("split learning (camera side in the car)",
-                "centralized (images pooled on the server)",
-                "split learning vs centralized:"):
-        assert row in text, text
-    assert f"report: {out / 'report.html'}" in text
-    assert (out / "report.html").stat().st_size > 0
 
 
 # -- packing the official download -----------------------------------------------------------------
