@@ -283,7 +283,7 @@ def _ppm(path: Path, rgb: tuple[int, int, int], w: int, h: int) -> None:
 
 
 def test_pack_gtsrb_reads_the_official_layout(tmp_path: Path) -> None:
-    src, header = tmp_path / "GTSRB", "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+    src, header = tmp_path / "download" / "GTSRB", "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
     for cls, tracks in ((0, 2), (2, 1)):
         folder = src / "Final_Training" / "Images" / f"{cls:05d}"
         rows = [header]
@@ -297,9 +297,10 @@ def test_pack_gtsrb_reads_the_official_layout(tmp_path: Path) -> None:
     for i, cls in enumerate((2, 0)):
         _ppm(src / "Final_Test" / "Images" / f"{i:05d}.ppm", (9, 9, cls), 64, 50)
         test_rows.append(f"{i:05d}.ppm;64;50;5;5;40;40;{cls}")
-    (src / "GT-final_test.csv").write_text("\n".join(test_rows) + "\n")
+    # as the official zips unpack: GTSRB/Final_Training, GTSRB/Final_Test, GT-final_test.csv
+    (src.parent / "GT-final_test.csv").write_text("\n".join(test_rows) + "\n")
 
-    train_path, test_path = g.pack_gtsrb(src, tmp_path / "out")
+    g.pack_gtsrb(src.parent, tmp_path / "out")
     data = g.read_gtsrb((tmp_path / "out").resolve())
     assert data.x.shape == (9, 32, 32, 3) and data.test_x.shape == (2, 32, 32, 3)
     assert data.y.tolist() == [0] * 6 + [2] * 3 and data.test_y.tolist() == [2, 0]

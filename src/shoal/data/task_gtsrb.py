@@ -329,12 +329,15 @@ def pack_gtsrb(source: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     GTSRB download unzipped into ``source``: ``Final_Training/Images/000CC/GT-000CC.csv`` and
     its ``TTTTT_IIIII.ppm`` images (track ``TTTTT`` of class ``CC``), and
     ``Final_Test/Images/*.ppm`` with ``GT-final_test.csv`` (from GTSRB_Final_Test_GT.zip, in
-    ``Final_Test/Images/`` or in ``source``). Every image is resized whole to 32x32 RGB;
+    ``Final_Test/Images/`` or in ``source``); all of it may also be under ``source/GTSRB/``, as
+    the official zips unpack. Every image is resized whole to 32x32 RGB;
     ``track`` is ``class * 1000 + TTTTT``. Returns the two paths."""
-    src = Path(source).expanduser()
+    given = Path(source).expanduser()
+    # The official zips unpack into GTSRB/Final_Training, GTSRB/Final_Test and GT-final_test.csv.
+    src = given / "GTSRB" if (given / "GTSRB" / "Final_Training").is_dir() else given
     classes = sorted((src / "Final_Training" / "Images").glob("000[0-9][0-9]"))
     tests = [p for p in (src / "Final_Test" / "Images" / "GT-final_test.csv",
-                         src / "GT-final_test.csv") if p.is_file()]
+                         src / "GT-final_test.csv", given / "GT-final_test.csv") if p.is_file()]
     if not classes or not tests:
         raise DataError(
             f"gtsrb: {src} does not hold the unzipped GTSRB download; expected "
@@ -368,5 +371,8 @@ if __name__ == "__main__":  # python -m shoal.data.task_gtsrb SOURCE_DIR OUT_DIR
     ap.add_argument("source", help="directory holding the unzipped GTSRB download")
     ap.add_argument("out_dir", help="where to write gtsrb32_train.npz and gtsrb32_test.npz")
     cli = ap.parse_args()
-    for written in pack_gtsrb(cli.source, cli.out_dir):
-        print(written)
+    try:
+        for written in pack_gtsrb(cli.source, cli.out_dir):
+            print(written)
+    except DataError as e:
+        ap.exit(2, f"error: {e}\n")
