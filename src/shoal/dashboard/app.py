@@ -115,9 +115,11 @@ class _Events:
 
 
 def _host_name(header: str) -> str:
-    """The host of a Host header, without its port (``[::1]:8050`` → ``::1``)."""
+    """The host of a Host header, without its port (``[::1]:8050`` → ``::1``); a bracketed
+    host followed by anything but ``:PORT`` (``[::1]evil``) is returned whole (no match)."""
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        host, _, rest = header[1:].partition("]")
+        return host if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 

@@ -13,11 +13,15 @@ second thread samples the run's connected nodes every ``poll_nodes_s`` (see
 
 Bounds beyond the app's own (:func:`~shoal.dashboard.app.create_app`): uvicorn's
 ``limit_concurrency`` (connections and tasks at once; more get 503), keep-alive and graceful
-shutdown timeouts, and no access log (a viewer cannot fill the log by reloading).
+shutdown timeouts, no access log (a viewer cannot fill the log by reloading), and
+``idle_timeout_s``: a connection with no request in progress that starts none for that long
+(one that connects and sends nothing, or sends its request head byte by byte) is closed, so
+idle sockets cannot hold every connection slot and shut the real viewers out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -27,6 +31,7 @@ import time
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ConfigError
 from .app import create_app
@@ -49,6 +54,40 @@ class _DroppedViewerFilter(logging.Filter):
 _DROPPED_VIEWER_FILTER = _DroppedViewerFilter()
 
 
+class _IdleClosingH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has no request in progress and
+    has started none for ``idle_timeout_s`` (checked every ``idle_timeout_s``: such a
+    connection lives at most twice that). uvicorn itself times out only the wait *between*
+    requests: a connection that never completes a first request head would hold one of the
+    ``limit_concurrency`` slots for ever."""
+
+    idle_timeout_s: float = 10.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._seen: object = None
+        self._idle_check = self.loop.call_later(self.idle_timeout_s, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        busy = cycle is not None and not cycle.response_complete
+        if not busy and cycle is self._seen:  # no request for a whole period
+            # abort, not close: nothing is in flight, and a TLS close would wait up to 30 s
+            # for the peer's close_notify with the slot still taken
+            self.transport.abort()
+            return
+        self._seen = cycle
+        self._idle_check = self.loop.call_later(self.idle_timeout_s, self._close_if_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        check = getattr(self, "_idle_check", None)
+        if check is not None:
+            check.cancel()
+        super().connection_lost(exc)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host == "localhost":
@@ -65,16 +104,21 @@ class DashboardServer:
     ``tls``: serve HTTPS to viewers with a CA-issued client certificate only (``None``: plain
     HTTP, for this machine's own browser). ``max_streams``, ``poll_s``, ``heartbeat_s`` and
     ``send_timeout_s`` are :func:`~shoal.dashboard.app.create_app`'s; ``max_connections``
-    bounds the connections (default ``max_streams + 32``).
+    bounds the connections (default ``max_streams + 32``); ``idle_timeout_s``: a connection
+    that starts no request for that long is closed (see the module docstring).
     """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 0,
                  tls: DashboardTLS | None = None, max_streams: int = 8,
                  max_connections: int | None = None, poll_s: float = 0.1,
                  heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
-                 poll_nodes_s: float = 1.0):
+                 poll_nodes_s: float = 1.0, idle_timeout_s: float = 10.0):
         if not 0 <= port <= 65535:
             raise ConfigError(f"dashboard: port must be 0..65535 (got {port}).")
+        if idle_timeout_s <= 0:
+            raise ConfigError(f"dashboard: idle_timeout_s must be > 0 (got {idle_timeout_s}).")
+        self._protocol = type("_DashboardH11", (_IdleClosingH11,),
+                              {"idle_timeout_s": float(idle_timeout_s)})
         self.state = state
         self.host = host
         self.tls = tls
@@ -112,6 +156,7 @@ class DashboardServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, log_level="warning",
             lifespan="off", limit_concurrency=self.max_connections, timeout_keep_alive=5,
+            http=self._protocol,
             timeout_graceful_shutdown=2, server_header=False,
             **(self.tls.uvicorn_options() if self.tls else {}))
         config.load()  # TLS files, key passphrase and CRL: errors here, in the caller's thread
