@@ -136,10 +136,12 @@ def main(argv: list[str] | None = None) -> Path:
     alone = {k: v for k, v in rmse.items() if k.endswith(" alone")}
     best = min(alone, key=alone.__getitem__)
     fed = rmse["federated"]
-    verdict = "beats" if fed < alone[best] else "does NOT beat"
-    print(f"federated RMSE {fed:.2f} {verdict} the best single company's own model "
-          f"({best.removesuffix(' alone')}: {alone[best]:.2f}) by {alone[best] - fed:.2f} "
-          "cycles")
+    verdict = (f"beats the best single company's own model "
+               f"({best.removesuffix(' alone')}: {alone[best]:.2f}) by {alone[best] - fed:.2f}"
+               if fed < alone[best] else
+               f"does NOT beat the best single company's own model "
+               f"({best.removesuffix(' alone')}: {alone[best]:.2f}), worse by {fed - alone[best]:.2f}")
+    print(f"federated RMSE {fed:.2f} {verdict} cycles")
     report = write_report(out / "federated")
     print(f"report: {Path(report).resolve()}")
     return report

