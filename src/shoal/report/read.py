@@ -139,8 +139,26 @@ def read_metrics_file(path: Path, fix: str) -> list[dict[str, Any]]:
             raise CheckpointError(
                 f"shoal report: {path} line {n} is a JSON {type(row).__name__}, expected an "
                 f"object of one round's metrics. {fix}")
+        if "round" in row:
+            r = row["round"]
+            if isinstance(r, float) and math.isfinite(r) and r.is_integer():
+                row["round"] = r = int(r)
+            if isinstance(r, bool) or not isinstance(r, int):
+                raise CheckpointError(
+                    f"shoal report: {path} line {n} has 'round' = {json.dumps(r)[:40]}, "
+                    f"expected a whole number (the round the line's metrics are of). {fix}")
         rows.append(row)
     return rows
+
+
+def _path_part(value: str, what: str, where: str, fix: str) -> str:
+    """``value`` when it names one entry of a directory (no separator, not ``.``/``..``):
+    it becomes part of a path below the report's directory, never a way out of it."""
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0"):
+        raise CheckpointError(
+            f"shoal report: {where} has {what} {value[:80]!r}, which is not a plain name (no "
+            f"'/', not '.' or '..'); it names a directory of the run. {fix}")
+    return value
 
 
 def _number(value: Any) -> float | None:
@@ -250,7 +268,8 @@ def _load_run(run_dir: Path, cache: FederationCache | None) -> ReportData:
     audits = _load_audit(run_dir)
     entries = []
     for r in results:
-        paradigm = str(r["paradigm"])
+        paradigm = _path_part(str(r["paradigm"]), "paradigm", str(run_dir / "summary.json"),
+                              fix)
         history = read_metrics_file(run_dir / paradigm / "metrics.jsonl", fix)
         entry = Entry(name=paradigm, paradigm=paradigm, status="finished",
                       figures=run_figures(r, primary), history=history,
@@ -272,7 +291,8 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
         raise CheckpointError(
             f"shoal report: {where} ({name!r}) has status {status!r}; expected one of "
             f"{', '.join(STATUSES)}. {fix}")
-    paradigm = str(raw.get("paradigm") or name)
+    paradigm = _path_part(str(raw.get("paradigm") or name), "paradigm", f"{where} ({name!r})",
+                          fix)
     given = _mapping(raw.get("figures"))
     figures = {k: given.get(k) for k in FIGURES}
     for k in FIGURES:
@@ -290,6 +310,12 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
                 f"shoal report: {where} ({name!r}) is finished but names no 'run_dir' (the "
                 f"variant's run directory, relative to {root}). {fix}")
         vdir = root / run_dir
+        if Path(run_dir).is_absolute() or not vdir.resolve().is_relative_to(root.resolve()) \
+                or vdir.resolve() == root.resolve():
+            raise CheckpointError(
+                f"shoal report: {where} ({name!r}) has run_dir {run_dir[:80]!r}, which is not "
+                f"inside the comparison directory {root}; a variant's run_dir is its "
+                f"subdirectory (e.g. {name!r}). {fix}")
         history = read_metrics_file(
             vdir / paradigm / "metrics.jsonl",
             f"Variant {name!r} is marked finished, but its run directory lacks it. {fix}")
@@ -298,7 +324,12 @@ def _variant(raw: Any, i: int, root: Path) -> Entry:
         summary = vdir / "summary.json"
         if summary.is_file():
             found = _read_json(summary, fix)
-            for r in found.get("results", []) if isinstance(found, dict) else []:
+            results = found.get("results", []) if isinstance(found, dict) else None
+            if not isinstance(results, list):
+                raise CheckpointError(
+                    f"shoal report: {summary} does not hold a list 'results' of paradigm "
+                    f"results, as `shoal run` writes. {fix}")
+            for r in results:
                 if isinstance(r, dict) and r.get("paradigm") == paradigm:
                     final = _mapping(r.get("final"))
     reason = raw.get("reason")
