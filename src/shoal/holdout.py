@@ -2,7 +2,8 @@
 
 ``evaluation.validation_fraction`` sets that fraction of the task's *training* pool aside
 before the data is dealt out to clients (drawn from ``numpy_rng(seed, "validation_split")``, so
-every process of a run — data-parallel ranks included — carves the same rows). No client trains
+every process of a run — data-parallel ranks included — carves the same rows; whole units of
+near-copies when the task names them, ``Task.units``, e.g. GTSRB's tracks). No client trains
 on those rows and the test set is untouched: the test set reports the result, the validation
 set only decides when to stop. :class:`HoldoutStopping` evaluates the global model on it after
 every round (``val/<metric>``) and, with ``evaluation.patience > 0``, stops the run once the
@@ -46,10 +47,26 @@ def carve_validation(config: Config, task: Task) -> tuple[Task, ArrayData | None
             f"config field 'evaluation.validation_fraction': {fraction} of the {n} training "
             f"examples of task {task.name!r} is {k} examples; the validation set needs at least "
             "one and the clients must keep at least one. Choose another fraction.")
-    order = numpy_rng(config.seed, "validation_split").permutation(n)
-    held, kept = np.sort(order[:k]), np.sort(order[k:])
+    rng = numpy_rng(config.seed, "validation_split")
+    if task.units is None:
+        order = rng.permutation(n)
+        held, kept = np.sort(order[:k]), np.sort(order[k:])
+    else:  # whole units, in random order, until at least k rows are held out
+        names, unit_of = np.unique(np.asarray(task.units), return_inverse=True)
+        sizes = np.bincount(unit_of, minlength=len(names))
+        units = rng.permutation(len(names))
+        take = units[:int(np.searchsorted(np.cumsum(sizes[units]), k)) + 1]
+        chosen = np.isin(unit_of, take)
+        held, kept = np.flatnonzero(chosen), np.flatnonzero(~chosen)
+        if len(kept) == 0:
+            raise ConfigError(
+                f"config field 'evaluation.validation_fraction': {fraction} of task "
+                f"{task.name!r}'s {len(names)} units of near-copies leaves the clients none; "
+                "choose a smaller fraction.")
     groups = task.groups[kept] if task.groups is not None else None
-    rest = dataclasses.replace(task, train=task.train.subset(kept), groups=groups)
+    kept_units = task.units[kept] if task.units is not None else None
+    rest = dataclasses.replace(task, train=task.train.subset(kept), groups=groups,
+                               units=kept_units)
     return rest, task.train.subset(held)
 
 

@@ -324,3 +324,20 @@ def test_the_comparison_report_renders_in_a_browser(tmp_path, browser):
     plots = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
     assert plots and all(p.find_elements(By.CSS_SELECTOR, ".main-svg") for p in plots)
     assert "split-ushaped" in browser.page_source  # the skipped variant is shown, not dropped
+
+
+def test_the_validation_set_holds_whole_units_of_near_copies():
+    import dataclasses
+
+    import numpy as np
+
+    task = load_task("digits")
+    units = np.arange(len(task.train)) // 7  # e.g. tracks of 7 photos of one sign
+    task = dataclasses.replace(task, units=units)
+    rest, validation = carve_validation(tiny("evaluation.validation_fraction=0.2"), task)
+    positions = np.searchsorted(task.train.index.numpy(), validation.index.numpy())
+    held = set(units[positions].tolist())
+    kept = set(rest.units.tolist())
+    assert held and kept and not held & kept  # no unit on both sides
+    assert len(validation) >= round(0.2 * len(task.train))
+    assert len(validation) + len(rest.train) == len(task.train)

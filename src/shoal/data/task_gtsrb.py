@@ -258,6 +258,7 @@ def gtsrb(*, data_dir: str = "", cars: int = 100, seed: int = 0, width: int = 16
         test=ArrayData.of(_floats(data.test_x), torch.from_numpy(data.test_y.copy())),
         num_classes=NUM_CLASSES,
         groups=np.array([f"car-{c:0{max(width_, 3)}d}" for c in car]),
+        units=data.track.copy(),
         default_partition={"partition": "natural"},
         description=(
             f"GTSRB: {len(data.y):,} training images in {len(np.unique(data.track)):,} tracks "

@@ -55,7 +55,10 @@ class Task:
     torch). ``loss_fn(output, target)`` is a scalar, the mean over the batch. ``train`` is the
     pool of training examples; ``groups`` (optional) gives the natural client id of each of its
     rows, in ``train``'s order (hospital, writer); ``test_groups`` does the same for ``test``
-    so results can be reported per group. ``default_partition`` holds :func:`federate`'s
+    so results can be reported per group. ``units`` (optional) gives, per training row, the
+    unit of near-copies it belongs to (a track of one traffic sign photographed 30 times): a
+    unit is never split between the clients' data and the coordinator's validation set
+    (:func:`shoal.holdout.carve_validation`). ``default_partition`` holds :func:`federate`'s
     defaults, e.g. ``{"partition": "dirichlet", "num_clients": 20, "alpha": 0.5}``.
 
     ``kind`` says what is predicted and so which metrics are computed
@@ -79,6 +82,7 @@ class Task:
     description: str = field(default="", repr=False)
     attribution: str = field(default="", repr=False)
     test_groups: np.ndarray | None = field(default=None, repr=False)
+    units: np.ndarray | None = field(default=None, repr=False)
     kind: str = ""
     metrics: dict[str, Metric | MetricFn] = field(default_factory=dict, repr=False)
     primary: str = ""
@@ -101,7 +105,8 @@ class Task:
                                   f"(got {type(fn).__name__}).")
         self.primary = self.primary_metric(self.primary)
         for what, groups, data in (("groups", self.groups, self.train),
-                                   ("test_groups", self.test_groups, self.test)):
+                                   ("test_groups", self.test_groups, self.test),
+                                   ("units", self.units, self.train)):
             if groups is not None and np.asarray(groups).shape != (len(data),):
                 raise DataError(
                     f"Task {self.name!r}: {what} must hold one id per example, shape "
