@@ -48,7 +48,7 @@ from .checkpoint import prepare_run_dir
 from .config import Config, apply_overrides, parse_config, to_dict, to_toml
 from .data.federated import FederatedDataset
 from .data.tasks import Task, load_task
-from .errors import CheckpointError, ConfigError, ModelError, ShoalError
+from .errors import CheckpointError, ConfigError, ModelError
 from .experiment import (
     initial_params,
     make_dataset,
@@ -338,18 +338,38 @@ def _write(out_dir: Path, config: Config, results: Sequence[VariantResult]) -> N
 
 
 def read_compare(out_dir: str | Path) -> dict[str, Any]:
-    """``DIR/compare.json`` as written by :func:`compare`; a clear error when it is missing."""
+    """``DIR/compare.json`` as written by :func:`compare`; a clear error (a
+    :class:`~shoal.errors.CheckpointError` naming the file) when it is missing, unreadable,
+    or holds what :func:`compare` never writes: ``variants`` must be a list of objects, each
+    with the ``name`` of a variant of :data:`VARIANTS`."""
     path = Path(out_dir) / COMPARE_JSON
+    damaged = (f"it was edited or damaged; restore it, or start a new comparison in another "
+               f"--out (the variants' run directories in {out_dir} are kept).")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ShoalError(f"{out_dir} is not a comparison directory (no {COMPARE_JSON}); pass "
-                         "the --out of an earlier `shoal compare`.") from None
+        raise CheckpointError(f"{out_dir} is not a comparison directory (no {COMPARE_JSON}); "
+                              "pass the --out of an earlier `shoal compare`.") from None
     except json.JSONDecodeError as e:
-        raise ShoalError(f"{path} is not valid JSON ({e}); it was edited or damaged.") from e
+        raise CheckpointError(f"{path} is not valid JSON ({e}); {damaged}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); {damaged}") from e
     if not isinstance(data, dict) or "config" not in data or "variants" not in data:
-        raise ShoalError(f"{path} lacks 'config' or 'variants'; it was not written by "
-                         "`shoal compare`.")
+        raise CheckpointError(f"{path} lacks 'config' or 'variants'; it was not written by "
+                              "`shoal compare`.")
+    variants = data["variants"]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise CheckpointError(f"{path}: 'variants' is not a list of objects, as `shoal "
+                              f"compare` writes; {damaged}")
+    for i, v in enumerate(variants):
+        name = v.get("name")
+        if name not in VARIANTS:
+            raise CheckpointError(
+                f"{path}: variant {i + 1} has name {name!r}, not one of the variants "
+                f"({', '.join(VARIANTS)}); {damaged}")
+    if not isinstance(data["config"], dict):
+        raise CheckpointError(f"{path}: 'config' is a JSON {type(data['config']).__name__}, "
+                              f"expected the comparison's config as an object; {damaged}")
     return data
 
 
@@ -378,9 +398,14 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
     previous: dict[str, dict[str, Any]] = {}
     if resume:
         stored = read_compare(out)
-        base = parse_config(stored["config"])
+        try:
+            base = parse_config(stored["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{out / COMPARE_JSON}: its config is not valid ({e}); it "
+                                  "was edited or damaged: restore it, or start a new "
+                                  "comparison in another --out.") from None
         names = [v["name"] for v in stored["variants"]]
-        if only and list(only) != names:
+        if only and sorted(set(only)) != sorted(names):
             raise ConfigError(f"compare --resume: {out} compares {', '.join(names)}; resume "
                               "it without --only (or with the same list).")
         variants = _select(names)

@@ -1,0 +1,148 @@
+"""A hostile review of ``shoal compare``: ``--resume`` pointed at a damaged, foreign or edited
+comparison; the refusals must name the file and the fix, and must not touch the user's files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.callbacks import read_metrics
+from shoal.compare import compare
+from shoal.config import apply_overrides, parse_config
+from shoal.errors import ShoalError
+
+TINY = {
+    "task": {"name": "digits"},
+    "data": {"num_clients": 4},
+    "federated": {"rounds": 3, "clients_per_round": 2},
+    "client": {"epochs": 1, "batch_size": 32},
+    "checkpoint": {"keep": 5},
+}
+
+
+def tiny(*overrides: str):
+    return parse_config(apply_overrides(TINY, overrides))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished one-variant comparison (centralized: the fastest)."""
+    out = tmp_path_factory.mktemp("cmp") / "c"
+    compare(tiny(), out, only=["centralized"])
+    return out
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _damaged(finished: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    root = tmp_path / "c"
+    shutil.copytree(finished, root)
+    target = root / "compare.json"
+    result = edit(json.loads(target.read_text()), target)
+    if result is not None:
+        target.write_text(json.dumps(result))
+    return root
+
+
+def _bytes(data, path: Path) -> None:
+    path.write_bytes(b"\xff\xfe\x00\x01 not text")
+
+
+def _dir(data, path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+DAMAGE = {
+    "not UTF-8": _bytes,
+    "a directory": _dir,
+    "variants not a list": lambda d, p: {**d, "variants": "centralized"},
+    "a variant not an object": lambda d, p: {**d, "variants": [1]},
+    "a variant without a name": lambda d, p: {**d, "variants": [{"status": "finished"}]},
+    "an unknown variant": lambda d, p: {**d, "variants": [{**d["variants"][0],
+                                                           "name": "federated-magic"}]},
+    "a config that is not a config": lambda d, p: {**d, "config": ["not", "a", "config"]},
+    "a config with a bad field": lambda d, p: {**d, "config": {**d["config"], "federated": {
+        **d["config"]["federated"], "rounds": -4}}},
+    "JSON null": lambda d, p: None if p.write_text("null") else None,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_of_a_damaged_compare_json_names_it_and_touches_nothing(finished, tmp_path,
+                                                                       damage) -> None:
+    """Attack: ``--resume`` at a ``compare.json`` that is binary, a directory, or holds
+    variants or a config `shoal compare` never writes. Before the fix several of these were
+    a UnicodeDecodeError, IsADirectoryError, TypeError or KeyError traceback, or blamed a
+    ``--only`` the user never passed."""
+    root = _damaged(finished, tmp_path, DAMAGE[damage])
+    before = _snapshot(root)
+    with pytest.raises(ShoalError, match=r"compare\.json") as e:
+        compare(None, root, resume=True)
+    assert "--only" not in str(e.value)
+    assert _snapshot(root) == before  # nothing rewritten
+
+
+def test_the_cli_prints_a_damaged_resume_without_a_traceback(finished, tmp_path, monkeypatch,
+                                                             capsys) -> None:
+    from shoal.cli import main
+
+    root = _damaged(finished, tmp_path, _bytes)
+    monkeypatch.setattr(sys, "argv", ["shoal", "compare", "--resume", str(root)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code not in (0, None)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and "compare.json" in err
+
+
+def test_resume_accepts_the_same_variants_in_another_order(tmp_path) -> None:
+    """``--only a,b`` on resume names the same comparison as ``--only b,a``: refusing it
+    (as before the fix, "resume it ... with the same list") is a spurious error."""
+    out = tmp_path / "c"
+    compare(tiny(), out, only=["federated", "centralized"])
+    results = compare(None, out, only=["federated", "centralized"], resume=True)
+    assert [r.name for r in results] == ["centralized", "federated"]
+    assert all(r.status == "finished" for r in results)
+
+
+class _Interrupt:
+    def after_round(self, ctx, report):
+        if report.round == 2:
+            raise KeyboardInterrupt
+
+    def __getattr__(self, name):  # every other callback hook: nothing
+        return lambda *a, **k: None
+
+
+def test_a_comparison_whose_config_was_edited_never_mixes_checkpoints(tmp_path) -> None:
+    """Attack: a comparison interrupted in the middle of a variant; then its ``compare.json``
+    is edited to another config (another seed and learning rate) and resumed. The
+    interrupted variant's checkpoints belong to the old config: they must not be continued
+    with the new one (its rounds would mix two configs in one run)."""
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        compare(tiny(), out, only=["federated"],
+                callbacks=lambda v, p, r: [_Interrupt()])
+    spec = json.loads((out / "compare.json").read_text())
+    spec["config"]["seed"] = spec["config"]["seed"] + 1
+    spec["config"]["client"]["lr"] = spec["config"]["client"]["lr"] * 3
+    (out / "compare.json").write_text(json.dumps(spec))
+    metrics = out / "federated" / "federated" / "metrics.jsonl"
+    rounds_before = [h["round"] for h in read_metrics(metrics)]
+    try:
+        results = compare(None, out, resume=True)
+    except ShoalError as e:
+        assert "config" in str(e)
+    else:
+        assert results[0].status != "finished", results[0]
+        assert "config" in (results[0].reason or "")
+    assert [h["round"] for h in read_metrics(metrics)] == rounds_before
