@@ -191,3 +191,30 @@ def test_hostile_names_from_the_run_stay_text_in_the_browser(browser) -> None:
         assert browser.execute_script("return document.querySelectorAll('img').length") == 0
         body = browser.execute_script("return document.body.textContent")
         assert HOSTILE in body and "window.__pwned=2" in body
+
+
+def test_a_viewer_revoked_while_watching_loses_the_stream(pki) -> None:
+    """Attack: a viewer opens the event stream, is then revoked (``shoal ca revoke``) and keeps
+    the stream open. Before the fix the stream (kept alive by heartbeats) went on for ever:
+    the revocation list is checked in the handshake only. Now a stream lasts at most
+    ``max_stream_s``; the browser's reconnection is a new handshake, which is refused."""
+    d = pki["dir"]
+    state = DashboardState("revoked")
+    state.start_run("federated", 100)
+    ctx = _context(d / "ca.crt", pki["viewer"])
+    with serving(state, tls=_tls(d), max_stream_s=1.0, heartbeat_s=0.2) as server:
+        with httpx.Client(base_url=server.url, verify=ctx, trust_env=False,
+                          timeout=5) as http:
+            started = time.monotonic()
+            with http.stream("GET", "/events") as stream:
+                pki["ca"].revoke("viewer")
+                got = [name for name, _ in events(stream)]  # until the server ends it
+            assert time.monotonic() - started < 4
+            assert got and "end" not in got  # no "end": a browser would reconnect
+        with pytest.raises(httpx.TransportError):
+            httpx.get(server.url + "state", verify=ctx, trust_env=False, timeout=5)
+
+
+def test_a_bad_stream_lifetime_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="max_stream_s"):
+        DashboardServer(DashboardState(), max_stream_s=0)

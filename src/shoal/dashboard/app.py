@@ -5,7 +5,10 @@
   once, then one each time the state's version changes (a viewer that reads slowly skips the
   versions published meanwhile: it always gets the newest snapshot, never a backlog), and a
   comment every ``heartbeat_s`` so dead connections are noticed; a viewer that takes
-  nothing for ``send_timeout_s`` is dropped;
+  nothing for ``send_timeout_s`` is dropped; a stream ends (without ``event: end``, so the
+  browser reconnects by itself) after ``max_stream_s``, so every viewer passes the TLS
+  handshake, and the revocation list in force, again: a viewer revoked while watching is
+  shut out within ``max_stream_s``;
 * ``GET /state`` — the current snapshot as JSON.
 
 Every route answers GET and HEAD only (anything else: 405); nothing a viewer sends changes the
@@ -55,13 +58,15 @@ class _Events:
     """``/events``: a bounded number of server-sent-event streams of the state's snapshots."""
 
     def __init__(self, state: DashboardState, max_streams: int, poll_s: float,
-                 heartbeat_s: float, send_timeout_s: float, closing: threading.Event):
+                 heartbeat_s: float, send_timeout_s: float, closing: threading.Event,
+                 max_stream_s: float = 300.0):
         self.state = state
         self.max_streams = max_streams
         self.poll_s = poll_s
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
         self.closing = closing
+        self.max_stream_s = max_stream_s
         self.open = 0  # only touched on the server's event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,9 +101,11 @@ class _Events:
     async def _stream(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         sent = -1
-        quiet_since = loop.time()
+        quiet_since = opened = loop.time()
         yield b"retry: 2000\n\n"
         while True:
+            if loop.time() - opened >= self.max_stream_s:
+                return  # no "end": the browser reconnects (a new handshake, the newest CRL)
             closing = self.closing.is_set()  # read first: the last snapshot still goes out
             snap = self.state.snapshot()  # the newest, whatever was published meanwhile
             if snap.version != sent:
@@ -158,23 +165,26 @@ def _client(scope: Scope) -> str:
 def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0.1,
                heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
                allowed_hosts: Iterable[str] | None = None,
-               closing: threading.Event | None = None) -> Starlette:
+               closing: threading.Event | None = None,
+               max_stream_s: float = 300.0) -> Starlette:
     """The dashboard app over ``state``; see the module docstring.
 
     ``max_streams``: event streams open at once (more get 503); ``poll_s``: how often a stream
     looks for a new version; ``heartbeat_s``: the comment sent on a quiet stream;
     ``send_timeout_s``: a viewer that takes no data for this long is dropped (a stalled
     viewer cannot hold a stream slot for ever); ``allowed_hosts``: the host names a request's
-    Host header may give (``None``: any); ``closing``:
+    Host header may give (``None``: any); ``max_stream_s``: the longest an event stream
+    lasts before the browser must reconnect; ``closing``:
     set it to end every stream (with an ``event: end``), as
     :class:`~shoal.dashboard.server.DashboardServer` does when it stops."""
     if max_streams < 1:
         raise ConfigError(f"dashboard: max_streams must be >= 1 (got {max_streams}).")
-    if min(poll_s, heartbeat_s, send_timeout_s) <= 0:
-        raise ConfigError(f"dashboard: poll_s, heartbeat_s and send_timeout_s must be > 0 (got "
-                          f"{poll_s}, {heartbeat_s}, {send_timeout_s}).")
+    if min(poll_s, heartbeat_s, send_timeout_s, max_stream_s) <= 0:
+        raise ConfigError(f"dashboard: poll_s, heartbeat_s, send_timeout_s and max_stream_s "
+                          f"must be > 0 (got {poll_s}, {heartbeat_s}, {send_timeout_s}, "
+                          f"{max_stream_s}).")
     events = _Events(state, max_streams, poll_s, heartbeat_s, send_timeout_s,
-                     closing or threading.Event())
+                     closing or threading.Event(), max_stream_s)
 
     async def page(request: Request) -> Response:
         return Response(PAGE, media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)

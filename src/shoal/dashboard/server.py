@@ -102,17 +102,19 @@ class DashboardServer:
     """The dashboard over ``state`` on ``host``:``port``; see the module docstring.
 
     ``tls``: serve HTTPS to viewers with a CA-issued client certificate only (``None``: plain
-    HTTP, for this machine's own browser). ``max_streams``, ``poll_s``, ``heartbeat_s`` and
-    ``send_timeout_s`` are :func:`~shoal.dashboard.app.create_app`'s; ``max_connections``
-    bounds the connections (default ``max_streams + 32``); ``idle_timeout_s``: a connection
-    that starts no request for that long is closed (see the module docstring).
+    HTTP, for this machine's own browser). ``max_streams``, ``poll_s``, ``heartbeat_s``,
+    ``send_timeout_s`` and ``max_stream_s`` are :func:`~shoal.dashboard.app.create_app`'s;
+    ``max_connections`` bounds the connections (default ``max_streams + 32``);
+    ``idle_timeout_s``: a connection that starts no request for that long is closed (see the
+    module docstring).
     """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 0,
                  tls: DashboardTLS | None = None, max_streams: int = 8,
                  max_connections: int | None = None, poll_s: float = 0.1,
                  heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
-                 poll_nodes_s: float = 1.0, idle_timeout_s: float = 10.0):
+                 poll_nodes_s: float = 1.0, idle_timeout_s: float = 10.0,
+                 max_stream_s: float = 300.0):
         if not 0 <= port <= 65535:
             raise ConfigError(f"dashboard: port must be 0..65535 (got {port}).")
         if idle_timeout_s <= 0:
@@ -132,7 +134,8 @@ class DashboardServer:
         hosts = None if tls else {"127.0.0.1", "localhost", "::1", host}
         self.app = create_app(state, max_streams=max_streams, poll_s=poll_s,
                               heartbeat_s=heartbeat_s, send_timeout_s=send_timeout_s,
-                              allowed_hosts=hosts, closing=self._closing)
+                              allowed_hosts=hosts, closing=self._closing,
+                              max_stream_s=max_stream_s)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._poller: threading.Thread | None = None
