@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
                     help="held-out roles: the coordinator's test set")
     ap.add_argument("--epsilon", type=float, default=8.0,
                     help="the DP variant's budget for the planned rounds (δ = 1e-5)")
-    ap.add_argument("--clip", type=float, default=0.5,
+    ap.add_argument("--clip", type=float, default=0.25,
                     help="the DP variant's bound on each phone's update (L2 norm)")
     ap.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     ap.add_argument("--lr", type=float, default=0.5, help="the phones' SGD learning rate")
