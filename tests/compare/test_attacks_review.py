@@ -146,3 +146,19 @@ def test_a_comparison_whose_config_was_edited_never_mixes_checkpoints(tmp_path) 
         assert results[0].status != "finished", results[0]
         assert "config" in (results[0].reason or "")
     assert [h["round"] for h in read_metrics(metrics)] == rounds_before
+
+
+def test_a_new_comparison_into_a_file_or_resume_of_a_run_directory_is_refused(
+        finished, tmp_path) -> None:
+    """Attack: ``--out`` naming a file the user keeps, and ``--resume`` pointed at a
+    directory `shoal run` wrote (not a comparison): both refused, nothing written."""
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    with pytest.raises(ShoalError, match="notes.txt"):
+        compare(tiny(), precious, only=["centralized"])
+    assert precious.read_text() == "mine"
+    run = finished / "centralized"  # a run directory: summary.json, no compare.json
+    before = _snapshot(run)
+    with pytest.raises(ShoalError, match="not a comparison directory"):
+        compare(None, run, resume=True)
+    assert _snapshot(run) == before

@@ -188,3 +188,27 @@ def test_the_cli_reports_a_damaged_directory_without_a_traceback(comparison, tmp
     err = " ".join(capsys.readouterr().err.split())
     assert "Traceback" not in err
     assert err.startswith("error: shoal report: ") and "metrics.jsonl line 1" in err
+
+
+def test_a_hostile_primary_metric_name_stays_text(browser, comparison, tmp_path) -> None:
+    """Attack: the config's ``evaluation.primary`` (a metric name: table headers, axis titles,
+    the reading) is HTML with a javascript: link and an event handler."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = _copy(comparison, tmp_path)
+    spec = json.loads((root / "compare.json").read_text())
+    spec["config"].setdefault("evaluation", {})["primary"] = (
+        '<a href="javascript:window.__pwned=5">m</a><img src=x onerror=window.__pwned=6>')
+    (root / "compare.json").write_text(json.dumps(spec))
+    page = write_report(root)
+    browser.get(page.as_uri())
+    WebDriverWait(browser, 8).until(lambda d: d.execute_script(
+        "return document.querySelectorAll('.plotly-graph-div .main-svg').length > 0"))
+    time.sleep(0.3)
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert browser.execute_script("return document.querySelectorAll('img, [onerror]').length") \
+        == 0
+    links = browser.execute_script(
+        "return Array.from(document.querySelectorAll('a')).map("
+        "a => a.getAttribute('href') || a.getAttribute('xlink:href') || '')")
+    assert not [h for h in links if h.strip().lower().startswith("javascript")]
