@@ -212,3 +212,31 @@ def test_a_hostile_primary_metric_name_stays_text(browser, comparison, tmp_path)
         "return Array.from(document.querySelectorAll('a')).map("
         "a => a.getAttribute('href') || a.getAttribute('xlink:href') || '')")
     assert not [h for h in links if h.strip().lower().startswith("javascript")]
+
+
+def test_reporting_a_directory_someone_else_wrote_runs_no_code_from_it(
+        comparison, tmp_path, monkeypatch, capsys) -> None:
+    """Attack: a run directory whose ``config.toml`` names its task as code,
+    ``task.name = "os:system"`` with ``command = "touch PWNED"``. Before the fix `shoal
+    report DIR` rebuilt the task for the per-client plot, i.e. ran the command. Now the CLI
+    runs no code from the directory without ``--trust-code``, and the page says why."""
+    import re
+    import sys
+
+    from shoal.cli import main
+
+    run = _copy(comparison / "plain", tmp_path, "run")
+    pwned = tmp_path / "PWNED"
+    toml = run / "config.toml"
+    text = toml.read_text()
+    text = re.sub(r'(?m)^name = "digits"$', 'name = "os:system"', text, count=1)
+    text = re.sub(r"(?m)^hidden = 16$", f'command = "touch {pwned}"', text, count=1)
+    assert 'name = "os:system"' in text and "touch" in text
+    toml.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["shoal", "report", str(run)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None)
+    assert not pwned.exists()
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "--trust-code" in page

@@ -23,12 +23,16 @@ def report_command(
         help="A run directory (shoal run --out DIR) or a comparison directory (shoal compare).")],
     out: Annotated[Path | None, typer.Option(
         "--out", help="Where to write the HTML file (default: DIR/report.html).")] = None,
+    trust_code: Annotated[bool, typer.Option(
+        "--trust-code", help="Rebuild a task the directory's config names as code "
+        "(task.name = \"module:factory\"), for the per-client plot: this imports and runs "
+        "that code, so only for a directory you trust.")] = False,
 ) -> None:
     """Write the HTML report of a run or comparison: accuracy, loss, ε, per-client accuracy,
     bytes, privacy-utility and audit ROC plots, the tables, and a plain-language reading."""
     from ..report import load_report, reading, write_page
 
-    data = load_report(directory)
+    data = load_report(directory, trust_code=trust_code)
     path = write_page(data, out if out is not None else directory / "report.html")
     for sentence in reading(data):
         console.print(escape(sentence), soft_wrap=True)

@@ -10,6 +10,12 @@ clients and rows for every paradigm of a comparison. Nothing leaves the machine.
 When that is impossible (the task's data is not on this machine, the run kept no held-out
 data, the model file is missing), :func:`client_scores` says why in one line and the report
 plots the summary the run recorded instead.
+
+A task named as code (``task.name = "module:factory"``) is rebuilt only with
+``trust_code=True``: rebuilding it imports that module and calls the factory with the
+config's options, so a directory someone else wrote could run any code on this machine
+(``task.name = "os:system"``). ``shoal report`` asks for ``--trust-code``; without it the
+report plots the recorded summary and says why.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ class FederationCache:
     """The federations rebuilt so far, by what defines them (a comparison's variants share
     their task and partition: built once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust_code: bool = True) -> None:
         self._built: dict[str, tuple[Any, Any, Any]] = {}
+        self.trust_code = trust_code
 
     def get(self, run_dir: Path) -> tuple[Any, Any, Any]:
         """``(config, task, dataset)`` of the run in ``run_dir``, as the run built them."""
@@ -48,6 +55,11 @@ class FederationCache:
         from ..experiment import make_dataset, resolve_config
 
         config = load_config(run_dir / "config.toml")
+        if ":" in config.task.name and not self.trust_code:
+            raise ShoalError(
+                f"the task {config.task.name!r} is code named by {run_dir / 'config.toml'}, "
+                "and rebuilding it would run that code; the report runs none unless told to "
+                "(`shoal report --trust-code`, for a directory you trust)")
         d = to_dict(config)
         key = json.dumps([d.get("seed"), d.get("task"), d.get("data"), d.get("evaluation")],
                          sort_keys=True, default=str)

@@ -374,12 +374,15 @@ def _load_comparison(root: Path, cache: FederationCache | None) -> ReportData:
                       primary, lower)
 
 
-def load_report(path: str | Path, *, clients: bool = True) -> ReportData:
+def load_report(path: str | Path, *, clients: bool = True,
+                trust_code: bool = True) -> ReportData:
     """Load a run directory (``summary.json``) or a comparison directory (``compare.json``).
 
     ``clients``: also evaluate each finished paradigm's final model on every client's
     held-out data (:mod:`shoal.report.clients`; seconds for small tasks), for the per-client
-    distribution.
+    distribution. ``trust_code``: also for a task the directory's config names as code
+    (``module:factory``), which imports and runs it; pass ``False`` for a directory someone
+    else wrote.
 
     Raises :class:`~shoal.errors.CheckpointError` when ``path`` is neither, or one of its
     files is missing or unreadable; the message names the file and how to fix it.
@@ -394,9 +397,9 @@ def load_report(path: str | Path, *, clients: bool = True) -> ReportData:
             f"shoal report: {root} is a file; give the directory that holds summary.json (a "
             "run) or compare.json (a comparison).")
     if (root / "compare.json").exists():
-        return _load_comparison(root, FederationCache() if clients else None)
+        return _load_comparison(root, FederationCache(trust_code) if clients else None)
     if (root / "summary.json").exists():
-        return _load_run(root, FederationCache() if clients else None)
+        return _load_run(root, FederationCache(trust_code) if clients else None)
     if (root / "seeds.json").exists():
         seeds = sorted(p.name for p in root.glob("seed-*") if p.is_dir())
         raise CheckpointError(
