@@ -218,3 +218,39 @@ def test_a_viewer_revoked_while_watching_loses_the_stream(pki) -> None:
 def test_a_bad_stream_lifetime_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="max_stream_s"):
         DashboardServer(DashboardState(), max_stream_s=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_a_flood_of_unauthenticated_tls_connections_cannot_take_the_file_descriptors(
+        pki) -> None:
+    """Attack (no certificate at all): open hundreds of TCP connections to the TLS dashboard
+    and never start the handshake. asyncio waits 60 s for each handshake, and uvicorn counts
+    a connection only once it is made, so before the fix every one held a descriptor of the
+    process (under `shoal serve`, the coordinator's: its nodes could no longer connect). Now
+    the listener keeps at most 2 * max_connections open; once the flood ends, a viewer with
+    a good certificate is served again."""
+    import os
+
+    state = DashboardState("flood")
+    ctx = _context(pki["dir"] / "ca.crt", pki["viewer"])
+    with serving(state, tls=_tls(pki["dir"]), max_streams=1, max_connections=4) as server:
+        before = len(os.listdir("/proc/self/fd"))
+        flood = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+        try:
+            time.sleep(1.0)
+            held = len(os.listdir("/proc/self/fd")) - before - len(flood)
+            assert held <= 2 * 4, held
+        finally:
+            for s in flood:
+                s.close()
+        deadline = time.monotonic() + 5
+        while True:  # the server notices the closed ones as their handshakes fail
+            try:
+                with httpx.Client(base_url=server.url, verify=ctx, trust_env=False,
+                                  timeout=5) as http:
+                    assert http.get("/state").json()["title"] == "flood"
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)

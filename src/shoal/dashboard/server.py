@@ -16,7 +16,11 @@ Bounds beyond the app's own (:func:`~shoal.dashboard.app.create_app`): uvicorn's
 shutdown timeouts, no access log (a viewer cannot fill the log by reloading), and
 ``idle_timeout_s``: a connection with no request in progress that starts none for that long
 (one that connects and sends nothing, or sends its request head byte by byte) is closed, so
-idle sockets cannot hold every connection slot and shut the real viewers out.
+idle sockets cannot hold every connection slot and shut the real viewers out. The listening
+socket itself accepts at most ``2 * max_connections`` connections open at once, TLS handshakes
+in progress included (asyncio gives a handshake 60 s, and uvicorn counts a connection only
+once it is made): one more is closed at once, so nobody, certificate or not, can take the
+process's file descriptors, which under ``shoal serve`` are the coordinator's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from typing import Any
 
 import uvicorn
@@ -52,6 +57,32 @@ class _DroppedViewerFilter(logging.Filter):
 
 
 _DROPPED_VIEWER_FILTER = _DroppedViewerFilter()
+
+
+class _CappedListener(socket.socket):
+    """A listening socket that keeps at most ``cap`` accepted connections open at once;
+    beyond that a new one is closed as soon as it is accepted (asyncio's accept loop takes
+    the ``ConnectionAbortedError`` as "nothing more to accept now")."""
+
+    def __init__(self, family: int, cap: int):
+        super().__init__(family, socket.SOCK_STREAM)
+        self.cap = cap
+        self._conns: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._warned = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, addr = self._accept()  # type: ignore[attr-defined]
+        conn = socket.socket(self.family, self.type, self.proto, fileno=fd)
+        if sum(1 for c in self._conns if c.fileno() != -1) >= self.cap:
+            conn.close()
+            if not self._warned:
+                self._warned = True
+                log.warning("dashboard: %d connections are open (the most it keeps); closing "
+                            "new ones until some end (further refusals are not logged)",
+                            self.cap)
+            raise ConnectionAbortedError("dashboard: too many open connections")
+        self._conns.add(conn)
+        return conn, addr
 
 
 class _IdleClosingH11(H11Protocol):
@@ -186,7 +217,7 @@ class DashboardServer:
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = _CappedListener(family, cap=2 * self.max_connections)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self._requested_port))
