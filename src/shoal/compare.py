@@ -30,12 +30,14 @@ error, and the comparison goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,6 +385,34 @@ def _select(only: Sequence[str] | None) -> list[Variant]:
     return [VARIANTS[n] for n in VARIANTS if n in only]
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the directory ``out`` (when it exists and the platform has
+    ``flock``): a second ``shoal compare`` in the same directory is refused instead of both
+    rewriting ``compare.json`` and the same variants' checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        yield
+        return
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:  # not there yet (a new comparison), or not a directory: checked later
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(
+                f"another `shoal compare` is running in {out}; two at once would overwrite "
+                "each other's compare.json and checkpoints. Wait for it to end, then "
+                f"`shoal compare --resume {out}` if it was interrupted.") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] | None = None,
             resume: bool = False,
             callbacks: Callable[[str, str, int], Sequence[Any]] | None = None,
@@ -393,11 +423,19 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
     A new comparison refuses an ``out_dir`` that holds files. ``resume=True`` continues the
     comparison in ``out_dir`` with the config and variants it started with (``config`` and
     ``only`` may be ``None``; given, they must match). ``callbacks(variant, paradigm, rounds)``
-    adds callbacks to every run (e.g. a progress bar)."""
-    out = Path(out_dir)
+    adds callbacks to every run (e.g. a progress bar). While it runs, the directory is locked:
+    a second comparison there is refused."""
+    with contextlib.ExitStack() as lock:
+        return _compare(config, Path(out_dir), only, resume, callbacks, lock)
+
+
+def _compare(config: Config | None, out: Path, only: Sequence[str] | None, resume: bool,
+             callbacks: Callable[[str, str, int], Sequence[Any]] | None,
+             lock: contextlib.ExitStack) -> list[VariantResult]:
     previous: dict[str, dict[str, Any]] = {}
     if resume:
         stored = read_compare(out)
+        lock.enter_context(_exclusive(out))
         try:
             base = parse_config(stored["config"])
         except ConfigError as e:
@@ -427,6 +465,7 @@ def compare(config: Config | None, out_dir: str | Path, *, only: Sequence[str] |
                 f"write into it. Continue the comparison there with `shoal compare --resume "
                 f"{out}` (compare(None, out, resume=True)), or pass another --out.")
         prepare_run_dir(out)  # a file, not a directory: refused with its own message
+        lock.enter_context(_exclusive(out))
     task = load_task(base.task.name, **base.task.options)
     task.primary = primary_metric(base, task)
     base = resolve_config(base, task, quiet=True)

@@ -162,3 +162,45 @@ def test_a_new_comparison_into_a_file_or_resume_of_a_run_directory_is_refused(
     with pytest.raises(ShoalError, match="not a comparison directory"):
         compare(None, run, resume=True)
     assert _snapshot(run) == before
+
+
+def test_a_second_comparison_in_the_same_directory_is_refused_while_one_runs(tmp_path) -> None:
+    """Attack: ``shoal compare --resume DIR`` started twice (two terminals, a retried job).
+    Before the fix both ran the same variants into the same run directories and rewrote
+    the same ``compare.json``. Now the directory is locked while one runs."""
+    import threading
+
+    out = tmp_path / "c"
+    inside, release = threading.Event(), threading.Event()
+
+    class Hold:
+        def before_round(self, ctx, round):
+            if round == 1:
+                inside.set()
+                release.wait(30)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            compare(tiny("federated.rounds=1"), out, only=["centralized"],
+                    callbacks=lambda v, p, r: [Hold()])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=first)
+    t.start()
+    try:
+        assert inside.wait(30)
+        before = (out / "compare.json").read_bytes()
+        with pytest.raises(ShoalError, match="another `shoal compare` is running"):
+            compare(None, out, resume=True)
+        assert (out / "compare.json").read_bytes() == before
+    finally:
+        release.set()
+        t.join(60)
+    assert not errors
+    assert compare(None, out, resume=True)[0].status == "finished"  # free again
