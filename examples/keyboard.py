@@ -170,7 +170,7 @@ def base_config(args: argparse.Namespace, extra: list[str] | None = None):  # ->
         f"checkpoint.every={args.rounds}", "checkpoint.keep=1",
         "privacy.mode=distributed", f"privacy.target_epsilon={args.epsilon}",
         "privacy.delta=1e-5", f"privacy.clip_norm={args.clip}",
-        "secagg.enabled=true", f"secagg.clip={args.clip}", *(extra or [])])
+        "secagg.enabled=true", *(extra or [])])
 
 
 VARIANTS = ["federated", "federated-ddp"]
