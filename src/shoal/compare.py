@@ -64,8 +64,8 @@ from .metrics import Evaluator, distribution_summary
 from .validate_config import check_config
 
 __all__ = ["DEFAULT_EPSILON", "DEFAULT_PATIENCE", "DEFAULT_VALIDATION_FRACTION", "FIGURES",
-           "VARIANTS", "Variant", "VariantResult", "base_config", "compare", "planned_examples",
-           "read_compare", "variant_overrides", "write_compare_report"]
+           "VARIANTS", "Variant", "VariantResult", "base_config", "compare", "compared_metric",
+           "planned_examples", "read_compare", "variant_overrides", "write_compare_report"]
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,10 @@ def planned_examples(config: Config, dataset: FederatedDataset) -> float:
 
 def _per_client_accuracy(run_dir: Path, paradigm: str, config: Config, task: Task,
                          dataset: FederatedDataset) -> dict[str, float]:
-    """The final model of the run evaluated on every client's held-out split: the same
-    clients and rows for every variant (``{}`` without accuracy or held-out data)."""
+    """The final model of the run evaluated on every client's held-out split, in the task's
+    primary metric (``task.primary``: accuracy unless the config or task says otherwise): the
+    same clients and rows for every variant (``{}`` without that metric or held-out data).
+    For an error metric the worst client is the highest and the tail is ``p90``."""
     path = run_dir / paradigm / "model.safetensors"
     if not path.exists() or config.data.eval_fraction <= 0:
         return {}
@@ -281,8 +283,8 @@ def _per_client_accuracy(run_dir: Path, paradigm: str, config: Config, task: Tas
         held = dataset.client(cid).eval
         if held is None or len(held) == 0:
             continue
-        values.append(evaluator(params, held).get("accuracy", math.nan))
-    return distribution_summary(values)
+        values.append(evaluator(params, held).get(task.primary, math.nan))
+    return distribution_summary(values, lower_is_better=task.lower_is_better())
 
 
 def _figures(run_dir: Path, variant: Variant, config: Config, task: Task,
@@ -313,10 +315,12 @@ def _figures(run_dir: Path, variant: Variant, config: Config, task: Task,
     audit_path = run_dir / "audit.json"
     audit = (json.loads(audit_path.read_text())
              if config.audit.run and audit_path.exists() else None)
+    # "accuracy" and its client figures are the primary metric (what the report judges by):
+    # an RMSE for a regression, the loss when evaluation.primary = "loss"
     return {
-        "accuracy": final.get("accuracy"),
+        "accuracy": final.get(task.primary),
         "accuracy_worst_client": spread.get("worst"),
-        "accuracy_p10": spread.get("p10"),
+        "accuracy_p10": spread.get("p90" if task.lower_is_better() else "p10"),
         "epsilon": float(epsilon) if isinstance(epsilon, int | float) else None,
         "protects": protects,
         "bytes_per_participant": sum(bytes_each) / len(bytes_each) if bytes_each else None,
@@ -373,6 +377,16 @@ def read_compare(out_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: 'config' is a JSON {type(data['config']).__name__}, "
                               f"expected the comparison's config as an object; {damaged}")
     return data
+
+
+def compared_metric(out_dir: str | Path) -> tuple[str, bool]:
+    """``(name, lower_is_better)`` of the metric a comparison's ``accuracy`` figures are in:
+    the task's primary metric (``evaluation.primary``, or the task's own), as
+    :func:`compare` measured them. Loads the task (its data) to ask it."""
+    base = parse_config(read_compare(out_dir)["config"])
+    task = load_task(base.task.name, **base.task.options)
+    task.primary = primary_metric(base, task)
+    return task.primary, task.lower_is_better()
 
 
 def _select(only: Sequence[str] | None) -> list[Variant]:

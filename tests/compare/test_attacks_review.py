@@ -204,3 +204,39 @@ def test_a_second_comparison_in_the_same_directory_is_refused_while_one_runs(tmp
         t.join(60)
     assert not errors
     assert compare(None, out, resume=True)[0].status == "finished"  # free again
+
+
+def test_a_comparison_judged_by_another_metric_never_labels_accuracy_as_it(tmp_path,
+                                                                           monkeypatch,
+                                                                           capsys) -> None:
+    """Attack (on the user's own data): ``evaluation.primary = "loss"``. Before the fix
+    `compare.json`'s figures held the accuracy and the per-client *accuracy*, and the report,
+    judging by the loss, showed them as the loss (0.25 "loss", lower is better: every
+    reading inverted). Now the figures are the primary metric, worst client the highest
+    loss; the CLI table names the metric."""
+    from shoal.cli import main
+    from shoal.report import load_report
+
+    out = tmp_path / "c"
+    cfg = tmp_path / "loss.toml"
+    cfg.write_text('[task]\nname = "digits"\n[data]\nnum_clients = 4\n[federated]\nrounds = 2\n'
+                   'clients_per_round = 2\n[client]\nepochs = 1\nbatch_size = 32\n'
+                   '[evaluation]\nprimary = "loss"\n')
+    monkeypatch.setattr(sys, "argv", ["shoal", "compare", str(cfg), "--only", "federated",
+                                      "--out", str(out), "-q"])
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None)
+    shown = capsys.readouterr().out
+    header = next(line for line in shown.splitlines() if "variant" in line and "status" in line)
+    assert "loss" in header and "accuracy" not in header and "p90" in header
+    figures = json.loads((out / "compare.json").read_text())["variants"][0]["figures"]
+    summary = json.loads((out / "federated" / "summary.json").read_text())
+    final = summary["results"][0]["final"]
+    assert figures["accuracy"] == pytest.approx(final["loss"])
+    assert figures["accuracy"] != pytest.approx(final["accuracy"])
+    assert figures["accuracy_worst_client"] >= figures["accuracy_p10"]  # worst = highest loss
+    data = load_report(out, clients=False)
+    assert data.primary == "loss" and data.lower_is_better
+    assert data.entries[0].figures["accuracy"] == pytest.approx(final["loss"])

@@ -35,14 +35,18 @@ def _bytes(value: Any) -> str:
     return str(value)  # unreachable
 
 
-def compare_table(variants: Sequence[Any]) -> Table:
+def compare_table(variants: Sequence[Any], metric: str = "accuracy",
+                  lower_is_better: bool = False) -> Table:
     """One row per variant (:class:`~shoal.compare.VariantResult`s or their JSON entries):
-    status, accuracy (global, worst client, 10th percentile), ε, bytes per participant and in
-    total, wall time, compute per participant, rounds and examples seen."""
+    status, the primary ``metric`` (global, worst client, 10th percentile, or 90th for an
+    error metric), ε, bytes per participant and in total, wall time, compute per
+    participant, rounds and examples seen."""
     table = Table(title="shoal compare", title_justify="left")
-    for col in ("variant", "status", "accuracy", "worst client", "p10", "ε", "bytes/part.",
+    tail = "p90" if lower_is_better else "p10"
+    for col in ("variant", "status", metric, "worst client", tail, "ε", "bytes/part.",
                 "bytes total", "wall s", "compute s/part.", "rounds", "examples"):
-        table.add_column(col, justify="left" if col in ("variant", "status") else "right")
+        table.add_column(escape(col),
+                         justify="left" if col in ("variant", "status") else "right")
     for v in variants:
         d = v if isinstance(v, dict) else v.to_json()
         f = d.get("figures") or {}
@@ -108,7 +112,14 @@ def compare_command(
                           f"Continue with:\n  shoal compare --resume {out_dir}")
         raise typer.Exit(130) from None
     # piped or captured, rich assumes 80 columns and would fold every figure; a log gets it whole
-    (console if console.is_terminal else Console(width=170)).print(compare_table(results))
+    from ..compare import compared_metric
+
+    try:  # the figures are in the task's primary metric: the column says which
+        metric, lower = compared_metric(out_dir)
+    except ShoalError:
+        metric, lower = "primary metric", False
+    table = compare_table(results, metric, lower)
+    (console if console.is_terminal else Console(width=170)).print(table)
     for r in results:
         if r.reason:
             console.print(escape(f"{r.name} {r.status}: {r.reason}"), soft_wrap=True)
