@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "clinics_swarm:clinic"
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
+        if not (out / "compare.json").is_file():
+            raise SystemExit(f"clinics_swarm example: {out} holds files that are not an earlier run of "
+                             "this example; pass another --out.")
+        shutil.rmtree(out)
     common = base_overrides(args)
     rows: list[tuple[str, dict[str, float], float]] = []
     labels = {"swarm": "swarm (4 peers, ledger)", "federated": "FedAvg (coordinator)",

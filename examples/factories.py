@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "factories:fleets"
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
+        if not (out / "federated" / "config.toml").is_file():
+            raise SystemExit(f"factories example: {out} holds files that are not an earlier "
+                             "run of this example; pass another --out.")
+        shutil.rmtree(out)
     rmse: dict[str, float] = {}
     for name, config in configs(args).items():
         print(f"running {name} ...", flush=True)

@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "keyboard:shakespeare"
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
+        if not (out / "compare.json").is_file():
+            raise SystemExit(f"keyboard example: {out} holds files that are not an earlier run of "
+                             "this example; pass another --out.")
+        shutil.rmtree(out)
     results = {r.name: r for r in compare(base_config(args), out, only=VARIANTS)}
     for r in results.values():
         if r.status != "finished":

@@ -4,12 +4,14 @@ company = a fleet of engines, against each company trained alone; ends in its re
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .run import assert_report, run_example, summary
+from .run import EXAMPLES, assert_report, run_example, summary
 
 
 def _rmse(out: str) -> dict[str, float]:
@@ -49,6 +51,21 @@ def test_factories_smoke(tmp_path: Path) -> None:
         assert rmse[f"{c} alone"] == round(alone["final"]["rmse"], 2)
     assert re.search(r"federated RMSE [\d.]+ (beats|does NOT beat) the best single", out)
     assert_report(run / "federated" / "report.html", out)
+    # a second run replaces the first (its own earlier run) instead of refusing the directory
+    out = run_example("factories.py", "--rounds", "1", "--companies", "3", "--out", "m",
+                      cwd=tmp_path)
+    assert "company-3 alone" in out
+    assert sorted(p.name for p in (run / "alone").iterdir()) == [
+        "company-1", "company-2", "company-3"]
+
+
+def test_factories_refuses_a_directory_that_is_not_its_own_run(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "factories.py"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "holds files that are not an earlier run of this example" in proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow
