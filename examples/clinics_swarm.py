@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/clinics",
                     help="directory for the comparison, the clinics' own runs and the report "
-                         "(replaced if it exists)")
+                         "(an earlier run of this example there is replaced)")
     args = ap.parse_args(argv)
 
     from shoal.compare import compare, write_compare_report
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
         if not (out / "compare.json").is_file():
-            raise SystemExit(f"clinics_swarm example: {out} holds files that are not an earlier run of "
-                             "this example; pass another --out.")
+            raise SystemExit(f"clinics_swarm example: {out} holds files that are not an "
+                             "earlier run of this example; pass another --out.")
         shutil.rmtree(out)
     common = base_overrides(args)
     rows: list[tuple[str, dict[str, float], float]] = []

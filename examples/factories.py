@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/maintenance",
-                    help="directory for every run and the report (replaced if it exists)")
+                    help="directory for every run and the report (an earlier run of this "
+                         "example there is replaced)")
     args = ap.parse_args(argv)
 
     from shoal.experiment import run_experiment
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> Path:
                f"({best.removesuffix(' alone')}: {alone[best]:.2f}) by {alone[best] - fed:.2f}"
                if fed < alone[best] else
                f"does NOT beat the best single company's own model "
-               f"({best.removesuffix(' alone')}: {alone[best]:.2f}), worse by {fed - alone[best]:.2f}")
+               f"({best.removesuffix(' alone')}: {alone[best]:.2f}), worse by "
+               f"{fed - alone[best]:.2f}")
     print(f"federated RMSE {fed:.2f} {verdict} cycles")
     report = write_report(out / "federated")
     print(f"report: {Path(report).resolve()}")

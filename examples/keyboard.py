@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/keyboard",
-                    help="directory for both runs and the report (replaced if it exists)")
+                    help="directory for both runs and the report (an earlier run of this "
+                         "example there is replaced)")
     args = ap.parse_args(argv)
 
     import shutil
@@ -208,8 +209,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
         if not (out / "compare.json").is_file():
-            raise SystemExit(f"keyboard example: {out} holds files that are not an earlier run of "
-                             "this example; pass another --out.")
+            raise SystemExit(f"keyboard example: {out} holds files that are not an "
+                             "earlier run of this example; pass another --out.")
         shutil.rmtree(out)
     results = {r.name: r for r in compare(base_config(args), out, only=VARIANTS)}
     for r in results.values():
