@@ -539,7 +539,7 @@ def run_experiment(config: Config, run_dir: str | Path, *, resume: bool = False,
         tmp.replace(run_dir / "summary.json")
     if config.audit.run:  # [audit]: what `shoal audit RUN_DIR` does, now
         from .audits.run_audit import audit_run
-        audit_run(run_dir, config.audit.run)
+        audit_run(run_dir, config.audit.run, trust_code=True)  # this run's own task
     return results
 
 

@@ -154,3 +154,18 @@ def test_audit_settings_that_cannot_apply_are_errors():
                                                         "audit.canaries=10"]))
     assert any("canaries are mislabelled examples, but task 'cmapss' is a regression" in p
                for p in problems)
+
+
+def test_auditing_a_run_directory_runs_no_code_its_config_names(tmp_path):
+    # A run directory someone else wrote: its config names code as the task.
+    run = tmp_path / "theirs"
+    run.mkdir()
+    marker = tmp_path / "ran"
+    (run / "config.toml").write_text(
+        f'[task]\nname = "os:system"\n[task.options]\ncommand = "touch {marker}"\n')
+    with pytest.raises(ConfigError, match=r"the task 'os:system' is code named by .*config.toml, "
+                                          r"and rebuilding it would run that code"):
+        audit_run(run)
+    out = CliRunner().invoke(app, ["audit", str(run)])
+    assert isinstance(out.exception, ConfigError) and "--trust-code" in str(out.exception)
+    assert not marker.exists()

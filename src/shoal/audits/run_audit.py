@@ -251,9 +251,13 @@ def _epsilon(run_dir: Path, paradigm: str, config: Any, task: Any, model: Any,
                          eps_accountant=eps)
 
 
-def audit_run(run_dir: str | Path, only: Sequence[str] = ()) -> dict[str, Any]:
+def audit_run(run_dir: str | Path, only: Sequence[str] = (), *,
+              trust_code: bool = False) -> dict[str, Any]:
     """Run the audits (``only``: a subset of :data:`AUDITS`) on every paradigm of the run in
-    ``run_dir``; write and return ``{paradigm: {audit: figures}}``."""
+    ``run_dir``; write and return ``{paradigm: {audit: figures}}``. A task the run's config
+    names as code (``task.name = "module:factory"``) is rebuilt only with ``trust_code=True``:
+    rebuilding it imports and calls that code, so a run directory someone else wrote could run
+    anything on this machine (``task.name = "os:system"``)."""
     run_dir = Path(run_dir)
     unknown = sorted(set(only) - set(AUDITS))
     if unknown:
@@ -262,6 +266,11 @@ def audit_run(run_dir: str | Path, only: Sequence[str] = ()) -> dict[str, Any]:
         raise CheckpointError(f"audit: {str(run_dir)!r} holds no config.toml; give the "
                               "directory of a run (`shoal run --out DIR`).")
     config = load_config(run_dir / "config.toml")
+    if ":" in config.task.name and not trust_code:
+        raise ConfigError(
+            f"audit: the task {config.task.name!r} is code named by "
+            f"{run_dir / 'config.toml'}, and rebuilding it would run that code; audit a run "
+            "you trust with `shoal audit --trust-code` (audit_run(..., trust_code=True)).")
     task = load_task(config.task.name, **config.task.options)
     config = resolve_config(config, task, quiet=True)
     dataset = make_dataset(config, task)

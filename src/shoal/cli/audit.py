@@ -23,13 +23,17 @@ def audit_command(
     only: Annotated[str, typer.Option(
         help="Comma-separated audits to run (default: all): inversion, membership, lira, "
              "epsilon.")] = "",
+    trust_code: Annotated[bool, typer.Option(
+        "--trust-code", help="Rebuild a task the run's config names as code "
+        "(task.name = \"module:factory\"): this imports and runs that code, so only for a "
+        "run directory you trust.")] = False,
 ) -> None:
     """Audit what a finished run leaks: gradient inversion of the captured updates,
     membership inference (loss threshold, LiRA with shadow models) against the final model,
     and the one-run lower bound on ε from planted canaries; writes RUN_DIR/audit.json."""
     from ..audits.run_audit import audit_run
 
-    results = audit_run(run_dir, [a for a in only.split(",") if a])
+    results = audit_run(run_dir, [a for a in only.split(",") if a], trust_code=trust_code)
     for paradigm, audits in results.items():
         for name, figures in audits.items():
             if "skipped" in figures:
