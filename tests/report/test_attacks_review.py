@@ -240,3 +240,18 @@ def test_reporting_a_directory_someone_else_wrote_runs_no_code_from_it(
     assert not pwned.exists()
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "--trust-code" in page
+
+
+def test_out_never_replaces_a_file_that_is_not_a_page(comparison, tmp_path) -> None:
+    """Attack (a slip of the user's): ``shoal report DIR --out DIR/summary.json``. Before the
+    fix the run's summary was replaced by the page; now it is refused and left as it was.
+    Rewriting an earlier report (``.html``) is still allowed."""
+    from shoal.errors import ShoalError
+
+    run = _copy(comparison / "plain", tmp_path, "run")
+    before = (run / "summary.json").read_bytes()
+    with pytest.raises(ShoalError, match="not an HTML file"):
+        write_report(run, run / "summary.json")
+    assert (run / "summary.json").read_bytes() == before
+    page = write_report(run, run / "old.HTML")
+    assert write_report(run, page) == page

@@ -103,6 +103,10 @@ def write_page(data: ReportData, target: str | Path) -> Path:
     if target.is_dir():
         raise ShoalError(f"shoal report: --out {target} is a directory; give a file name, "
                          f"e.g. {target / 'report.html'}.")
+    if target.exists() and target.suffix.lower() not in (".html", ".htm"):
+        raise ShoalError(f"shoal report: --out {target} exists and is not an HTML file; the "
+                         "report would replace it (a run's summary.json, a config). Give a "
+                         f"name ending in .html, e.g. {target.with_suffix('.html')}.")
     page = render_report(data)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
