@@ -190,7 +190,7 @@ class DashboardServer:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, log_level="warning",
             lifespan="off", limit_concurrency=self.max_connections, timeout_keep_alive=5,
-            http=self._protocol,
+            http=self._protocol, loop="asyncio",  # the listener cap needs asyncio's accept loop
             timeout_graceful_shutdown=2, server_header=False,
             **(self.tls.uvicorn_options() if self.tls else {}))
         config.load()  # TLS files, key passphrase and CRL: errors here, in the caller's thread
