@@ -165,6 +165,7 @@ def base_config(args: argparse.Namespace, extra: list[str] | None = None):  # ->
         "federated.server_momentum=0.9", f"client.epochs={args.epochs}",
         f"client.batch_size={args.batch_size}", f"client.lr={args.lr}",
         "data.eval_fraction=0.2", f"evaluation.central_every={max(1, args.rounds // 5)}",
+        "evaluation.primary=accuracy",  # not the sequence kind's default, perplexity
         "evaluation.validation_fraction=0.1",
         f"evaluation.patience={args.rounds}",  # no early stop: both variants run every round
         f"checkpoint.every={args.rounds}", "checkpoint.keep=1",

@@ -26,10 +26,14 @@ def test_keyboard_compares_plain_fedavg_with_dp_and_secagg(tmp_path: Path) -> No
         (entry,) = summary(run / name)
         assert entry["paradigm"] == "federated" and entry["rounds"] == 2
         assert (run / name / "federated" / "metrics.jsonl").is_file()
+        # the comparison judges next-character accuracy (not the sequence kind's perplexity)
+        assert found[name]["figures"]["accuracy"] == entry["final"]["accuracy"]
+        assert 0 < found[name]["figures"]["accuracy_worst_client"] <= 1
     eps = found["federated-ddp"]["figures"]["epsilon"]
     assert 4.5 < eps <= 5.0  # the budget is spent, not exceeded
     assert found["federated"]["figures"]["epsilon"] is None
     line = re.search(r"FedAvg \+ DP \+ SecAgg\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
     assert line and abs(float(line[4]) - eps) < 0.01
+    assert float(line[1]) == round(found["federated-ddp"]["figures"]["accuracy"], 4)
     assert f"distributed DP (ε = {eps:.2f}" in out and "points of next-character" in out
     assert_report(run / "report.html", out)
