@@ -473,6 +473,12 @@ def _compare(config: Config | None, out: Path, only: Sequence[str] | None, resum
         check_config(config)
         base = base_config(config)
         check_config(base)
+        if base.evaluation != config.evaluation:  # reported, never applied silently
+            e = base.evaluation
+            log.warning("compare: every variant stops early on a validation set: "
+                        "evaluation.validation_fraction = %g, patience = %d (compare's "
+                        "defaults where the config leaves them at 0; set them to change this)",
+                        e.validation_fraction, e.patience)
         if out.is_dir() and any(out.iterdir()):
             raise CheckpointError(
                 f"comparison directory {out} already holds files; a new comparison does not "
