@@ -474,11 +474,10 @@ def _compare(config: Config | None, out: Path, only: Sequence[str] | None, resum
         base = base_config(config)
         check_config(base)
         if base.evaluation != config.evaluation:  # reported, never applied silently
-            e = base.evaluation
             log.warning("compare: every variant stops early on a validation set: "
                         "evaluation.validation_fraction = %g, patience = %d (compare's "
                         "defaults where the config leaves them at 0; set them to change this)",
-                        e.validation_fraction, e.patience)
+                        base.evaluation.validation_fraction, base.evaluation.patience)
         if out.is_dir() and any(out.iterdir()):
             raise CheckpointError(
                 f"comparison directory {out} already holds files; a new comparison does not "
@@ -539,16 +538,8 @@ def _compare(config: Config | None, out: Path, only: Sequence[str] | None, resum
     return results
 
 
-def write_compare_report(out_dir: str | Path) -> Path | None:
-    """``DIR/report.html`` through :func:`shoal.report.write_report`, when that exists
-    (``None`` otherwise)."""
-    import importlib
+def write_compare_report(out_dir: str | Path) -> Path:
+    """``DIR/report.html`` of the comparison (:func:`shoal.report.write_report`)."""
+    from .report import write_report
 
-    try:
-        module = importlib.import_module("shoal.report")
-    except ImportError:
-        return None
-    write_report = getattr(module, "write_report", None)
-    if write_report is None:
-        return None
-    return Path(write_report(Path(out_dir)))
+    return write_report(Path(out_dir))

@@ -316,13 +316,17 @@ def test_the_comparison_report_renders_in_a_browser(tmp_path, browser):
     from shoal.compare import write_compare_report
 
     compare(tiny(), tmp_path / "c", only=["centralized", "federated", "split-ushaped"])
+    from selenium.webdriver.support.ui import WebDriverWait
+
     report = write_compare_report(tmp_path / "c")
-    if report is None:
-        pytest.skip("shoal.report.write_report is not there yet")
     assert report == tmp_path / "c" / "report.html"
     browser.get(report.as_uri())
-    plots = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
-    assert plots and all(p.find_elements(By.CSS_SELECTOR, ".main-svg") for p in plots)
+
+    def drawn(driver):
+        plots = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+        return plots and all(p.find_elements(By.CSS_SELECTOR, ".main-svg") for p in plots)
+
+    assert WebDriverWait(browser, 30).until(drawn)
     assert "split-ushaped" in browser.page_source  # the skipped variant is shown, not dropped
 
 

@@ -132,5 +132,4 @@ def compare_command(
     except Exception as e:  # noqa: BLE001  (the comparison itself is complete and kept)
         err_console.print(escape(f"report: could not be written: {type(e).__name__}: {e}"))
         raise typer.Exit(1) from None
-    if report is not None:
-        console.print(f"report: {escape(str(report))}")
+    console.print(f"report: {escape(str(report))}")
