@@ -118,4 +118,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)  # a logistic regression: more threads only wait on each other
     main()
