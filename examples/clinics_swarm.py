@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -73,7 +72,10 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/clinics",
                     help="directory for the comparison, the clinics' own runs and the report "
-                         "(an earlier run of this example there is replaced)")
+                         "(refused if it holds files; --overwrite replaces an earlier run of "
+                         "this example)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier run of this example in --out")
     args = ap.parse_args(argv)
 
     from shoal.compare import compare, write_compare_report
@@ -81,12 +83,9 @@ def main(argv: list[str] | None = None) -> Path:
     from shoal.experiment import run_experiment
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "clinics_swarm:clinic"
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
-        if not (out / "compare.json").is_file():
-            raise SystemExit(f"clinics_swarm example: {out} holds files that are not an "
-                             "earlier run of this example; pass another --out.")
-        shutil.rmtree(out)
+    from _outdir import prepare_out
+
+    out = prepare_out(args.out, "compare.json", "clinics_swarm", args.overwrite)
     common = base_overrides(args)
     rows: list[tuple[str, dict[str, float], float]] = []
     labels = {"swarm": "swarm (4 peers, ledger)", "federated": "FedAvg (coordinator)",

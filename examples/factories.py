@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -107,20 +106,19 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/maintenance",
-                    help="directory for every run and the report (an earlier run of this "
-                         "example there is replaced)")
+                    help="directory for every run and the report (refused if it holds "
+                         "files; --overwrite replaces an earlier run of this example)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier run of this example in --out")
     args = ap.parse_args(argv)
 
     from shoal.experiment import run_experiment
     from shoal.report import write_report
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "factories:fleets"
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
-        if not (out / "federated" / "config.toml").is_file():
-            raise SystemExit(f"factories example: {out} holds files that are not an earlier "
-                             "run of this example; pass another --out.")
-        shutil.rmtree(out)
+    from _outdir import prepare_out
+
+    out = prepare_out(args.out, "federated/config.toml", "factories", args.overwrite)
     rmse: dict[str, float] = {}
     for name, config in configs(args).items():
         print(f"running {name} ...", flush=True)

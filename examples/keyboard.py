@@ -198,21 +198,18 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/keyboard",
-                    help="directory for both runs and the report (an earlier run of this "
-                         "example there is replaced)")
+                    help="directory for both runs and the report (refused if it holds "
+                         "files; --overwrite replaces an earlier run of this example)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier run of this example in --out")
     args = ap.parse_args(argv)
-
-    import shutil
 
     from shoal.compare import compare, write_compare_report
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # "keyboard:shakespeare"
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):  # replace an earlier run of this example only
-        if not (out / "compare.json").is_file():
-            raise SystemExit(f"keyboard example: {out} holds files that are not an "
-                             "earlier run of this example; pass another --out.")
-        shutil.rmtree(out)
+    from _outdir import prepare_out
+
+    out = prepare_out(args.out, "compare.json", "keyboard", args.overwrite)
     results = {r.name: r for r in compare(base_config(args), out, only=VARIANTS)}
     for r in results.values():
         if r.status != "finished":

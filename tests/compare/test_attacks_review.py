@@ -11,20 +11,9 @@ import pytest
 
 from shoal.callbacks import read_metrics
 from shoal.compare import compare
-from shoal.config import apply_overrides, parse_config
 from shoal.errors import ShoalError
 
-TINY = {
-    "task": {"name": "digits"},
-    "data": {"num_clients": 4},
-    "federated": {"rounds": 3, "clients_per_round": 2},
-    "client": {"epochs": 1, "batch_size": 32},
-    "checkpoint": {"keep": 5},
-}
-
-
-def tiny(*overrides: str):
-    return parse_config(apply_overrides(TINY, overrides))
+from ._configs import tiny
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,7 @@ from shoal.experiment import initial_params, make_dataset, resolve_config
 from shoal.holdout import carve_validation
 from shoal.metrics import Evaluator
 
-TINY = {
-    "task": {"name": "digits"},
-    "data": {"num_clients": 4},
-    "federated": {"rounds": 3, "clients_per_round": 2},
-    "client": {"epochs": 1, "batch_size": 32},
-    "checkpoint": {"keep": 5},
-}
-
-
-def tiny(*overrides: str):
-    return parse_config(apply_overrides(TINY, overrides))
+from ._configs import tiny
 
 
 def setting(config, key: str):

@@ -21,7 +21,7 @@ from shoal.net import CertificateAuthority
 from shoal.net.clientdata import split_federation
 from shoal.net.deploy import node_client
 
-from ..net._helpers import running
+from ..net._helpers import JOB, free_port, running
 from ._sse import events
 
 SRC = str(Path(__file__).parents[2] / "src")
@@ -87,34 +87,7 @@ def test_run_dashboard_follows_the_run_and_closes_with_it(tmp_path) -> None:
     assert _closed(url)
 
 
-JOB = """
-seed = 2
-[task]
-name = "digits"
-hidden = 16
-[data]
-partition = "iid"
-num_clients = 3
-[federated]
-rounds = 3
-clients_per_round = 3
-timeout_s = 60
-[client]
-epochs = 1
-max_steps = 3
-[network]
-address = "127.0.0.1:{port}"
-tls_dir = "{tls}"
-min_nodes = 3
-wait_s = 120
-reconnect_max_s = 0.5
-"""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(240)
@@ -123,7 +96,7 @@ def test_serve_dashboard_shows_the_clients_joining_over_mutual_tls(tmp_path) -> 
     ca = CertificateAuthority.init(tls)
     viewer = ca.enroll("viewer", tmp_path / "viewer")
     job = tmp_path / "job.toml"
-    job.write_text(JOB.format(port=_free_port(), tls=tls))
+    job.write_text(JOB.format(rounds=3, port=free_port(), tls=tls))
     config = load_config(job)
     task = load_task("digits", hidden=16)
     files = split_federation(make_dataset(resolve_config(config, task), task), tmp_path / "data")

@@ -51,9 +51,13 @@ def test_factories_smoke(tmp_path: Path) -> None:
         assert rmse[f"{c} alone"] == round(alone["final"]["rmse"], 2)
     assert re.search(r"federated RMSE [\d.]+ (beats|does NOT beat) the best single", out)
     assert_report(run / "federated" / "report.html", out)
-    # a second run replaces the first (its own earlier run) instead of refusing the directory
+    # a second run refuses the first's directory, and replaces it only when told to
+    again = subprocess.run([sys.executable, str(EXAMPLES / "factories.py"), "--rounds", "1",
+                            "--out", "m"], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert again.returncode == 1 and "pass --overwrite to replace it" in again.stderr
     out = run_example("factories.py", "--rounds", "1", "--companies", "3", "--out", "m",
-                      cwd=tmp_path)
+                      "--overwrite", cwd=tmp_path)
     assert "company-3 alone" in out
     assert sorted(p.name for p in (run / "alone").iterdir()) == [
         "company-1", "company-2", "company-3"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +10,37 @@ from pathlib import Path
 
 from shoal.net import Identity, NodeClient
 from shoal.node import Node
+
+JOB = """
+seed = 2
+[task]
+name = "digits"
+hidden = 16
+[data]
+partition = "iid"
+num_clients = 3
+[federated]
+rounds = {rounds}
+clients_per_round = 3
+timeout_s = 60
+[client]
+epochs = 1
+max_steps = 3
+[network]
+address = "127.0.0.1:{port}"
+tls_dir = "{tls}"
+min_nodes = 3
+wait_s = 120
+reconnect_max_s = 0.5
+"""
+"""A small deployed job of three clients: format with ``rounds``, ``port`` and ``tls``."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def node_identity(root: Path, node_id: str) -> Identity:

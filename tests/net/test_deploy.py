@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,36 +25,7 @@ from shoal.net.clientdata import load_client_data, split_federation
 from shoal.net.deploy import coordinator_config, node_client, refuse_simulation_only
 from shoal.node import Handler, NodeContext
 
-from ._helpers import running
-
-JOB = """
-seed = 2
-[task]
-name = "digits"
-hidden = 16
-[data]
-partition = "iid"
-num_clients = 3
-[federated]
-rounds = 6
-clients_per_round = 3
-timeout_s = 60
-[client]
-epochs = 1
-max_steps = 3
-[network]
-address = "127.0.0.1:{port}"
-tls_dir = "{tls}"
-min_nodes = 3
-wait_s = 120
-reconnect_max_s = 0.5
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ._helpers import JOB, free_port, running
 
 
 def _slow(message: Message, context: NodeContext, next_handler: Handler) -> Message:
@@ -75,7 +45,7 @@ def test_coordinator_killed_and_resumed_equals_an_uninterrupted_run(tmp_path: Pa
     tls = tmp_path / "ca"
     ca = CertificateAuthority.init(tls)
     job = tmp_path / "job.toml"
-    job.write_text(JOB.format(port=_free_port(), tls=tls))
+    job.write_text(JOB.format(rounds=6, port=free_port(), tls=tls))
     config = load_config(job)
     task = load_task("digits", hidden=16)
     files = split_federation(make_dataset(resolve_config(config, task), task), tmp_path / "data")

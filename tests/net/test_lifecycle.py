@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from shoal.net.clientdata import split_federation
 from shoal.net.deploy import WaitForNodes, join, node_client, serve
 from shoal.node import Handler, Node, NodeContext
 
-from ._helpers import coordinator_identity, node_identity, running
+from ._helpers import coordinator_identity, free_port, node_identity, running
 
 JOB = """
 seed = 3
@@ -60,12 +59,6 @@ patience_s = {patience}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Deployment:
     """A CA whose directory is every party's tls_dir, a job config, one data file per client."""
 
@@ -74,7 +67,7 @@ class Deployment:
         self.tls = root / "ca"
         self.ca = CertificateAuthority.init(self.tls)
         self.job = root / "job.toml"
-        self.job.write_text(JOB.format(rounds=rounds, port=_free_port(), tls=self.tls,
+        self.job.write_text(JOB.format(rounds=rounds, port=free_port(), tls=self.tls,
                                        patience=patience))
         self.config = load_config(self.job)
         task = load_task("digits", hidden=16)
@@ -300,7 +293,7 @@ def test_join_explains_why_it_cannot_connect(ca_dir: Path, tmp_path: Path,
     own = ca_dir / "nodes"
     other = CertificateAuthority.init(tmp_path / "other-ca", hosts=("localhost", "127.0.0.1"))
     other.enroll("client-0", tmp_path / "other-nodes")
-    port = _free_port()
+    port = free_port()
     msg = _join_error(_client_config(own, f"127.0.0.1:{port}"), data_file)
     assert f"nothing is listening at 127.0.0.1:{port} (connection refused)" in msg
 
@@ -331,7 +324,7 @@ def test_join_explains_why_it_cannot_connect(ca_dir: Path, tmp_path: Path,
 
 def test_join_command_reports_in_one_line_and_exits_non_zero(ca_dir: Path, tmp_path: Path,
                                                               data_file: Path) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     job = tmp_path / "job.toml"
     job.write_text("seed = 0\n")
     args = ["join", str(job), "--node-id", "client-0", "--data", str(data_file), "--address",
