@@ -90,7 +90,9 @@ def _enroll(root: Path, ca: CertificateAuthority, registrar: Registrar, ids: lis
 
 
 def _peer(root: Path, job: Path, name: str, device: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k not in _TLS_ENV}
+    # One torch thread in every peer, as in the simulation they are compared with (a matmul's
+    # summation order, and so its last bits, depends on the thread count).
+    env = {**{k: v for k, v in os.environ.items() if k not in _TLS_ENV}, "OMP_NUM_THREADS": "1"}
     log = open(root / name / f"{device}.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, "-m", "shoal", "swarm", "join", str(job), "--node-id", device,
@@ -114,7 +116,7 @@ def _final_hash(root: Path, name: str, device: str) -> str:
     return model_hash(load_file(str(root / name / "out" / device / "model.safetensors")))
 
 
-def test_peers_as_processes_agree_and_equal_the_simulation(swarm_env, tmp_path):
+def test_peers_as_processes_agree_and_equal_the_simulation(swarm_env, tmp_path, one_thread):
     root, ca, cluster, registrar = swarm_env
     ids = [f"client-{i}" for i in range(3)]
     _enroll(root, ca, registrar, ids)
