@@ -1,7 +1,8 @@
 """``shoal compare`` on digits with every paradigm, against each variant run alone.
 
 1. ``shoal compare`` (the CLI command, in this process, ``-q``) runs the eleven variants of
-   :data:`shoal.compare.VARIANTS` on digits (10 clients, 5 per round, up to 10 rounds of three local
+   :data:`shoal.compare.VARIANTS` on digits (an MLP with two hidden layers, so that U-shaped split
+   learning has a server part; 10 clients, 5 per round, up to 10 rounds of three local
    epochs, early stopping on the held-out validation set) into one directory and writes its
    ``compare.json`` and ``report.html``; its wall time is the command's, start to end.
 2. Each variant that ran is then run alone with :func:`shoal.run_experiment`, with the exact
@@ -39,6 +40,7 @@ CONFIG = """\
 seed = 0
 [task]
 name = "digits"
+layers = 2          # two hidden layers: U-shaped split learning gets a server part
 [data]
 num_clients = 10
 [federated]

@@ -34,7 +34,7 @@ def n_params(model: torch.nn.Module) -> int:
 def test_registry_lists_the_builtin_tasks() -> None:
     assert task_names() == ["ai4i", "cmapss", "digits", "fashion_mnist", "gtsrb", "heart"]
     assert task_names(natural_ids=True) == ["ai4i", "cmapss", "gtsrb", "heart"]
-    assert task_options("digits") == {"hidden": 128}
+    assert task_options("digits") == {"hidden": 128, "layers": 1}
 
 
 def test_unknown_task_and_option_errors() -> None:
@@ -45,7 +45,7 @@ def test_unknown_task_and_option_errors() -> None:
     with pytest.raises(ConfigError) as info:
         load_task("digits", width=3)
     assert str(info.value) == ("load_task('digits'): unknown option 'width'; accepted "
-                               "options: hidden.")
+                               "options: hidden, layers.")
     with pytest.raises(ConfigError) as info:
         load_task("digits", hidden=0)
     assert str(info.value) == "digits: hidden must be an integer >= 1 (got 0)."

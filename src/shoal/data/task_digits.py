@@ -41,9 +41,13 @@ def _arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def digits_mlp(hidden: int = 128) -> nn.Module:
-    """An MLP ``64 -> hidden -> 10`` with ReLU: input (batch, 64), output logits (batch, 10)."""
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+def digits_mlp(hidden: int = 128, layers: int = 1) -> nn.Module:
+    """An MLP ``64 -> hidden (-> hidden ...) -> 10`` with ``layers`` hidden layers and ReLU:
+    input (batch, 64), output logits (batch, 10)."""
+    blocks: list[nn.Module] = [nn.Linear(64, hidden), nn.ReLU()]
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.Linear(hidden, 10))
 
 
 _SUMMARY = ("scikit-learn's 8x8 handwritten digits, 1,797 images, 10 classes; 64 pixels "
@@ -51,18 +55,20 @@ _SUMMARY = ("scikit-learn's 8x8 handwritten digits, 1,797 images, 10 classes; 64
 
 
 @register_task("digits", summary=_SUMMARY)
-def digits(*, hidden: int = 128) -> Task:
-    """8x8 digits as flat 64-vectors in [0, 1]; an MLP with ``hidden`` units; a fixed stratified
+def digits(*, hidden: int = 128, layers: int = 1) -> Task:
+    """8x8 digits as flat 64-vectors in [0, 1]; an MLP with ``layers`` hidden layers of
+    ``hidden`` units (2 or more leave U-shaped split learning a server part); a fixed stratified
     80/20 train/test split (:data:`SPLIT_SEED`). Default partition: Dirichlet label skew,
     alpha 0.5, over 20 clients."""
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ConfigError(f"digits: hidden must be an integer >= 1 (got {hidden!r}).")
+    for name, value in (("hidden", hidden), ("layers", layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"digits: {name} must be an integer >= 1 (got {value!r}).")
     x_np, y_np = _arrays()
     train_rows, test_rows = stratified_split(y_np, TEST_FRACTION, np.random.default_rng(SPLIT_SEED))
     # Fresh tensors per load: a caller that edits one task's data cannot change another's.
     x = torch.tensor(x_np)
     y = torch.tensor(y_np)
-    model_fn: Callable[[], nn.Module] = functools.partial(digits_mlp, hidden)
+    model_fn: Callable[[], nn.Module] = functools.partial(digits_mlp, hidden, layers)
     return Task(
         name="digits",
         model_fn=model_fn,
@@ -73,7 +79,7 @@ def digits(*, hidden: int = 128) -> Task:
         default_partition={"partition": "dirichlet", "num_clients": 20, "alpha": 0.5},
         description=(
             "Handwritten digits 0-9 as 8x8 grey images (1,797: 1,438 train, 359 test), "
-            f"flattened to 64 features in [0, 1]; MLP 64-{hidden}-10."
+            f"flattened to 64 features in [0, 1]; MLP 64-{'-'.join([str(hidden)] * layers)}-10."
         ),
         attribution=(
             "Optical Recognition of Handwritten Digits (Alpaydin & Kaynak 1998, UCI), the test "
