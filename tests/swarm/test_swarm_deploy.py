@@ -136,7 +136,7 @@ def test_a_killed_peer_and_etcd_member_rejoin_and_no_round_is_lost(swarm_env):
     root, ca, cluster, registrar = swarm_env
     ids = [f"client-{i}" for i in range(4)]
     _enroll(root, ca, registrar, ids)
-    rounds = 6
+    rounds = 8
     job = _job(root, cluster, "faults", 4, rounds,
                "min_peers = 2\nclose_timeout_s = 3.0")
     procs = {d: _peer(root, job, "faults", d) for d in ids}
@@ -152,10 +152,17 @@ def test_a_killed_peer_and_etcd_member_rejoin_and_no_round_is_lost(swarm_env):
         procs["client-3"].send_signal(signal.SIGKILL)  # a crash, mid-run
         procs["client-3"].wait(30)
         cluster.kill(0)  # and one of the three etcd members
-        while len(merged(4)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(merged(4)) >= 3, "the swarm stopped while min_peers remained"
-        assert "client-3" not in merged(4)
+        # client-3 may have published a round or two before it died; a later round is merged
+        # by the other three alone (it must come: min_peers remain).
+        without = None
+        for r in range(3, rounds + 1):
+            while not merged(r) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if merged(r) and "client-3" not in merged(r):
+                without = r
+                break
+        assert without is not None, "the swarm stopped while min_peers remained"
+        assert len(merged(without)) >= 3
         cluster.restart(0)
         procs["client-3"] = _peer(root, job, "faults", "client-3")  # rejoins
         _wait(list(procs.values()), root, "faults")
