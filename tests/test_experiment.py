@@ -64,7 +64,8 @@ def test_unknown_task_and_option_and_missing_data(tmp_path):
     with pytest.raises(ConfigError, match="load_task: unknown task 'mnist'; expected one of "):
         run_experiment(load_config(None, ["task.name=mnist"]), tmp_path)
     with pytest.raises(ConfigError, match="config field 'task.depth': task 'digits' has no "
-                                          "option 'depth'; its options are task.hidden."):
+                                          "option 'depth'; its options are task.hidden, "
+                                          "task.layers."):
         run_experiment(load_config(None, ["task.depth=3"]), tmp_path)
     with pytest.raises(ConfigError, match="config \\[task\\]: fashion_mnist: data directory .* "
                                           "does not exist.*apt-get install dataset-fashion-mnist"):

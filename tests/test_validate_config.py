@@ -34,7 +34,7 @@ def test_shoal_config_lists_all_five_mistakes_and_exits_2() -> None:
         "3. config field 'client.optimizer': optimizer: unknown torch optimizer 'Sgdx'; "
         "expected one of ",
         "4. config field 'task.bogus': task 'digits' has no option 'bogus'; its options are "
-        "task.hidden.",
+        "task.hidden, task.layers.",
         "5. config [privacy]: privacy.mode = \"sample\" (DP-SGD) needs noise: set "
         "privacy.noise_multiplier > 0, or privacy.target_epsilon > 0 to calibrate it to the "
         "planned rounds.",
@@ -49,7 +49,7 @@ def test_load_checked_raises_one_error_with_every_problem() -> None:
         "config: 2 problems; fix them all before running:\n"
         "  1. config field 'federated.rounds': expected a value >= 1, got 0.\n"
         "  2. config field 'task.bogus': task 'digits' has no option 'bogus'; its options are "
-        "task.hidden.")
+        "task.hidden, task.layers.")
     assert config_problems(load_config(None)) == []
 
 

@@ -3,6 +3,7 @@ reload, when the run publishes after the page has loaded."""
 
 from __future__ import annotations
 
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -12,8 +13,15 @@ from ._sse import serving
 
 
 def _text(browser, css: str) -> str:
-    found = browser.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    """The text of the first element matching ``css`` ("" if none), read again if the page
+    replaced the element while it was being read (every state event re-renders)."""
+    for _ in range(20):
+        try:
+            found = browser.find_elements(By.CSS_SELECTOR, css)
+            return found[0].text if found else ""
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{css}: replaced 20 times in a row while being read")
 
 
 def test_a_metric_published_after_the_page_loaded_appears_without_a_reload(browser) -> None:
@@ -42,8 +50,8 @@ def test_a_metric_published_after_the_page_loaded_appears_without_a_reload(brows
         assert _text(browser, "#rounds-done") == "1 / 5 rounds"
         assert _text(browser, "#epsilon") == "ε = 2.5000"
         assert "δ = 1.0000e-5" in _text(browser, "#privacy-detail")
-        row = browser.find_element(By.CSS_SELECTOR, "#dropouts tbody tr")
-        assert row.text.split(" ", 2) == ["1", "client-7", "timed out <script>alert(1)</script>"]
+        row = _text(browser, "#dropouts tbody tr")
+        assert row.split(" ", 2) == ["1", "client-7", "timed out <script>alert(1)</script>"]
         assert not browser.find_elements(By.CSS_SELECTOR, "#dropouts script")  # text, not HTML
         assert "round 1: timed out" in _text(browser, '#nodes tr[data-node="client-7"]')
         # The chart drew the metric: some pixels of the canvas are painted.
