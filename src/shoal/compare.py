@@ -478,13 +478,16 @@ def _compare(config: Config | None, out: Path, only: Sequence[str] | None, resum
                         "evaluation.validation_fraction = %g, patience = %d (compare's "
                         "defaults where the config leaves them at 0; set them to change this)",
                         base.evaluation.validation_fraction, base.evaluation.patience)
-        if out.is_dir() and any(out.iterdir()):
+        if not (out.is_dir() and any(out.iterdir())):
+            prepare_run_dir(out)  # creates it; a file, not a directory: its own message
+        # Locked before it is checked: of two comparisons started into one new directory at
+        # the same instant, the second finds the lock held (or, later, the first's files).
+        lock.enter_context(_exclusive(out))
+        if any(out.iterdir()):
             raise CheckpointError(
                 f"comparison directory {out} already holds files; a new comparison does not "
                 f"write into it. Continue the comparison there with `shoal compare --resume "
                 f"{out}` (compare(None, out, resume=True)), or pass another --out.")
-        prepare_run_dir(out)  # a file, not a directory: refused with its own message
-        lock.enter_context(_exclusive(out))
     task = load_task(base.task.name, **base.task.options)
     task.primary = primary_metric(base, task)
     base = resolve_config(base, task, quiet=True)

@@ -11,7 +11,7 @@ import pytest
 
 from shoal.callbacks import read_metrics
 from shoal.compare import compare
-from shoal.errors import ShoalError
+from shoal.errors import CheckpointError, ShoalError
 
 from ._configs import tiny
 
@@ -229,3 +229,41 @@ def test_a_comparison_judged_by_another_metric_never_labels_accuracy_as_it(tmp_p
     data = load_report(out, clients=False)
     assert data.primary == "loss" and data.lower_is_better
     assert data.entries[0].figures["accuracy"] == pytest.approx(final["loss"])
+
+
+def test_a_new_comparison_locks_its_directory_before_it_checks_it(tmp_path):
+    # Another comparison just created the (still empty) directory and holds its lock.
+    import fcntl
+    import os
+
+    out = tmp_path / "new"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CheckpointError, match="another `shoal compare` is running in"):
+            compare(tiny(), out, only=["centralized"])
+    finally:
+        os.close(fd)
+    assert not any(out.iterdir())  # nothing written by the refused one
+
+
+def test_files_written_while_a_new_comparison_waited_for_the_lock_are_not_overwritten(
+        tmp_path, monkeypatch):
+    import contextlib
+
+    import shoal.compare as compare_module
+
+    out = tmp_path / "new"
+    taken = compare_module._exclusive
+
+    @contextlib.contextmanager
+    def after_the_other(path):  # the other comparison wrote its files before it let go
+        (path / "compare.json").write_text('{"theirs": true}')
+        with taken(path):
+            yield
+
+    monkeypatch.setattr(compare_module, "_exclusive", after_the_other)
+    with pytest.raises(CheckpointError, match="already holds files"):
+        compare(tiny(), out, only=["centralized"])
+    assert (out / "compare.json").read_text() == '{"theirs": true}'
