@@ -255,3 +255,12 @@ def test_out_never_replaces_a_file_that_is_not_a_page(comparison, tmp_path) -> N
     assert (run / "summary.json").read_bytes() == before
     page = write_report(run, run / "old.HTML")
     assert write_report(run, page) == page
+
+
+def test_the_shared_page_does_not_reveal_this_machine_s_paths(comparison, tmp_path) -> None:
+    """A report is made to be handed to a colleague: it names the directory, not where it
+    lies on this machine."""
+    run = _copy(comparison / "plain", tmp_path / "home-of-alice" / "private", "run")
+    page = write_report(run).read_text()
+    assert "home-of-alice" not in page and str(tmp_path) not in page
+    assert "run directory run" in page

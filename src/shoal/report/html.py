@@ -76,7 +76,8 @@ def render_report(data: ReportData) -> str:
     audits = audit_table(data)
     body = [
         f"<h1>shoal report: {_e(data.path.name or data.path)}</h1>",
-        f'<p class="where">{what} directory {_e(data.path.resolve())} · '
+        # The directory's name only: the page is made to be shared, this machine's paths not.
+        f'<p class="where">{what} directory {_e(data.path.resolve().name)} · '
         f"{len(data.entries)} {'variants' if what == 'comparison' else 'paradigms'} · "
         f"judged by {_e(metric_label(data.primary))}</p>",
         f'<section class="reading" id="reading"><h2>reading</h2><ul>{sentences}</ul></section>',
