@@ -159,9 +159,14 @@ def test_one_node_cannot_starve_the_others_with_streams_that_never_say_hello(ca_
     assert set(no_hello) == {"no HELLO frame within 3 s of opening the stream (the "
                              "coordinator's hello_timeout); a client sends HELLO {node_id} as "
                              "the first frame of its stream."}
-    assert set(refused) == {"node 'client-1' already holds 2 streams to the coordinator, the "
-                            "most one node may hold at once (max_streams_per_node=2); close "
-                            "the others, or wait for them to time out, before opening another."}
+    per_node = ("node 'client-1' already holds 2 streams to the coordinator, the most one node "
+                "may hold at once (max_streams_per_node=2); close the others, or wait for them "
+                "to time out, before opening another.")
+    # Streams that arrive while the server's total is reached are refused by gRPC itself
+    # (its maximum_concurrent_rpcs) before our handler sees them: a refusal all the same; how
+    # many depends on timing.
+    assert per_node in set(refused), ended
+    assert set(refused) <= {per_node, "Concurrent RPC limit exceeded!"}, ended
 
 
 def test_the_total_stream_limit_refuses_with_a_reason(ca_dir) -> None:
