@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -60,7 +59,7 @@ from .experiment import (
     scheduled_examples,
 )
 from .message import COORDINATOR
-from .metrics import Evaluator, distribution_summary
+from .metrics import Evaluator, distribution_summary, per_client
 from .validate_config import check_config
 
 __all__ = ["DEFAULT_EPSILON", "DEFAULT_PATIENCE", "DEFAULT_VALIDATION_FRACTION", "FIGURES",
@@ -277,14 +276,8 @@ def _per_client_accuracy(run_dir: Path, paradigm: str, config: Config, task: Tas
         return {}
     model, _ = initial_params(config, task)
     evaluator = Evaluator.for_task(task, model, batch_size=config.evaluation.batch_size)
-    params = load_file(str(path))
-    values = []
-    for cid in dataset.client_ids():
-        held = dataset.client(cid).eval
-        if held is None or len(held) == 0:
-            continue
-        values.append(evaluator(params, held).get(task.primary, math.nan))
-    return distribution_summary(values, lower_is_better=task.lower_is_better())
+    values = per_client(evaluator, load_file(str(path)), dataset, task.primary)
+    return distribution_summary(list(values.values()), lower_is_better=task.lower_is_better())
 
 
 def _figures(run_dir: Path, variant: Variant, config: Config, task: Task,

@@ -34,6 +34,7 @@ from .data.arrays import ArrayData
 from .errors import ConfigError, DataError
 
 __all__ = ["KINDS", "KIND_METRICS", "Evaluator", "Metric", "MetricFn", "default_primary",
+           "per_client",
            "distribution_summary", "lower_is_better", "pooled_average", "tail_key",
            "weighted_average"]
 
@@ -265,6 +266,23 @@ def _f1(confusion: Tensor, *, binary: bool) -> float:
         return float(2 * tp[1] / denom[1]) if denom[1] > 0 else math.nan
     seen = denom > 0
     return float((2 * tp[seen] / denom[seen]).mean()) if bool(seen.any()) else math.nan
+
+
+def per_client(evaluator: Evaluator, params: Mapping[str, Tensor], dataset: Any,
+               metric: str) -> dict[str, float]:
+    """``metric`` of the model at ``params`` on every client's held-out data (``dataset`` a
+    :class:`~shoal.data.federated.FederatedDataset`); clients without held-out data, and
+    non-finite values, are left out."""
+    values: dict[str, float] = {}
+    with torch.no_grad():
+        for cid in dataset.client_ids():
+            held = dataset.client(cid).eval
+            if held is None or len(held) == 0:
+                continue
+            v = evaluator(params, held).get(metric)
+            if isinstance(v, int | float) and math.isfinite(v):
+                values[cid] = float(v)
+    return values
 
 
 def weighted_average(results: Sequence[Mapping[str, float]], weight_key: str = "examples",
