@@ -104,8 +104,16 @@ def test_an_unknown_primary_metric_is_a_config_problem() -> None:
     assert config_problems(load_config(None, ["evaluation.primary=accuracy"])) == []
 
 
-def test_a_weight_cap_outside_federated_runs_is_refused() -> None:
+def test_a_weight_cap_where_no_weight_is_used_is_refused() -> None:
     assert config_problems(load_config(None, ["paradigm=split", "federated.max_weight=50"])) == [
-        "config field 'federated.max_weight': paradigm = \"split\" does not cap reported "
-        "weights (the cap is FedAvg's), so federated.max_weight = 50 would not be applied; set "
+        "config field 'federated.max_weight': paradigm = \"split\" with split.schedule = "
+        "\"vanilla\" does not weigh reported example counts, so federated.max_weight = 50 would "
+        "not be applied; set federated.max_weight = 0, or paradigm = \"federated\" or "
+        "split.schedule = \"splitfed\"."]
+    assert config_problems(load_config(None, ["paradigm=centralized",
+                                              "federated.max_weight=50"])) == [
+        "config field 'federated.max_weight': paradigm = \"centralized\" does not weigh "
+        "reported example counts, so federated.max_weight = 50 would not be applied; set "
         "federated.max_weight = 0, or paradigm = \"federated\"."]
+    assert config_problems(load_config(None, ["paradigm=split", "split.schedule=splitfed",
+                                              "federated.max_weight=50"])) == []

@@ -136,12 +136,15 @@ def _paradigm_problems(config: Config) -> list[str]:
             f"config field 'secagg.enabled': {where} does not implement secure aggregation, so "
             "secagg.enabled = true would not be applied; set secagg.enabled = false, or "
             "paradigm = \"federated\".")
-    if config.federated.max_weight > 0:
+    splitfed = paradigm == "split" and config.split.schedule == "splitfed"
+    if config.federated.max_weight > 0 and not splitfed:
         out.append(
-            f"config field 'federated.max_weight': {where} does not cap reported weights (the "
-            "cap is FedAvg's), so federated.max_weight = "
+            f"config field 'federated.max_weight': {where}"
+            + (" with split.schedule = \"vanilla\"" if paradigm == "split" else "")
+            + " does not weigh reported example counts, so federated.max_weight = "
             f"{config.federated.max_weight:g} would not be applied; set federated.max_weight = 0, "
-            "or paradigm = \"federated\".")
+            "or paradigm = \"federated\""
+            + (" or split.schedule = \"splitfed\"" if paradigm == "split" else "") + ".")
     if config.federated.algorithm != "fedavg":
         out.append(
             f"config field 'federated.algorithm': {where} does not run "

@@ -34,6 +34,9 @@ def test_split_run_writes_outputs_beside_the_baseline(tmp_path):
     for hs, hc in zip(split.history, cen.history, strict=True):
         assert 0 <= hc["train/examples"] - hs["train/examples"] < 16
     assert split.bytes > 0 and 0 <= split.history[-1]["leak/dcor"] <= 1
+    # SplitFed weighs each client by its examples, capped at what the partition assigned it:
+    # honest clients are never capped.
+    assert [h["round/weights_capped"] for h in split.history] == [0, 0]
 
 
 def test_split_config_protections_labels_and_decoder(tmp_path):

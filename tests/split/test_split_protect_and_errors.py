@@ -196,3 +196,49 @@ def test_activations_of_the_wrong_shape_drop_the_client_naming_the_layer():
     _, report = algo2.round(state, InProcessTransport(tiny.ids, tiny.data.__getitem__,
                                                       algo2.handlers(), mods=[truncate]), 1)
     assert report.dropped == {"client-1": expected}
+
+
+def test_splitfed_caps_a_clients_inflated_weight():
+    """A client that claims a billion examples gets its assigned count's weight under SplitFed
+    (the attack, then the cap): the round equals the honest one and the cap is counted."""
+    from dataclasses import replace
+
+    from shoal.algorithms.influence import WeightCap
+
+    tiny = make_tiny(clients=3, per_client=30)
+    model = deep_model()
+    params0 = tree.params_of(model)
+    split = cut_model(model, "1", input_shape=(8,))
+
+    def inflate(message, context, call):
+        reply = call(message, context)
+        if message.kind == "split.end" and context.node_id == "client-2":
+            reply = replace(reply, config={**reply.config, "weight": 1e9})
+        return reply
+
+    def one_round(mods, cap):
+        algo = SplitLearning(split, cross_entropy, schedule="splitfed", batch_size=8,
+                             optimizer=sgd(0.1), seed=3, weight_cap=cap)
+        res = run(algo, InProcessTransport(tiny.ids, tiny.data.__getitem__, algo.handlers(),
+                                           mods=mods, on_error="raise"),
+                  params=params0, rounds=1)
+        return algo.params(res.state), res.history[0]
+
+    claimed: dict[str, float] = {}
+
+    def record(message, context, call):
+        reply = call(message, context)
+        if message.kind == "split.end":
+            claimed[context.node_id] = reply.config["weight"]
+        return reply
+
+    honest, _ = one_round([record], None)
+    cap = WeightCap(claimed)  # each client's honest claim is what the partition assigned it
+    capped, metrics = one_round([inflate], cap)
+    uncapped, _ = one_round([inflate], None)
+    assert metrics["round/weights_capped"] == 1
+    for k in honest:
+        torch.testing.assert_close(capped[k], honest[k])
+    assert max(float((uncapped[k] - honest[k]).abs().max()) for k in honest) > 1e-4
+    with pytest.raises(Exception, match="weight_cap applies to the splitfed schedule"):
+        SplitLearning(split, cross_entropy, weight_cap=cap)

@@ -54,6 +54,7 @@ from ..algorithm import RoundReport
 from ..algorithms.cohort import Cohort
 from ..algorithms.collect import RoundFold
 from ..algorithms.fedavg import train_data
+from ..algorithms.influence import WeightCap
 from ..client import LossFn, OptimizerFn, local_sgd
 from ..data.arrays import ArrayData
 from ..errors import ConfigError, UpdateError
@@ -129,6 +130,9 @@ class SplitLearning:
         leakage: measure the label-leakage attacks' AUC each round (binary labels only) on at
             most ``leak_examples`` returned gradients, and the distance correlation of each batch.
         timeout: seconds a client may take to answer one message.
+        weight_cap: the most weight a client's claimed example count gives its client-part
+            update under SplitFed (:class:`~shoal.algorithms.influence.WeightCap`; ``None``:
+            uncapped); the vanilla schedule applies each update in turn and weighs none.
         seed: the run's seed.
     """
 
@@ -139,7 +143,8 @@ class SplitLearning:
                  cohort: Cohort | None = None, labels: Literal["client", "server"] = "client",
                  label_fn: LabelFn | None = None, pretrain: ArrayData | None = None,
                  pretrain_epochs: int = 1, leakage: bool = True, leak_examples: int = 4096,
-                 timeout: float | None = None, seed: int = 0):
+                 timeout: float | None = None, weight_cap: WeightCap | None = None,
+                 seed: int = 0):
         if schedule not in ("vanilla", "splitfed"):
             raise ConfigError(f"SplitLearning: schedule must be 'vanilla' or 'splitfed' "
                               f"(got {schedule!r}).")
@@ -156,6 +161,9 @@ class SplitLearning:
                             ("pretrain_epochs", pretrain_epochs)):
             if value < 1:
                 raise ConfigError(f"SplitLearning: {name} must be >= 1 (got {value}).")
+        if weight_cap is not None and schedule != "splitfed":
+            raise ConfigError("SplitLearning: weight_cap applies to the splitfed schedule (the "
+                              "vanilla schedule weighs no update); pass weight_cap=None.")
         if max_steps is not None and max_steps < 1:
             raise ConfigError(f"SplitLearning: max_steps must be >= 1 or None "
                               f"(got {max_steps}).")
@@ -184,6 +192,7 @@ class SplitLearning:
         self.label_leakage = (LabelLeakage(self._labels_of, leak_examples)
                               if leakage and not split.ushaped else None)
         self.timeout = timeout
+        self.weight_cap = weight_cap
         self.seed = seed
         self._server: nn.Module | None = None
 
@@ -450,10 +459,13 @@ class SplitLearning:
         """SplitFed: the clients' updates of the client part folded as FedAvg folds a round's
         replies (validation, coordinator-side stages, the pipeline's reducer)."""
         msgs = [Message("split.end", COORDINATOR, t.client, round) for t in turns]
-        fold = RoundFold(self.pipeline, client_params, configs, round, self.seed)
+        fold = RoundFold(self.pipeline, client_params, configs, round, self.seed,
+                         weight_cap=self.weight_cap)
         part = transport.collect(msgs, fold, self.timeout)
         for _, dst, reason in part.dropped:
             self._drop(report, dst, reason)
+        if self.weight_cap is not None:
+            report.metrics["round/weights_capped"] = float(part.capped)
         return fold.finish(part)
 
     def _metrics(self, report: RoundReport, rlog: _RoundLog, chosen: Sequence[str]) -> None:
@@ -582,5 +594,7 @@ class SplitLearning:
         if self.schedule == "splitfed":
             update = self.pipeline.client(update, s["info"].config.get("stages", []),
                                           s["info"])
-        return message.reply(tensors=update, config={"weight": float(max(s["examples"], 1))},
+        # The weight FedAvg gives a client: the examples it holds (not the ones this round's
+        # steps happened to reach), so a weight cap of assigned examples fits honest clients.
+        return message.reply(tensors=update, config={"weight": float(max(len(s["data"]), 1))},
                              metrics={"examples": float(s["examples"])})

@@ -26,6 +26,7 @@ from ..experiment import (
     config_reducer,
     config_server_opt,
     register_paradigm,
+    weight_cap,
 )
 from ..seeding import numpy_rng
 from ..sim import InProcessTransport, simulated_dropout
@@ -97,7 +98,9 @@ def build_split(config: Config, task: Task, setup: Setup) -> SplitLearning:
         server_opt=config_server_opt(config), cohort=Cohort(f.clients_per_round, f.sampling),
         labels=s.labels, label_fn=label_fn if s.labels == "server" else None,
         pretrain=pretrain, pretrain_epochs=s.pretrain_epochs, leakage=s.leakage,
-        timeout=f.timeout_s or None, seed=config.seed)
+        timeout=f.timeout_s or None,
+        weight_cap=weight_cap(config, dataset) if s.schedule == "splitfed" else None,
+        seed=config.seed)
 
 
 @register_paradigm("split")
