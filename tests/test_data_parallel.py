@@ -169,3 +169,32 @@ def test_a_worker_that_cannot_build_its_task_stops_the_run_with_its_error(monkey
 
 def _parent_only_digits(*, hidden: int = 16):
     return load_task("digits", hidden=hidden)
+
+
+def test_one_rank_refuses_a_used_out_unless_overwrite(tmp_path: Path) -> None:
+    """`shoal data-parallel` (one torchrun rank, here a world of one) never writes into a run
+    that exists: a second start is refused naming --overwrite, which then starts afresh."""
+    from tests.net._helpers import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+    out = tmp_path / "run"
+
+    def start(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shoal", "data-parallel", "/dev/null", "--out", str(out),
+             *(a for s in [*BASE, "federated.rounds=1", "data_parallel.workers=1"]
+               for a in ("--set", s)), *extra],
+            env=env, capture_output=True, text=True, timeout=300)
+
+    first = start()
+    assert first.returncode == 0, first.stdout + first.stderr
+    (out / "notes.txt").write_text("the user's own file")
+    again = start()
+    assert again.returncode != 0
+    assert f"run directory {out} already holds files" in again.stderr
+    assert (out / "notes.txt").exists()
+    fresh = start("--overwrite")
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert (out / "data_parallel" / "model.safetensors").exists()

@@ -439,8 +439,9 @@ def data_parallel_paradigm(setup: Setup) -> Built:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``torchrun ... -m shoal data-parallel CONFIG --out DIR``: rank 0 runs the experiment
-    (``paradigm`` forced to ``data_parallel``), the other ranks train with it."""
+    """``torchrun ... -m shoal data-parallel CONFIG --out DIR [--resume | --overwrite]``: rank 0
+    runs the experiment (``paradigm`` forced to ``data_parallel``; it refuses an ``--out`` that
+    holds files unless ``--overwrite``), the other ranks train with it."""
     from .config import load_config
     from .experiment import run_experiment
 
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     config = load_config(args.config, [*args.set, "paradigm=data_parallel"])
     if "RANK" not in os.environ:
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group(_backend(config.data_parallel.backend))
     try:
         if dist.get_rank() == 0:
-            run_experiment(config, args.out, resume=args.resume)
+            run_experiment(config, args.out, resume=args.resume, overwrite=args.overwrite)
         else:
             serve_rank(_trainer_from_config(config))
     finally:

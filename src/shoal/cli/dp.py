@@ -23,9 +23,12 @@ def data_parallel_command(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config field: section.field=value (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Delete the run already in --out and start again (rank 0 refuses a directory "
+             "that holds files without it).")] = False,
 ) -> None:
     """Run one rank of a data-parallel job started by torchrun (rank 0 runs the experiment)."""
     from ..data_parallel import main
 
     args = [str(config), "--out", str(out), *(a for s in set_ or [] for a in ("--set", s))]
-    main([*args, "--resume"] if resume else args)
+    main(args + ["--resume"] * resume + ["--overwrite"] * overwrite)
