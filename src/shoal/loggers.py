@@ -151,7 +151,9 @@ class MLflowLogger(_RoundLogger):
     The run is named ``run_name`` in experiment ``experiment`` (created if missing) at
     ``tracking_uri``; ``params`` (the flattened config) are logged as its parameters and
     ``tags`` as its tags. The run's id is kept in ``id_file``, so a resumed run logs into the
-    same MLflow run. The run is marked finished when training ends.
+    same MLflow run, and only the (metric, round) values that run does not hold yet (the
+    rounds rerun after the last checkpoint are not logged twice). The run is marked finished
+    when training ends.
 
     A ``file:`` tracking URI is a local file store: MLflow 3 asks for
     ``MLFLOW_ALLOW_FILE_STORE=true`` to use one, which is set for this process when unset.
@@ -169,6 +171,7 @@ class MLflowLogger(_RoundLogger):
         self.id_file = Path(id_file) if id_file is not None else None
         self.run_id: str | None = None
         self._client: Any = None
+        self._logged: set[tuple[str, int]] = set()  # (metric, step) in the run (on resume)
         self._entities = _import("mlflow", "mlflow.entities", "logging.mlflow")
 
     def on_run_start(self, ctx: RunContext) -> None:
@@ -180,6 +183,10 @@ class MLflowLogger(_RoundLogger):
         if self.id_file is not None and self.id_file.exists():
             self.run_id = self.id_file.read_text().strip()
             client.update_run(self.run_id, status="RUNNING")
+            # MLflow cannot delete a metric value: rounds the interrupted run logged after its
+            # last checkpoint are rerun (bit-identical) and must not be logged twice.
+            self._logged = {(key, m.step) for key in client.get_run(self.run_id).data.metrics
+                            for m in client.get_metric_history(self.run_id, key)}
             return
         exp = client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(
@@ -196,7 +203,8 @@ class MLflowLogger(_RoundLogger):
     def _write(self, step: int, values: dict[str, float]) -> None:
         Metric = self._entities.Metric
         now = _now_ms()
-        metrics = [Metric(_NAME_OK.sub("_", k), v, now, step) for k, v in values.items()]
+        named = ((_NAME_OK.sub("_", k), v) for k, v in values.items())
+        metrics = [Metric(k, v, now, step) for k, v in named if (k, step) not in self._logged]
         for i in range(0, len(metrics), 1000):  # and at most 1000 metrics
             self._client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
