@@ -117,9 +117,9 @@ def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(var, raising=False)
     ca = CertificateAuthority.init(tmp_path / "ca")
     return {"dir": tmp_path / "ca", "ca": ca, "other_crl": tmp_path / "other" / "crl.pem",
-            "viewer": ca.enroll("viewer", tmp_path / "viewers"),
+            "viewer": ca.enroll("viewer", tmp_path / "viewers", viewer=True),
             "stranger": CertificateAuthority.init(tmp_path / "other").enroll(
-                "viewer", tmp_path / "stranger")}
+                "viewer", tmp_path / "stranger", viewer=True)}
 
 
 def _tls(d: Path) -> DashboardTLS:

@@ -94,15 +94,15 @@ def test_run_dashboard_follows_the_run_and_closes_with_it(tmp_path) -> None:
 def test_serve_dashboard_shows_the_clients_joining_over_mutual_tls(tmp_path) -> None:
     tls = tmp_path / "ca"
     ca = CertificateAuthority.init(tls)
-    viewer = ca.enroll("viewer", tmp_path / "viewer")
+    viewer = ca.enroll("viewer", tmp_path / "viewer", viewer=True)
     job = tmp_path / "job.toml"
     job.write_text(JOB.format(rounds=3, port=free_port(), tls=tls))
     config = load_config(job)
     task = load_task("digits", hidden=16)
     files = split_federation(make_dataset(resolve_config(config, task), task), tmp_path / "data")
-    clients = []
+    clients, client_certs = [], []
     for f in files:
-        ca.enroll(f.stem, tls)
+        client_certs.append(ca.enroll(f.stem, tls))
         clients.append(node_client(config, f.stem, f))
     verify = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     verify.load_cert_chain(str(viewer.cert), str(viewer.key))
@@ -116,6 +116,13 @@ def test_serve_dashboard_shows_the_clients_joining_over_mutual_tls(tmp_path) -> 
         with pytest.raises(httpx.TransportError):
             httpx.get(url, verify=ssl.create_default_context(cafile=str(tls / "ca.crt")),
                       trust_env=False, timeout=10)
+        # Attack: a training client opens it with its own certificate, to see the others.
+        as_client = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+        as_client.load_cert_chain(str(client_certs[0].cert), str(client_certs[0].key))
+        refused = httpx.get(url + "state", verify=as_client, trust_env=False, timeout=10)
+        assert refused.status_code == 403
+        assert f"the certificate {files[0].stem!r} is not a dashboard viewer's" in refused.text
+        assert "`shoal ca enroll NAME --viewer`" in refused.text
         with running(clients):
             seen = _follow(url, verify=verify)
             out = "".join(lines) + proc.communicate(timeout=120)[0]

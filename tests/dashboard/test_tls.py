@@ -1,6 +1,7 @@
-"""The dashboard behind the deployment's TLS: viewers with a certificate the project's CA
+"""The dashboard behind the deployment's TLS: viewers with a viewer certificate the project's CA
 issued are served; no certificate, another CA's certificate or a revoked one is refused in the
-handshake (no HTTP response at all)."""
+handshake (no HTTP response at all). A training client's certificate (no viewer role) gets
+403: see test_viewer_role.py."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ from ._sse import events, serving
 
 @pytest.fixture
 def pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Identity | Path]:
-    """A project CA with its coordinator certificate, two enrolled viewers, and a viewer of
-    another CA; no CA bundle from the environment (the CA is passed explicitly)."""
+    """A project CA with its coordinator certificate, two enrolled viewers (``--viewer``), and
+    a viewer of another CA; no CA bundle from the environment (the CA is passed explicitly)."""
     for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         monkeypatch.delenv(var, raising=False)
     ca = CertificateAuthority.init(tmp_path / "ca")
     other = CertificateAuthority.init(tmp_path / "other")
     return {"dir": tmp_path / "ca", "ca": ca,  # type: ignore[dict-item]
-            "viewer": ca.enroll("viewer", tmp_path / "viewers"),
-            "doomed": ca.enroll("doomed", tmp_path / "viewers"),
-            "stranger": other.enroll("viewer", tmp_path / "stranger")}
+            "viewer": ca.enroll("viewer", tmp_path / "viewers", viewer=True),
+            "doomed": ca.enroll("doomed", tmp_path / "viewers", viewer=True),
+            "stranger": other.enroll("viewer", tmp_path / "stranger", viewer=True)}
 
 
 def _tls(d: Path) -> DashboardTLS:
@@ -78,7 +79,7 @@ def test_only_certificates_of_the_project_ca_are_served(pki) -> None:
                       trust_env=False, timeout=10)
 
 
-def test_a_certificate_revoked_while_the_dashboard_runs_is_refused_from_then_on(pki) -> None:
+def test_a_viewer_revoked_while_the_dashboard_runs_is_refused_from_then_on(pki) -> None:
     ca_crt = pki["dir"] / "ca.crt"
     with serving(DashboardState(), tls=_tls(pki["dir"])) as server:
         doomed = _client_context(ca_crt, pki["doomed"])

@@ -2,6 +2,7 @@
 
     shoal ca init [--dir ca] [--host NAME ...]      a CA and the coordinator's certificate
     shoal ca enroll NODE_ID [--dir ca] [--out DIR]  a node's key and certificate
+    shoal ca enroll NAME --viewer                   a dashboard viewer's (it cannot join training)
     shoal ca revoke NODE_ID [--dir ca]              add the node to the revocation list
     shoal serve CONFIG [--out DIR] | --resume DIR   run the coordinator
     shoal join CONFIG --node-id ID --data FILE.npz  run a client
@@ -235,14 +236,25 @@ def ca_enroll(
     key_passphrase_file: Annotated[Path | None, typer.Option(
         help="A file holding a passphrase to encrypt the node's key with (the node then sets "
              "network.key_passphrase_file to its own copy).")] = None,
+    viewer: Annotated[bool, typer.Option(
+        "--viewer", help="Issue a dashboard viewer's certificate: it opens `shoal serve "
+                         "--dashboard` (a client's certificate does not) and cannot join "
+                         "training.")] = False,
 ) -> None:
-    """Issue a private key and certificate binding NODE_ID to this project."""
+    """Issue a private key and certificate binding NODE_ID to this project (a training
+    client's, or with --viewer a dashboard viewer's)."""
     from ..net import CertificateAuthority
 
     ident = CertificateAuthority(dir, _passphrase(passphrase_file)).enroll(
-        node_id, out or dir / "nodes", passphrase=_passphrase(key_passphrase_file, "--key-passphrase-file"))
-    console.print(f"enrolled {node_id}: {ident.key}, {ident.cert}, {ident.ca}; copy them to the "
-                  "node's tls_dir over a secure channel.")
+        node_id, out or dir / "nodes", viewer=viewer,
+        passphrase=_passphrase(key_passphrase_file, "--key-passphrase-file"))
+    if viewer:
+        console.print(f"enrolled {node_id} as a dashboard viewer: {ident.key}, {ident.cert}, "
+                      f"{ident.ca}; give them to the viewer over a secure channel (they open "
+                      "the dashboard of `shoal serve --dashboard`; they cannot join training).")
+    else:
+        console.print(f"enrolled {node_id}: {ident.key}, {ident.cert}, {ident.ca}; copy them to "
+                      "the node's tls_dir over a secure channel.")
 
 
 @ca_app.command("revoke")

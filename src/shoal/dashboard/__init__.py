@@ -3,13 +3,15 @@
 ``shoal run --dashboard`` and ``shoal serve --dashboard`` serve it: connected nodes or peers,
 round progress, metrics as they arrive, dropouts and ε spent, pushed to the browser with
 server-sent events. Under ``shoal serve`` it is behind the deployment's TLS, for viewers with a
-certificate the project's CA issued. See ``docs/dashboard.md``.
+viewer certificate the project's CA issued (``shoal ca enroll NAME --viewer``; a training
+client's certificate is refused). See ``docs/dashboard.md``.
 
     state        DashboardState (bounded, versioned snapshots), DashboardCallback (a run callback)
     app          create_app: the Starlette app (``/``, ``/events``, ``/state``; GET only)
     page         the self-contained page and its Content-Security-Policy
     server       DashboardServer: uvicorn in a background thread
     tls          DashboardTLS: the deployment's certificates, client certificates required, CRL
+                 (the viewer role is checked by the app: ``create_app(viewers_only=True)``)
     launch       Dashboard: what the commands start
 """
 

@@ -11,6 +11,14 @@
   shut out within ``max_stream_s``;
 * ``GET /state`` — the current snapshot as JSON.
 
+With ``viewers_only`` (the dashboard under ``shoal serve``, behind mutual TLS), every request
+whose client certificate is not a dashboard viewer's (``shoal ca enroll NAME --viewer``: its
+Extended Key Usage lists :data:`~shoal.net.ca.VIEWER_OID`) is refused with 403 and a message
+saying how to get one, before anything else is looked at: a training client's certificate,
+issued by the same CA, does not show it the other clients. The certificate comes from the
+ASGI TLS extension (``scope["extensions"]["tls"]["client_cert_chain"]``, which
+:class:`~shoal.dashboard.server.DashboardServer` fills); a request without one is refused too.
+
 Every route answers GET and HEAD only (anything else: 405); nothing a viewer sends changes the
 state. With ``allowed_hosts`` (plain HTTP on loopback), a request naming another host is
 refused (DNS rebinding). At most ``max_streams`` event streams are open at once; one more is refused with 503
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 
 from starlette.applications import Starlette
@@ -32,11 +41,12 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TransportError
+from ..net.ca import is_viewer, peer_identity
 from .page import CONTENT_SECURITY_POLICY, PAGE
 from .state import DashboardState
 
-__all__ = ["SECURITY_HEADERS", "create_app"]
+__all__ = ["NOT_A_VIEWER", "SECURITY_HEADERS", "create_app", "viewer_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,38 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 """Headers on every response of the dashboard."""
+
+NOT_A_VIEWER = (
+    "403 Forbidden: {problem}. The dashboard shows every client of the federation, so it admits "
+    "viewer certificates only, and a training client's certificate is not one. Ask the "
+    "project's CA to issue a viewer certificate with `shoal ca enroll NAME --viewer` and open "
+    "the dashboard with that one.\n")
+"""The body of the 403 answering a certificate without the viewer role (``{problem}``: e.g.
+"the certificate 'hospital-a' is not a dashboard viewer's certificate")."""
+
+
+class _RefusalLog:
+    """Log a refused certificate at most once a minute per reason (a client that reloads
+    cannot fill the log); remembers at most 1,024 reasons."""
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, reason: str, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(reason, -self.window) < self.window:
+                return
+            if len(self._last) >= 1024:
+                self._last.clear()
+            self._last[reason] = now
+        log.warning("dashboard: refused %s with 403: %s (further refusals for this reason are "
+                    "not logged for %g s)", client, reason, self.window)
+
+
+_refusals = _RefusalLog()
 
 
 class _SlowViewer(Exception):
@@ -121,6 +163,25 @@ class _Events:
         yield b"event: end\ndata: {}\n\n"
 
 
+def viewer_refusal(scope: Scope) -> str | None:
+    """Why the request in ``scope`` may not see the dashboard (the body of a 403), or ``None``
+    when its client certificate (from the ASGI TLS extension) is a dashboard viewer's."""
+    tls = (scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return NOT_A_VIEWER.format(problem="this connection presented no client certificate")
+    pem = chain[0].encode("ascii") if isinstance(chain[0], str) else bytes(chain[0])
+    try:
+        if is_viewer(pem):
+            return None
+        name = peer_identity(pem)[0]
+    except TransportError:
+        return NOT_A_VIEWER.format(problem="the certificate this connection presented is not a "
+                                           "dashboard viewer's certificate")
+    return NOT_A_VIEWER.format(problem=f"the certificate {name[:64]!r} is not a dashboard "
+                                       "viewer's certificate")
+
+
 def _host_name(header: str) -> str:
     """The host of a Host header, without its port (``[::1]:8050`` → ``::1``); a bracketed
     host followed by anything but ``:PORT`` (``[::1]evil``) is returned whole (no match)."""
@@ -131,15 +192,27 @@ def _host_name(header: str) -> str:
 
 
 class _Guard:
-    """Refuse every method but GET and HEAD with 405, on every path (known or not); with
-    ``allowed_hosts``, refuse a request whose Host header names another host with 400 (a
-    page of another site, its name rebound to 127.0.0.1, cannot read the dashboard)."""
+    """With ``viewers_only``, refuse a request whose client certificate is not a dashboard
+    viewer's with 403 (:func:`viewer_refusal`), first of all; refuse every method but GET and
+    HEAD with 405, on every path (known or not); with ``allowed_hosts``, refuse a request whose
+    Host header names another host with 400 (a page of another site, its name rebound to
+    127.0.0.1, cannot read the dashboard)."""
 
-    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None = None):
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str] | None = None,
+                 viewers_only: bool = False):
         self.app = app
         self.allowed_hosts = allowed_hosts
+        self.viewers_only = viewers_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.viewers_only:
+            refusal = viewer_refusal(scope)
+            if refusal is not None:
+                _refusals.warning(refusal.split(". ", 1)[0].removeprefix("403 Forbidden: "),
+                                  _client(scope))
+                await PlainTextResponse(refusal, status_code=403,
+                                        headers=SECURITY_HEADERS)(scope, receive, send)
+                return
         if scope["type"] == "http" and self.allowed_hosts is not None:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if _host_name(host).lower() not in self.allowed_hosts:
@@ -166,7 +239,7 @@ def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0
                heartbeat_s: float = 15.0, send_timeout_s: float = 30.0,
                allowed_hosts: Iterable[str] | None = None,
                closing: threading.Event | None = None,
-               max_stream_s: float = 300.0) -> Starlette:
+               max_stream_s: float = 300.0, viewers_only: bool = False) -> Starlette:
     """The dashboard app over ``state``; see the module docstring.
 
     ``max_streams``: event streams open at once (more get 503); ``poll_s``: how often a stream
@@ -174,7 +247,9 @@ def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0
     ``send_timeout_s``: a viewer that takes no data for this long is dropped (a stalled
     viewer cannot hold a stream slot for ever); ``allowed_hosts``: the host names a request's
     Host header may give (``None``: any); ``max_stream_s``: the longest an event stream
-    lasts before the browser must reconnect; ``closing``:
+    lasts before the browser must reconnect; ``viewers_only``: serve only requests whose
+    client certificate is a dashboard viewer's (403 otherwise; see the module docstring);
+    ``closing``:
     set it to end every stream (with an ``event: end``), as
     :class:`~shoal.dashboard.server.DashboardServer` does when it stops."""
     if max_streams < 1:
@@ -197,7 +272,8 @@ def create_app(state: DashboardState, *, max_streams: int = 8, poll_s: float = 0
         return Response(status_code=204, headers=SECURITY_HEADERS)
 
     hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
-    app = Starlette(middleware=[Middleware(_Guard, allowed_hosts=hosts)], routes=[
+    guard = Middleware(_Guard, allowed_hosts=hosts, viewers_only=viewers_only)
+    app = Starlette(middleware=[guard], routes=[
         Route("/", page, methods=["GET", "HEAD"]),
         Route("/state", snapshot, methods=["GET", "HEAD"]),
         Route("/events", events, methods=["GET", "HEAD"]),

@@ -30,7 +30,8 @@ class Dashboard:
     Without ``tls`` the page is served over plain HTTP, and only on a loopback ``host``:
     anyone who could reach another address would see the run, unauthenticated (an SSH tunnel
     reaches a loopback port from afar). With ``tls`` (``shoal serve``) any host is allowed:
-    only viewers with a certificate from the project's CA get past the handshake.
+    only certificates from the project's CA get past the handshake, and only viewer
+    certificates (``shoal ca enroll NAME --viewer``) are served; a training client's gets 403.
     """
 
     def __init__(self, title: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -41,8 +42,8 @@ class Dashboard:
                 f"dashboard: {host!r} is not a loopback address, and without TLS the page "
                 "would show the run to anyone who can reach it; keep the default 127.0.0.1 "
                 f"(from elsewhere: ssh -L {port}:127.0.0.1:{port} THIS_HOST), or serve it over TLS "
-                "(`shoal serve --dashboard` without --insecure), which requires a certificate "
-                "from the project's CA.")
+                "(`shoal serve --dashboard` without --insecure), which requires a viewer "
+                "certificate from the project's CA.")
         self.state = DashboardState(title)
         self.server = DashboardServer(self.state, host=host, port=port, tls=tls,
                                       **server_options)
@@ -105,6 +106,6 @@ def start_dashboard(config: Config, echo: Callable[[str], Any], *, port: int = D
     if tls is None:
         echo(f"dashboard: {url} (read-only; this machine only)")
     else:
-        echo(f"dashboard: {url} (read-only; mutual TLS: open it with a client certificate "
-             f"from the project's CA, e.g. `shoal ca enroll VIEWER`; see docs/dashboard.md)")
+        echo(f"dashboard: {url} (read-only; mutual TLS: open it with a viewer certificate "
+             f"from the project's CA, `shoal ca enroll NAME --viewer`; see docs/dashboard.md)")
     return board

@@ -21,6 +21,11 @@ socket itself accepts at most ``2 * max_connections`` connections open at once, 
 in progress included (asyncio gives a handshake 60 s, and uvicorn counts a connection only
 once it is made): one more is closed at once, so nobody, certificate or not, can take the
 process's file descriptors, which under ``shoal serve`` are the coordinator's.
+
+Under TLS, the client certificate of each connection (verified in the handshake) is handed to
+the app in the ASGI TLS extension (``scope["extensions"]["tls"]["client_cert_chain"]``: the
+leaf certificate, PEM), which uvicorn does not fill by itself; the app admits only a dashboard
+viewer's certificate (``create_app(viewers_only=True)``: 403 otherwise).
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ import errno
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 import weakref
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ConfigError
@@ -85,6 +92,20 @@ class _CappedListener(socket.socket):
         return conn, addr
 
 
+def _with_client_certificate(app: ASGIApp, pem: str | None) -> ASGIApp:
+    """``app`` with the ASGI TLS extension in every scope: ``client_cert_chain`` holds the
+    connection's client certificate ``pem`` (empty when there is none)."""
+    tls = {"server_cert": None, "client_cert_chain": [pem] if pem else [],
+           "client_cert_name": None, "client_cert_error": None, "tls_version": None,
+           "cipher_suite": None}
+
+    async def with_tls(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["extensions"] = {**(scope.get("extensions") or {}), "tls": dict(tls)}
+        await app(scope, receive, send)
+
+    return with_tls
+
+
 class _IdleClosingH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that has no request in progress and
     has started none for ``idle_timeout_s`` (checked every ``idle_timeout_s``: such a
@@ -96,6 +117,11 @@ class _IdleClosingH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:  # the certificate the handshake verified, for the app's role check
+            der = tls.getpeercert(binary_form=True)
+            self.app = _with_client_certificate(
+                self.app, ssl.DER_cert_to_PEM_cert(der) if der else None)
         self._seen: object = None
         self._idle_check = self.loop.call_later(self.idle_timeout_s, self._close_if_idle)
 
@@ -132,12 +158,13 @@ def is_loopback(host: str) -> bool:
 class DashboardServer:
     """The dashboard over ``state`` on ``host``:``port``; see the module docstring.
 
-    ``tls``: serve HTTPS to viewers with a CA-issued client certificate only (``None``: plain
-    HTTP, for this machine's own browser). ``max_streams``, ``poll_s``, ``heartbeat_s``,
-    ``send_timeout_s`` and ``max_stream_s`` are :func:`~shoal.dashboard.app.create_app`'s;
-    ``max_connections`` bounds the connections (default ``max_streams + 32``);
-    ``idle_timeout_s``: a connection that starts no request for that long is closed (see the
-    module docstring).
+    ``tls``: serve HTTPS to viewers with a viewer certificate from the project's CA only
+    (``shoal ca enroll NAME --viewer``; any other certificate of the CA, a training client's
+    included, gets 403; ``None``: plain HTTP, for this machine's own browser).
+    ``max_streams``, ``poll_s``, ``heartbeat_s``, ``send_timeout_s`` and ``max_stream_s`` are
+    :func:`~shoal.dashboard.app.create_app`'s; ``max_connections`` bounds the connections
+    (default ``max_streams + 32``); ``idle_timeout_s``: a connection that starts no request for
+    that long is closed (see the module docstring).
     """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 0,
@@ -166,7 +193,7 @@ class DashboardServer:
         self.app = create_app(state, max_streams=max_streams, poll_s=poll_s,
                               heartbeat_s=heartbeat_s, send_timeout_s=send_timeout_s,
                               allowed_hosts=hosts, closing=self._closing,
-                              max_stream_s=max_stream_s)
+                              max_stream_s=max_stream_s, viewers_only=tls is not None)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._poller: threading.Thread | None = None
@@ -192,6 +219,7 @@ class DashboardServer:
             lifespan="off", limit_concurrency=self.max_connections, timeout_keep_alive=5,
             http=self._protocol, loop="asyncio",  # the listener cap needs asyncio's accept loop
             timeout_graceful_shutdown=2, server_header=False,
+            ws="none",  # no WebSocket upgrades: every request goes through the HTTP path
             **(self.tls.uvicorn_options() if self.tls else {}))
         config.load()  # TLS files, key passphrase and CRL: errors here, in the caller's thread
         logging.getLogger("uvicorn.error").addFilter(_DROPPED_VIEWER_FILTER)  # once: same object

@@ -1,11 +1,15 @@
 """TLS for the dashboard under ``shoal serve``: the deployment's own certificates, and only
-viewers holding a certificate the project's CA issued (and did not revoke).
+viewers holding a viewer certificate the project's CA issued (and did not revoke).
 
 The server presents the coordinator's certificate (``coordinator.crt`` / ``.key`` in
 ``network.tls_dir``, issued by ``shoal ca init``); a viewer must present a client certificate
-issued by the same CA (``shoal ca enroll VIEWER``), checked in the TLS handshake
-(``ssl.CERT_REQUIRED`` against ``ca.crt``): a client with no certificate, or one from another
-CA, never gets an HTTP response.
+issued by the same CA, checked in the TLS handshake (``ssl.CERT_REQUIRED`` against
+``ca.crt``): a client with no certificate, or one from another CA, never gets an HTTP
+response. Past the handshake the certificate must also carry the viewer role (``shoal ca
+enroll NAME --viewer``: :data:`~shoal.net.ca.VIEWER_OID` in its Extended Key Usage): the app
+answers any other certificate of the CA, a training client's included, with 403 and how to get
+a viewer certificate (:func:`~shoal.dashboard.app.create_app`, ``viewers_only``). That check is
+made over HTTP, not in the handshake, so the refused party is told why.
 
 Revocation: the CA's ``crl.pem`` is checked in the handshake too (OpenSSL's leaf CRL check).
 The file is watched like the coordinator watches it (:class:`~shoal.net.ca.RevocationList`: it

@@ -12,6 +12,15 @@ key and certificate whose CN is ``hospital-a``, and the coordinator binds every 
 name. ``revoke`` adds the node's certificates to the CRL; the coordinator re-reads it whenever it
 changes and refuses revoked certificates.
 
+Roles: ``enroll(NAME)`` issues a training client's certificate; ``enroll(NAME, viewer=True)``
+(``shoal ca enroll NAME --viewer``) a dashboard viewer's. The role is marked in the certificate's
+Extended Key Usage extension: a viewer's lists, beside TLS client authentication (which the TLS
+handshake requires), the private purpose :data:`VIEWER_OID` (``2.25.…``, an OID under the UUID
+arc of ITU-T X.667, which needs no registration). The dashboard under ``shoal serve`` admits
+only certificates carrying it (:func:`is_viewer`); the coordinator refuses them as clients. One
+name holds one role: a name enrolled as a client cannot be enrolled as a viewer, nor the
+reverse (``revoke`` revokes every certificate of a name).
+
 Private keys (``ca.key``, ``NODE_ID.key``) are created with mode 0600 from the first byte (never
 world-readable, not even briefly) and can be encrypted with a passphrase
 (``CertificateAuthority.init(..., passphrase=...)``, ``enroll(..., passphrase=...)``); an
@@ -37,8 +46,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["RESERVED_NODE_IDS", "CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList", "load_private_key",
-           "peer_identity", "read_passphrase", "write_private"]
+__all__ = ["RESERVED_NODE_IDS", "CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList",
+           "VIEWER_OID", "is_viewer", "load_private_key", "peer_identity", "read_passphrase",
+           "write_private"]
 
 RESERVED_NODE_IDS = frozenset({"coordinator", "registrar", "root"})
 """Ids :meth:`CertificateAuthority.enroll` refuses: a certificate's name is its holder's
@@ -47,6 +57,12 @@ members, are refused too)."""
 
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Allowed node ids: letters, digits, ``.``, ``_`` and ``-``, at most 64 characters."""
+
+VIEWER_OID = x509.ObjectIdentifier("2.25.68576999410901701465582430720767759983")
+"""The Extended Key Usage purpose that marks a dashboard viewer's certificate (UUID
+3397731d-526e-4994-9eb6-0e903767166f under the ``2.25`` arc of ITU-T X.667: a private OID that
+needs no registration). ``openssl x509 -in NAME.crt -noout -ext extendedKeyUsage`` shows it
+beside ``TLS Web Client Authentication``."""
 
 _DAY = dt.timedelta(days=1)
 
@@ -191,12 +207,17 @@ class CertificateAuthority:
 
     def issue(self, node_id: str, out: str | Path, *, hosts: tuple[str, ...] = (),
               server: bool = False, client: bool | None = None, days: int = 825,
-              passphrase: bytes | None = None) -> Identity:
+              passphrase: bytes | None = None, viewer: bool = False) -> Identity:
         """Issue a key and certificate for ``node_id`` into ``out`` (``NODE_ID.key``, mode
         0600 and encrypted with ``passphrase`` when given, ``NODE_ID.crt`` and a copy of
         ``ca.crt``). The certificate authenticates a TLS server when ``server``, a TLS client
-        when ``client`` (default: ``not server``); a swarm peer and an etcd member are both."""
+        when ``client`` (default: ``not server``); a swarm peer and an etcd member are both.
+        ``viewer``: a dashboard viewer's certificate (a TLS client whose Extended Key Usage
+        also lists :data:`VIEWER_OID`); it cannot be a server's or a non-client's."""
         _check_id(node_id)
+        if viewer and (server or client is False):
+            raise ConfigError(f"CA: a viewer certificate ({node_id!r}) authenticates a TLS "
+                              "client only; issue it without server=True / client=False.")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -211,7 +232,8 @@ class CertificateAuthority:
                        ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
                        + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client or (client is None
                                                                           and not server)
-                          else [])), False))
+                          else [])
+                       + ([VIEWER_OID] if viewer else [])), False))
         if hosts:
             names: list[x509.GeneralName] = []
             for h in hosts:
@@ -233,16 +255,35 @@ class CertificateAuthority:
             f.write(pem)
         return ident
 
-    def enroll(self, node_id: str, out: str | Path, *,
-               passphrase: bytes | None = None) -> Identity:
+    def enroll(self, node_id: str, out: str | Path, *, passphrase: bytes | None = None,
+               viewer: bool = False) -> Identity:
         """Issue a client certificate for ``node_id`` (its identity) into ``out``; ``passphrase``
-        encrypts its key."""
+        encrypts its key. ``viewer``: a dashboard viewer's certificate instead (it opens the
+        dashboard of ``shoal serve`` and cannot join training; see the module docstring).
+
+        A name keeps the role it was first enrolled with (enrolling it again in the same role
+        replaces its key, as before): a training client's name cannot be enrolled as a viewer,
+        nor the reverse, since ``revoke`` revokes every certificate of a name."""
         if node_id in RESERVED_NODE_IDS or node_id.startswith("etcd-"):
             raise ConfigError(f"CA: {node_id!r} is reserved (the coordinator, the swarm's "
                               "registrar and etcd's superuser, whose certificates carry "
                               "their powers, and etcd members); enroll the node under another "
                               "id.")
-        return self.issue(node_id, out, passphrase=passphrase)
+        issued = self.dir / "issued" / f"{node_id}.crt"
+        if issued.is_file():
+            roles = {is_viewer(c) for c in x509.load_pem_x509_certificates(issued.read_bytes())}
+            if viewer and False in roles:
+                raise ConfigError(
+                    f"CA: {node_id!r} is enrolled as a training client; a viewer certificate "
+                    "needs a name of its own (`shoal ca revoke NAME` revokes every certificate "
+                    f"of a name): enroll the viewer under another name, e.g. "
+                    f"`shoal ca enroll {node_id}-viewer --viewer`.")
+            if not viewer and True in roles:
+                raise ConfigError(
+                    f"CA: {node_id!r} is enrolled as a dashboard viewer, and a viewer is not a "
+                    "training client; enroll the client under another name (`shoal ca enroll "
+                    "NODE_ID`).")
+        return self.issue(node_id, out, passphrase=passphrase, viewer=viewer)
 
     def revoke(self, node_id: str) -> list[int]:
         """Revoke every certificate issued to ``node_id``; returns their serial numbers."""
@@ -338,6 +379,24 @@ class RevocationList:
                         "(write a temporary file, then rename it over crl.pem).",
                         str(self.path), problem, len(self._serials))
         return set(self._serials)
+
+
+def is_viewer(cert: x509.Certificate | bytes) -> bool:
+    """Whether ``cert`` (a certificate, or its PEM or DER bytes) is a dashboard viewer's: its
+    Extended Key Usage lists :data:`VIEWER_OID` (``CertificateAuthority.enroll(...,
+    viewer=True)``). A certificate without the extension is not a viewer's; bytes that are no
+    certificate raise :class:`TransportError`."""
+    if isinstance(cert, bytes):
+        try:
+            cert = (x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----")
+                    else x509.load_der_x509_certificate(cert))
+        except ValueError as e:
+            raise TransportError(f"TLS: the peer certificate cannot be read ({e}).") from None
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return VIEWER_OID in usage
 
 
 def peer_identity(pem: bytes) -> tuple[str, int]:

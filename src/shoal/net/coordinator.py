@@ -9,11 +9,12 @@ runs over it unchanged.
 Identity: with mutual TLS (the default) the handshake refuses a client without a certificate
 from the project's CA; the stream handler then reads the peer certificate from the auth context,
 refuses a revoked one (the CRL is re-read when it changes; a connected node whose certificate
-is revoked is disconnected at its next request) and a HELLO claiming another id than the
-certificate's common name. Every reply is checked before it reaches the algorithm: size
-limit (refused unread), sender bound to the TLS identity, and kind, round and sequence number
-matching an outstanding request (no replay of an old round); a rejected reply becomes an error
-reply with the reason logged, and the round goes on.
+is revoked is disconnected at its next request), a dashboard viewer's certificate (``shoal ca
+enroll NAME --viewer``: a viewer watches the dashboard and is no client) and a HELLO claiming
+another id than the certificate's common name. Every reply is checked before it reaches the
+algorithm: size limit (refused unread), sender bound to the TLS identity, and kind, round and
+sequence number matching an outstanding request (no replay of an old round); a rejected reply
+becomes an error reply with the reason logged, and the round goes on.
 
 Limits: nothing a peer sends, enrolled or not, can exhaust the coordinator's file descriptors,
 threads, memory or log; each limit is a constructor argument (see :class:`GrpcTransport`;
@@ -62,7 +63,7 @@ from ..errors import TransportError
 from ..message import COORDINATOR, Message
 from ..transport import Transport, timed
 from . import wire
-from .ca import NODE_ID_PATTERN, Identity, RevocationList, peer_identity
+from .ca import NODE_ID_PATTERN, Identity, RevocationList, is_viewer, peer_identity
 from .limits import FD_RESERVE, LateGrace, LogLimiter, default_max_connections, raise_fd_limit
 
 __all__ = ["METHOD", "SERVICE", "GrpcTransport"]
@@ -371,7 +372,8 @@ class GrpcTransport(Transport):
 
     def _authenticate(self, context: grpc.ServicerContext) -> tuple[str | None, int | None]:
         """The TLS identity (node id, serial) of the peer (``None`` in insecure mode); aborts
-        when revoked."""
+        when revoked, or when the certificate is a dashboard viewer's (a viewer is not a
+        client)."""
         if self.insecure:
             return None, None
         auth = context.auth_context()
@@ -386,6 +388,15 @@ class GrpcTransport(Transport):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the certificate of node {node_id!r} (serial {serial:x}) is revoked; "
                           "ask the project's CA to enroll this node again.")
+        if is_viewer(pems[0]):
+            self._warn.warning(node_id, "refused %s: the certificate of %r (serial %x) is a "
+                               "dashboard viewer's, not a client's", context.peer(), node_id,
+                               serial)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the certificate of {node_id!r} is a dashboard viewer's certificate "
+                          "(`shoal ca enroll NAME --viewer`), and a viewer cannot join training "
+                          "as a client; enroll the node with `shoal ca enroll NODE_ID` (without "
+                          "--viewer) and join with that certificate.")
         return node_id, serial
 
     def _admit(self, context: grpc.ServicerContext, cert_id: str | None) -> Callable[[], None]:
