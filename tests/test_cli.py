@@ -35,7 +35,7 @@ def test_errors_print_their_full_text_with_status_2() -> None:
     assert proc.returncode == 2
     text = " ".join(proc.stderr.split())
     assert ("error: config: unknown field 'secagg.enabld'. Did you mean 'enabled'? Known fields "
-            "in [secagg]: enabled, clip, max_weight, neighbours, threshold.") in text
+            "in [secagg]: enabled, clip, max_weight, neighbours, threshold, max_mse.") in text
 
 
 def test_run_verbose_logs_info_although_opacus_configured_logging_first(tmp_path):

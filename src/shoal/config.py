@@ -180,13 +180,15 @@ class SecAggConfig:
     ``clip`` bounds each update coordinate, ``max_weight`` a client's weight (examples);
     ``neighbours`` is the degree of the neighbour graph (0: 3*ceil(log2 n)); ``threshold`` the
     fraction of a client's neighbours needed to unmask it, above one half (a split of the
-    neighbours could otherwise yield both of a client's secrets)."""
+    neighbours could otherwise yield both of a client's secrets); ``max_mse`` bounds a
+    client's mean squared error in secure federated evaluation of a regression task."""
 
     enabled: bool = False
     clip: float = field(default=10.0, metadata=_check(gt=0))
     max_weight: float = field(default=1000.0, metadata=_check(gt=0))
     neighbours: int = field(default=0, metadata=_check(min=0))
     threshold: float = field(default=0.51, metadata=_check(gt=0))
+    max_mse: float = field(default=1e6, metadata=_check(gt=0))
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1:

@@ -334,7 +334,7 @@ def build_federated(config: Config, task: Task, dataset: FederatedDataset,
         algorithm = FLTrust(update, root_data(config, task), **kwargs)
     elif s.enabled:
         algorithm = SecureFedAvg(update, secagg=secure_aggregation(
-            s.clip, s.max_weight, s.neighbours or None, s.threshold), **kwargs)
+            s.clip, s.max_weight, s.neighbours or None, s.threshold, s.max_mse), **kwargs)
     else:
         algorithm = FedAvg(update, **kwargs)
     kinds = ("train", MASKED_INPUT) if s.enabled else ("train",)

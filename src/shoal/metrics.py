@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,8 @@ from . import tree
 from .data.arrays import ArrayData
 from .errors import ConfigError, DataError
 
-__all__ = ["KINDS", "KIND_METRICS", "Evaluator", "Metric", "MetricFn", "default_primary",
-           "per_client",
+__all__ = ["KINDS", "KIND_METRICS", "MEAN_METRICS", "Evaluator", "Metric", "MetricFn",
+           "default_primary", "per_client", "pooled_derived",
            "distribution_summary", "lower_is_better", "pooled_average", "tail_key",
            "weighted_average"]
 
@@ -51,6 +51,17 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "sequence": ("loss", "perplexity", "accuracy"),
 }
 """The metrics :class:`Evaluator` computes for each kind (``loss`` for every kind)."""
+
+MEAN_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy",),
+    "binary": ("accuracy",),
+    "regression": ("mse", "mae"),
+    "sequence": ("accuracy",),
+}
+"""The metrics of each kind (besides ``loss``) that are means over a set's examples, so a
+client's value times its examples sums across clients into the pooled value (what secure
+federated evaluation can sum); the others derive from them (``rmse``, ``perplexity``:
+:func:`pooled_derived`) or do not pool (``f1``, ``auc``)."""
 
 _PRIMARY = {"classification": "accuracy", "binary": "accuracy", "regression": "rmse",
             "sequence": "perplexity"}
@@ -308,10 +319,18 @@ def pooled_average(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
     from those that do, as if the clients' data were pooled: ``rmse = sqrt(mse)`` and
     ``perplexity = exp(loss)``."""
     out = weighted_average(results)
-    if "rmse" in out and "mse" in out:
-        out["rmse"] = math.sqrt(out["mse"])
-    if "perplexity" in out and "loss" in out:
-        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+    out.update(pooled_derived(out, out))
+    return out
+
+
+def pooled_derived(means: Mapping[str, float], wanted: Collection[str]) -> dict[str, float]:
+    """The metrics of ``wanted`` that do not average, from the pooled means they derive from:
+    ``rmse = sqrt(mse)`` and ``perplexity = exp(loss)``."""
+    out = {}
+    if "rmse" in wanted and "mse" in means:
+        out["rmse"] = math.sqrt(means["mse"])
+    if "perplexity" in wanted and "loss" in means:
+        out["perplexity"] = math.exp(min(means["loss"], 700.0))
     return out
 
 

@@ -3,6 +3,8 @@ rounds cleanly, evaluates securely, and is wired into the config and the runner.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,13 +16,17 @@ from shoal.algorithms.fedavg import FedAvg
 from shoal.callbacks import FederatedEvaluation
 from shoal.client import local_sgd
 from shoal.config import load_config
+from shoal.data.arrays import ArrayData
+from shoal.data.federated import ClientData
 from shoal.errors import AggregationError, ClientError, ConfigError
 from shoal.experiment import run_experiment
 from shoal.metrics import Evaluator
 from shoal.privacy import dp_fedavg
 from shoal.run import run
 from shoal.secagg import SecureFedAvg, SecureFederatedEvaluation, secure_aggregation
+from shoal.secagg.fedavg import LOSS_CLIP
 from shoal.secagg.protocol import MASKED_INPUT
+from shoal.secagg.quantize import error_bound, levels_for
 from shoal.sim import InProcessTransport, simulated_dropout
 
 from ..conftest import cross_entropy, make_tiny, sgd
@@ -106,7 +112,7 @@ def test_reducers_that_need_individual_updates_fail_at_construction(reducer):
         SecureFedAvg(None, pipeline=Pipeline([], reducer))  # type: ignore[arg-type]
     assert str(e.value) == (
         f"{reducer!r} needs individual updates, but secure_aggregation(clip=10, "
-        "max_weight=1000, neighbours=None, threshold=0.51) reveals only their sum; use "
+        "max_weight=1000, neighbours=None, threshold=0.51, max_mse=1e+06) reveals only their sum; use "
         "weighted_mean().")
 
 
@@ -162,6 +168,68 @@ def test_secure_federated_evaluation_equals_plain_federated_evaluation():
     assert got["fed_eval/accuracy"] == pytest.approx(want["fed_eval/accuracy"], abs=1e-6)
     assert got["fed_eval/loss"] == pytest.approx(want["fed_eval/loss"], abs=1e-5)
     assert all(not r.metrics for r in t_secure.received)  # no per-client metric went up
+
+
+def _regression_evaluations(**secagg):
+    """Plain and secure federated evaluation of one linear model on a regression task of six
+    clients (an MSE in the tens, below the loss's public bound of 100)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(180, 8, generator=g)
+    y = x @ torch.randn(8, generator=g) * 2 + 5
+    data = {f"client-{i}": ClientData(ArrayData(x, y, torch.arange(i * 30, i * 30 + 20)),
+                                      ArrayData(x, y, torch.arange(i * 30 + 20, i * 30 + 30)))
+            for i in range(6)}
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 1)
+
+        def forward(self, v):
+            return self.fc(v).squeeze(-1)
+
+    model = Linear()
+    ev = Evaluator(model, torch.nn.functional.mse_loss, kind="regression")
+    update = local_sgd(model, torch.nn.functional.mse_loss, epochs=1, batch_size=8,
+                       optimizer=sgd(0.01))
+    plain = FedAvg(update, client_eval=ev)
+    secure = SecureFedAvg(update, secagg=secure_aggregation(**secagg), client_eval=ev)
+    params = tree.params_of(model)
+    ids = sorted(data)
+
+    class Ctx:
+        def __init__(self, alg):
+            self.algorithm, self.round = alg, 1
+            self.transport = InProcessTransport(ids, data.__getitem__, alg.handlers())
+
+        def params(self):
+            return params
+
+    return (FederatedEvaluation(metric="rmse").evaluate(Ctx(plain)),
+            SecureFederatedEvaluation().evaluate(Ctx(secure)))
+
+
+def test_secure_federated_evaluation_of_a_regression_task_pools_its_errors():
+    """MSE, MAE, RMSE and the loss pooled as plain federated evaluation pools them, within the
+    quantization's error bound; no accuracy is made up for a regression."""
+    want, got = _regression_evaluations()
+    assert got["fed_eval/clients"] == want["fed_eval/clients"] == 6
+    assert got["fed_eval/examples"] == want["fed_eval/examples"] == 60
+    assert got["fed_eval/clipped"] == 0 and "fed_eval/accuracy" not in got
+    levels = levels_for(6)
+    for key, bound in (("mse", 1e6), ("mae", 1e3), ("loss", LOSS_CLIP)):
+        tol = error_bound(6, 1000.0 * bound, levels) / 60
+        assert got[f"fed_eval/{key}"] == pytest.approx(want[f"fed_eval/{key}"], abs=tol), key
+    assert 25 < want["fed_eval/mse"] < LOSS_CLIP
+    assert got["fed_eval/rmse"] == pytest.approx(math.sqrt(got["fed_eval/mse"]))
+
+
+def test_secure_federated_evaluation_counts_the_clients_over_the_public_bound():
+    want, got = _regression_evaluations(max_mse=25.0)
+    assert want["fed_eval/mse"] > 25
+    assert got["fed_eval/clipped"] == 6  # every client's MSE was over 25, and counted as 25
+    assert got["fed_eval/mse"] == pytest.approx(25.0, abs=1e-4)
+    assert got["fed_eval/mae"] <= 5.0 + 1e-4
 
 
 def test_config_section_and_errors(tmp_path):

@@ -1,6 +1,7 @@
 """Secure federated evaluation: clients evaluate the global model on their held-out data and
-only the sums of the counts behind the metrics (examples, correct predictions, summed loss)
-reach the coordinator, through secure aggregation (the seeds' second validation approach).
+only the sums behind the pooled metrics (examples, and examples times each mean metric of the
+task's kind: loss, accuracy, or MSE and MAE) reach the coordinator, through secure aggregation
+(the seeds' second validation approach).
 
 Unlike :class:`~shoal.callbacks.FederatedEvaluation`, no per-client figure exists at the
 coordinator, so there is no worst-client or percentile metric: that is the point.
@@ -19,8 +20,12 @@ class SecureFederatedEvaluation(Callback):
     """Every ``every`` rounds, evaluate the global params securely on the clients' held-out
     data (the algorithm must be a :class:`~shoal.secagg.SecureFedAvg`).
 
-    Reports ``fed_eval/accuracy``, ``fed_eval/loss`` (weighted by examples),
-    ``fed_eval/examples``, ``fed_eval/clients`` and ``fed_eval/secure = 1``.
+    Reports the pooled ``fed_eval/loss`` and the task kind's means (``fed_eval/accuracy``; for
+    regression ``fed_eval/mse``, ``fed_eval/mae`` and ``fed_eval/rmse``; for sequences
+    ``fed_eval/perplexity`` too), ``fed_eval/examples``, ``fed_eval/clients``,
+    ``fed_eval/clipped`` (clients whose value was over its public bound) and
+    ``fed_eval/secure = 1``. F1, AUC and the user's own metrics do not pool from sums and are
+    not reported.
     """
 
     def __init__(self, every: int = 1, *, clients: list[str] | None = None):

@@ -19,8 +19,10 @@ A pipeline stage that ``encodes_to_ring`` (distributed DP,
 its update, encoded by the stage into integers modulo 2^32 (clipped, rounded and noised on the
 client), the stage decodes the secure sum, and the mean is the noisy sum over the number of
 contributors (the uniform mean; training loss and example counts are not sent, as their sums
-would be released without noise). Clients also answer secure federated evaluation (task ``"evaluate"``): the counts behind
-the metrics (examples, correct predictions, summed loss) are summed securely.
+would be released without noise). Clients also answer secure federated evaluation (task
+``"evaluate"``): the sums behind the pooled metrics (examples, and examples times each mean
+metric of the task's kind: loss, accuracy, or MSE and MAE) are summed securely, each client's
+value clipped to a public bound (the clipped clients are counted too).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ..algorithms.influence import EXAMPLES_FACTOR
 from ..client import ClientUpdate
 from ..errors import AggregationError, UpdateError
 from ..message import Message
+from ..metrics import KIND_METRICS, MEAN_METRICS, pooled_derived
 from ..node import Handler, NodeContext
 from ..transport import Transport
 from ..tree import Params
@@ -204,28 +207,49 @@ class SecureFedAvg(FedAvg):
             metrics["train/loss"] = float(wloss[0] / wcount[0])
         return wx, float(w[0])
 
+    def _eval_means(self) -> list[tuple[str, float]]:
+        """The example means that secure federated evaluation sums, each with the public
+        bound on one client's value: ``loss``, then the task kind's
+        :data:`~shoal.metrics.MEAN_METRICS` (an evaluation function without a ``kind`` is
+        taken as classification: accuracy)."""
+        kind = getattr(self.client_eval, "kind", "classification")
+        bounds = {"accuracy": 1.0, "mse": self.secagg.max_mse,
+                  "mae": math.sqrt(self.secagg.max_mse)}
+        return [("loss", LOSS_CLIP), *((m, bounds[m]) for m in MEAN_METRICS[kind])]
+
     def evaluate_securely(self, params: Params, transport: Transport, round: int,
                           clients: list[str] | None = None) -> dict[str, float]:
-        """Secure federated evaluation of ``params``: metrics from securely summed counts."""
+        """Secure federated evaluation of ``params``: the pooled means of the task's metrics
+        (:meth:`_eval_means`, and what derives from them: RMSE, perplexity) from securely
+        summed ``examples x mean`` per client; ``fed_eval/clipped`` counts the clients whose
+        value was over its public bound and counted as the bound."""
         targets = clients if clients is not None else transport.nodes()
-        res = self._sum(transport, targets, round, f"evaluate-{round}", "evaluate", 4, params, {})
+        means = self._eval_means()
+        res = self._sum(transport, targets, round, f"evaluate-{round}", "evaluate",
+                        len(means) + 3, params, {"means": [list(m) for m in means]})
         out = {"fed_eval/secure": 1.0}
         if res.failed is not None or res.total is None:
             log.warning("round %d: secure federated evaluation failed: %s", round, res.failed)
             out["fed_eval/clients"] = 0.0
             return out
-        cap = self._eval_cap()
-        examples, correct, loss, counted = dequantize(
-            res.total, [(1, cap), (1, cap), (1, cap * LOSS_CLIP), (1, 1.0)], res.levels)
+        cap = self.secagg.max_weight
+        examples, counted, clipped, *sums = dequantize(
+            res.total, [(1, cap), (1, 1.0), (1, 1.0), *((1, cap * b) for _, b in means)],
+            res.levels)
         out["fed_eval/clients"] = float(_nearest(counted[0]))
         out["fed_eval/examples"] = float(_nearest(examples[0]))
+        out["fed_eval/clipped"] = float(_nearest(clipped[0]))
+        if out["fed_eval/clipped"]:
+            log.warning("round %d: secure federated evaluation: %d client(s) had a metric over "
+                        "its public bound and counted with the bound (loss %g; MSE "
+                        "secagg.max_mse)", round, out["fed_eval/clipped"], LOSS_CLIP)
         if examples[0] > 0:
-            out["fed_eval/accuracy"] = float(correct[0] / examples[0])
-            out["fed_eval/loss"] = float(loss[0] / examples[0])
+            pooled = {name: max(float(s[0] / examples[0]), 0.0)
+                      for (name, _), s in zip(means, sums, strict=True)}
+            kind = getattr(self.client_eval, "kind", "classification")
+            pooled.update(pooled_derived(pooled, KIND_METRICS[kind]))
+            out.update({f"fed_eval/{k}": v for k, v in pooled.items()})
         return out
-
-    def _eval_cap(self) -> float:
-        return self.secagg.max_weight
 
     # -- client side ------------------------------------------------------------------------
 
@@ -269,13 +293,29 @@ class SecureFedAvg(FedAvg):
         if self.client_eval is None:
             raise SecAggError("this federation has no client evaluation function; pass "
                               "client_eval to SecureFedAvg.")
+        means = message.config.get("means")
+        if not (isinstance(means, list) and all(
+                isinstance(m, list) and len(m) == 2 and isinstance(m[0], str)
+                and isinstance(m[1], (int, float)) and math.isfinite(m[1]) and m[1] > 0
+                for m in means)):
+            raise SecAggError(f"evaluate: config 'means' must be a list of [metric, bound > 0] "
+                              f"pairs (got {means!r}).")
         data = eval_data(context)
         m = self.client_eval(message.tensors, data) if data is not None and len(data) else {}
-        cap = self._eval_cap()
+        cap = float(message.config["max_weight"])
         ex = min(float(m.get("examples", 0.0)), cap)
-        loss = min(max(float(m.get("loss", 0.0)), 0.0), LOSS_CLIP)
-        return [(np.array([ex]), cap), (np.array([ex * float(m.get("accuracy", 0.0))]), cap),
-                (np.array([ex * loss]), cap * LOSS_CLIP), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
+        blocks: list[Block] = [(np.array([ex]), cap), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
+        values, clipped = [], False
+        for name, bound in means:
+            if ex > 0 and name not in m:
+                raise SecAggError(f"evaluate: the coordinator asked for the mean {name!r}, but "
+                                  f"this client's evaluation reports only {sorted(m)}; both "
+                                  "sides must run the same task.")
+            v = float(m.get(name, 0.0)) if ex > 0 else 0.0
+            if not math.isfinite(v) or v > bound:
+                v, clipped = float(bound), True
+            values.append((np.array([ex * max(v, 0.0)]), cap * bound))
+        return [*blocks, (np.array([1.0 if clipped else 0.0]), 1.0), *values]
 
 
 def _nearest(x: float) -> int:

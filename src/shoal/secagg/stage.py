@@ -10,6 +10,7 @@ updates in the clear through plain :class:`~shoal.algorithms.fedavg.FedAvg`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from ..aggregate.stages import Stage
@@ -32,6 +33,10 @@ class SecureAggregation(Stage):
         threshold: the Shamir threshold as a fraction of k, above one half
             (t = ``max(k // 2 + 1, ceil(threshold * k))``; the default, 0.51, is the smallest
             majority).
+        max_mse: secure federated evaluation of a regression task: the public bound on a
+            client's mean squared error (and ``sqrt(max_mse)`` on its mean absolute error); a
+            larger one counts as the bound, and the clients clipped are counted
+            (``fed_eval/clipped``). Quantization precision is relative to it.
     """
 
     runs_at = "client"
@@ -39,7 +44,8 @@ class SecureAggregation(Stage):
     protects_updates = True
 
     def __init__(self, clip: float = 10.0, max_weight: float = 1000.0,
-                 neighbours: int | None = None, threshold: float = 0.51):
+                 neighbours: int | None = None, threshold: float = 0.51,
+                 max_mse: float = 1e6):
         if not clip > 0:
             raise ConfigError(f"secure_aggregation: clip must be > 0 (got {clip}).")
         if not max_weight > 0:
@@ -47,7 +53,11 @@ class SecureAggregation(Stage):
         if neighbours is not None and neighbours < 1:
             raise ConfigError(f"secure_aggregation: neighbours must be >= 1 or None for the "
                               f"default 3*ceil(log2 n) (got {neighbours}).")
+        if not (math.isfinite(max_mse) and max_mse > 0):
+            raise ConfigError(f"secure_aggregation: max_mse must be a finite number > 0 "
+                              f"(got {max_mse}).")
         check_threshold(threshold)
+        self.max_mse = float(max_mse)
         self.clip = float(clip)
         self.max_weight = float(max_weight)
         self.neighbours = neighbours
@@ -55,7 +65,8 @@ class SecureAggregation(Stage):
 
     def __repr__(self) -> str:
         return (f"secure_aggregation(clip={self.clip:g}, max_weight={self.max_weight:g}, "
-                f"neighbours={self.neighbours}, threshold={self.threshold:g})")
+                f"neighbours={self.neighbours}, threshold={self.threshold:g}, "
+                f"max_mse={self.max_mse:g})")
 
     def client(self, update: Params, config: Mapping[str, object], info: ClientInfo) -> Params:
         """The identity, inside a secure-aggregation session only."""
@@ -69,6 +80,6 @@ class SecureAggregation(Stage):
 
 def secure_aggregation(clip: float = 10.0, max_weight: float = 1000.0,
                        neighbours: int | None = None, threshold: float = 0.51,
-                       ) -> SecureAggregation:
+                       max_mse: float = 1e6) -> SecureAggregation:
     """The secure-aggregation stage; see :class:`SecureAggregation`."""
-    return SecureAggregation(clip, max_weight, neighbours, threshold)
+    return SecureAggregation(clip, max_weight, neighbours, threshold, max_mse)
