@@ -27,11 +27,11 @@ from typing import Any, Literal, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .keys import KINDS  # "update", "close", "merged": the order a device writes them in
+
 __all__ = ["KINDS", "Entry", "Signer", "entry_hash", "sign_entry", "verify_entry"]
 
 Kind = Literal["update", "close", "merged"]
-KINDS: tuple[str, ...] = ("update", "close", "merged")
-"""The kinds of entry, in the order a device writes them in a round."""
 
 MAX_ENTRY_BYTES = 64 * 1024
 """The largest entry the ledger reads; a bigger value is refused (a hostile device's entry

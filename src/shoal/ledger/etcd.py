@@ -19,17 +19,24 @@ insecure channels), over our own ``grpc.secure_channel``.
   :class:`~shoal.ledger.cluster.EtcdCluster` starts a local one.
 
 Bounds: a read returns at most ``max_records`` records per prefix (etcd's ``limit``; more is a
-:class:`~shoal.errors.TransportError` naming the prefix, never a silent truncation) and at most
-``max_read_bytes`` in one response (gRPC's ``max_receive_message_length``), so a hostile or
+:class:`~shoal.ledger.store.TooManyRecords` naming the prefix, never a silent truncation) and at
+most ``max_read_bytes`` in one response (gRPC's ``max_receive_message_length``), so a hostile or
 broken member cannot exhaust a reader's memory. etcd itself refuses writes over its
 ``--max-request-bytes`` (1.5 MiB by default).
+
+What the ledger reads is bounded by what it asks for, not by what others wrote: a round is read
+by the exact keys of its entries (:meth:`EtcdStore.read`: one get per key, :data:`MAX_TXN_OPS`
+per transaction, every transaction at the first one's revision), and followed by
+:meth:`EtcdStore.watch_keys`, whose stream keeps only the newest record of the keys somebody
+waits for. A device that writes a flood of other keys under its own prefix (which etcd's RBAC
+lets it do) costs a reader nothing but the watch events that stream past.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,13 +45,10 @@ from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 
 from ..errors import ConfigError, TransportError
 from ..net.ca import Identity, peer_identity
-from .store import Record
+from .store import DEFAULT_MAX_RECORDS, Record, TooManyRecords
 
 __all__ = ["DEFAULT_MAX_READ_BYTES", "DEFAULT_MAX_RECORDS", "MAX_TAIL_RECORDS", "MAX_TXN_OPS",
            "ROLE_PREFIX", "EtcdAccess", "EtcdStore", "LedgerAccessError", "prefix_end"]
-
-DEFAULT_MAX_RECORDS = 10_000
-"""The most records :meth:`EtcdStore.ranges` returns under one prefix."""
 
 DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
 """The largest response :class:`EtcdStore` accepts from a member (64 MiB)."""
@@ -53,8 +57,8 @@ ROLE_PREFIX = "shoal-peer-"
 """The etcd role of device ``D`` is ``shoal-peer-D``."""
 
 MAX_TXN_OPS = 128
-"""etcd's default ``--max-txn-ops``: :meth:`EtcdStore.ranges` splits longer lists of prefixes
-into transactions of this many, the later ones read at the first one's revision."""
+"""etcd's default ``--max-txn-ops``: :meth:`EtcdStore.read` splits longer lists of prefixes
+and keys into transactions of this many, the later ones read at the first one's revision."""
 
 _REQUIRE_LEADER = (("hasleader", "true"),)  # a member without a leader refuses (fail over)
 _RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -156,6 +160,8 @@ class EtcdStore:
                                                    certificate_chain=cert)
         self._members: list[_Member | None] = [None] * len(self.endpoints)
         self._tails: dict[str, _Tail] = {}
+        self._key_tails: dict[str, _Tail] = {}
+        self._key_tails_lock = threading.Lock()  # held while a key tail is (re)started
         self._current = 0
         self._lock = threading.Lock()
         self._closed = False
@@ -276,36 +282,58 @@ class EtcdStore:
 
     def ranges(self, prefixes: Sequence[str]) -> tuple[list[list[Record]], int]:
         """The records under each prefix, sorted by key, and the revision they were read at
-        (see :class:`~shoal.ledger.store.KeyValueStore`): one linearizable transaction of
-        range requests (:data:`MAX_TXN_OPS` per transaction; further ones read at the first
-        one's revision). More than ``max_records`` under a prefix is a
-        :class:`TransportError`."""
-        prefixes = list(prefixes)
-        out: list[list[Record]] = []
+        (see :class:`~shoal.ledger.store.KeyValueStore`): :meth:`read` with no exact keys.
+        More than ``max_records`` under a prefix is a
+        :class:`~shoal.ledger.store.TooManyRecords`."""
+        got, _, revision = self.read(prefixes, ())
+        return got, revision
+
+    def read(self, prefixes: Sequence[str], keys: Sequence[str]
+             ) -> tuple[list[list[Record]], list[Record | None], int]:
+        """The records under each of ``prefixes`` (sorted by key; more than ``max_records``
+        under one is a :class:`~shoal.ledger.store.TooManyRecords`), the record of each of
+        ``keys`` (``None`` where it does not exist) and the revision all were read at: range
+        requests and single-key gets, :data:`MAX_TXN_OPS` to a linearizable transaction, the
+        transactions after the first pinned to its revision. A key's get returns that key
+        only, so what it costs does not depend on how many keys share its prefix."""
+        prefixes, keys = list(prefixes), list(keys)
+        ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(
+            key=p.encode(), range_end=prefix_end(p.encode()), limit=self.max_records,
+            sort_order=rpc_pb2.RangeRequest.ASCEND,
+            sort_target=rpc_pb2.RangeRequest.KEY)) for p in prefixes]
+        ops += [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=k.encode()))
+                for k in keys]
+        names = prefixes + keys
+        ranged: list[list[Record]] = []
+        exact: list[Record | None] = []
         revision = 0
-        chunks = [prefixes[i:i + MAX_TXN_OPS] for i in range(0, len(prefixes), MAX_TXN_OPS)]
-        for chunk in chunks or [[]]:
-            ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(
-                key=p.encode(), range_end=prefix_end(p.encode()), limit=self.max_records,
-                revision=revision, sort_order=rpc_pb2.RangeRequest.ASCEND,
-                sort_target=rpc_pb2.RangeRequest.KEY)) for p in chunk]
-            txn = rpc_pb2.TxnRequest(success=ops)
+        for i in range(0, max(len(ops), 1), MAX_TXN_OPS):
+            chunk = ops[i:i + MAX_TXN_OPS]
+            if revision:
+                for op in chunk:
+                    op.request_range.revision = revision
+            txn = rpc_pb2.TxnRequest(success=chunk)
 
             def run(m: _Member, t: float, retried: bool, txn: Any = txn) -> Any:
                 return m.kv.Txn(txn, timeout=t, metadata=_REQUIRE_LEADER)
-            name = chunk[0] if len(chunk) == 1 else ", ".join(chunk) if chunk else "(nothing)"
+            part = names[i:i + MAX_TXN_OPS]
+            name = (part[0] if len(part) == 1 else
+                    f"{part[0]}, ... ({len(part)} in all)" if part else "(nothing)")
             r = self._call("read", name, run)
             if not revision:
                 revision = int(r.header.revision)
-            for p, resp in zip(chunk, r.responses, strict=True):
+            if len(r.responses) != len(chunk):
+                raise TransportError(f"etcd: the read of {name!r} answered {len(r.responses)} "
+                                     f"of {len(chunk)} requests.")
+            for j, resp in enumerate(r.responses, start=i):
                 rr = resp.response_range
-                if rr.more:
-                    raise TransportError(
-                        f"etcd: more than max_records={self.max_records} records under "
-                        f"{p!r} ({rr.count}); the ledger refuses to read a truncated prefix. "
-                        "Read narrower prefixes or raise EtcdStore(max_records=...).")
-                out.append([_record(kv) for kv in rr.kvs])
-        return out, revision
+                if j < len(prefixes):
+                    if rr.more:
+                        raise TooManyRecords(prefixes[j], self.max_records, int(rr.count))
+                    ranged.append([_record(kv) for kv in rr.kvs])
+                else:
+                    exact.append(_record(rr.kvs[0]) if rr.kvs else None)
+        return ranged, exact, revision
 
     def wait(self, prefix: str, revision: int, timeout: float,
              match: Callable[[str], bool] | None = None) -> bool:
@@ -341,6 +369,54 @@ class EtcdStore:
                     and (match is None or match(r.key))]
         return got
 
+    def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
+                   timeout: float) -> list[Record]:
+        """The newest records of ``keys`` (exact keys, all under ``prefix``) modified after
+        ``revision``, in revision order, as soon as there is one; ``[]`` when ``timeout``
+        passes first (see :class:`~shoal.ledger.store.KeyValueStore`).
+
+        One watch stream on ``prefix`` stays open for every caller (a :class:`_Tail` in
+        key mode): it keeps the newest record of each key some caller is waiting for and
+        drops every other event, so a flood of other keys under the prefix can neither grow
+        it nor evict what a caller waits for. A call registers its keys with the stream,
+        then reads them (:meth:`read`, one get per key): what was written before the
+        registration the read sees, what is written after it the stream keeps."""
+        wanted = list(dict.fromkeys(keys))
+        if any(not k.startswith(prefix) for k in wanted):
+            raise ValueError(f"watch_keys: every key must be under {prefix!r}")
+        deadline = time.monotonic() + max(0.0, timeout)
+        if not wanted:
+            time.sleep(max(0.0, timeout))
+            return []
+        while True:
+            with self._key_tails_lock:
+                tail = self._key_tails.get(prefix)
+                if tail is None or not tail.healthy():
+                    if tail is not None:
+                        tail.stop()
+                    # The new stream starts right after the read, so it misses nothing.
+                    _, got, at = self.read((), wanted)
+                    tail = _Tail(self, prefix, at, interest=wanted)
+                    with self._lock:
+                        self._key_tails[prefix] = tail
+                else:
+                    tail.register(wanted)
+                    got = None
+            try:
+                if got is None:
+                    _, got, _ = self.read((), wanted)
+                new = sorted((r for r in got if r is not None and r.mod_revision > revision),
+                             key=lambda r: r.mod_revision)
+                if new:
+                    return new
+                found = tail.get_keys(wanted, revision, deadline - time.monotonic())
+            finally:
+                tail.unregister(wanted)
+            if found is not None:
+                return found
+            if time.monotonic() >= deadline:  # the stream failed (compacted, stopped)
+                return []
+
     def _watch(self, prefix: str, revision: int, timeout: float,
                match: Callable[[str], bool] | None) -> list[Record] | None:
         """Block until a key under ``prefix`` (and, given ``match``, one it accepts) is written
@@ -357,6 +433,8 @@ class EtcdStore:
                 r = m.kv.Range(rpc_pb2.RangeRequest(
                     key=p, range_end=prefix_end(p), limit=self.max_records,
                     min_mod_revision=revision + 1), timeout=t, metadata=_REQUIRE_LEADER)
+                if r.more:  # a truncated answer could hide the write waited for
+                    raise TooManyRecords(prefix, self.max_records, int(r.count))
                 return [_record(kv) for kv in r.kvs
                         if match is None or match(kv.key.decode(errors="replace"))]
             return self._call("watch", prefix, count, timeout=self.timeout)
@@ -419,6 +497,8 @@ class EtcdStore:
         """Close the channels to every member; the store cannot be used afterwards."""
         with self._lock:
             tails, self._tails = list(self._tails.values()), {}
+            tails += list(self._key_tails.values())
+            self._key_tails = {}
         for t in tails:
             t.stop()
         with self._lock:
@@ -469,16 +549,29 @@ a one-shot watch instead)."""
 
 
 class _Tail:
-    """A watch stream kept open on one prefix of an :class:`EtcdStore`, from ``revision + 1``,
-    buffering what it delivers (at most :data:`MAX_TAIL_RECORDS`) for :meth:`get`. When its
-    member fails, it reopens on the next one from the last revision it saw; a refusal by
-    RBAC ends it, and :meth:`get` raises it."""
+    """A watch stream kept open on one prefix of an :class:`EtcdStore`, from ``revision + 1``.
+    When its member fails, it reopens on the next one from the last revision it saw; a refusal
+    by RBAC ends it, and :meth:`get` / :meth:`get_keys` raise it.
 
-    def __init__(self, store: EtcdStore, prefix: str, revision: int):
+    Two modes. Without ``interest`` it buffers what it delivers (at most
+    :data:`MAX_TAIL_RECORDS`, the oldest go first) for :meth:`get`. With ``interest`` (key
+    mode, :meth:`EtcdStore.watch_keys`) it keeps only the newest record of each key that is
+    :meth:`register`-ed (counted: several callers may wait for one key) and drops every other
+    event unread, counting it in ``ignored``: what it holds is bounded by the keys waited
+    for, whatever is written beside them."""
+
+    def __init__(self, store: EtcdStore, prefix: str, revision: int,
+                 interest: Sequence[str] | None = None):
         self.store, self.prefix = store, prefix
         self.first = revision + 1  # the oldest revision this tail has every record of
         self.seen = revision
         self.records: list[Record] = []
+        self.keyed = interest is not None
+        self.interest: dict[str, int] = {}  # key -> how many callers wait for it
+        self.latest: dict[str, Record] = {}  # key mode: the newest record of each such key
+        self.ignored = 0  # key mode: events of keys nobody waited for
+        for k in interest or ():
+            self.interest[k] = self.interest.get(k, 0) + 1
         self.error: Exception | None = None
         self.compacted = False
         self._cond = threading.Condition()
@@ -487,6 +580,44 @@ class _Tail:
         self._thread = threading.Thread(target=self._run, name=f"etcd-tail {prefix}",
                                         daemon=True)
         self._thread.start()
+
+    def healthy(self) -> bool:
+        """Whether the stream still runs (not stopped, compacted or refused)."""
+        return not self._stopped.is_set() and self.error is None and not self.compacted
+
+    def register(self, keys: Sequence[str]) -> None:
+        """Keep the records of ``keys`` from now on (key mode)."""
+        with self._cond:
+            for k in keys:
+                self.interest[k] = self.interest.get(k, 0) + 1
+
+    def unregister(self, keys: Sequence[str]) -> None:
+        """Undo one :meth:`register` of ``keys``; a key nobody waits for any more is dropped."""
+        with self._cond:
+            for k in keys:
+                n = self.interest.get(k, 0) - 1
+                if n > 0:
+                    self.interest[k] = n
+                else:
+                    self.interest.pop(k, None)
+                    self.latest.pop(k, None)
+
+    def get_keys(self, keys: Sequence[str], revision: int, timeout: float) -> list[Record] | None:
+        """The kept records of ``keys`` (registered) modified after ``revision``, in revision
+        order, waiting up to ``timeout`` for one; ``None`` when the stream failed."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if not self.healthy():
+                    return None
+                got = sorted((r for k in keys if (r := self.latest.get(k)) is not None
+                              and r.mod_revision > revision), key=lambda r: r.mod_revision)
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    return got
+                self._cond.wait(min(left, 1.0))
 
     def covers(self, revision: int) -> bool:
         """Whether :meth:`get` can answer for records after ``revision``."""
@@ -554,7 +685,20 @@ class _Tail:
                         if self.compacted or self.error is not None:
                             return
                         break
-                    if resp.events:
+                    if resp.events and self.keyed:
+                        with self._cond:
+                            kept = False
+                            for ev in resp.events:
+                                self.seen = max(self.seen, int(ev.kv.mod_revision))
+                                key = ev.kv.key.decode(errors="replace")
+                                if key in self.interest:
+                                    self.latest[key] = _record(ev.kv)
+                                    kept = True
+                                else:
+                                    self.ignored += 1
+                            if kept:
+                                self._cond.notify_all()
+                    elif resp.events:
                         with self._cond:
                             for ev in resp.events:
                                 self.records.append(_record(ev.kv))

@@ -9,14 +9,24 @@
 The registrar (``shoal swarm enroll``) alone writes ``registry/`` and ``revoked/``; an
 enrolled device may read everything under ``ROOT/`` and write only under
 ``ROOT/peers/DEVICE/`` — in etcd, by a role per device (:mod:`shoal.ledger.enroll`).
+
+Within its prefix a device may write *any* key, as many as it likes: nothing but the ledger's
+own reading decides which are entries. So the ledger reads rounds by their exact entry keys
+(:func:`entry_key`, three per device and round) and treats every other key as junk that no
+reader parses (:func:`parse_entry_key` says which keys are entry keys).
 """
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["DEFAULT_ROOT", "entry_key", "peer_prefix", "registry_key", "registry_prefix",
-           "registry_value", "revoked_key", "revoked_prefix", "round_prefix"]
+__all__ = ["DEFAULT_ROOT", "KINDS", "entry_key", "parse_entry_key", "peer_prefix", "peers_prefix",
+           "registry_key", "registry_prefix", "registry_value", "revoked_key", "revoked_prefix",
+           "round_prefix"]
+
+KINDS: tuple[str, ...] = ("update", "close", "merged")
+"""The kinds of entry, in the order a device writes them in a round (the last part of an
+entry key; :data:`shoal.ledger.entry.KINDS` is this tuple)."""
 
 DEFAULT_ROOT = "/shoal"
 
@@ -47,6 +57,11 @@ def revoked_key(device: str, root: str = DEFAULT_ROOT) -> str:
     return f"{revoked_prefix(root)}{device}"
 
 
+def peers_prefix(root: str = DEFAULT_ROOT) -> str:
+    """Where every device's entries are (each under its own :func:`peer_prefix`)."""
+    return f"{root}/peers/"
+
+
 def peer_prefix(device: str, root: str = DEFAULT_ROOT) -> str:
     """The one prefix ``device`` may write under."""
     return f"{root}/peers/{device}/"
@@ -60,3 +75,20 @@ def round_prefix(device: str, job: str, round: int, root: str = DEFAULT_ROOT) ->
 def entry_key(device: str, job: str, round: int, kind: str, root: str = DEFAULT_ROOT) -> str:
     """The key of one entry (written once)."""
     return f"{round_prefix(device, job, round, root)}{kind}"
+
+
+def parse_entry_key(key: str, root: str = DEFAULT_ROOT) -> tuple[str, str, int, str] | None:
+    """``(device, job, round, kind)`` of ``key`` when it is exactly what :func:`entry_key`
+    writes (a canonical round of at least 8 digits, a kind of :data:`KINDS`); ``None`` for
+    any other key."""
+    rest = key.removeprefix(peers_prefix(root))
+    if rest == key:
+        return None
+    parts = rest.split("/")
+    if len(parts) != 4:
+        return None
+    device, job, digits, kind = parts
+    if (not device or not job or kind not in KINDS or len(digits) < 8
+            or not (digits.isascii() and digits.isdigit()) or f"{int(digits):08d}" != digits):
+        return None
+    return device, job, int(digits), kind

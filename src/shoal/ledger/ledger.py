@@ -19,6 +19,19 @@ order only. Everything it returns was checked against the enrolled devices' publ
 
 :meth:`Ledger.audit` walks every device's whole chain of a job — what a newcomer or an auditor
 runs to check history nobody watched live.
+
+**What a read costs is bounded by the registry, not by what devices wrote.** A device may
+write any key under its own prefix (etcd's RBAC cannot tell an entry from junk), so a hostile
+one can put thousands of keys beside its entries — under the job's round prefix, with names
+that look like entries, under other jobs. The ledger never ranges over a device's prefix to
+read a round: :meth:`Ledger.read_rounds` asks the store for the exact keys of the round's
+entries (three per enrolled device, :func:`~shoal.ledger.keys.entry_key`) at one revision, and
+:meth:`Ledger.follow` / :meth:`Ledger.wait` watch those keys only
+(:meth:`~shoal.ledger.store.KeyValueStore.watch_keys`). Junk is never read there, so it can
+neither hide an honest entry nor make a round unreadable. :meth:`Ledger.audit` and
+:meth:`Ledger.head`, which must see a device's whole chain, read one device's prefix at a time:
+junk keys are counted and ignored, and a device with more keys than the store returns under one
+prefix is reported without stopping the audit of the others.
 """
 
 from __future__ import annotations
@@ -30,16 +43,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ShoalError
+from ..net.limits import LogLimiter
 from .entry import Entry, Signer, entry_hash, sign_entry, verify_entry
 from .keys import (
     DEFAULT_ROOT,
+    KINDS,
     entry_key,
+    parse_entry_key,
     peer_prefix,
+    peers_prefix,
     registry_prefix,
     revoked_prefix,
-    round_prefix,
 )
-from .store import KeyValueStore, Record
+from .store import KeyValueStore, Record, TooManyRecords
 
 __all__ = ["Enrolled", "Ledger", "LedgerError", "RoundView"]
 
@@ -52,6 +68,14 @@ a peer's memory by writing bad entries)."""
 
 MAX_CACHED = 20_000
 """Verified entries a ledger remembers so that reading them again costs no verification."""
+
+MAX_AUDIT_LINES = 20
+"""Problems :meth:`Ledger.audit` lists per device (then one line saying how many more): a
+device that wrote thousands of bad entries gets a bounded report."""
+
+MAX_WARNINGS_PER_DEVICE = 20
+"""Warnings a ledger logs about one device per minute (:class:`~shoal.net.limits.LogLimiter`);
+:attr:`Ledger.problems` keeps them all, up to :data:`MAX_PROBLEMS`."""
 
 
 class LedgerError(ShoalError):
@@ -84,6 +108,10 @@ class RoundView:
     updates: dict[str, tuple[Entry, int]] = field(default_factory=dict)
     closes: dict[str, tuple[Entry, int]] = field(default_factory=dict)
     merged: dict[str, tuple[Entry, int]] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set, repr=False)
+    """Entry keys :meth:`Ledger.follow` refused for this view: not watched again, so a device
+    rewriting its own key wakes a follower once (an entry is written once: whatever the key
+    holds later, the next :meth:`Ledger.read_rounds` of the round reads and checks)."""
 
     def of(self, kind: str) -> dict[str, tuple[Entry, int]]:
         """The entries of ``kind``."""
@@ -108,6 +136,7 @@ class Ledger:
         self._known: list[str] = []  # the enrolled devices of the last registry read
         self._valid: dict[str, tuple[int, int, bytes, Entry]] = {}  # verified, by key
         self._pinned: dict[str, tuple[bytes, int]] = {}  # device -> key and revision first read
+        self._warn = LogLimiter(MAX_WARNINGS_PER_DEVICE)
 
     def __repr__(self) -> str:
         return f"Ledger({self.store!r}, root={self.root!r})"
@@ -159,6 +188,9 @@ class Ledger:
             (records,), _ = self.store.ranges([f"{peer_prefix(device, self.root)}{job}/"])
             best = (0, "")
             for r in records:
+                parts = parse_entry_key(r.key, self.root)
+                if parts is None or parts[:2] != (device, job):
+                    continue  # not an entry key: junk is never parsed
                 try:
                     e = Entry.decode(r.value)
                 except ValueError:
@@ -195,28 +227,37 @@ class Ledger:
     def read_rounds(self, job: str, rounds: Sequence[int],
                     devices: Sequence[str] | None = None) -> list[RoundView]:
         """:meth:`read_round` of each of ``rounds``, and the registry, in one read at one store
-        revision (the devices enrolled since the last read are read again at once)."""
+        revision (the devices enrolled since the last read are read again at once).
+
+        The read asks for the registry and for the exact key of each kind of entry of each
+        device in each round (:meth:`~shoal.ledger.store.KeyValueStore.read`): ``2 + 3 x
+        devices x rounds`` requests, each answering at most one record but the registry's,
+        however many other keys any device wrote under its prefix."""
         while True:
             names = list(devices) if devices is not None else list(self._known)
-            prefixes = [registry_prefix(self.root), revoked_prefix(self.root)] + [
-                round_prefix(d, job, r, self.root) for r in rounds for d in names]
-            got, revision = self.store.ranges(prefixes)
-            enrolled = self._parse_registry(got[0], got[1])
+            keys = [entry_key(d, job, r, kind, self.root)
+                    for r in rounds for d in names for kind in KINDS]
+            (reg, rev), got, revision = self.store.read(
+                [registry_prefix(self.root), revoked_prefix(self.root)], keys)
+            enrolled = self._parse_registry(reg, rev)
             if devices is not None or set(enrolled) <= set(names):
                 break  # else: a device enrolled since we last looked; read its entries too
         views = []
-        for i, round in enumerate(rounds):
+        records = iter(got)
+        for round in rounds:
             view = RoundView(job, round, revision, active=sorted(
                 d for d, e in enrolled.items() if e.revoked is None), enrolled=enrolled)
-            part = got[2 + i * len(names):2 + (i + 1) * len(names)]
-            for device, records in zip(names, part, strict=True):
-                for r in records:
+            for device in names:
+                for _kind in KINDS:
+                    r = next(records)
+                    if r is None:
+                        continue
                     entry = self._verified(r, enrolled, job)
                     if entry is None:
                         continue
                     if entry.round != round:
                         self._problem(f"{r.key!r}: the entry says round {entry.round}, its "
-                                      f"key round {round}; refused")
+                                      f"key round {round}; refused", device)
                         continue
                     view.of(entry.kind)[device] = (entry, r.create_revision)
             views.append(view)
@@ -224,19 +265,20 @@ class Ledger:
 
     def _verified(self, r: Record, enrolled: Mapping[str, Enrolled], job: str) -> Entry | None:
         """The entry in record ``r`` if it passes every check of the module docstring."""
-        rest = r.key.removeprefix(f"{self.root}/peers/")
-        parts = rest.split("/")
-        if len(parts) != 4 or rest == r.key:
-            self._problem(f"{r.key!r} is not an entry key; refused")
+        owner = r.key.removeprefix(peers_prefix(self.root)).split("/", 1)[0]
+        parts = parse_entry_key(r.key, self.root)
+        if parts is None:
+            self._problem(f"{r.key!r} is not an entry key; refused", owner)
             return None
         device, key_job, _, kind = parts
         who = enrolled.get(device)
         if who is None:
-            self._problem(f"{r.key!r}: device {device!r} is not enrolled; entry refused")
+            self._problem(f"{r.key!r}: device {device!r} is not enrolled; entry refused", owner)
             return None
         if who.revoked is not None and r.create_revision > who.revoked:
             self._problem(f"{r.key!r}: device {device!r} was revoked (revision {who.revoked}) "
-                          f"before it wrote this entry (revision {r.create_revision}); refused")
+                          f"before it wrote this entry (revision {r.create_revision}); refused",
+                          owner)
             return None
         cached = self._valid.get(r.key)
         if cached is not None and cached[:2] == (r.create_revision, r.version) \
@@ -245,16 +287,16 @@ class Ledger:
         try:
             entry = Entry.decode(r.value)
         except ValueError as e:
-            self._problem(f"{r.key!r}: {e}; refused")
+            self._problem(f"{r.key!r}: {e}; refused", owner)
             return None
         if (entry.device, entry.job, entry.kind) != (device, key_job, kind) or key_job != job:
             self._problem(f"{r.key!r}: the entry says device {entry.device!r}, job "
                           f"{entry.job!r}, kind {entry.kind!r}, which is not its key (written "
-                          "under another device's prefix, or moved); refused")
+                          "under another device's prefix, or moved); refused", owner)
             return None
         bad = verify_entry(entry, who.public_key)
         if bad is not None:
-            self._problem(f"{r.key!r}: {bad} (forged or altered); refused")
+            self._problem(f"{r.key!r}: {bad} (forged or altered); refused", owner)
             return None
         h = entry_hash(entry)
         seen = self._seen.get(r.key)
@@ -262,7 +304,7 @@ class Ledger:
             self._problem(f"{r.key!r} was rewritten after it was written (version {r.version}"
                           + (f", first read at revision {seen[0]}" if seen else "")
                           + "): an insider with write access to the store changed history; "
-                          "refused")
+                          "refused", owner)
             return None
         self._seen.setdefault(r.key, (r.create_revision, h))
         head = self._heads.get((job, device))
@@ -270,7 +312,7 @@ class Ledger:
             if entry.prev != head[1]:
                 self._problem(f"{r.key!r}: its prev hash does not match {device!r}'s previous "
                               "entry (the chain was broken: an entry was deleted, replaced or "
-                              "replayed); refused")
+                              "replayed); refused", owner)
                 return None
             self._heads[(job, device)] = (entry.seq, h)
         elif head is None or entry.seq > head[0]:
@@ -283,83 +325,124 @@ class Ledger:
     def follow(self, view: RoundView, timeout: float, kinds: Sequence[str] = ()) -> bool:
         """Wait up to ``timeout`` seconds for entries of ``view``'s round (of ``kinds``) written
         after ``view.revision`` and add them to ``view`` — verified against the registry
-        ``view`` was read with — without reading the round again; whether any came."""
-        tail = f"/{view.job}/{view.round:08d}/"
-        got = self.store.watch(f"{self.root}/peers/", view.revision, max(0.0, timeout),
-                               lambda key: tail in key and (
-                                   not kinds or key.rsplit("/", 1)[-1] in kinds))
+        ``view`` was read with — without reading the round again; whether any came.
+
+        It watches the exact keys of the entries ``view`` still lacks, of the devices enrolled
+        and not revoked in ``view`` (:meth:`~shoal.ledger.store.KeyValueStore.watch_keys`): no
+        other write wakes it, and a key refused once (``view.refused``) is not watched again,
+        so a device rewriting its own keys wakes a follower at most once per key."""
+        wanted = [k for k in (kinds or KINDS) if k in KINDS]
+        keys: dict[str, tuple[str, str]] = {}
+        for device, who in sorted(view.enrolled.items()):
+            if who.revoked is not None:
+                continue  # whatever it writes now comes after its revocation
+            for kind in wanted:
+                key = entry_key(device, view.job, view.round, kind, self.root)
+                if device not in view.of(kind) and key not in view.refused:
+                    keys[key] = (device, kind)
+        got = self.store.watch_keys(peers_prefix(self.root), list(keys), view.revision,
+                                    max(0.0, timeout))
         added = False
         for r in got:
             view.revision = max(view.revision, r.mod_revision)
             entry = self._verified(r, view.enrolled, view.job)
-            if entry is None or entry.round != view.round:
+            if entry is None or entry.round != view.round or r.key not in keys:
+                view.refused.add(r.key)
                 continue
-            device = r.key.removeprefix(f"{self.root}/peers/").split("/", 1)[0]
-            view.of(entry.kind)[device] = (entry, r.create_revision)
+            device, kind = keys[r.key]
+            view.of(kind)[device] = (entry, r.create_revision)
             added = True
         return added
 
-    def wait(self, job: str, revision: int, timeout: float, round: int | None = None,
+    def wait(self, job: str, revision: int, timeout: float, round: int,
              kinds: Sequence[str] = ()) -> bool:
-        """Block until an entry of ``job`` (of ``round`` and ``kinds``, when given) is written
-        after store ``revision`` (``True``) or ``timeout`` seconds pass (``False``). The
-        filter keeps a waiting peer from waking (and reading) for every other write."""
-        tail = f"/{job}/" + (f"{round:08d}/" if round is not None else "")
-
-        def match(key: str) -> bool:
-            if tail not in key:
-                return False
-            return not kinds or key.rsplit("/", 1)[-1] in kinds
-        return self.store.wait(f"{self.root}/peers/", revision, max(0.0, timeout), match)
+        """Block until an entry of ``job``'s ``round`` (of ``kinds``, when given) by a device
+        enrolled at the last registry read is written after store ``revision`` (``True``) or
+        ``timeout`` seconds pass (``False``). It watches those entries' exact keys only, so
+        no other write wakes a waiting peer (nor can a flood of them delay it)."""
+        names = self._known or sorted(self.enrolled())
+        keys = [entry_key(d, job, round, k, self.root) for d in names
+                for k in (kinds or KINDS) if k in KINDS]
+        return bool(self.store.watch_keys(peers_prefix(self.root), keys, revision,
+                                          max(0.0, timeout)))
 
     def audit(self, job: str) -> list[str]:
         """Check every enrolled device's whole chain of ``job`` (signatures, versions,
-        ``seq`` 1, 2, ... without gaps, ``prev`` links); the problems found (empty: intact)."""
+        ``seq`` 1, 2, ... without gaps, ``prev`` links); the problems found (empty: intact).
+
+        Each device's prefix of the job is read on its own, so one device's keys cannot stop
+        the audit of the others: keys that are not entry keys are counted (one line per
+        device) and never parsed, a device with more keys than the store returns under one
+        prefix (:class:`~shoal.ledger.store.TooManyRecords`) is reported as not audited, and
+        each device gets at most :data:`MAX_AUDIT_LINES` lines."""
         enrolled = self.enrolled()
-        names = sorted(enrolled)
-        got, _ = self.store.ranges([f"{peer_prefix(d, self.root)}{job}/" for d in names])
         found: list[str] = []
-        for device, records in zip(names, got, strict=True):
+        for device in sorted(enrolled):
+            prefix = f"{peer_prefix(device, self.root)}{job}/"
+            try:
+                (records,), _ = self.store.ranges([prefix])
+            except TooManyRecords as flood:
+                found.append(f"{device!r} has more than {flood.limit} keys under {prefix!r}; its "
+                             f"chain of job {job!r} was not audited (it wrote a flood of keys "
+                             "under its own prefix)")
+                continue
+            mine: list[str] = []
+            junk = 0
             chain: list[tuple[Entry, Record]] = []
             for r in records:
+                parts = parse_entry_key(r.key, self.root)
+                if parts is None or parts[:2] != (device, job):
+                    junk += 1
+                    continue
+                _, _, key_round, key_kind = parts
                 try:
                     e = Entry.decode(r.value)
                 except ValueError as err:
-                    found.append(f"{r.key!r}: {err}")
+                    mine.append(f"{r.key!r}: {err}")
                     continue
                 bad = verify_entry(e, enrolled[device].public_key)
                 if bad is not None:
-                    found.append(f"{r.key!r}: {bad}")
+                    mine.append(f"{r.key!r}: {bad}")
                 elif r.version != 1:
-                    found.append(f"{r.key!r} was rewritten after it was written (version "
-                                 f"{r.version})")
-                elif e.device != device or e.job != job or not r.key.endswith("/" + e.kind):
-                    found.append(f"{r.key!r}: the entry does not match its key")
-                elif not r.key.startswith(round_prefix(device, job, e.round, self.root)):
-                    found.append(f"{r.key!r}: the entry says round {e.round}, not its key's")
+                    mine.append(f"{r.key!r} was rewritten after it was written (version "
+                                f"{r.version})")
+                elif e.device != device or e.job != job or e.kind != key_kind:
+                    mine.append(f"{r.key!r}: the entry does not match its key")
+                elif e.round != key_round:
+                    mine.append(f"{r.key!r}: the entry says round {e.round}, not its key's")
                 else:
                     chain.append((e, r))
             chain.sort(key=lambda er: er[0].seq)
             prev = ""
             for i, (e, r) in enumerate(chain, start=1):
                 if e.seq != i:
-                    found.append(f"{device!r}'s chain of job {job!r} skips from entry {i - 1} "
-                                 f"to {e.seq} at {r.key!r} (an entry was deleted)")
+                    mine.append(f"{device!r}'s chain of job {job!r} skips from entry {i - 1} "
+                                f"to {e.seq} at {r.key!r} (an entry was deleted)")
                     break
                 if e.prev != prev:
-                    found.append(f"{r.key!r}: its prev hash does not match {device!r}'s entry "
-                                 f"{i - 1} (an entry was replaced or replayed)")
+                    mine.append(f"{r.key!r}: its prev hash does not match {device!r}'s entry "
+                                f"{i - 1} (an entry was replaced or replayed)")
                     break
                 prev = entry_hash(e)
-        for p in found:
-            self._problem(p)
+            if len(mine) > MAX_AUDIT_LINES:
+                mine[MAX_AUDIT_LINES:] = [f"{device!r}: {len(mine) - MAX_AUDIT_LINES} more "
+                                          f"problems in its entries of job {job!r}"]
+            if junk:
+                mine.append(f"{device!r} wrote {junk} keys under {prefix!r} that are not entry "
+                            "keys; ignored")
+            found += mine
+            for text in mine:
+                self._problem(text, device)
         return found
 
-    def _problem(self, text: str) -> None:
+    def _problem(self, text: str, about: str = "") -> None:
+        """Record ``text`` (once) in :attr:`problems` and log it — at most
+        :data:`MAX_WARNINGS_PER_DEVICE` a minute about one device (``about``; by default the
+        device the key in ``text`` belongs to)."""
         if text in self._said:
             return
         self._said.add(text)
-        log.warning("ledger: %s", text)
+        self._warn.warning(about or "(ledger)", "ledger: %s", text)
         self.problems.append(text)
         if len(self.problems) > MAX_PROBLEMS:
             gone = self.problems.pop(0)

@@ -7,10 +7,19 @@ process for simulation and fast tests:
 * ``create(key, value)`` — write once: succeeds only if ``key`` was never written (etcd: a
   transaction that requires ``create_revision == 0``), returning the write's revision;
 * ``ranges(prefixes)`` — the records under each prefix, all read at one revision (etcd: one
-  transaction of range requests), and that revision;
+  transaction of range requests), and that revision; more than ``max_records`` under one
+  prefix is a :class:`TooManyRecords`, never a silent truncation;
+* ``read(prefixes, keys)`` — the same, plus the record of each exact key (``None`` where there
+  is none), all at one revision. The ledger reads rounds this way, by the exact keys of their
+  entries (:mod:`shoal.ledger.keys`): what such a read costs depends on the keys asked for,
+  never on how many other keys a writer put under the same prefixes;
 * ``wait(prefix, revision, timeout, match)`` / ``watch(...)`` — block until something under
   ``prefix`` (whose key ``match`` accepts) is written after ``revision`` (etcd: a watch), or
   the timeout passes; ``watch`` returns what was written, so a follower needs no new read;
+* ``watch_keys(prefix, keys, revision, timeout)`` — the same for a set of exact keys (all
+  under ``prefix``): only writes to them wake the caller or are kept, so writes to other keys
+  (a hostile writer's junk under its own prefix) can neither delay nor evict what the caller
+  waits for;
 * revisions: one counter for the whole store, raised by every write, so that "written before"
   is a fact every reader agrees on. A record keeps the revision that created it, the revision
   that last changed it and its ``version`` (1 for a record written once and never changed).
@@ -19,11 +28,32 @@ process for simulation and fast tests:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["KeyValueStore", "MemoryStore", "Record"]
+from ..errors import TransportError
+
+__all__ = ["DEFAULT_MAX_RECORDS", "KeyValueStore", "MemoryStore", "Record", "TooManyRecords"]
+
+DEFAULT_MAX_RECORDS = 10_000
+"""The most records a store returns under one prefix (etcd's ``limit``); more is a
+:class:`TooManyRecords`."""
+
+
+class TooManyRecords(TransportError):
+    """More than ``max_records`` records under ``prefix``: the store refuses to return a
+    truncated prefix (a reader that can do without it — an audit of one device among many —
+    reports it and goes on)."""
+
+    def __init__(self, prefix: str, limit: int, count: int | None = None):
+        said = f" ({count})" if count is not None else ""
+        super().__init__(
+            f"more than max_records={limit} records under {prefix!r}{said}; the ledger refuses "
+            "to read a truncated prefix. Read narrower prefixes or exact keys, or raise "
+            "max_records.")
+        self.prefix = prefix
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,13 @@ class KeyValueStore(Protocol):
         """The records under each prefix (sorted by key), read at one revision, and it."""
         ...
 
+    def read(self, prefixes: Sequence[str], keys: Sequence[str]
+             ) -> tuple[list[list[Record]], list[Record | None], int]:
+        """The records under each of ``prefixes`` (as :meth:`ranges`) and the record of each
+        of ``keys`` (``None`` where the key does not exist), all read at one revision, and
+        it."""
+        ...
+
     def wait(self, prefix: str, revision: int, timeout: float,
              match: Callable[[str], bool] | None = None) -> bool:
         """Block until a key under ``prefix`` (and accepted by ``match``, when given) is
@@ -61,6 +98,14 @@ class KeyValueStore(Protocol):
         in revision order, as soon as there is one; ``[]`` when ``timeout`` passes first."""
         ...
 
+    def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
+                   timeout: float) -> list[Record]:
+        """The records of ``keys`` (exact keys, all under ``prefix``; a key's newest record
+        only) modified after ``revision``, in revision order, as soon as there is one; ``[]``
+        when ``timeout`` passes first. Writes to any other key neither wake the caller nor are
+        kept."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -69,9 +114,11 @@ class KeyValueStore(Protocol):
 class MemoryStore:
     """A :class:`KeyValueStore` in one process (simulation, tests). ``put`` and ``delete``
     are what an administrator of the real store can do (tests play that insider with them);
-    the ledger itself only ever calls ``create``."""
+    the ledger itself only ever calls ``create``. ``max_records`` bounds :meth:`ranges` as
+    :class:`~shoal.ledger.etcd.EtcdStore`'s does, so that simulation and deployment agree."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_records: int = DEFAULT_MAX_RECORDS) -> None:
+        self.max_records = max_records
         self._records: dict[str, Record] = {}
         self._revision = 0
         self._changed = threading.Condition()
@@ -117,10 +164,22 @@ class MemoryStore:
 
     def ranges(self, prefixes: Sequence[str]) -> tuple[list[list[Record]], int]:
         """See :class:`KeyValueStore`."""
+        got, _, revision = self.read(prefixes, ())
+        return got, revision
+
+    def read(self, prefixes: Sequence[str], keys: Sequence[str]
+             ) -> tuple[list[list[Record]], list[Record | None], int]:
+        """See :class:`KeyValueStore`."""
         with self._changed:
-            keys = sorted(self._records)
-            return ([[self._records[k] for k in keys if k.startswith(p)] for p in prefixes],
-                    self._revision)
+            got: list[list[Record]] = []
+            if prefixes:
+                ordered = sorted(self._records)
+                for p in prefixes:
+                    under = [self._records[k] for k in ordered if k.startswith(p)]
+                    if len(under) > self.max_records:
+                        raise TooManyRecords(p, self.max_records, len(under))
+                    got.append(under)
+            return got, [self._records.get(k) for k in keys], self._revision
 
     def wait(self, prefix: str, revision: int, timeout: float,
              match: Callable[[str], bool] | None = None) -> bool:
@@ -137,6 +196,21 @@ class MemoryStore:
         def changed() -> list[Record]:
             return sorted((r for r in self._records.values() if r.mod_revision > revision
                            and r.key.startswith(prefix) and (match is None or match(r.key))),
+                          key=lambda r: r.mod_revision)
+        with self._changed:
+            self._changed.wait_for(changed, timeout)
+            return changed()
+
+    def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
+                   timeout: float) -> list[Record]:
+        """See :class:`KeyValueStore`: looks at ``keys`` only, however many others there are."""
+        wanted = list(dict.fromkeys(keys))
+        if any(not k.startswith(prefix) for k in wanted):
+            raise ValueError(f"watch_keys: every key must be under {prefix!r}")
+
+        def changed() -> list[Record]:
+            got = (self._records.get(k) for k in wanted)
+            return sorted((r for r in got if r is not None and r.mod_revision > revision),
                           key=lambda r: r.mod_revision)
         with self._changed:
             self._changed.wait_for(changed, timeout)

@@ -229,11 +229,14 @@ class SwarmNode:
 
     # -- catching up -----------------------------------------------------------------------
 
-    def _latest_merged(self) -> tuple[int, Entry | None]:
-        """The newest round with merged entries and its majority entry (:func:`_majority`);
-        ``(0, None)`` for none."""
+    def _latest_merged(self, rounds: int) -> tuple[int, Entry | None]:
+        """The newest round, up to the job's ``rounds``, with merged entries, and its majority
+        entry (:func:`_majority`); ``(0, None)`` for none. Each round is read by its entries'
+        exact keys (:meth:`~shoal.ledger.ledger.Ledger.read_rounds`) and no round past the
+        job's end is looked at, so a device that wrote keys (or entries) for rounds the job
+        never reaches costs this search nothing."""
         r, found = 0, None
-        while (view := self.ledger.read_round(self.peer.job, r + 1)).merged:
+        while r < rounds and (view := self.ledger.read_round(self.peer.job, r + 1)).merged:
             r, found = r + 1, _majority(view.merged)
         return r, found
 
@@ -262,7 +265,7 @@ class SwarmNode:
         ``stop`` is set."""
         rounds = rounds or self.config.federated.rounds
         params, base = tree.clone(self.params0), model_hash(self.params0)
-        done, latest = self._latest_merged()
+        done, latest = self._latest_merged(rounds)
         if latest is not None:
             log.info("swarm: %s catches up to round %d (model %s)", self.device, done,
                      latest.blob[:12])
