@@ -52,7 +52,7 @@ from ..tree import Params
 from .clientdata import load_client_data
 from .deploy import refuse_simulation_only
 
-__all__ = ["PeerBlobs", "SwarmNode", "SwarmOutcome"]
+__all__ = ["PeerBlobs", "SwarmNode", "SwarmOutcome", "newest_agreed"]
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,8 @@ class SwarmNode:
     # -- catching up -----------------------------------------------------------------------
 
     def _latest_merged(self, rounds: int) -> tuple[int, Entry | None]:
-        """The newest round, up to the job's ``rounds``, with merged entries, and its majority
-        entry (:func:`_majority`); ``(0, None)`` for none. Each round is read by its entries'
-        exact keys (:meth:`~shoal.ledger.ledger.Ledger.read_rounds`) and no round past the
-        job's end is looked at, so a device that wrote keys (or entries) for rounds the job
-        never reaches costs this search nothing."""
-        r, found = 0, None
-        while r < rounds and (view := self.ledger.read_round(self.peer.job, r + 1)).merged:
-            r, found = r + 1, _majority(view.merged)
-        return r, found
+        """:func:`newest_agreed` model of this job, at least ``min_peers`` peers agreeing."""
+        return newest_agreed(self.ledger, self.peer.job, rounds, self.peer.min_peers)
 
     def _adopt(self, entry: Entry, template: Params) -> Params:
         """The merged model ``entry`` names, from one of the peers that hold it."""
@@ -275,7 +268,7 @@ class SwarmNode:
             if stop is not None and stop.is_set():
                 break
             last, view = self.ledger.read_rounds(self.peer.job, [r - 1, r])
-            majority = _majority(last.merged)
+            majority = _majority(last.merged, own=base)
             if majority is not None and majority.blob != base:  # we were the odd one out
                 log.warning("swarm round %d: our merged model %s is not the one most peers "
                             "recorded (%s); adopting theirs", r - 1, base[:12],
@@ -337,11 +330,40 @@ class SwarmNode:
             f.write(json.dumps(row) + "\n")
 
 
-def _majority(merged: dict[str, tuple[Entry, int]]) -> Entry | None:
-    """The merged entry whose model hash most peers recorded (ties: the first device in
-    sorted order); ``None`` when no merged entry names a model (failed rounds keep theirs)."""
+def newest_agreed(ledger: Ledger, job: str, rounds: int,
+                  quorum: int) -> tuple[int, Entry | None]:
+    """Where a (re)starting peer catches up to: the newest round, up to the job's ``rounds``,
+    whose majority merged model (:func:`_majority`) at least ``quorum`` peers recorded, and
+    that entry; ``(0, None)`` for none.
+
+    Rounds are read while they hold merged entries (each by its entries' exact keys,
+    :meth:`~shoal.ledger.ledger.Ledger.read_rounds`; none past the job's end). The quorum is
+    the swarm's ``min_peers``, the fewest updates a round merges: one enrolled peer that
+    records a merged entry of its own for a round the swarm has not reached (validly signed,
+    under its own prefix) is outvoted there, and a peer catching up never adopts its model;
+    the rounds after the agreed one are merged again from their updates by the peer itself."""
+    r = 0
+    agreed: tuple[int, Entry | None] = (0, None)
+    while r < rounds and (view := ledger.read_round(job, r + 1)).merged:
+        r += 1
+        best = _majority(view.merged)
+        if best is not None and _votes(view.merged, best.blob) >= quorum:
+            agreed = (r, best)
+    return agreed
+
+
+def _votes(merged: dict[str, tuple[Entry, int]], blob: str) -> int:
+    return sum(e.blob == blob for e, _ in merged.values())
+
+
+def _majority(merged: dict[str, tuple[Entry, int]], own: str = "") -> Entry | None:
+    """The merged entry whose model hash most peers recorded (ties: ``own``, this peer's
+    model, when it is among them, so one other peer can never outvote us in a tie; else the
+    first device in sorted order); ``None`` when no merged entry names a model (failed rounds
+    keep theirs)."""
     votes = Counter(e.blob for e, _ in merged.values() if e.blob)
     if not votes:
         return None
     best = max(votes.values())
-    return next(e for _, (e, _) in sorted(merged.items()) if votes.get(e.blob) == best)
+    tied = [e for _, (e, _) in sorted(merged.items()) if votes.get(e.blob) == best]
+    return next((e for e in tied if e.blob == own), tied[0])
