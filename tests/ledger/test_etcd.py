@@ -1,5 +1,5 @@
-"""The ledger's etcd store and enrollment: write-once creates, reads at one revision, watches,
-per-device RBAC over mutual TLS (CN = etcd user), revocation, the administrator's insider
+"""The ledger's etcd store and enrollment: write-once creates, reads at one revision, watches
+of exact keys (``watch_keys``), per-device RBAC over mutual TLS (CN = etcd user), revocation, the administrator's insider
 power, and fail-over between members. The etcd tests share one 3-member cluster
 (``conftest.etcd``); the registrar's in-process tests need no etcd."""
 
@@ -25,7 +25,15 @@ from shoal.ledger.enroll import (
     load_signing_key,
 )
 from shoal.ledger.etcd import EtcdStore, LedgerAccessError, prefix_end
-from shoal.ledger.keys import peer_prefix, registry_key, registry_value, revoked_key
+from shoal.ledger.etcd_watch import KeyStream
+from shoal.ledger.keys import (
+    entry_key,
+    peer_prefix,
+    peers_prefix,
+    registry_key,
+    registry_value,
+    revoked_key,
+)
 from shoal.ledger.store import MemoryStore
 from shoal.net.ca import CertificateAuthority
 
@@ -82,27 +90,52 @@ def test_reads_are_bounded(etcd):
         assert len(two) == 1
 
 
-def test_wait_wakes_on_a_write_and_times_out_otherwise(etcd):
+def test_watch_keys_wakes_on_a_write_and_times_out_otherwise(etcd):
     prefix = f"/test/{_uid('wait')}/"
+    key = f"{prefix}x"
     _, rev = etcd.admin.ranges([prefix])
     t = time.monotonic()
-    assert etcd.admin.wait(prefix, rev, 0.3) is False
+    assert etcd.admin.watch_keys(prefix, [key], rev, 0.3) == []
     assert 0.25 <= time.monotonic() - t < 2.0
-    threads = threading.active_count()
-    etcd.admin.create(f"{prefix[:-1]}-sibling/x", b"")  # not under the prefix: no wake-up
-    timer = threading.Timer(0.3, etcd.admin.create, (f"{prefix}x", b"v"))
+    # Writes to other keys, under the prefix or beside it, neither wake a caller nor are
+    # returned: before the call (the read) or during it (the stream).
+    etcd.admin.create(f"{prefix[:-1]}-sibling/x", b"")
+    etcd.admin.create(f"{prefix}other", b"")
+    t = time.monotonic()
+    assert etcd.admin.watch_keys(prefix, [key], rev, 0.3) == []
+    assert 0.25 <= time.monotonic() - t < 2.0
+    other = threading.Timer(0.1, etcd.admin.create, (f"{prefix}xx", b""))
+    timer = threading.Timer(0.4, etcd.admin.create, (key, b"v"))
+    other.start()
     timer.start()
     t = time.monotonic()
-    assert etcd.admin.wait(prefix, rev, 10.0) is True
-    assert time.monotonic() - t < 5.0
+    got = etcd.admin.watch_keys(prefix, [key, f"{prefix}never"], rev, 10.0)
+    assert 0.3 <= time.monotonic() - t < 5.0
+    other.join()
     timer.join()
-    # A write already made after `revision` wakes at once, even with no time to wait.
-    assert etcd.admin.wait(prefix, rev, 5.0) is True
-    assert etcd.admin.wait(prefix, rev, 0) is True
+    assert [(r.key, r.value) for r in got] == [(key, b"v")]
+    # A write already made after `revision` is returned at once, even with no time to wait.
+    t = time.monotonic()
+    assert etcd.admin.watch_keys(prefix, [key], rev, 5.0) == got
+    assert etcd.admin.watch_keys(prefix, [key], rev, 0) == got
+    assert time.monotonic() - t < 2.0
     _, now = etcd.admin.ranges([prefix])
-    assert etcd.admin.wait(prefix, now, 0) is False
-    for _ in range(3):  # cancelled watches leave no thread behind
-        assert etcd.admin.wait(prefix, now, 0.05) is False
+    assert etcd.admin.watch_keys(prefix, [key], now, 0) == []
+    with pytest.raises(ValueError, match="under"):
+        etcd.admin.watch_keys(prefix, [f"{prefix[:-1]}-sibling/x"], rev, 0)
+
+
+def test_watch_keys_shares_one_stream_per_prefix_and_close_ends_it(etcd):
+    prefix = f"/test/{_uid('stream')}/"
+    threads = threading.active_count()
+    with etcd.cluster.store() as s:
+        _, rev = s.ranges([prefix])
+        for i in range(3):  # calls that time out leave the one stream, and no thread, behind
+            assert s.watch_keys(prefix, [f"{prefix}{i}"], rev, 0.05) == []
+        streams = [t for t in threading.enumerate() if t.name == f"etcd-watch {prefix}"]
+        assert len(streams) == 1
+    streams[0].join(5.0)
+    assert not streams[0].is_alive()
     time.sleep(0.2)
     assert threading.active_count() <= threads
 
@@ -115,13 +148,22 @@ def test_enrolled_device_writes_its_own_prefix_and_reads_everyones(etcd):
     b, _, store_b = _enroll(etcd, "dev-b")
     with store_a, store_b:
         assert store_a.device == a
-        rev = store_a.create(f"{peer_prefix(a)}job/00000001/update", b"entry of a")
+        key = entry_key(a, "job", 1, "update")
+        rev = store_a.create(key, b"entry of a")
         assert rev is not None
         (mine, registry), _ = store_b.ranges([peer_prefix(a), registry_key(a)])
         assert [r.value for r in mine] == [b"entry of a"]
         public = ident_a.signer().credential()
         assert [r.value for r in registry] == [registry_value(a, public)]
-        assert store_b.wait(peer_prefix(a), rev - 1, 2.0) is True
+        got = store_b.watch_keys(peers_prefix(), [key], rev - 1, 2.0)
+        assert [r.value for r in got] == [b"entry of a"]
+        # b's watch stream on the peers' prefix delivers what a writes next.
+        later = entry_key(a, "job", 1, "close")
+        timer = threading.Timer(0.3, store_a.create, (later, b"close of a"))
+        timer.start()
+        got = store_b.watch_keys(peers_prefix(), [later], rev, 5.0)
+        timer.join()
+        assert [r.value for r in got] == [b"close of a"]
 
 
 def test_a_device_cannot_write_under_another_devices_prefix(etcd):
@@ -148,14 +190,18 @@ def test_a_certificate_from_another_ca_cannot_connect(etcd, tmp_path):
     ident = other.issue("mallory", tmp_path / "mallory", client=True)
     (tmp_path / "mallory" / "ca.crt").write_bytes((etcd.ca.dir / "ca.crt").read_bytes())
     t = time.monotonic()
-    with EtcdStore(etcd.cluster.endpoints, ident, timeout=1.0) as s, \
-            pytest.raises(TransportError) as e:
-        s.ranges(["/shoal/"])
-    assert not isinstance(e.value, LedgerAccessError)
-    assert time.monotonic() - t < 5.0
-    for ep in etcd.cluster.endpoints:
-        assert ep in str(e.value)
-    assert "UNAVAILABLE" in str(e.value)
+    with EtcdStore(etcd.cluster.endpoints, ident, timeout=1.0) as s:
+        with pytest.raises(TransportError) as e:
+            s.ranges(["/shoal/"])
+        assert not isinstance(e.value, LedgerAccessError)
+        assert time.monotonic() - t < 5.0
+        for ep in etcd.cluster.endpoints:
+            assert ep in str(e.value)
+        assert "UNAVAILABLE" in str(e.value)
+        key = entry_key("alice", "job", 1, "update")
+        with pytest.raises(TransportError) as e:
+            s.watch_keys(peers_prefix(), [key], 0, 1.0)
+        assert not isinstance(e.value, LedgerAccessError) and "UNAVAILABLE" in str(e.value)
 
 
 def test_a_certificate_of_the_ca_without_enrollment_is_refused(etcd, tmp_path):
@@ -165,8 +211,17 @@ def test_a_certificate_of_the_ca_without_enrollment_is_refused(etcd, tmp_path):
             s.ranges(["/shoal/"])
         with pytest.raises(LedgerAccessError):
             s.create(f"{peer_prefix(s.device)}x", b"v")
-        with pytest.raises(LedgerAccessError):
-            s.wait("/shoal/", 0, 1.0)
+        key = entry_key("alice", "job", 1, "update")
+        with pytest.raises(LedgerAccessError, match="must be enrolled"):
+            s.watch_keys(peers_prefix(), [key], 0, 1.0)
+        # The watch stream itself is refused too, not retried: its callers get the refusal.
+        stream = KeyStream(s, peers_prefix(), 0, [key])
+        try:
+            with pytest.raises(LedgerAccessError, match="a watch of"):
+                stream.get_keys([key], 0, 5.0)
+            assert not stream.healthy()
+        finally:
+            stream.stop()
 
 
 def test_a_revoked_device_can_neither_read_nor_write(etcd):
@@ -224,6 +279,8 @@ def test_reads_writes_and_watches_fail_over_when_a_member_dies(etcd):
     prefix = f"/test/{_uid('failover')}/"
     with cluster.store(timeout=5.0) as s:
         assert s.create(f"{prefix}before", b"1") is not None  # talks to member 0
+        assert s.watch_keys(prefix, [f"{prefix}woken"], 0, 0) == []  # a stream on member 0
+        stream = s._key_tails[prefix]
         cluster.kill(0)
         try:
             t = time.monotonic()
@@ -233,8 +290,10 @@ def test_reads_writes_and_watches_fail_over_when_a_member_dies(etcd):
             assert time.monotonic() - t < 8.0
             timer = threading.Timer(0.2, s.create, (f"{prefix}woken", b"3"))
             timer.start()
-            assert s.wait(prefix, rev, 5.0) is True
+            got = s.watch_keys(prefix, [f"{prefix}woken"], rev, 5.0)
             timer.join()
+            assert [r.value for r in got] == [b"3"]
+            assert s._key_tails[prefix] is stream  # the stream moved to a live member
             with EtcdStore(cluster.endpoints[:1], cluster.admin, timeout=0.5) as dead, \
                     pytest.raises(TransportError) as e:
                 dead.ranges([prefix])

@@ -187,7 +187,7 @@ def test_a_flood_of_junk_keys_cannot_stop_honest_peers_reading_a_round(etcd):
         while tail.ignored < FLOOD and time.monotonic() - t < 10:
             time.sleep(0.05)  # the read may have seen alice's entry before the stream did
         assert tail.ignored >= FLOOD  # streamed past, dropped unread
-        assert tail.records == [] and len(tail.latest) <= 3 * devices
+        assert len(tail.latest) <= 3 * devices  # all the stream holds: waited-for keys
         # Waiting for the round's merged entries: the junk (some of it named merged-*) does
         # not wake the waiter.
         assert ledgers["bob"].wait(job, view4.revision, 0.3, round=4, kinds=("merged",)) is False

@@ -6,20 +6,19 @@ process for simulation and fast tests:
 
 * ``create(key, value)`` — write once: succeeds only if ``key`` was never written (etcd: a
   transaction that requires ``create_revision == 0``), returning the write's revision;
-* ``ranges(prefixes)`` — the records under each prefix, all read at one revision (etcd: one
-  transaction of range requests), and that revision; more than ``max_records`` under one
-  prefix is a :class:`TooManyRecords`, never a silent truncation;
-* ``read(prefixes, keys)`` — the same, plus the record of each exact key (``None`` where there
-  is none), all at one revision. The ledger reads rounds this way, by the exact keys of their
-  entries (:mod:`shoal.ledger.keys`): what such a read costs depends on the keys asked for,
-  never on how many other keys a writer put under the same prefixes;
-* ``wait(prefix, revision, timeout, match)`` / ``watch(...)`` — block until something under
-  ``prefix`` (whose key ``match`` accepts) is written after ``revision`` (etcd: a watch), or
-  the timeout passes; ``watch`` returns what was written, so a follower needs no new read;
-* ``watch_keys(prefix, keys, revision, timeout)`` — the same for a set of exact keys (all
-  under ``prefix``): only writes to them wake the caller or are kept, so writes to other keys
-  (a hostile writer's junk under its own prefix) can neither delay nor evict what the caller
-  waits for;
+* ``read(prefixes, keys)`` — the records under each prefix and the record of each exact key
+  (``None`` where there is none), all read at one revision (etcd: transactions of range
+  requests), and that revision; more than ``max_records`` under one prefix is a
+  :class:`TooManyRecords`, never a silent truncation. The ledger reads rounds by the exact
+  keys of their entries (:mod:`shoal.ledger.keys`): what such a read costs depends on the keys
+  asked for, never on how many other keys a writer put under the same prefixes; it ranges
+  over a prefix only for the registry and for one device's chain (``ranges(prefixes)`` is
+  ``read`` with no exact keys);
+* ``watch_keys(prefix, keys, revision, timeout)`` — block until one of a set of exact keys (all
+  under ``prefix``) is written after ``revision`` (etcd: a watch), or the timeout passes, and
+  return what was written, so a follower needs no new read. Only writes to those keys wake the
+  caller or are kept, so writes to other keys (a hostile writer's junk under its own prefix)
+  can neither delay nor evict what the caller waits for;
 * revisions: one counter for the whole store, raised by every write, so that "written before"
   is a fact every reader agrees on. A record keeps the revision that created it, the revision
   that last changed it and its ``version`` (1 for a record written once and never changed).
@@ -28,7 +27,7 @@ process for simulation and fast tests:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,18 +85,6 @@ class KeyValueStore(Protocol):
         it."""
         ...
 
-    def wait(self, prefix: str, revision: int, timeout: float,
-             match: Callable[[str], bool] | None = None) -> bool:
-        """Block until a key under ``prefix`` (and accepted by ``match``, when given) is
-        written after ``revision`` (``True``) or ``timeout`` seconds pass (``False``)."""
-        ...
-
-    def watch(self, prefix: str, revision: int, timeout: float,
-              match: Callable[[str], bool] | None = None) -> list[Record]:
-        """The records under ``prefix`` (accepted by ``match``) written after ``revision``,
-        in revision order, as soon as there is one; ``[]`` when ``timeout`` passes first."""
-        ...
-
     def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
                    timeout: float) -> list[Record]:
         """The records of ``keys`` (exact keys, all under ``prefix``; a key's newest record
@@ -114,7 +101,7 @@ class KeyValueStore(Protocol):
 class MemoryStore:
     """A :class:`KeyValueStore` in one process (simulation, tests). ``put`` and ``delete``
     are what an administrator of the real store can do (tests play that insider with them);
-    the ledger itself only ever calls ``create``. ``max_records`` bounds :meth:`ranges` as
+    the ledger itself only ever calls ``create``. ``max_records`` bounds :meth:`read` as
     :class:`~shoal.ledger.etcd.EtcdStore`'s does, so that simulation and deployment agree."""
 
     def __init__(self, max_records: int = DEFAULT_MAX_RECORDS) -> None:
@@ -180,26 +167,6 @@ class MemoryStore:
                         raise TooManyRecords(p, self.max_records, len(under))
                     got.append(under)
             return got, [self._records.get(k) for k in keys], self._revision
-
-    def wait(self, prefix: str, revision: int, timeout: float,
-             match: Callable[[str], bool] | None = None) -> bool:
-        """See :class:`KeyValueStore`."""
-        def changed() -> bool:
-            return any(r.mod_revision > revision and r.key.startswith(prefix)
-                       and (match is None or match(r.key)) for r in self._records.values())
-        with self._changed:
-            return self._changed.wait_for(changed, timeout)
-
-    def watch(self, prefix: str, revision: int, timeout: float,
-              match: Callable[[str], bool] | None = None) -> list[Record]:
-        """See :class:`KeyValueStore`."""
-        def changed() -> list[Record]:
-            return sorted((r for r in self._records.values() if r.mod_revision > revision
-                           and r.key.startswith(prefix) and (match is None or match(r.key))),
-                          key=lambda r: r.mod_revision)
-        with self._changed:
-            self._changed.wait_for(changed, timeout)
-            return changed()
 
     def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
                    timeout: float) -> list[Record]:
