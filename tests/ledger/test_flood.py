@@ -286,3 +286,24 @@ def test_entry_keys_are_exactly_what_entry_key_writes():
                  "/other/peers/d/j/00000003/update",
                  "/shoal/peers/d/j/\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff13/update"):
         assert parse_entry_key(junk) is None, junk
+
+
+def test_a_key_that_is_not_utf8_is_junk_not_a_crash(etcd):
+    """etcd keys are bytes: a device's key that does not decode is counted, not fatal."""
+    job = _uid("bytes")
+    evil, honest = _uid("evil"), _uid("alice")
+    idents = {d: etcd.registrar.enroll(d, etcd.root / "devices" / d) for d in (evil, honest)}
+    stores = {d: etcd.cluster.store(i.tls, timeout=10.0) for d, i in idents.items()}
+    try:
+        _entries(Ledger(stores[honest]), idents[honest].signer(), job, 1)
+        bad = f"{peer_prefix(evil)}{job}/".encode() + b"\xff\xfe/00000001/update"
+        txn = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(
+            request_put=rpc_pb2.PutRequest(key=bad, value=b"junk"))])
+        stores[evil]._call("put", "bad", lambda m, t, r: m.kv.Txn(txn, timeout=t))
+        ledger = Ledger(stores[honest])
+        assert set(ledger.read_round(job, 1).updates) == {honest}
+        problems = ledger.audit(job)
+        assert len(problems) == 1 and evil in problems[0] and "1 key" in problems[0], problems
+    finally:
+        for st in stores.values():
+            st.close()

@@ -1,7 +1,11 @@
 """The permissioned ledger of swarm learning, its stores, enrollment and the weights blobs.
 
     store    KeyValueStore (the contract) and MemoryStore (simulation, tests)
-    etcd     EtcdStore (the store in deployment: mutual TLS, RBAC, fail-over), EtcdCluster
+    etcd     EtcdStore (the store in deployment: mutual TLS, fail-over, reads at one revision)
+    etcd_watch   KeyStream: one shared watch stream per prefix, keeping only awaited keys
+    etcd_access  EtcdAccess: etcd's users, roles and permissions (RBAC) per device
+    etcd_rpc     what those share: a member's connection, records, access errors
+    cluster  EtcdCluster: a local etcd cluster with the project's TLS (tests, trials)
     keys     where entries, the registry and revocations live (what RBAC follows)
     entry    Entry: what a device records, signed (Ed25519) and chained by hash
     ledger   Ledger: append, read a round (verified), follow new entries, audit a job

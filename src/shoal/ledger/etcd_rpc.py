@@ -57,6 +57,8 @@ def prefix_end(prefix: bytes) -> bytes:
 
 
 def to_record(kv: Any) -> Record:
-    """A store record from etcd's ``mvccpb.KeyValue``."""
-    return Record(kv.key.decode(), bytes(kv.value), int(kv.create_revision),
+    """A store record from etcd's ``mvccpb.KeyValue``. A key that is not UTF-8 (a device may
+    write any bytes under its prefix) is decoded with U+FFFD in place of the bad bytes: it is
+    no entry key then, and is counted as junk rather than failing the read."""
+    return Record(kv.key.decode(errors="replace"), bytes(kv.value), int(kv.create_revision),
                   int(kv.mod_revision), int(kv.version))
