@@ -100,7 +100,7 @@ def test_the_coordinator_sees_no_update_in_the_clear():
         for t in reply.tensors.values():
             assert not t.dtype.is_floating_point
         if reply.kind == MASKED_INPUT:
-            assert reply.tensors["masked"].shape == (n + 4,)
+            assert reply.tensors["masked"].shape == (n + 6,)  # the update, 6 scalars
     # The clients will not answer the plain kinds, which would reveal updates or metrics.
     assert set(secure.handlers()) == {"secagg.advertise", "secagg.share_keys",
                                       MASKED_INPUT, "secagg.consistency", "secagg.unmask"}
@@ -168,6 +168,30 @@ def test_secure_federated_evaluation_equals_plain_federated_evaluation():
     assert got["fed_eval/accuracy"] == pytest.approx(want["fed_eval/accuracy"], abs=1e-6)
     assert got["fed_eval/loss"] == pytest.approx(want["fed_eval/loss"], abs=1e-5)
     assert all(not r.metrics for r in t_secure.received)  # no per-client metric went up
+
+
+def test_clamped_weights_and_losses_are_counted_not_silent():
+    """A weight over max_weight counts as max_weight, a loss over LOSS_CLIP as LOSS_CLIP: both
+    are counted in the secure sum (round/weights_capped as FedAvg's, train/loss_clipped)."""
+    from dataclasses import replace
+
+    tiny = make_tiny(clients=6)
+    model = tiny.model()
+    inner = local_sgd(model, cross_entropy, epochs=1, batch_size=8, optimizer=sgd(0.1))
+
+    def update(params, data, info):
+        result = inner(params, data, info)
+        if info.client_id == "client-2":  # a diverged client
+            result = replace(result, metrics={**result.metrics, "train/loss": 1e4})
+        return result
+
+    secure = SecureFedAvg(update, secagg=secure_aggregation(max_weight=10.0), seed=7)
+    transport = InProcessTransport(tiny.ids, tiny.data.__getitem__, secure.handlers(),
+                                   on_error="raise")
+    last = run(secure, transport, params=tree.params_of(model), rounds=1).history[-1]
+    assert last["round/weights_capped"] == 6  # each client trained on 25 examples > 10
+    assert last["train/loss_clipped"] == 1
+    assert last["train/loss"] < LOSS_CLIP
 
 
 def _regression_evaluations(**secagg):

@@ -6,7 +6,8 @@ round is one SecAgg+ session (:mod:`shoal.secagg.protocol`) in place of ``"train
 trains, runs the pipeline's client-side stages, checks its update, clips it per coordinate and
 sends the masked quantization of the vector::
 
-    [w * x (one value per parameter), w, w * train_loss, w * has_loss, train_examples]
+    [w * x (one value per parameter), w, w * train_loss, w * has_loss, train_examples,
+     loss_clipped, weight_capped]
 
 with ``w = min(weight, max_weight) / max_weight``. The coordinator unmasks the sums and gets
 the weighted mean ``sum(w x) / sum(w)`` (the reducer's ``finalize``), then runs the pipeline's
@@ -60,7 +61,8 @@ __all__ = ["EXAMPLES_FACTOR", "LOSS_CLIP", "RingEncoding", "SecureFedAvg"]
 log = logging.getLogger(__name__)
 
 LOSS_CLIP = 100.0
-"""Losses are clipped to [0, LOSS_CLIP] before they are summed securely."""
+"""Losses are clipped to [0, LOSS_CLIP] before they are summed securely (the clients whose loss
+was over it are counted: ``train/loss_clipped``, ``fed_eval/clipped``)."""
 
 
 
@@ -158,7 +160,7 @@ class SecureFedAvg(FedAvg):
         template = self.pipeline.update_template(state.params)  # stages may add tensors
         n = tree.numel(template)
         res = self._sum(transport, chosen, round, f"train-{round}", "train",
-                        n if self.ring is not None else n + 4, state.params, {"stages": configs})
+                        n if self.ring is not None else n + 6, state.params, {"stages": configs})
         report = RoundReport(round, dropped=dict(res.dropped))
         for c, why in res.dropped.items():
             log.warning("round %d: dropped %s: %s", round, c, why)
@@ -200,9 +202,16 @@ class SecureFedAvg(FedAvg):
         vector (see the module docstring); the training metrics into ``metrics``."""
         assert res.total is not None
         clip, big = self.secagg.clip, self._max_examples()
-        wx, w, wloss, wcount, examples = dequantize(
-            res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big)], res.levels)
+        wx, w, wloss, wcount, examples, over, capped = dequantize(
+            res.total, [(n, clip), (1, 1.0), (1, LOSS_CLIP), (1, 1.0), (1, big), (1, 1.0),
+                        (1, 1.0)], res.levels)
         metrics["train/examples"] = float(_nearest(examples[0]))  # a sum of integer counts
+        metrics["train/loss_clipped"] = float(_nearest(over[0]))
+        metrics["round/weights_capped"] = float(_nearest(capped[0]))
+        if metrics["train/loss_clipped"]:
+            log.warning("%d client(s) had a training loss over %g, summed as %g: train/loss "
+                        "is an underestimate", metrics["train/loss_clipped"], LOSS_CLIP,
+                        LOSS_CLIP)
         if wcount[0] > 0:
             metrics["train/loss"] = float(wloss[0] / wcount[0])
         return wx, float(w[0])
@@ -286,7 +295,9 @@ class SecureFedAvg(FedAvg):
         examples = result.metrics.get("train/examples", float(result.weight))
         return [(x, clip), (np.array([w]), 1.0), (np.array([w * clipped]), LOSS_CLIP),
                 (np.array([w if has else 0.0]), 1.0),
-                (np.array([examples]), float(message.config["max_examples"]))]
+                (np.array([examples]), float(message.config["max_examples"])),
+                (np.array([1.0 if has and loss > LOSS_CLIP else 0.0]), 1.0),
+                (np.array([1.0 if weight > cap else 0.0]), 1.0)]
 
     def evaluate_input(self, message: Message, context: NodeContext) -> list[Block]:
         """Evaluate the params sent on the node's held-out data; the counts to sum securely."""
