@@ -292,11 +292,12 @@ class SecureFedAvg(FedAvg):
         loss = result.metrics.get("train/loss")
         has = loss is not None and math.isfinite(loss)
         clipped = min(max(loss, 0.0), LOSS_CLIP) if loss is not None and has else 0.0
+        over = loss is not None and has and loss > LOSS_CLIP
         examples = result.metrics.get("train/examples", float(result.weight))
         return [(x, clip), (np.array([w]), 1.0), (np.array([w * clipped]), LOSS_CLIP),
                 (np.array([w if has else 0.0]), 1.0),
                 (np.array([examples]), float(message.config["max_examples"])),
-                (np.array([1.0 if has and loss > LOSS_CLIP else 0.0]), 1.0),
+                (np.array([1.0 if over else 0.0]), 1.0),
                 (np.array([1.0 if weight > cap else 0.0]), 1.0)]
 
     def evaluate_input(self, message: Message, context: NodeContext) -> list[Block]:
