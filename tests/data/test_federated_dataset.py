@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from shoal.data.arrays import ArrayData
@@ -145,3 +147,52 @@ def test_regression_targets_partition_without_labels() -> None:
     fd = federate(task, partition="dirichlet", num_clients=4, alpha=0.1)
     assert sum(fd.num_examples(k) + len(fd.client(k).eval) for k in fd.client_ids()) == 20  # type: ignore[arg-type]
     assert "label_skew" not in fd.describe()
+
+
+# -- units of near-copies ----------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=12, max_size=120), st.integers(0, 10**6),
+       st.sampled_from(["iid", "dirichlet", "shards", "quantity", "natural"]),
+       st.sampled_from([0.0, 0.2, 0.5]))
+def test_a_unit_of_near_copies_is_never_split(units: list[int], seed: int, method: str,
+                                              eval_fraction: float) -> None:
+    """Whatever the partition, every unit's rows go to one client, and to one side of its
+    train / held-out split; every row of the pool is dealt out once."""
+    u = np.array(units)
+    n = len(u)
+    x = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
+    y = torch.from_numpy(u % 3)  # a unit holds one class (a track of one sign)
+    k = min(3, len(set(units)))
+    groups = np.array([f"site-{t % k}" for t in units])  # natural: whole units per site
+    task = Task(name="tracks", model_fn=lambda: nn.Linear(2, 3), loss_fn=F.cross_entropy,
+                train=ArrayData.of(x, y), test=ArrayData.of(x[:5], y[:5]), num_classes=3,
+                groups=groups, units=u)
+    options = ({"shards_per_client": 1} if method == "shards" else
+               {"min_size": 1} if method in ("dirichlet", "quantity") else {})
+    if method == "shards" and len(set(units)) < k:
+        return
+    fd = federate(task, partition=method, num_clients=None if method == "natural" else k,
+                  seed=seed, eval_fraction=eval_fraction, **options)
+    owner: dict[int, tuple[str, str]] = {}
+    dealt = []
+    for cid in fd.client_ids():
+        c = fd.client(cid)
+        for side, data in (("train", c.train), ("eval", c.eval)):
+            idx = [] if data is None else data.index.tolist()
+            dealt += idx
+            for row in idx:
+                where = owner.setdefault(int(u[row]), (cid, side))
+                assert where == (cid, side), f"unit {u[row]} split: {where} and {(cid, side)}"
+    assert sorted(dealt) == list(range(n))
+
+
+def test_without_units_the_federation_is_unchanged() -> None:
+    """A task without units is dealt out row by row as before units existed (these rows were
+    printed by the code before that change, from the same seed)."""
+    fd = federate(toy_task(), partition="dirichlet", num_clients=3, seed=5)
+    assert [sorted(rows(fd.client(c).train)) for c in fd.client_ids()] == [
+        [6, 8, 9, 11, 15, 20, 24, 29], [4, 5, 7, 14, 22, 23, 25, 26],
+        [0, 1, 3, 10, 13, 16, 19, 27]]
+    assert [sorted(rows(fd.client(c).eval)) for c in fd.client_ids()] == [
+        [2, 21], [17, 28], [12, 18]]

@@ -279,13 +279,41 @@ class FederatedDataset:
         return out
 
 
-def _split_eval(rows: np.ndarray, eval_fraction: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    # round(fraction * n) held out, but a client always keeps at least one training example.
+def _split_eval(rows: np.ndarray, eval_fraction: float, rng: np.random.Generator,
+                units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(train rows, held-out rows)`` of one client: round(fraction * n) rows held out, but a
+    client always keeps at least one training example. With ``units`` (the unit of each of
+    ``rows``), whole units are held out, in random order, until at least that many rows are
+    (as :func:`shoal.holdout.carve_validation` does), one unit at least staying for training:
+    no near-copy of a held-out example is trained on (a client with one unit holds none)."""
     n = rows.shape[0]
     k = min(int(np.floor(eval_fraction * n + 0.5)), n - 1)
-    shuffled = rng.permutation(rows)
-    return np.sort(shuffled[k:]), np.sort(shuffled[:k])
+    if units is None:
+        shuffled = rng.permutation(rows)
+        return np.sort(shuffled[k:]), np.sort(shuffled[:k])
+    names, unit_of = np.unique(units, return_inverse=True)
+    sizes = np.bincount(unit_of, minlength=len(names))
+    order = rng.permutation(len(names))
+    count = int(np.searchsorted(np.cumsum(sizes[order]), k)) + 1 if k > 0 else 0
+    held = np.isin(unit_of, order[:min(count, len(names) - 1)])
+    return np.sort(rows[~held]), np.sort(rows[held])
+
+
+def _expand_units(unit_rows: np.ndarray, unit_lengths: np.ndarray,
+                  unit_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A partition of units (client ``i``: the ``i``-th segment of ``unit_rows``, ``unit_lengths
+    [i]`` units long) as a partition of rows: ``(rows, lengths)``, each client's rows (of
+    ``unit_of``, the unit of each row) sorted."""
+    by_unit = np.argsort(unit_of, kind="stable")
+    sizes = np.bincount(unit_of, minlength=int(unit_of.max()) + 1 if len(unit_of) else 0)
+    starts = np.cumsum(sizes) - sizes
+    taken = sizes[unit_rows]
+    offsets = np.repeat(starts[unit_rows] - (np.cumsum(taken) - taken), taken)
+    rows = by_unit[offsets + np.arange(int(taken.sum()))]
+    client = np.repeat(np.arange(len(unit_lengths)), unit_lengths)
+    lengths = np.bincount(client, weights=taken, minlength=len(unit_lengths)).astype(np.int64)
+    owner = np.repeat(np.arange(len(unit_lengths)), lengths)
+    return rows[np.lexsort((rows, owner))].astype(np.int64), lengths
 
 
 def federate(task: Task, *, partition: str | None = None, num_clients: int | None = None,
@@ -294,7 +322,11 @@ def federate(task: Task, *, partition: str | None = None, num_clients: int | Non
 
     ``partition`` and ``num_clients`` default to ``task.default_partition`` (its options too,
     unless another method is named); other ``options`` go to the partitioner (``alpha``,
-    ``shards_per_client``, ``min_size``). ``"natural"`` uses ``task.groups``. The partition is
+    ``shards_per_client``, ``min_size``). ``"natural"`` uses ``task.groups``. A task with
+    ``units`` of near-copies (GTSRB's tracks) is dealt out by whole units — the numbered
+    methods partition the units, each labelled by its first row, and ``min_size`` counts units
+    — and each client's held-out rows are whole units too, so no client is evaluated on
+    near-copies of what it trained on. The partition is
     drawn from ``numpy_rng(seed, "partition")`` and the evaluation split from
     ``numpy_rng(seed, "eval_split")``, so one seed gives one federation. The task's test set
     becomes the central ``test``.
@@ -327,8 +359,16 @@ def federate(task: Task, *, partition: str | None = None, num_clients: int | Non
     # Label-skew partitioners need class labels; other targets (regression) are all "class 0".
     labels = (y[task.train.index].numpy() if _is_label(y)
               else np.zeros(pool_rows.shape[0], dtype=np.int64))
-    ids, rows, lengths = packed_partition(method, labels, num_clients,
-                                          numpy_rng(seed, "partition"), **opts)
+    unit_of = (np.unique(np.asarray(task.units), return_inverse=True)[1]
+               if task.units is not None else None)
+    if unit_of is not None and method != "natural":  # deal whole units out
+        first = np.unique(unit_of, return_index=True)[1]
+        ids, unit_rows, unit_lengths = packed_partition(
+            method, labels[first], num_clients, numpy_rng(seed, "partition"), **opts)
+        rows, lengths = _expand_units(unit_rows, unit_lengths, unit_of)
+    else:
+        ids, rows, lengths = packed_partition(method, labels, num_clients,
+                                              numpy_rng(seed, "partition"), **opts)
     pooled = pool_rows[rows]  # the partition's positions, as rows of task.train.x
     if eval_fraction == 0:  # no held-out rows: the packed partition is the federation
         train = Ranges(torch.from_numpy(pooled), torch.from_numpy(np.cumsum(lengths) - lengths),
@@ -337,8 +377,11 @@ def federate(task: Task, *, partition: str | None = None, num_clients: int | Non
     else:
         rng = numpy_rng(seed, "eval_split")
         trains, helds = [], []
-        for part in np.split(pooled, np.cumsum(lengths)[:-1]):
-            t, h = _split_eval(part, eval_fraction, rng)
+        cuts = np.cumsum(lengths)[:-1]
+        part_units = (np.split(unit_of[rows], cuts) if unit_of is not None
+                      else [None] * len(lengths))
+        for part, units in zip(np.split(pooled, cuts), part_units, strict=True):
+            t, h = _split_eval(part, eval_fraction, rng, units)
             trains.append(torch.from_numpy(t))
             helds.append(torch.from_numpy(h))
         train, held = Ranges.pack(trains), Ranges.pack(helds)
