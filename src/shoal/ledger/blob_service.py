@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import grpc
 
 from ..errors import TransportError
-from ..net.ca import Identity, RevocationList, peer_identity
+from ..net.ca import Identity, RevocationList, is_viewer, peer_identity
 from ..net.limits import LogLimiter
 from .blobs import SHA256_PATTERN, BlobError, BlobStore, blob_hash
 
@@ -181,6 +181,14 @@ class BlobServer:
             node_id, serial = peer_identity(pems[0])
         except (TransportError, ValueError) as e:
             self._refuse(context, _host(context), grpc.StatusCode.UNAUTHENTICATED, str(e))
+        if is_viewer(pems[0]):
+            # A viewer's certificate comes from the same CA and may carry a device's name
+            # (CN); it opens the dashboard, never a swarm's blobs.
+            self._refuse(context, node_id, grpc.StatusCode.PERMISSION_DENIED,
+                         f"the certificate of {node_id!r} is a dashboard viewer's certificate "
+                         "(`shoal ca enroll NAME --viewer`), and a viewer is no swarm device: "
+                         "it may not fetch blobs. Fetch with the device's own certificate "
+                         "(`shoal swarm enroll DEVICE`).")
         if self._crl is not None and serial in self._crl.serials():
             self._refuse(context, node_id, grpc.StatusCode.PERMISSION_DENIED,
                          f"the certificate of node {node_id!r} (serial {serial:x}) is revoked; "

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..config import NAME_PATTERN
 from ..errors import ConfigError, TransportError
 
 __all__ = ["RESERVED_NODE_IDS", "CertificateAuthority", "Identity", "NODE_ID_PATTERN", "RevocationList",
@@ -55,7 +56,7 @@ RESERVED_NODE_IDS = frozenset({"coordinator", "registrar", "root"})
 identity, and etcd takes ``root`` and ``registrar`` as its administrators (``etcd-*``, its
 members, are refused too)."""
 
-NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NODE_ID_PATTERN = NAME_PATTERN
 """Allowed node ids: letters, digits, ``.``, ``_`` and ``-``, at most 64 characters."""
 
 VIEWER_OID = x509.ObjectIdentifier("2.25.68576999410901701465582430720767759983")
@@ -205,6 +206,25 @@ class CertificateAuthority:
         ca.issue("coordinator", root, hosts=hosts, server=True)
         return ca
 
+    def _check_role(self, node_id: str, viewer: bool) -> None:
+        """One name holds one role: refuse to issue ``node_id`` a viewer's certificate when it
+        holds a non-viewer's (a training client, a swarm device), or the reverse. Every issuing
+        path (:meth:`issue`, so :meth:`enroll` and the swarm's registrar too) checks it."""
+        issued = self.dir / "issued" / f"{node_id}.crt"
+        if issued.is_file():
+            roles = {is_viewer(c) for c in x509.load_pem_x509_certificates(issued.read_bytes())}
+            if viewer and False in roles:
+                raise ConfigError(
+                    f"CA: {node_id!r} is enrolled as a training client; a viewer certificate "
+                    "needs a name of its own (`shoal ca revoke NAME` revokes every certificate "
+                    f"of a name): enroll the viewer under another name, e.g. "
+                    f"`shoal ca enroll {node_id}-viewer --viewer`.")
+            if not viewer and True in roles:
+                raise ConfigError(
+                    f"CA: {node_id!r} is enrolled as a dashboard viewer, and a viewer is not a "
+                    "training client; enroll the client under another name (`shoal ca enroll "
+                    "NODE_ID`).")
+
     def issue(self, node_id: str, out: str | Path, *, hosts: tuple[str, ...] = (),
               server: bool = False, client: bool | None = None, days: int = 825,
               passphrase: bytes | None = None, viewer: bool = False) -> Identity:
@@ -218,6 +238,7 @@ class CertificateAuthority:
         if viewer and (server or client is False):
             raise ConfigError(f"CA: a viewer certificate ({node_id!r}) authenticates a TLS "
                               "client only; issue it without server=True / client=False.")
+        self._check_role(node_id, viewer)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -269,20 +290,6 @@ class CertificateAuthority:
                               "registrar and etcd's superuser, whose certificates carry "
                               "their powers, and etcd members); enroll the node under another "
                               "id.")
-        issued = self.dir / "issued" / f"{node_id}.crt"
-        if issued.is_file():
-            roles = {is_viewer(c) for c in x509.load_pem_x509_certificates(issued.read_bytes())}
-            if viewer and False in roles:
-                raise ConfigError(
-                    f"CA: {node_id!r} is enrolled as a training client; a viewer certificate "
-                    "needs a name of its own (`shoal ca revoke NAME` revokes every certificate "
-                    f"of a name): enroll the viewer under another name, e.g. "
-                    f"`shoal ca enroll {node_id}-viewer --viewer`.")
-            if not viewer and True in roles:
-                raise ConfigError(
-                    f"CA: {node_id!r} is enrolled as a dashboard viewer, and a viewer is not a "
-                    "training client; enroll the client under another name (`shoal ca enroll "
-                    "NODE_ID`).")
         return self.issue(node_id, out, passphrase=passphrase, viewer=viewer)
 
     def revoke(self, node_id: str) -> list[int]:
