@@ -202,10 +202,21 @@ class Ledger:
 
     def append(self, entry: Entry, signer: Signer) -> Entry:
         """Sign ``entry`` (its ``seq`` and ``prev`` set from its device's chain) and write it
-        once; the signed entry. :class:`LedgerError` when its key was written before."""
+        once; the signed entry. :class:`LedgerError` when its key was written before, or when
+        it would not be an entry key (:func:`~shoal.ledger.keys.parse_entry_key`: every reader
+        would take it for junk) — a job that is empty or holds a ``/``, a negative round, an
+        unknown kind."""
+        key = entry_key(entry.device, entry.job, entry.round, entry.kind, self.root)
+        if parse_entry_key(key, self.root) != (entry.device, entry.job, entry.round,
+                                               entry.kind):
+            raise LedgerError(
+                f"ledger: refusing to write the {entry.kind!r} entry of device "
+                f"{entry.device!r}, job {entry.job!r}, round {entry.round}: its key {key!r} is "
+                "no entry key, so every reader would ignore it. A job and a device id are "
+                "non-empty and hold no '/', a round is >= 0 and a kind is one of "
+                f"{', '.join(KINDS)}; set swarm.job to a name like 'mnist-2024'.")
         seq, prev = self.head(entry.job, entry.device)
         signed = sign_entry(dataclasses.replace(entry, seq=seq + 1, prev=prev), signer)
-        key = entry_key(entry.device, entry.job, entry.round, entry.kind, self.root)
         revision = self.store.create(key, signed.encode())
         if revision is None:
             raise LedgerError(f"ledger: {key!r} was already written; entries are written once "
