@@ -65,3 +65,13 @@ def test_toml_round_trip():
     c = load_config(None, ["task.hidden=64", "data.alpha=0.3", "federated.reducer=krum"])
     assert parse_config(tomllib.loads(to_toml(c))) == c
     assert parse_config({}) == Config()
+
+
+@pytest.mark.parametrize("job", ["", "team/a", "-x", "a" * 65])
+def test_a_swarm_job_name_that_cannot_name_ledger_keys_is_refused(job):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"swarm.job={job}"])
+    assert str(e.value) == (
+        f"config field 'swarm.job': {job!r} cannot name a job on the ledger (its entries live "
+        "under ROOT/peers/DEVICE/JOB/ROUND/KIND); use letters, digits, '.', '_' and '-', at "
+        "most 64 characters, starting with a letter or digit, e.g. \"clinics-2026\".")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import types
 import typing
@@ -56,6 +57,11 @@ __all__ = ["AttackConfig", "AuditConfig", "CheckpointConfig", "ClientConfig", "C
 
 def _check(**constraints: Any) -> dict[str, Any]:
     return {"check": constraints}
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Names that travel in keys, certificates and paths (node ids, a swarm's job): letters,
+digits, ``.``, ``_`` and ``-``, at most 64 characters, starting with a letter or digit."""
 
 
 @dataclass
@@ -188,7 +194,7 @@ class SecAggConfig:
     max_weight: float = field(default=1000.0, metadata=_check(gt=0))
     neighbours: int = field(default=0, metadata=_check(min=0))
     threshold: float = field(default=0.51, metadata=_check(gt=0))
-    max_mse: float = field(default=1e6, metadata=_check(gt=0))
+    max_mse: float = field(default=1e4, metadata=_check(gt=0))
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1:
@@ -315,6 +321,14 @@ class SwarmConfig:
     identity_dir: str = ""
     listen: str = "127.0.0.1:0"
     advertise: str = ""
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.job):
+            raise ConfigError(
+                f"config field 'swarm.job': {self.job!r} cannot name a job on the ledger (its "
+                "entries live under ROOT/peers/DEVICE/JOB/ROUND/KIND); use letters, digits, "
+                "'.', '_' and '-', at most 64 characters, starting with a letter or digit, "
+                "e.g. \"clinics-2026\".")
 
 
 @dataclass

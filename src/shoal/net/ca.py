@@ -33,7 +33,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
