@@ -3,6 +3,7 @@ rounds cleanly, evaluates securely, and is wired into the config and the runner.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_reducers_that_need_individual_updates_fail_at_construction(reducer):
         SecureFedAvg(None, pipeline=Pipeline([], reducer))  # type: ignore[arg-type]
     assert str(e.value) == (
         f"{reducer!r} needs individual updates, but secure_aggregation(clip=10, "
-        "max_weight=1000, neighbours=None, threshold=0.51, max_mse=1e+06) reveals only their sum; use "
+        "max_weight=1000, neighbours=None, threshold=0.51, max_mse=10000) reveals only their sum; use "
         "weighted_mean().")
 
 
@@ -194,43 +195,61 @@ def test_clamped_weights_and_losses_are_counted_not_silent():
     assert last["train/loss"] < LOSS_CLIP
 
 
+class _Regression:
+    """A linear model on a regression task of ``clients`` clients (an MSE in the tens, below the
+    loss's public bound of 100, at ``scale = 2``), with plain and secure FedAvg over it, the
+    secure one with ``secagg`` settings and ``pipeline``. ``held`` held-out rows per client."""
+
+    def __init__(self, clients: int = 6, scale: float = 2.0, held: int = 10, pipeline=None,
+                 **secagg):
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(30 * clients, 8, generator=g)
+        y = x @ torch.randn(8, generator=g) * scale + 2.5 * scale
+        self.data = {
+            f"client-{i}": ClientData(ArrayData(x, y, torch.arange(i * 30, i * 30 + 20)),
+                                      ArrayData(x, y, torch.arange(i * 30 + 20,
+                                                                   i * 30 + 20 + held)))
+            for i in range(clients)}
+
+        class Linear(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(8, 1)
+
+            def forward(self, v):
+                return self.fc(v).squeeze(-1)
+
+        model = Linear()
+        ev = Evaluator(model, torch.nn.functional.mse_loss, kind="regression")
+        update = local_sgd(model, torch.nn.functional.mse_loss, epochs=1, batch_size=8,
+                           optimizer=sgd(0.01))
+        self.plain = FedAvg(update, client_eval=ev, pipeline=pipeline)
+        self.secure = SecureFedAvg(update, secagg=secure_aggregation(**secagg), client_eval=ev,
+                                   pipeline=pipeline)
+        self.params = tree.params_of(model)
+        self.ids = sorted(self.data)
+
+    def transport(self, alg):
+        return InProcessTransport(self.ids, self.data.__getitem__, alg.handlers())
+
+    def evaluations(self):
+        """Plain and secure federated evaluation of the model."""
+        reg = self
+
+        class Ctx:
+            def __init__(self, alg):
+                self.algorithm, self.round = alg, 1
+                self.transport = reg.transport(alg)
+
+            def params(self):
+                return reg.params
+
+        return (FederatedEvaluation(metric="rmse").evaluate(Ctx(self.plain)),
+                SecureFederatedEvaluation().evaluate(Ctx(self.secure)))
+
+
 def _regression_evaluations(**secagg):
-    """Plain and secure federated evaluation of one linear model on a regression task of six
-    clients (an MSE in the tens, below the loss's public bound of 100)."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(180, 8, generator=g)
-    y = x @ torch.randn(8, generator=g) * 2 + 5
-    data = {f"client-{i}": ClientData(ArrayData(x, y, torch.arange(i * 30, i * 30 + 20)),
-                                      ArrayData(x, y, torch.arange(i * 30 + 20, i * 30 + 30)))
-            for i in range(6)}
-
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 1)
-
-        def forward(self, v):
-            return self.fc(v).squeeze(-1)
-
-    model = Linear()
-    ev = Evaluator(model, torch.nn.functional.mse_loss, kind="regression")
-    update = local_sgd(model, torch.nn.functional.mse_loss, epochs=1, batch_size=8,
-                       optimizer=sgd(0.01))
-    plain = FedAvg(update, client_eval=ev)
-    secure = SecureFedAvg(update, secagg=secure_aggregation(**secagg), client_eval=ev)
-    params = tree.params_of(model)
-    ids = sorted(data)
-
-    class Ctx:
-        def __init__(self, alg):
-            self.algorithm, self.round = alg, 1
-            self.transport = InProcessTransport(ids, data.__getitem__, alg.handlers())
-
-        def params(self):
-            return params
-
-    return (FederatedEvaluation(metric="rmse").evaluate(Ctx(plain)),
-            SecureFederatedEvaluation().evaluate(Ctx(secure)))
+    return _Regression(**secagg).evaluations()
 
 
 def test_secure_federated_evaluation_of_a_regression_task_pools_its_errors():
@@ -241,7 +260,7 @@ def test_secure_federated_evaluation_of_a_regression_task_pools_its_errors():
     assert got["fed_eval/examples"] == want["fed_eval/examples"] == 60
     assert got["fed_eval/clipped"] == 0 and "fed_eval/accuracy" not in got
     levels = levels_for(6)
-    for key, bound in (("mse", 1e6), ("mae", 1e3), ("loss", LOSS_CLIP)):
+    for key, bound in (("mse", 1e4), ("mae", 1e2), ("loss", LOSS_CLIP)):
         tol = error_bound(6, 1000.0 * bound, levels) / 60
         assert got[f"fed_eval/{key}"] == pytest.approx(want[f"fed_eval/{key}"], abs=tol), key
     assert 25 < want["fed_eval/mse"] < LOSS_CLIP
@@ -289,3 +308,52 @@ def test_run_experiment_with_secure_aggregation(tmp_path):
     assert last["round/replied"] == 6 and last["secagg/neighbours"] == 5
     assert last["fed_eval/secure"] == 1.0 and last["fed_eval/clients"] == 20
     assert 0 < fed.final["accuracy"] <= 1 and np.isfinite(last["train/loss"])
+
+
+@pytest.mark.parametrize("task, config", [
+    # one metric under rising bounds: the sums' slope drops at each client's own value
+    ("evaluate", {"means": [["examples", 5.0], ["mse", 40.0], ["mse", 50.0]]}),
+    ("evaluate", {"means": [["loss", 100.0], ["mse", 1.0], ["mae", 1.0]]}),
+    ("train", {"clip": 0.001}),
+    ("train", {"max_weight": 1.0}),
+])
+def test_a_coordinator_cannot_choose_what_clients_sum_or_under_which_bounds(task, config):
+    """The attack: a coordinator that picks the means or the bounds could read one client's
+    figure off several sums; a client sums only under its own config's, and refuses."""
+    from shoal.secagg.session import secure_sum
+
+    reg = _Regression(clients=3)
+    honest = reg.secure._public(task)
+    stages = reg.secure.pipeline.client_configs(reg.secure.init(reg.params).stage_states)
+    res = secure_sum(reg.transport(reg.secure), reg.ids, round=1, session=f"{task}-1",
+                     task=task, length=tree.numel(reg.params) + 6 if task == "train" else 6,
+                     payload=reg.params, config={"stages": stages, **honest, **config},
+                     neighbours=None, threshold=0.51, seed=0)
+    assert res.failed is not None and res.total is None
+    name = next(iter(config))
+    assert all(f"the coordinator asked to sum with {name} = " in why
+               and "refused" in why for why in res.dropped.values()), res.dropped
+
+
+def test_secure_evaluation_with_uniform_weighting_counts_the_examples():
+    """Uniform weighting sends max_weight 1 for training; evaluation still weighs by examples."""
+    from shoal.aggregate import weighted_mean as mean
+
+    want, got = _Regression(pipeline=Pipeline([], mean("uniform"))).evaluations()
+    assert got["fed_eval/examples"] == want["fed_eval/examples"] == 60
+    levels = levels_for(6)
+    assert got["fed_eval/mse"] == pytest.approx(
+        want["fed_eval/mse"], abs=error_bound(6, 1000.0 * 1e4, levels) / 60)
+
+
+def test_an_imprecise_secure_mean_is_said_so(caplog):
+    """Standardized targets (an MSE near 0.01) under a bound of 1e6 per client: the pooled MSE
+    is within its quantization error, and the log says so, naming the setting to change."""
+    want, got = _Regression(clients=50, scale=0.05, max_mse=1e6).evaluations()
+    with caplog.at_level(logging.WARNING):
+        _, got = _Regression(clients=50, scale=0.05, max_mse=1e6).evaluations()
+    assert "fed_eval/mse" in caplog.text and "within its quantization error" in caplog.text
+    assert "set secagg.max_mse nearer the largest MSE a client can have" in caplog.text
+    # the default bound (1e4) is precise enough here
+    want, got = _Regression(clients=50, scale=0.05).evaluations()
+    assert got["fed_eval/mse"] == pytest.approx(want["fed_eval/mse"], rel=0.1)

@@ -52,7 +52,7 @@ from ..tree import Params
 from ..types import ClientInfo, RoundInfo
 from .errors import SecAggError
 from .protocol import SecAggClient
-from .quantize import Block, dequantize
+from .quantize import Block, dequantize, error_bound
 from .session import SecureSum, secure_sum
 from .stage import SecureAggregation
 
@@ -123,6 +123,7 @@ class SecureFedAvg(FedAvg):
                 f"SecureFedAvg: min_replies = {min_replies} is below the {self.ring.min_clients} "
                 f"contributors whose noise {self.ring!r} needs in every released sum; set "
                 f"min_replies >= {self.ring.min_clients}.")
+        self._imprecise: set[str] = set()  # the means whose imprecision was logged
         self.protocol = SecAggClient({"train": self.train_input,
                                       "evaluate": self.evaluate_input}, seed,
                                      min_survivors=self.ring.min_clients if self.ring else 1)
@@ -144,8 +145,7 @@ class SecureFedAvg(FedAvg):
         s = self.secagg
         return secure_sum(transport, clients, round=round, session=session, task=task,
                           length=length, payload=payload,
-                          config={**config, "clip": s.clip, "max_weight": self._max_weight(),
-                                  "max_examples": self._max_examples()},
+                          config={**config, **self._public(task)},
                           neighbours=s.neighbours, threshold=s.threshold, seed=self.seed,
                           timeout=self.timeout, min_contributors=self.min_replies)
 
@@ -216,6 +216,30 @@ class SecureFedAvg(FedAvg):
             metrics["train/loss"] = float(wloss[0] / wcount[0])
         return wx, float(w[0])
 
+    def _public(self, task: str) -> dict[str, Any]:
+        """The public parameters of a ``task`` session ("train" or "evaluate"), as this
+        node's own config gives them: the coordinator sends its values, and a client sums only
+        under its own (:meth:`_check_agreed`)."""
+        out: dict[str, Any] = {"clip": self.secagg.clip, "max_weight": self._max_weight(),
+                               "max_examples": self._max_examples()}
+        if task == "evaluate":
+            out["means"] = [list(m) for m in self._eval_means()]
+        return out
+
+    def _check_agreed(self, message: Message, task: str) -> None:
+        """Refuse a session whose public parameters (bounds, the means to sum) differ from
+        this client's own config. A coordinator that chose them could learn one client's
+        figure from several sums (one metric under rising bounds puts a kink in the sums at
+        each client's value); under the client's own, it learns the sums only."""
+        for name, mine in self._public(task).items():
+            theirs = message.config.get(name)
+            if theirs != mine:
+                raise SecAggError(
+                    f"{task}: the coordinator asked to sum with {name} = {theirs!r}, but this "
+                    f"client's config gives {mine!r}; a client sums only under the public "
+                    "bounds of its own job config ([secagg], the task), which the coordinator "
+                    "must share: refused.")
+
     def _eval_means(self) -> list[tuple[str, float]]:
         """The example means that secure federated evaluation sums, each with the public
         bound on one client's value: ``loss``, then the task kind's
@@ -235,7 +259,7 @@ class SecureFedAvg(FedAvg):
         targets = clients if clients is not None else transport.nodes()
         means = self._eval_means()
         res = self._sum(transport, targets, round, f"evaluate-{round}", "evaluate",
-                        len(means) + 3, params, {"means": [list(m) for m in means]})
+                        len(means) + 3, params, {})
         out = {"fed_eval/secure": 1.0}
         if res.failed is not None or res.total is None:
             log.warning("round %d: secure federated evaluation failed: %s", round, res.failed)
@@ -255,6 +279,17 @@ class SecureFedAvg(FedAvg):
         if examples[0] > 0:
             pooled = {name: max(float(s[0] / examples[0]), 0.0)
                       for (name, _), s in zip(means, sums, strict=True)}
+            for name, b in means:  # how precise the secure sum can be, against the value
+                err = error_bound(len(res.contributors), cap * b, res.levels) / examples[0]
+                if err > 0.1 * pooled[name] and name not in self._imprecise:
+                    self._imprecise.add(name)
+                    log.warning(
+                        "round %d: secure federated evaluation: fed_eval/%s = %.4g is within "
+                        "its quantization error (up to %.2g): the public bound of one client's "
+                        "value (%g x max_weight %g) is far above it%s", round, name,
+                        pooled[name], err, b, cap,
+                        "; set secagg.max_mse nearer the largest MSE a client can have"
+                        if name in ("mse", "mae") else "")
             kind = getattr(self.client_eval, "kind", "classification")
             pooled.update(pooled_derived(pooled, KIND_METRICS[kind]))
             out.update({f"fed_eval/{k}": v for k, v in pooled.items()})
@@ -283,7 +318,8 @@ class SecureFedAvg(FedAvg):
         if not (math.isfinite(weight) and weight > 0):
             raise UpdateError(f"client {context.node_id!r}: weight must be a finite number > 0, "
                               f"got {weight!r}.")
-        clip, cap = float(message.config["clip"]), float(message.config["max_weight"])
+        self._check_agreed(message, "train")
+        clip, cap = self.secagg.clip, self._max_weight()
         w = min(weight, cap) / cap
         flat, _ = tree.flatten({k: update[k] for k in template})
         x = flat.detach().to(torch.float64).numpy()
@@ -296,7 +332,7 @@ class SecureFedAvg(FedAvg):
         examples = result.metrics.get("train/examples", float(result.weight))
         return [(x, clip), (np.array([w]), 1.0), (np.array([w * clipped]), LOSS_CLIP),
                 (np.array([w if has else 0.0]), 1.0),
-                (np.array([examples]), float(message.config["max_examples"])),
+                (np.array([examples]), self._max_examples()),
                 (np.array([1.0 if over else 0.0]), 1.0),
                 (np.array([1.0 if weight > cap else 0.0]), 1.0)]
 
@@ -305,24 +341,19 @@ class SecureFedAvg(FedAvg):
         if self.client_eval is None:
             raise SecAggError("this federation has no client evaluation function; pass "
                               "client_eval to SecureFedAvg.")
-        means = message.config.get("means")
-        if not (isinstance(means, list) and all(
-                isinstance(m, list) and len(m) == 2 and isinstance(m[0], str)
-                and isinstance(m[1], (int, float)) and math.isfinite(m[1]) and m[1] > 0
-                for m in means)):
-            raise SecAggError(f"evaluate: config 'means' must be a list of [metric, bound > 0] "
-                              f"pairs (got {means!r}).")
+        self._check_agreed(message, "evaluate")
+        means = self._eval_means()
         data = eval_data(context)
         m = self.client_eval(message.tensors, data) if data is not None and len(data) else {}
-        cap = float(message.config["max_weight"])
+        cap = self.secagg.max_weight
         ex = min(float(m.get("examples", 0.0)), cap)
         blocks: list[Block] = [(np.array([ex]), cap), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
         values, clipped = [], False
         for name, bound in means:
             if ex > 0 and name not in m:
-                raise SecAggError(f"evaluate: the coordinator asked for the mean {name!r}, but "
-                                  f"this client's evaluation reports only {sorted(m)}; both "
-                                  "sides must run the same task.")
+                raise SecAggError(f"evaluate: this client's evaluation reports "
+                                  f"{sorted(m)}, without the mean {name!r} of its task's kind; "
+                                  "pass an evaluation function of the task (Evaluator).")
             v = float(m.get(name, 0.0)) if ex > 0 else 0.0
             if not math.isfinite(v) or v > bound:
                 v, clipped = float(bound), True

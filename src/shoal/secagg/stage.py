@@ -45,7 +45,7 @@ class SecureAggregation(Stage):
 
     def __init__(self, clip: float = 10.0, max_weight: float = 1000.0,
                  neighbours: int | None = None, threshold: float = 0.51,
-                 max_mse: float = 1e6):
+                 max_mse: float = 1e4):
         if not clip > 0:
             raise ConfigError(f"secure_aggregation: clip must be > 0 (got {clip}).")
         if not max_weight > 0:
@@ -80,6 +80,6 @@ class SecureAggregation(Stage):
 
 def secure_aggregation(clip: float = 10.0, max_weight: float = 1000.0,
                        neighbours: int | None = None, threshold: float = 0.51,
-                       max_mse: float = 1e6) -> SecureAggregation:
+                       max_mse: float = 1e4) -> SecureAggregation:
     """The secure-aggregation stage; see :class:`SecureAggregation`."""
     return SecureAggregation(clip, max_weight, neighbours, threshold, max_mse)
