@@ -6,12 +6,14 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from aetcd.rpc import rpc_pb2
 
 from shoal.errors import ConfigError, TransportError
 from shoal.ledger.blob_service import BlobServer, fetch_blob
 from shoal.ledger.blobs import BlobStore
 from shoal.ledger.entry import Entry
-from shoal.ledger.keys import registry_key, registry_value
+from shoal.ledger.etcd import MAX_TXN_KEYS
+from shoal.ledger.keys import KINDS, entry_key, peer_prefix, registry_key, registry_value
 from shoal.ledger.ledger import Ledger, LedgerError
 from shoal.ledger.store import MemoryStore
 from shoal.net.ca import CertificateAuthority
@@ -92,3 +94,105 @@ def test_append_refuses_an_entry_under_a_key_no_reader_parses(job):
     ledger.append(Entry("ok", 1, "a", "update", 0, blob="ab" * 32, base="b" * 64,
                         examples=1.0, endpoint="127.0.0.1:1"), keys.for_node("a"))
     assert list(ledger.read_round("ok", 1).updates) == ["a"]
+
+
+# -- F4 and friends: values near etcd's request limit ------------------------------------------
+
+BIG = 1_450_000
+"""A value just under etcd's 1.5 MiB request limit: what RBAC lets any device write, as many
+times as it likes, under its own prefix."""
+
+
+def _flood(store, keys, value: bytes = b"x" * BIG) -> None:
+    """Write ``value`` under each of ``keys`` as the device of ``store`` (a plain put: the
+    ledger would never write such a thing, a hostile device does)."""
+    for key in keys:
+        req = rpc_pb2.PutRequest(key=key.encode(), value=value)
+        store._call("flood", key, lambda m, t, r, req=req: m.kv.Put(req, timeout=t))
+
+
+def _update(job: str, round: int, device: str) -> Entry:
+    return Entry(job, round, device, "update", 0, blob="ab" * 32, base="b" * 64, examples=10.0,
+                 endpoint="127.0.0.1:1")
+
+
+def test_big_junk_values_under_one_device_do_not_stop_the_audit_of_the_others(etcd):
+    """50 junk keys of 1.45 MB (70 MB) under the attacker's prefix of the job: more than one
+    response may hold. The audit reads keys without values and reads entry keys only, so it
+    reports the junk and audits every device."""
+    job = _uid("audit")
+    names = {s: _uid(s) for s in ("evil", "alice", "bob")}
+    idents = {s: etcd.registrar.enroll(d, etcd.root / "devices" / d) for s, d in names.items()}
+    stores = {s: etcd.cluster.store(i.tls, timeout=30.0) for s, i in idents.items()}
+    try:
+        Ledger(stores["alice"]).append(_update(job, 1, names["alice"]), idents["alice"].signer())
+        Ledger(stores["evil"]).append(_update(job, 1, names["evil"]), idents["evil"].signer())
+        _flood(stores["evil"], [f"{peer_prefix(names['evil'])}{job}/j{i}" for i in range(50)])
+        auditor = Ledger(stores["bob"])
+        problems = auditor.audit(job)
+        prefix = f"{peer_prefix(names['evil'])}{job}/"
+        assert problems == [f"{names['evil']!r} wrote 50 keys under {prefix!r} that are not "
+                            "entry keys; ignored"]
+        assert not any(names["alice"] in p for p in problems)
+        assert auditor.head(job, names["evil"])[0] == 1
+    finally:
+        for st in stores.values():
+            st.close()
+
+
+def test_colluding_devices_filling_their_entry_keys_cannot_make_a_round_unreadable(etcd):
+    """Eight devices each fill their own six entry keys of rounds 1 and 2 (what a peer reads
+    together) with 1.45 MB of junk: 48 such keys in one transaction of the old read (up to 126
+    keys) answer 70 MB, over max_read_bytes. Reads are chunked so no answer can exceed it, and
+    the junk is refused as no entry."""
+    job = _uid("collude")
+    evil = [_uid(f"evil{i}") for i in range(8)]
+    honest = {s: _uid(s) for s in ("alice", "bob")}
+    idents = {d: etcd.registrar.enroll(d, etcd.root / "devices" / d)
+              for d in [*honest.values(), *evil]}
+    stores = {d: etcd.cluster.store(i.tls, timeout=30.0) for d, i in idents.items()}
+    try:
+        alice, bob = honest["alice"], honest["bob"]
+        Ledger(stores[alice]).append(_update(job, 2, alice), idents[alice].signer())
+        for d in evil:
+            _flood(stores[d], [entry_key(d, job, r, k) for r in (1, 2) for k in KINDS])
+        reader = Ledger(stores[bob])
+        last, view = reader.read_rounds(job, [1, 2])
+        assert list(view.updates) == [alice]
+        assert not last.updates and not view.closes and not view.merged
+        refused = [p for p in reader.problems if "bytes" in p and "refused" in p]
+        assert {d for d in evil if any(d in p for p in refused)} == set(evil)
+    finally:
+        for st in stores.values():
+            st.close()
+
+
+def test_a_compaction_between_the_transactions_of_one_read_restarts_the_read(etcd):
+    """A read of more keys than one transaction holds pins the later transactions to the first
+    one's revision; etcd compacting that revision in between (OUT_OF_RANGE) makes the read
+    start again at a new revision instead of failing."""
+    base = f"/shoal/peers/{_uid('compact')}/"
+    keys = [f"{base}{i:03d}" for i in range(MAX_TXN_KEYS + 5)]
+    for k in keys:
+        etcd.admin.put(k, b"old")
+    store = etcd.admin
+    real = store._call
+    reads = []
+
+    def racing(what, key, fn, **kw):
+        got = real(what, key, fn, **kw)
+        if what == "read":
+            reads.append(int(got.header.revision))
+            if len(reads) == 1:  # between the first transaction and the second
+                rev = store.put(keys[-1], b"new")
+                real("compact", "", lambda m, t, r: m.kv.Compact(
+                    rpc_pb2.CompactionRequest(revision=rev, physical=True), timeout=t))
+        return got
+
+    store._call = racing
+    try:
+        _, got, revision = store.read((), keys)
+    finally:
+        del store._call
+    assert len(reads) >= 3 and revision > reads[0]
+    assert [r.value for r in got] == [b"old"] * (len(keys) - 1) + [b"new"]

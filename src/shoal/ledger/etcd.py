@@ -33,7 +33,9 @@ broken member cannot exhaust a reader's memory. etcd itself refuses writes over 
 
 What the ledger reads is bounded by what it asks for, not by what others wrote: a round is read
 by the exact keys of its entries (:meth:`EtcdStore.read`: one get per key, :data:`MAX_TXN_OPS`
-per transaction, every transaction at the first one's revision), and followed by
+per transaction and at most :data:`MAX_TXN_KEYS` keys, so that even keys holding values near
+etcd's request limit cannot make one answer exceed ``max_read_bytes``; every transaction at
+the first one's revision), and followed by
 :meth:`EtcdStore.watch_keys`, whose stream keeps only the newest record of the keys somebody
 waits for. A device that writes a flood of other keys under its own prefix (which etcd's RBAC
 lets it do) costs a reader nothing but the watch events that stream past.
@@ -56,8 +58,9 @@ from .etcd_rpc import REQUIRE_LEADER, LedgerAccessError, Member, prefix_end, to_
 from .etcd_watch import KeyStream
 from .store import DEFAULT_MAX_RECORDS, Record, TooManyRecords
 
-__all__ = ["DEFAULT_MAX_READ_BYTES", "DEFAULT_MAX_RECORDS", "MAX_TXN_OPS", "ROLE_PREFIX",
-           "EtcdAccess", "EtcdStore", "LedgerAccessError", "prefix_end"]
+__all__ = ["DEFAULT_MAX_READ_BYTES", "DEFAULT_MAX_RECORDS", "MAX_RECORD_BYTES", "MAX_TXN_KEYS",
+           "MAX_TXN_OPS", "ROLE_PREFIX", "EtcdAccess", "EtcdStore", "LedgerAccessError",
+           "RevisionCompacted", "prefix_end"]
 
 DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024
 """The largest response :class:`EtcdStore` accepts from a member (64 MiB)."""
@@ -66,6 +69,17 @@ MAX_TXN_OPS = 128
 """etcd's default ``--max-txn-ops``: :meth:`EtcdStore.read` splits longer lists of prefixes
 and keys into transactions of this many, the later ones read at the first one's revision."""
 
+MAX_RECORD_BYTES = 1536 * 1024 + 64 * 1024
+"""What one record can weigh in a response, whatever a device wrote: etcd refuses a write over
+its ``--max-request-bytes`` (1.5 MiB by default, key and value together), plus room for the
+record's revisions and the response's framing."""
+
+MAX_TXN_KEYS = 40
+"""The most exact keys one read transaction asks for (fewer when ``max_read_bytes`` is
+smaller than ``MAX_TXN_KEYS x MAX_RECORD_BYTES``): every device may fill its own entry keys with
+values near etcd's request limit, and 40 x :data:`MAX_RECORD_BYTES` stays under
+:data:`DEFAULT_MAX_READ_BYTES`, so no transaction's answer can exceed what a reader accepts."""
+
 _RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 _ACCESS_DETAILS = ("authentication failed", "user name is empty", "invalid auth token",
@@ -73,6 +87,11 @@ _ACCESS_DETAILS = ("authentication failed", "user name is empty", "invalid auth 
 _MIN_ATTEMPT_S = 1.0
 
 T = TypeVar("T")
+
+
+class RevisionCompacted(TransportError):
+    """A read pinned to a revision that etcd has compacted away meanwhile (``OUT_OF_RANGE``:
+    "required revision has been compacted")."""
 
 
 def _endpoint(e: str) -> str:
@@ -200,6 +219,10 @@ class EtcdStore:
                             f"etcd: the {what} of {key!r} returned more than max_read_bytes="
                             f"{self.max_read_bytes} bytes from {member.endpoint}; read "
                             "narrower prefixes or raise EtcdStore(max_read_bytes=...).") from None
+                    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
+                        raise RevisionCompacted(
+                            f"etcd: the {what} of {key!r} asked for a revision compacted "
+                            f"away on {member.endpoint} ({details}).") from None
                     stale_auth = "revision of auth store is old" in details
                     busy = "too many requests" in details
                     if code not in _RETRY_CODES and not stale_auth and not busy:
@@ -260,10 +283,46 @@ class EtcdStore:
         """The records under each of ``prefixes`` (sorted by key; more than ``max_records``
         under one is a :class:`~shoal.ledger.store.TooManyRecords`), the record of each of
         ``keys`` (``None`` where it does not exist) and the revision all were read at: range
-        requests and single-key gets, :data:`MAX_TXN_OPS` to a linearizable transaction, the
+        requests and single-key gets, :data:`MAX_TXN_OPS` to a linearizable transaction and at
+        most :meth:`keys_per_txn` exact keys to one (so no answer can exceed
+        ``max_read_bytes``, however big the values devices wrote under their keys), the
         transactions after the first pinned to its revision. A key's get returns that key
-        only, so what it costs does not depend on how many keys share its prefix."""
+        only, so what it costs does not depend on how many keys share its prefix. When etcd
+        compacts that revision before a later transaction ran, the whole read starts again
+        once, at a new revision."""
         prefixes, keys = list(prefixes), list(keys)
+        try:
+            return self._read(prefixes, keys)
+        except RevisionCompacted:
+            # etcd compacted the first transaction's revision before a later one ran: read
+            # everything again, at a new revision (once: a second compaction within one read
+            # means compactions race every read, and the caller hears of it).
+            return self._read(prefixes, keys)
+
+    def _chunks(self, n_prefixes: int, n_keys: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of each transaction over the ops of ``n_prefixes`` ranges then
+        ``n_keys`` exact keys: at most :data:`MAX_TXN_OPS` ops and at most
+        :meth:`keys_per_txn` exact keys each."""
+        per_txn = self.keys_per_txn()
+        out: list[tuple[int, int]] = []
+        start, keys_in = 0, 0
+        for i in range(n_prefixes + n_keys):
+            if i - start == MAX_TXN_OPS or keys_in == per_txn:
+                out.append((start, i))
+                start, keys_in = i, 0
+            if i >= n_prefixes:
+                keys_in += 1
+        out.append((start, n_prefixes + n_keys))
+        return out
+
+    def keys_per_txn(self) -> int:
+        """The most exact keys :meth:`read` asks for in one transaction: :data:`MAX_TXN_KEYS`,
+        or fewer where ``max_read_bytes`` is smaller (so that the largest records any device can
+        write still fit one response)."""
+        return max(1, min(MAX_TXN_KEYS, self.max_read_bytes // MAX_RECORD_BYTES))
+
+    def _read(self, prefixes: list[str], keys: list[str]
+              ) -> tuple[list[list[Record]], list[Record | None], int]:
         ops = [rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(
             key=p.encode(), range_end=prefix_end(p.encode()), limit=self.max_records,
             sort_order=rpc_pb2.RangeRequest.ASCEND,
@@ -274,8 +333,8 @@ class EtcdStore:
         ranged: list[list[Record]] = []
         exact: list[Record | None] = []
         revision = 0
-        for i in range(0, max(len(ops), 1), MAX_TXN_OPS):
-            chunk = ops[i:i + MAX_TXN_OPS]
+        for i, end in self._chunks(len(prefixes), len(keys)):
+            chunk = ops[i:end]
             if revision:
                 for op in chunk:
                     op.request_range.revision = revision
@@ -283,7 +342,7 @@ class EtcdStore:
 
             def run(m: Member, t: float, retried: bool, txn: Any = txn) -> Any:
                 return m.kv.Txn(txn, timeout=t, metadata=REQUIRE_LEADER)
-            part = names[i:i + MAX_TXN_OPS]
+            part = names[i:end]
             name = (part[0] if len(part) == 1 else
                     f"{part[0]}, ... ({len(part)} in all)" if part else "(nothing)")
             r = self._call("read", name, run)
@@ -301,6 +360,20 @@ class EtcdStore:
                 else:
                     exact.append(to_record(rr.kvs[0]) if rr.kvs else None)
         return ranged, exact, revision
+
+    def list_keys(self, prefix: str) -> tuple[list[str], int]:
+        """The keys under ``prefix`` (sorted; their values are not read, so what this costs does
+        not depend on how big they are) and the revision they were read at; more than
+        ``max_records`` is a :class:`~shoal.ledger.store.TooManyRecords`."""
+        p = prefix.encode()
+        req = rpc_pb2.RangeRequest(key=p, range_end=prefix_end(p), limit=self.max_records,
+                                   keys_only=True, sort_order=rpc_pb2.RangeRequest.ASCEND,
+                                   sort_target=rpc_pb2.RangeRequest.KEY)
+        r = self._call("key listing", prefix, lambda m, t, retried: m.kv.Range(
+            req, timeout=t, metadata=REQUIRE_LEADER))
+        if r.more:
+            raise TooManyRecords(prefix, self.max_records, int(r.count))
+        return [kv.key.decode(errors="replace") for kv in r.kvs], int(r.header.revision)
 
     def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
                    timeout: float) -> list[Record]:

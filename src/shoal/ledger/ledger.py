@@ -29,9 +29,12 @@ entries (three per enrolled device, :func:`~shoal.ledger.keys.entry_key`) at one
 :meth:`Ledger.follow` / :meth:`Ledger.wait` watch those keys only
 (:meth:`~shoal.ledger.store.KeyValueStore.watch_keys`). Junk is never read there, so it can
 neither hide an honest entry nor make a round unreadable. :meth:`Ledger.audit` and
-:meth:`Ledger.head`, which must see a device's whole chain, read one device's prefix at a time:
-junk keys are counted and ignored, and a device with more keys than the store returns under one
-prefix is reported without stopping the audit of the others.
+:meth:`Ledger.head`, which must see a device's whole chain, list one device's keys of the job at
+a time without their values and read only its entry keys: junk keys are counted and ignored
+(their values, however big, are never read), and a device with more keys than the store returns
+under one prefix, or whose keys cannot be read, is reported without stopping the audit of the
+others. An entry's value is a small signed JSON: one over
+:data:`~shoal.ledger.entry.MAX_ENTRY_BYTES` is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import ShoalError
+from ..errors import ShoalError, TransportError
 from ..net.limits import LogLimiter
 from .entry import Entry, Signer, entry_hash, sign_entry, verify_entry
+from .etcd_rpc import LedgerAccessError
 from .keys import (
     DEFAULT_ROOT,
     KINDS,
@@ -185,12 +189,9 @@ class Ledger:
         """``(seq, hash)`` of ``device``'s newest entry of ``job`` (``(0, "")`` for none),
         read from the store the first time (a peer that restarts continues its chain)."""
         if (job, device) not in self._heads:
-            (records,), _ = self.store.ranges([f"{peer_prefix(device, self.root)}{job}/"])
+            records, _ = self._chain(device, job)
             best = (0, "")
             for r in records:
-                parts = parse_entry_key(r.key, self.root)
-                if parts is None or parts[:2] != (device, job):
-                    continue  # not an entry key: junk is never parsed
                 try:
                     e = Entry.decode(r.value)
                 except ValueError:
@@ -199,6 +200,18 @@ class Ledger:
                     best = (e.seq, entry_hash(e))
             self._heads[(job, device)] = best
         return self._heads[(job, device)]
+
+    def _chain(self, device: str, job: str) -> tuple[list[Record], int]:
+        """The records of ``device``'s entry keys of ``job`` and how many other keys (junk) it
+        wrote under its prefix of the job: the prefix's keys are listed without their values
+        (:meth:`~shoal.ledger.store.KeyValueStore.list_keys`), and only the entry keys among
+        them are read (:meth:`~shoal.ledger.store.KeyValueStore.read`, in transactions whose
+        answers are bounded whatever the values), so big junk values are never read."""
+        listed, _ = self.store.list_keys(f"{peer_prefix(device, self.root)}{job}/")
+        keys = [k for k in listed if (p := parse_entry_key(k, self.root)) is not None
+                and p[:2] == (device, job)]
+        _, got, _ = self.store.read((), keys)
+        return [r for r in got if r is not None], len(listed) - len(keys)
 
     def append(self, entry: Entry, signer: Signer) -> Entry:
         """Sign ``entry`` (its ``seq`` and ``prev`` set from its device's chain) and write it
@@ -385,25 +398,33 @@ class Ledger:
         the audit of the others: keys that are not entry keys are counted (one line per
         device) and never parsed, a device with more keys than the store returns under one
         prefix (:class:`~shoal.ledger.store.TooManyRecords`) is reported as not audited, and
-        each device gets at most :data:`MAX_AUDIT_LINES` lines."""
+        each device gets at most :data:`MAX_AUDIT_LINES` lines. The prefix's keys are listed
+        without their values and only its entry keys are read (in transactions bounded
+        whatever the values weigh), so big values under junk keys are never read; a device
+        whose keys still cannot be read (a :class:`~shoal.errors.TransportError` other than a
+        refusal of this reader by RBAC) is reported as not audited and the audit goes on."""
         enrolled = self.enrolled()
         found: list[str] = []
         for device in sorted(enrolled):
             prefix = f"{peer_prefix(device, self.root)}{job}/"
             try:
-                (records,), _ = self.store.ranges([prefix])
+                records, junk = self._chain(device, job)
             except TooManyRecords as flood:
                 found.append(f"{device!r} has more than {flood.limit} keys under {prefix!r}; its "
                              f"chain of job {job!r} was not audited (it wrote a flood of keys "
                              "under its own prefix)")
                 continue
+            except LedgerAccessError:
+                raise  # this reader may not read the ledger: no device can be audited
+            except TransportError as failed:
+                found.append(f"{device!r}: its chain of job {job!r} under {prefix!r} was not "
+                             f"audited: reading it failed ({failed})")
+                continue
             mine: list[str] = []
-            junk = 0
             chain: list[tuple[Entry, Record]] = []
             for r in records:
                 parts = parse_entry_key(r.key, self.root)
-                if parts is None or parts[:2] != (device, job):
-                    junk += 1
+                if parts is None:  # _chain reads entry keys only
                     continue
                 _, _, key_round, key_kind = parts
                 try:

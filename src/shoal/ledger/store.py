@@ -1,6 +1,6 @@
 """The replicated key-value store under the ledger, and its in-process backend.
 
-The ledger (:mod:`shoal.ledger.ledger`) needs four things of a store, all of which etcd's v3
+The ledger (:mod:`shoal.ledger.ledger`) needs five things of a store, all of which etcd's v3
 API gives (:class:`~shoal.ledger.etcd.EtcdStore`) and :class:`MemoryStore` imitates in one
 process for simulation and fast tests:
 
@@ -12,8 +12,10 @@ process for simulation and fast tests:
   :class:`TooManyRecords`, never a silent truncation. The ledger reads rounds by the exact
   keys of their entries (:mod:`shoal.ledger.keys`): what such a read costs depends on the keys
   asked for, never on how many other keys a writer put under the same prefixes; it ranges
-  over a prefix only for the registry and for one device's chain (``ranges(prefixes)`` is
-  ``read`` with no exact keys);
+  over a prefix only for the registry (``ranges(prefixes)`` is ``read`` with no exact keys);
+* ``list_keys(prefix)`` — the keys under a prefix without their values (etcd: a
+  ``keys_only`` range): how an audit finds one device's chain, whatever the values beside it
+  weigh, before reading its entry keys with ``read``;
 * ``watch_keys(prefix, keys, revision, timeout)`` — block until one of a set of exact keys (all
   under ``prefix``) is written after ``revision`` (etcd: a watch), or the timeout passes, and
   return what was written, so a follower needs no new read. Only writes to those keys wake the
@@ -83,6 +85,11 @@ class KeyValueStore(Protocol):
         """The records under each of ``prefixes`` (as :meth:`ranges`) and the record of each
         of ``keys`` (``None`` where the key does not exist), all read at one revision, and
         it."""
+        ...
+
+    def list_keys(self, prefix: str) -> tuple[list[str], int]:
+        """The keys under ``prefix`` (sorted), without their values, and the revision they
+        were read at; more than ``max_records`` is a :class:`TooManyRecords`."""
         ...
 
     def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
@@ -167,6 +174,14 @@ class MemoryStore:
                         raise TooManyRecords(p, self.max_records, len(under))
                     got.append(under)
             return got, [self._records.get(k) for k in keys], self._revision
+
+    def list_keys(self, prefix: str) -> tuple[list[str], int]:
+        """See :class:`KeyValueStore`."""
+        with self._changed:
+            under = sorted(k for k in self._records if k.startswith(prefix))
+            if len(under) > self.max_records:
+                raise TooManyRecords(prefix, self.max_records, len(under))
+            return under, self._revision
 
     def watch_keys(self, prefix: str, keys: Collection[str], revision: int,
                    timeout: float) -> list[Record]:
