@@ -3,6 +3,7 @@ as the attack: what a hostile device or certificate holder does, and what must h
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -12,8 +13,17 @@ from shoal.errors import ConfigError, TransportError
 from shoal.ledger.blob_service import BlobServer, fetch_blob
 from shoal.ledger.blobs import BlobStore
 from shoal.ledger.entry import Entry
-from shoal.ledger.etcd import MAX_TXN_KEYS
-from shoal.ledger.keys import KINDS, entry_key, peer_prefix, registry_key, registry_value
+from shoal.ledger.etcd import MAX_TXN_KEYS, EtcdStore
+from shoal.ledger.etcd_watch import KeyStream
+from shoal.ledger.keys import (
+    KINDS,
+    entry_key,
+    peer_prefix,
+    peers_prefix,
+    registry_key,
+    registry_value,
+    round_prefix,
+)
 from shoal.ledger.ledger import Ledger, LedgerError
 from shoal.ledger.store import MemoryStore
 from shoal.net.ca import CertificateAuthority
@@ -196,3 +206,81 @@ def test_a_compaction_between_the_transactions_of_one_read_restarts_the_read(etc
         del store._call
     assert len(reads) >= 3 and revision > reads[0]
     assert [r.value for r in got] == [b"old"] * (len(keys) - 1) + [b"new"]
+
+
+# -- F5: the shared watch stream after a flood of big values -----------------------------------
+
+def _flooded_round(etcd, value_size: int, count: int):
+    """alice, bob and a hostile device; the device writes ``count`` junk keys of
+    ``value_size`` bytes under its own round prefix, then alice writes her entry. What bob's
+    stream, reopened from before the flood (as after its member failed), must deliver."""
+    job = _uid("watch")
+    names = {s: _uid(s) for s in ("evil", "alice", "bob")}
+    idents = {s: etcd.registrar.enroll(d, etcd.root / "devices" / d) for s, d in names.items()}
+    stores = {s: etcd.cluster.store(i.tls, timeout=30.0) for s, i in idents.items()}
+    before = Ledger(stores["bob"]).read_round(job, 1).revision
+    _flood(stores["evil"], [f"{round_prefix(names['evil'], job, 1)}junk-{i}"
+                            for i in range(count)], b"x" * value_size)
+    Ledger(stores["alice"]).append(_update(job, 1, names["alice"]), idents["alice"].signer())
+    return stores, idents, before, entry_key(names["alice"], job, 1, "update")
+
+
+def test_a_reopened_watch_gets_past_a_flood_bigger_than_one_answer(etcd):
+    """60 values of 1.45 MB (87 MB) written while the stream was away: in one answer that is
+    over max_read_bytes, and every reopen asked for the same answer again (healthy all the
+    while, never delivering). Fragmented answers deliver alice's entry behind the flood."""
+    stores, _, before, key = _flooded_round(etcd, BIG, 60)
+    try:
+        stream = KeyStream(stores["bob"], peers_prefix(), before, interest=[key])
+        try:
+            got = stream.get_keys([key], before, 30.0)
+            assert got and got[0].key == key
+            assert stream.healthy() and stream.ignored == 60
+        finally:
+            stream.stop()
+    finally:
+        for st in stores.values():
+            st.close()
+
+
+def test_a_watch_that_keeps_failing_at_one_revision_gives_up_and_is_replaced(etcd, caplog):
+    """A stream whose answers this reader cannot take (here: a reader accepting 64 KiB, and
+    values of 200 kB) fails with RESOURCE_EXHAUSTED from the same revision every time. It must
+    turn unhealthy (not retry forever looking healthy), log it, and watch_keys must still
+    deliver the entry, by a fresh read and a stream from its revision."""
+    stores, idents, before, key = _flooded_round(etcd, 200_000, 3)
+    small = EtcdStore(etcd.cluster.endpoints, idents["bob"].tls, timeout=30.0,
+                      max_read_bytes=64 * 1024)
+    try:
+        stream = KeyStream(small, peers_prefix(), before, interest=[key])
+        try:
+            with caplog.at_level("WARNING"):
+                assert stream.get_keys([key], before, 30.0) is None  # gave up
+            assert not stream.healthy()
+            assert "RESOURCE_EXHAUSTED" in (stream.failed or "")
+            assert any("giving it up" in r.getMessage() for r in caplog.records)
+        finally:
+            stream.stop()
+        got = small.watch_keys(peers_prefix(), [key], before, 30.0)
+        assert [r.key for r in got] == [key]
+    finally:
+        small.close()
+        for st in stores.values():
+            st.close()
+
+
+def test_a_fragment_never_moves_the_stream_past_a_revision_it_may_not_have_whole():
+    """etcd may split one revision's events (one transaction's puts) across fragments: a
+    stream that fails between them reopens from that revision, not after it."""
+    from aetcd.rpc import kv_pb2
+
+    def events(*revs):
+        return [kv_pb2.Event(kv=kv_pb2.KeyValue(key=f"/k{i}".encode(), mod_revision=r))
+                for i, r in enumerate(revs)]
+    stream = object.__new__(KeyStream)
+    stream.seen, stream.interest, stream.latest, stream.ignored = 4, {}, {}, 0
+    stream._cond = threading.Condition()
+    stream._keep(events(5, 6, 6), fragment=True)
+    assert stream.seen == 5
+    stream._keep(events(6, 7), fragment=False)
+    assert stream.seen == 7 and stream.ignored == 5

@@ -9,6 +9,16 @@ the keys waited for, whatever is written beside them (a hostile device's flood o
 its own prefix streams past and is only counted). When its member fails, the stream reopens
 on the next one from the last revision it saw; a refusal by etcd's RBAC ends it and is raised
 to the callers.
+
+A stream reopened from a past revision gets every event since then at once — a device that
+wrote tens of MiB under its own prefix meanwhile would make that one answer exceed what a reader
+accepts, and every reopen fail the same way. So the stream asks for fragmented answers
+(``fragment=True``: etcd splits an answer over its request limit into parts of whole events,
+each but the last marked ``fragment``), and a stream that keeps failing without getting past
+its revision (:data:`MAX_STALLS` times, or :data:`MAX_EXHAUSTED` times ``RESOURCE_EXHAUSTED``;
+with growing pauses in between) gives up: it turns unhealthy, says so in the log (rate-limited),
+and :meth:`EtcdStore.watch_keys <shoal.ledger.etcd.EtcdStore.watch_keys>` replaces it by a
+fresh read and a stream from that read's revision.
 """
 
 from __future__ import annotations
@@ -22,13 +32,29 @@ import grpc
 from aetcd.rpc import rpc_pb2
 
 from ..errors import TransportError
+from ..net.limits import LogLimiter
 from .etcd_rpc import REQUIRE_LEADER, LedgerAccessError, prefix_end, to_record
 from .store import Record
 
 if TYPE_CHECKING:
     from .etcd import EtcdStore
 
-__all__ = ["KeyStream"]
+__all__ = ["MAX_EXHAUSTED", "MAX_STALLS", "KeyStream"]
+
+MAX_STALLS = 6
+"""Failures in a row, each without an event past the stream's revision, after which a
+:class:`KeyStream` gives up (twice around a 3-member cluster)."""
+
+MAX_EXHAUSTED = 2
+"""``RESOURCE_EXHAUSTED`` failures in a row at one revision after which a :class:`KeyStream`
+gives up: its answer is too big to take, and asking again from the same revision asks for the
+same answer."""
+
+_BACKOFF_S = (0.1, 2.0)
+"""The pause between reopenings of a stream: the first, doubling per failure, up to the last."""
+
+_warn = LogLimiter(3)
+"""Warnings about streams giving up: at most 3 a minute per prefix."""
 
 
 class KeyStream:
@@ -47,6 +73,7 @@ class KeyStream:
             self.interest[k] = self.interest.get(k, 0) + 1
         self.error: Exception | None = None
         self.compacted = False
+        self.failed: str | None = None  # why the stream gave up (it kept failing)
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._call: Any = None
@@ -55,8 +82,10 @@ class KeyStream:
         self._thread.start()
 
     def healthy(self) -> bool:
-        """Whether the stream still runs (not stopped, compacted or refused)."""
-        return not self._stopped.is_set() and self.error is None and not self.compacted
+        """Whether the stream still runs (not stopped, compacted, refused, or given up after
+        failing again and again at one revision)."""
+        return (not self._stopped.is_set() and self.error is None and not self.compacted
+                and self.failed is None)
 
     def register(self, keys: Sequence[str]) -> None:
         """Keep the records of ``keys`` from now on."""
@@ -109,11 +138,19 @@ class KeyStream:
             f"must be enrolled (`shoal swarm enroll {device}`) and not revoked.",
             device=device, key=self.prefix)
 
-    def _keep(self, events: Any) -> None:
+    def _keep(self, events: Any, fragment: bool = False) -> None:
+        """Keep the records of ``events`` that somebody waits for. ``fragment``: more parts of
+        this answer follow, and they may hold more events of its last revision (one
+        transaction's puts), so :attr:`seen` stays below that revision: a stream reopened
+        before the last part came asks for it again rather than lose the rest of it."""
         with self._cond:
             kept = False
             for ev in events:
-                self.seen = max(self.seen, int(ev.kv.mod_revision))
+                rev = int(ev.kv.mod_revision)
+                if not fragment or rev < int(events[-1].kv.mod_revision):
+                    self.seen = max(self.seen, rev)
+                else:
+                    self.seen = max(self.seen, rev - 1)
                 key = ev.kv.key.decode(errors="replace")
                 if key in self.interest:
                     self.latest[key] = to_record(ev.kv)
@@ -127,11 +164,14 @@ class KeyStream:
         p = self.prefix.encode()
         n = len(self.store.endpoints)
         i = self.store._current
+        stalls = exhausted = 0  # failures in a row without getting past self.seen
         while not self._stopped.is_set():
             done = threading.Event()
+            start = self.seen
+            why = ""
             create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
                 key=p, range_end=prefix_end(p), start_revision=self.seen + 1,
-                filters=[rpc_pb2.WatchCreateRequest.NODELETE]))
+                filters=[rpc_pb2.WatchCreateRequest.NODELETE], fragment=True))
 
             def requests(create: Any = create, done: threading.Event = done) -> Any:
                 yield create
@@ -152,13 +192,34 @@ class KeyStream:
                             return
                         break
                     if resp.events:
-                        self._keep(resp.events)
-            except (grpc.RpcError, TransportError):
-                pass  # the member failed (or we stopped): reopen on the next one
+                        self._keep(resp.events, bool(resp.fragment))
+                    if self.seen > start:
+                        stalls = exhausted = 0
+                why = "the member ended the stream"
+            except grpc.RpcError as e:  # the member failed (or we stopped): reopen elsewhere
+                code = e.code() if hasattr(e, "code") else None
+                why = f"{getattr(code, 'name', code)}: {e.details() if hasattr(e, 'details') else e}"
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    exhausted += 1
+            except TransportError as e:
+                why = str(e)
             finally:
                 done.set()
                 if self._call is not None:
                     self._call.cancel()
-            if not self._stopped.is_set():
-                i = (i + 1) % n
-                self._stopped.wait(0.1)
+            if self._stopped.is_set():
+                return
+            if self.seen > start:
+                stalls = exhausted = 0
+            else:
+                stalls += 1
+            if stalls >= MAX_STALLS or exhausted >= MAX_EXHAUSTED:
+                with self._cond:
+                    self.failed = (f"the watch of {self.prefix!r} failed {stalls} times in a row "
+                                   f"from revision {self.seen + 1} (last: {why})")
+                    self._cond.notify_all()
+                _warn.warning(self.prefix, "etcd: %s; giving it up (it is read again and "
+                              "watched from the read's revision)", self.failed)
+                return
+            i = (i + 1) % n
+            self._stopped.wait(min(_BACKOFF_S[0] * 2 ** max(0, stalls - 1), _BACKOFF_S[1]))
