@@ -387,7 +387,8 @@ class EtcdStore:
         the prefix can neither grow it nor evict what a caller waits for. A call registers its
         keys with the stream, then reads them (:meth:`read`, one get per key): what was
         written before the registration the read sees, what is written after it the stream
-        keeps. A stream that failed (its start revision compacted away) is replaced; a refusal
+        keeps. A stream that failed (its start revision compacted away, or it kept failing at
+        one revision: see :mod:`shoal.ledger.etcd_watch`) is replaced; a refusal
         by RBAC, of the read or of the watch, is a :class:`LedgerAccessError`."""
         wanted = list(dict.fromkeys(keys))
         if any(not k.startswith(prefix) for k in wanted):
