@@ -10,6 +10,7 @@ import pytest
 from aetcd.rpc import rpc_pb2
 
 from shoal.errors import ConfigError, TransportError
+from shoal.ledger import etcd_watch
 from shoal.ledger.blob_service import BlobServer, fetch_blob
 from shoal.ledger.blobs import BlobStore
 from shoal.ledger.entry import Entry
@@ -27,6 +28,7 @@ from shoal.ledger.keys import (
 from shoal.ledger.ledger import Ledger, LedgerError
 from shoal.ledger.store import MemoryStore
 from shoal.net.ca import CertificateAuthority
+from shoal.net.limits import LogLimiter
 
 MiB = 1024 * 1024
 
@@ -243,11 +245,13 @@ def test_a_reopened_watch_gets_past_a_flood_bigger_than_one_answer(etcd):
             st.close()
 
 
-def test_a_watch_that_keeps_failing_at_one_revision_gives_up_and_is_replaced(etcd, caplog):
+def test_a_watch_that_keeps_failing_at_one_revision_gives_up_and_is_replaced(etcd, caplog,
+                                                                            monkeypatch):
     """A stream whose answers this reader cannot take (here: a reader accepting 64 KiB, and
     values of 200 kB) fails with RESOURCE_EXHAUSTED from the same revision every time. It must
     turn unhealthy (not retry forever looking healthy), log it, and watch_keys must still
     deliver the entry, by a fresh read and a stream from its revision."""
+    monkeypatch.setattr(etcd_watch, "_warn", LogLimiter(3))  # no earlier test's warnings
     stores, idents, before, key = _flooded_round(etcd, 200_000, 3)
     small = EtcdStore(etcd.cluster.endpoints, idents["bob"].tls, timeout=30.0,
                       max_read_bytes=64 * 1024)

@@ -214,12 +214,13 @@ class KeyStream:
             else:
                 stalls += 1
             if stalls >= MAX_STALLS or exhausted >= MAX_EXHAUSTED:
-                with self._cond:
-                    self.failed = (f"the watch of {self.prefix!r} failed {stalls} times in a row "
-                                   f"from revision {self.seen + 1} (last: {why})")
-                    self._cond.notify_all()
+                failed = (f"the watch of {self.prefix!r} failed {stalls} times in a row from "
+                          f"revision {self.seen + 1} (last: {why})")
                 _warn.warning(self.prefix, "etcd: %s; giving it up (it is read again and "
-                              "watched from the read's revision)", self.failed)
+                              "watched from the read's revision)", failed)
+                with self._cond:
+                    self.failed = failed
+                    self._cond.notify_all()
                 return
             i = (i + 1) % n
             self._stopped.wait(min(_BACKOFF_S[0] * 2 ** max(0, stalls - 1), _BACKOFF_S[1]))
