@@ -127,11 +127,40 @@ def test_a_directory_that_is_neither_says_what_it_expects(tmp_path):
         load_report(tmp_path)
 
 
-def test_a_run_of_several_seeds_points_at_one_seed(tmp_path):
+def test_a_run_of_several_seeds_is_reported_seed_by_seed_with_its_spread(tmp_path, one_thread):
+    """`shoal run --seeds 0,1`: every seed's paradigms, each read against its own seed's
+    baseline, and each paradigm's spread across the seeds."""
+    from shoal.config import load_config
+    from shoal.report.html import render_report
+    from shoal.report.reading import reading
+    from shoal.seeds import run_seeds
+
+    from .conftest import TINY
+
+    summary = run_seeds(load_config(None, [*TINY, "federated.rounds=2"]), tmp_path,
+                        seeds=[0, 1])
+    data = load_report(tmp_path)
+    assert data.kind == "seeds" and data.spread == summary["paradigms"]
+    assert [e.name for e in data.entries] == ["federated (seed 0)", "centralized (seed 0)",
+                                               "federated (seed 1)", "centralized (seed 1)"]
+    fed1, cen1 = data.entries[2:]
+    assert data.baseline_of(fed1) is cen1
+    lines = reading(data)
+    got, ref = fed1.figures["accuracy"], cen1.figures["accuracy"]
+    assert any(line.startswith("federated (seed 1)") and f"{got:.3f} against {ref:.3f}" in line
+               for line in lines), lines
+    fw = summary["paradigms"]["federated"]["metrics"]["accuracy"]["final_window"]
+    assert (f"Across 2 seeds, federated reaches accuracy {fw['mean']:.3f} ± {fw['std']:.3f} "
+            f"(from {fw['min']:.3f} to {fw['max']:.3f})") in " ".join(lines)
+    page = render_report(data)
+    assert "run of several seeds" in page and "4 runs" in page
+
+
+def test_a_broken_seeds_summary_says_what_to_do(tmp_path):
     (tmp_path / "seeds.json").write_text("{}")
-    (tmp_path / "seed-3").mkdir()
-    with pytest.raises(CheckpointError, match="is a run of several seeds; report one seed's "
-                                              "run directory, e.g. `shoal report .*seed-3`"):
+    with pytest.raises(CheckpointError, match=r"seeds.json does not hold 'runs', each seed's "
+                                              r"run directory by seed, .* `shoal report "
+                                              r".*seed-0`"):
         load_report(tmp_path)
 
 

@@ -71,20 +71,21 @@ def _plot(p: Plot) -> str:
 
 def render_report(data: ReportData) -> str:
     """The whole page for loaded ``data``, as one HTML string (plotly.js inline)."""
-    what = "comparison" if data.kind == "comparison" else "run"
+    what = {"comparison": "comparison", "seeds": "run of several seeds"}.get(data.kind, "run")
+    counted = {"comparison": "variants", "seeds": "runs"}.get(data.kind, "paradigms")
     sentences = "".join(f"<li>{_e(s)}</li>" for s in reading(data))
     audits = audit_table(data)
     body = [
         f"<h1>shoal report: {_e(data.path.name or data.path)}</h1>",
         # The directory's name only: the page is made to be shared, this machine's paths not.
         f'<p class="where">{what} directory {_e(data.path.resolve().name)} · '
-        f"{len(data.entries)} {'variants' if what == 'comparison' else 'paradigms'} · "
+        f"{len(data.entries)} {counted} · "
         f"judged by {_e(metric_label(data.primary))}</p>",
         f'<section class="reading" id="reading"><h2>reading</h2><ul>{sentences}</ul></section>',
         _table(figures_table(data)),
         *(_plot(p) for p in build_plots(data)),
         _table(audits) if audits is not None else "",
-        f'<section id="config"><h2>config</h2><details><summary>the {what}\'s config'
+        f'<section id="config"><h2>config</h2><details><summary>the config'
         f"</summary><pre>{_e(data.config_text)}</pre></details></section>",
     ]
     # plotly.js is minified JavaScript that holds no "</script" (plotly inlines it the same way)

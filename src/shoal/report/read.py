@@ -14,7 +14,13 @@ A **comparison directory** (``shoal compare``)::
                                       status, figures: {...}}]}
     DIR/<run_dir>/...                each variant's own run directory, as above
 
-Both load into one :class:`ReportData`: a list of :class:`Entry` (a paradigm of a run, or a
+A **run of several seeds** (``shoal run --seeds 0,1,2``)::
+
+    DIR/config.toml, DIR/seeds.json  the config with its seeds; the spread of each paradigm's
+                                     figures across them (:mod:`shoal.seeds`)
+    DIR/seed-<s>/...                 each seed's own run directory, as above
+
+All load into one :class:`ReportData`: a list of :class:`Entry` (a paradigm of a run, or a
 variant of a comparison), each with its figures (the comparison's figure names, ``None`` where
 nothing was measured — the page shows "—", it never invents a figure), its per-round history
 and its audits. A file that is missing or unreadable raises
@@ -70,6 +76,7 @@ class Entry:
     reason: str | None = None
     clients: dict[str, float] = field(default_factory=dict)
     clients_why: str = ""
+    seed: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,12 +97,21 @@ class ReportData:
     entries: list[Entry]
     primary: str = "accuracy"
     lower_is_better: bool = False
+    spread: dict[str, Any] = field(default_factory=dict)
+    """A run of several seeds: ``seeds.json``'s ``paradigms`` (each metric's spread across
+    the seeds); empty otherwise."""
 
     @property
     def baseline(self) -> Entry | None:
-        """The finished centralized entry (the pooled-data baseline), if there is one."""
+        """The finished centralized entry (the pooled-data baseline), if there is one (of the
+        first seed, in a run of several)."""
         return next((e for e in self.entries if e.finished and e.paradigm == "centralized"),
                     None)
+
+    def baseline_of(self, entry: Entry) -> Entry | None:
+        """The baseline ``entry`` is read against: the centralized entry of its own seed."""
+        return next((e for e in self.entries if e.finished and e.paradigm == "centralized"
+                     and e.seed == entry.seed), None)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -278,6 +294,35 @@ def _load_run(run_dir: Path, cache: FederationCache | None) -> ReportData:
     return ReportData("run", run_dir, config, config_text, entries, primary, lower)
 
 
+# -- a run of several seeds --------------------------------------------------------------------
+
+def _load_seeds(root: Path, cache: FederationCache | None) -> ReportData:
+    """Every seed's run (``seeds.json``'s ``runs``), its entries named ``PARADIGM (seed S)``,
+    and the spread across seeds."""
+    fix = (f"Run it again with `shoal run --resume {root}`, or report one seed's run "
+           f"directory, e.g. `shoal report {root / 'seed-0'}`.")
+    summary = _read_json(root / "seeds.json", fix)
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, dict) or not runs or not all(
+            isinstance(s, str) and s.isdigit() for s in runs):
+        raise CheckpointError(f"shoal report: {root / 'seeds.json'} does not hold 'runs', "
+                              f"each seed's run directory by seed, as `shoal run --seeds` "
+                              f"writes it. {fix}")
+    entries = []
+    first: ReportData | None = None
+    for s in sorted(runs, key=int):
+        name = _path_part(str(runs[s]), "run directory", str(root / "seeds.json"), fix)
+        run = _load_run(root / name, cache)
+        first = first or run
+        entries += [replace(e, name=f"{e.name} (seed {s})", seed=int(s)) for e in run.entries]
+    assert first is not None
+    toml = root / "config.toml"
+    text = (toml.read_text(encoding="utf-8", errors="replace") if toml.is_file()
+            else first.config_text)
+    return ReportData("seeds", root, first.config, text, entries, first.primary,
+                      first.lower_is_better, spread=_mapping(summary.get("paradigms")))
+
+
 # -- a comparison directory ------------------------------------------------------------------
 
 def _variant(raw: Any, i: int, root: Path) -> Entry:
@@ -401,10 +446,7 @@ def load_report(path: str | Path, *, clients: bool = True,
     if (root / "summary.json").exists():
         return _load_run(root, FederationCache(trust_code) if clients else None)
     if (root / "seeds.json").exists():
-        seeds = sorted(p.name for p in root.glob("seed-*") if p.is_dir())
-        raise CheckpointError(
-            f"shoal report: {root} is a run of several seeds; report one seed's run "
-            f"directory, e.g. `shoal report {root / (seeds[0] if seeds else 'seed-0')}`.")
+        return _load_seeds(root, FederationCache(trust_code) if clients else None)
     if (root / "config.toml").exists():
         raise CheckpointError(
             f"shoal report: {root / 'summary.json'} is missing: the run has not finished. "

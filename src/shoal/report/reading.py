@@ -107,7 +107,7 @@ def _worst(entry: Entry, data: ReportData) -> str | None:
 def entry_sentence(entry: Entry, data: ReportData) -> str:
     """The reading of one finished entry: against the baseline when there is one (and it is
     not the baseline), else its own figures."""
-    base = data.baseline
+    base = data.baseline_of(entry)
     head = f"{entry.name}{_dp(entry)}"
     main: list[str] = []
     if base is not None and entry is not base:
@@ -130,15 +130,46 @@ def entry_sentence(entry: Entry, data: ReportData) -> str:
     return sentence + "."
 
 
+def spread_sentences(data: ReportData) -> list[str]:
+    """A run of several seeds: each paradigm's headline figure (the mean of its last
+    evaluations, :mod:`shoal.seeds`) across the seeds — mean ± sample std, min to max."""
+    out = []
+    label = metric_label(data.primary)
+    for name, p in data.spread.items():
+        m = (_mapping_of(p).get("metrics") or {}).get(data.primary)
+        fw = _mapping_of(_mapping_of(m).get("final_window"))
+        mean, std = _num(fw.get("mean")), _num(fw.get("std"))
+        lo, hi = _num(fw.get("min")), _num(fw.get("max"))
+        if mean is None:
+            continue
+        n = len(fw.get("per_seed") or [])
+        text = f"Across {n} seeds, {name} reaches {label} {mean:.3f}"
+        if std is not None:
+            text += f" ± {std:.3f}"
+        if lo is not None and hi is not None:
+            text += f" (from {lo:.3f} to {hi:.3f})"
+        out.append(text + ", the mean of each seed's last evaluations.")
+    return out
+
+
+def _mapping_of(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def reading(data: ReportData) -> list[str]:
     """The reading of a run or comparison, a sentence at a time: the baseline first, then
-    each finished entry in order, then the best of a comparison, then what did not finish."""
+    each finished entry in order (each against the baseline of its own seed, in a run of
+    several seeds), then the best of a comparison or the spread across seeds, then what did
+    not finish."""
     base = data.baseline
     done = [e for e in data.entries if e.finished]
     order = ([base] if base is not None else []) + [e for e in done if e is not base]
+    if data.kind == "seeds":  # seed by seed, each seed's baseline first
+        order = sorted(done, key=lambda e: (e.seed, e.paradigm != "centralized"))
     out = [entry_sentence(e, data) for e in order]
+    out += spread_sentences(data)
     rated = [e for e in done if e.figures.get("accuracy") is not None]
-    if len(done) >= 3 and rated:
+    if len(done) >= 3 and rated and data.kind != "seeds":
         pick = min if data.lower_is_better else max
         best = pick(rated, key=lambda e: e.figures["accuracy"])
         line = f"Best {metric_label(data.primary)}: {best.name} ({best.figures['accuracy']:.3f})"
