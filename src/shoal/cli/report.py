@@ -1,4 +1,4 @@
-"""``shoal report DIR [--out FILE]``: the HTML report of a run or a comparison.
+"""``shoal report DIR [--out FILE]``: the HTML report of a run (of one seed or several) or a comparison.
 
 Writes one self-contained HTML file (plots, tables and a plain-language reading; no network
 needed to view it), by default ``DIR/report.html``, and prints the reading and the file's path.
@@ -28,8 +28,9 @@ def report_command(
         "(task.name = \"module:factory\"), for the per-client plot: this imports and runs "
         "that code, so only for a directory you trust.")] = False,
 ) -> None:
-    """Write the HTML report of a run or comparison: accuracy, loss, ε, per-client accuracy,
-    bytes, privacy-utility and audit ROC plots, the tables, and a plain-language reading."""
+    """Write the HTML report of a run (one seed or several) or comparison: accuracy, loss, ε,
+    per-client accuracy, bytes, privacy-utility and audit ROC plots, the tables, and a
+    plain-language reading."""
     from ..report import load_report, reading, write_page
 
     data = load_report(directory, trust_code=trust_code)

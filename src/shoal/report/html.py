@@ -127,13 +127,14 @@ def write_page(data: ReportData, target: str | Path) -> Path:
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the HTML report of a run or comparison directory ``path``; return its path.
+    """Write the HTML report of a run, several-seed run or comparison directory ``path``;
+    return its path.
 
     ``out`` defaults to ``path/report.html``. The file is self-contained (it needs no network
     to view) and written atomically. Raises :class:`~shoal.errors.CheckpointError` when
-    ``path`` is not a finished run or comparison directory, or a file in it is unreadable
-    (the message names the file and how to fix it), and :class:`~shoal.errors.ShoalError`
-    when ``out`` cannot be written.
+    ``path`` is not a finished run, several-seed run or comparison directory, or a file in it
+    is unreadable (the message names the file and how to fix it), and
+    :class:`~shoal.errors.ShoalError` when ``out`` cannot be written.
     """
     data = load_report(path)
     return write_page(data, Path(out) if out is not None else Path(path) / "report.html")

@@ -421,7 +421,8 @@ def _load_comparison(root: Path, cache: FederationCache | None) -> ReportData:
 
 def load_report(path: str | Path, *, clients: bool = True,
                 trust_code: bool = True) -> ReportData:
-    """Load a run directory (``summary.json``) or a comparison directory (``compare.json``).
+    """Load a run directory (``summary.json``), a run of several seeds (``seeds.json``) or a
+    comparison directory (``compare.json``).
 
     ``clients``: also evaluate each finished paradigm's final model on every client's
     held-out data (:mod:`shoal.report.clients`; seconds for small tasks), for the per-client
