@@ -1,6 +1,5 @@
 """The report of a run, a run of several seeds, or a comparison: one self-contained HTML file
-with plots, tables and
-a short plain-language reading of the result (``shoal report DIR``).
+with plots, tables and a short plain-language reading of the result (``shoal report DIR``).
 
 * :mod:`~shoal.report.read` loads a run directory or a comparison directory;
 * :mod:`~shoal.report.plots` builds the plotly figures (or says why one has no data);
