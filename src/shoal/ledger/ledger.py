@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ from .keys import (
     peer_prefix,
     peers_prefix,
     registry_prefix,
+    revoked_key,
     revoked_prefix,
 )
 from .store import KeyValueStore, Record, TooManyRecords
@@ -149,8 +151,24 @@ class Ledger:
 
     def enrolled(self) -> dict[str, Enrolled]:
         """The enrolled devices (revoked ones included, with their revocation revision)."""
-        (reg, rev), _ = self.store.ranges([registry_prefix(self.root), revoked_prefix(self.root)])
-        return self._parse_registry(reg, rev)
+        return self.enrolled_at()[0]
+
+    def enrolled_at(self) -> tuple[dict[str, Enrolled], int]:
+        """:meth:`enrolled`, and the store revision it was read at (to watch for what comes
+        after it, e.g. :meth:`wait_revocation`)."""
+        (reg, rev), revision = self.store.ranges([registry_prefix(self.root),
+                                                  revoked_prefix(self.root)])
+        return self._parse_registry(reg, rev), revision
+
+    def wait_revocation(self, devices: Sequence[str], revision: int, timeout: float) -> bool:
+        """Block until one of ``devices`` is revoked after store ``revision`` (``True``) or
+        ``timeout`` seconds pass (``False``); it watches their revocation keys only."""
+        keys = [revoked_key(d, self.root) for d in devices]
+        if not keys:  # nobody to revoke
+            time.sleep(max(0.0, timeout))
+            return False
+        return bool(self.store.watch_keys(revoked_prefix(self.root), keys, revision,
+                                          max(0.0, timeout)))
 
     def _parse_registry(self, reg: Sequence[Record], rev: Sequence[Record]) -> dict[str, Enrolled]:
         revoked = {r.key.removeprefix(revoked_prefix(self.root)): r.create_revision for r in rev}

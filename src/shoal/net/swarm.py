@@ -60,7 +60,13 @@ PREFETCH_THREADS = 8
 """Blobs a peer fetches at once after a round closes."""
 
 ALLOWED_CACHE_S = 2.0
-"""How long the blob server trusts its last read of who is enrolled and not revoked."""
+"""How long the blob server trusts its last read of who is enrolled and not revoked when its
+watch of revocations falls behind (while the watch runs, a revocation takes effect as soon as
+the ledger records it)."""
+
+REGISTRY_WATCH_S = 1.0
+"""How long the registry's follower waits for a revocation before it reads the registry again
+(new enrollments are seen within this long)."""
 
 
 class PeerBlobs:
@@ -201,6 +207,10 @@ class SwarmNode:
                               seed=config.seed)
         self._active: tuple[float, set[str]] = (0.0, set())
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._revocations = threading.Thread(target=self._follow_registry, daemon=True,
+                                             name=f"shoal-swarm-registry-{device}")
+        self._revocations.start()
 
     def __repr__(self) -> str:
         return f"SwarmNode({self.device!r}, blobs at {self.blobs.address})"
@@ -209,16 +219,35 @@ class SwarmNode:
         """Why ``node_id`` may not fetch our blobs (not enrolled, or revoked), or ``None``."""
         with self._lock:
             at, active = self._active
-            if time.monotonic() - at > ALLOWED_CACHE_S:
+            if time.monotonic() - at > 2 * ALLOWED_CACHE_S:  # the watch is behind: read now
                 active = set(self._registry.active())
                 self._active = (time.monotonic(), active)
         return None if node_id in active else (f"{node_id!r} is not an enrolled, unrevoked "
                                                "device of this swarm's ledger")
 
+    def _follow_registry(self) -> None:
+        """Keep the blob server's view of the enrolled, unrevoked devices current: read the
+        registry, then wait (at most :data:`REGISTRY_WATCH_S`) for a revocation of one of
+        them, and read it again — so a revoked device is refused from the moment the ledger
+        records its revocation, not up to a cache's age later."""
+        registry = Ledger(self.ledger.store)  # this thread's own (a Ledger's caches are not
+        while not self._closing.is_set():     # shared between threads)
+            try:
+                enrolled, revision = registry.enrolled_at()
+                active = {d for d, e in enrolled.items() if e.revoked is None}
+                with self._lock:
+                    self._active = (time.monotonic(), active)
+                registry.wait_revocation(sorted(active), revision, REGISTRY_WATCH_S)
+            except TransportError as e:  # the store is closing, or unreachable for now
+                log.debug("swarm: reading the registry failed (%s); retrying", e)
+                self._closing.wait(0.5)
+
     def close(self) -> None:
         """Stop the blob server and close the connections."""
+        self._closing.set()
         self.server.stop()
         self.client.close()
+        self._revocations.join(REGISTRY_WATCH_S + 10)
         self.ledger.store.close()
 
     def __enter__(self) -> SwarmNode:
