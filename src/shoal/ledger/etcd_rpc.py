@@ -13,24 +13,13 @@ from typing import Any
 
 import grpc
 
-from ..errors import TransportError
-from .store import Record
+from .store import LedgerAccessError, Record
 
 __all__ = ["REQUIRE_LEADER", "LedgerAccessError", "Member", "prefix_end", "to_record"]
 
 REQUIRE_LEADER = (("hasleader", "true"),)
 """gRPC metadata on every request: a member without a leader refuses it (the store fails over
 to another member)."""
-
-
-class LedgerAccessError(TransportError):
-    """etcd refused this device a read or write: the device is not enrolled, was revoked, or
-    wrote outside its own prefix. ``device`` and ``key`` name who and what."""
-
-    def __init__(self, message: str, *, device: str, key: str):
-        super().__init__(message)
-        self.device = device
-        self.key = key
 
 
 @dataclass

@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from ..errors import ShoalError, TransportError
 from ..net.limits import LogLimiter
 from .entry import Entry, Signer, entry_hash, sign_entry, verify_entry
-from .etcd_rpc import LedgerAccessError
 from .keys import (
     DEFAULT_ROOT,
     KINDS,
@@ -61,7 +60,7 @@ from .keys import (
     revoked_key,
     revoked_prefix,
 )
-from .store import KeyValueStore, Record, TooManyRecords
+from .store import KeyValueStore, LedgerAccessError, Record, TooManyRecords
 
 __all__ = ["Enrolled", "Ledger", "LedgerError", "RoundView"]
 

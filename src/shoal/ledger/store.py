@@ -35,11 +35,23 @@ from typing import Protocol
 
 from ..errors import TransportError
 
-__all__ = ["DEFAULT_MAX_RECORDS", "KeyValueStore", "MemoryStore", "Record", "TooManyRecords"]
+__all__ = ["DEFAULT_MAX_RECORDS", "KeyValueStore", "LedgerAccessError", "MemoryStore", "Record",
+           "TooManyRecords"]
 
 DEFAULT_MAX_RECORDS = 10_000
 """The most records a store returns under one prefix (etcd's ``limit``); more is a
 :class:`TooManyRecords`."""
+
+
+class LedgerAccessError(TransportError):
+    """The store (etcd's RBAC) refused this device a read or write: the device is not
+    enrolled, was revoked, or wrote outside its own prefix. ``device`` and ``key`` name who
+    and what."""
+
+    def __init__(self, message: str, *, device: str, key: str):
+        super().__init__(message)
+        self.device = device
+        self.key = key
 
 
 class TooManyRecords(TransportError):
