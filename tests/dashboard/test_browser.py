@@ -34,6 +34,7 @@ def test_a_metric_published_after_the_page_loaded_appears_without_a_reload(brows
         wait.until(lambda b: _text(b, "#conn") == "live")
         assert _text(browser, "#rounds-done") == "0 / 5 rounds"
         assert _text(browser, "#nodes-connected") == "3 connected"
+        assert _text(browser, "#status") == "waiting for the first round (3 connected)"
         assert _text(browser, "#epsilon") == "no DP"
         assert not browser.find_elements(By.CSS_SELECTOR, '#metrics tr[data-metric]')
         # A marker on the window: a reload would lose it.
@@ -46,6 +47,7 @@ def test_a_metric_published_after_the_page_loaded_appears_without_a_reload(brows
                              dropped={"client-7": "timed out <script>alert(1)</script>"})
         metric = '#metrics tr[data-metric="central/accuracy"] td.v'
         wait.until(lambda b: _text(b, metric) == "0.8125")
+        assert _text(browser, "#status") == "running"  # between rounds
         assert browser.execute_script("return window.__loadedOnce === true;")  # no reload
         assert _text(browser, "#rounds-done") == "1 / 5 rounds"
         assert _text(browser, "#epsilon") == "ε = 2.5000"

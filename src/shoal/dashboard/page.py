@@ -108,8 +108,11 @@ function render(state) {
   document.title = state.title + " dashboard";
   $("title").textContent = state.title + (run.label ? " · " + run.label : "");
   let status = run.status;
+  if (run.status === "idle") status = "waiting for the run to start";
   if (run.status === "running")
-    status = run.current ? "round " + run.current + " running" : "running";
+    status = run.current ? "round " + run.current + " running"
+      : run.done ? "running" : "waiting for the first round (" + state.nodes.connected
+        + " connected)";
   if (run.status === "stopped" && run.stopped) status = "stopped: " + run.stopped;
   $("status").textContent = status;
   $("status").className = run.status === "stopped" ? "bad" : "";
