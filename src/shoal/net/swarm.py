@@ -64,9 +64,13 @@ ALLOWED_CACHE_S = 2.0
 watch of revocations falls behind (while the watch runs, a revocation takes effect as soon as
 the ledger records it)."""
 
-REGISTRY_WATCH_S = 1.0
+REGISTRY_WATCH_S = 10.0
 """How long the registry's follower waits for a revocation before it reads the registry again
-(new enrollments are seen within this long)."""
+(a device the blob server does not know yet makes it read the registry at once)."""
+
+REGISTRY_READ_S = 0.5
+"""The least time between two reads of the registry for devices the blob server does not know
+(a stranger asking again and again costs the ledger one read per this long)."""
 
 
 class PeerBlobs:
@@ -219,9 +223,11 @@ class SwarmNode:
         """Why ``node_id`` may not fetch our blobs (not enrolled, or revoked), or ``None``."""
         with self._lock:
             at, active = self._active
-            if time.monotonic() - at > 2 * ALLOWED_CACHE_S:  # the watch is behind: read now
-                active = set(self._registry.active())
-                self._active = (time.monotonic(), active)
+            now = time.monotonic()
+            stale = now - at > REGISTRY_WATCH_S + ALLOWED_CACHE_S  # the follower is behind
+            if stale or (node_id not in active and now - at > REGISTRY_READ_S):
+                active = set(self._registry.active())  # (or the device enrolled just now)
+                self._active = (now, active)
         return None if node_id in active else (f"{node_id!r} is not an enrolled, unrevoked "
                                                "device of this swarm's ledger")
 
