@@ -213,6 +213,17 @@ def test_unenrolled_and_revoked_devices_are_refused(swarm_env, tmp_path, monkeyp
             except Exception as e:  # noqa: BLE001 - the refusal is what we wait for
                 refused = e
         assert refused is not None and "not an enrolled" in str(refused), refused
+        # a device enrolled while the node runs is served without waiting for the follower
+        registrar.enroll("latecomer", root / "devices")
+        late = SwarmIdentity.load(root / "devices", "latecomer")
+        got, deadline = None, time.monotonic() + 5
+        while got is None and time.monotonic() < deadline:
+            try:
+                with BlobClient(late.tls) as c:
+                    got = c.fetch(node.blobs.address, data)
+            except Exception:  # noqa: BLE001 - within the registry's re-read interval
+                time.sleep(0.1)
+        assert got == b"not a blob, but served by hash"
     # the members refuse its TLS handshake (the CA's revocation list), and etcd has no user of
     # that name any more
     with EtcdStore(cluster.endpoints, leaver.tls, timeout=2.0) as s, \
