@@ -18,7 +18,7 @@ from typing import Any
 from .fmt import fmt_bytes, fmt_count, fmt_ratio, metric_label
 from .read import Entry, ReportData
 
-__all__ = ["entry_sentence", "leakage_clauses", "reading"]
+__all__ = ["entry_sentence", "leakage_clauses", "reading", "spread_sentences"]
 
 _AUDIT_NAMES = {"membership": "membership inference", "lira": "LiRA membership inference"}
 
