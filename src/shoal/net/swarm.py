@@ -253,8 +253,8 @@ class SwarmNode:
         self._closing.set()
         self.server.stop()
         self.client.close()
-        self._revocations.join(REGISTRY_WATCH_S + 10)
-        self.ledger.store.close()
+        self.ledger.store.close()  # (which also ends the registry follower's wait)
+        self._revocations.join(REGISTRY_WATCH_S)
 
     def __enter__(self) -> SwarmNode:
         return self
