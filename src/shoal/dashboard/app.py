@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable
 
 from starlette.applications import Starlette
@@ -43,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ConfigError, TransportError
 from ..net.ca import is_viewer, peer_identity
+from ..net.limits import LogLimiter
 from .page import CONTENT_SECURITY_POLICY, PAGE
 from .state import DashboardState
 
@@ -68,28 +68,9 @@ NOT_A_VIEWER = (
 "the certificate 'hospital-a' is not a dashboard viewer's certificate")."""
 
 
-class _RefusalLog:
-    """Log a refused certificate at most once a minute per reason (a client that reloads
-    cannot fill the log); remembers at most 1,024 reasons."""
-
-    def __init__(self, window: float = 60.0):
-        self.window = window
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, reason: str, client: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(reason, -self.window) < self.window:
-                return
-            if len(self._last) >= 1024:
-                self._last.clear()
-            self._last[reason] = now
-        log.warning("dashboard: refused %s with 403: %s (further refusals for this reason are "
-                    "not logged for %g s)", client, reason, self.window)
-
-
-_refusals = _RefusalLog()
+_refusals = LogLimiter(3)
+"""Refused certificates are logged at most 3 times a minute per reason (a client that reloads
+cannot fill the log), then counted (:class:`~shoal.net.limits.LogLimiter`)."""
 
 
 class _SlowViewer(Exception):
@@ -208,8 +189,9 @@ class _Guard:
         if scope["type"] == "http" and self.viewers_only:
             refusal = viewer_refusal(scope)
             if refusal is not None:
-                _refusals.warning(refusal.split(". ", 1)[0].removeprefix("403 Forbidden: "),
-                                  _client(scope))
+                reason = refusal.split(". ", 1)[0].removeprefix("403 Forbidden: ")
+                _refusals.warning(reason, "dashboard: refused %s with 403: %s", _client(scope),
+                                  reason)
                 await PlainTextResponse(refusal, status_code=403,
                                         headers=SECURITY_HEADERS)(scope, receive, send)
                 return
