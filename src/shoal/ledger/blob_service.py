@@ -9,8 +9,8 @@ the response stream is one JSON message ``{"protocol": 1, "sha256": HEX, "nbytes
 then the blob in chunks of at most :data:`CHUNK_BYTES` (1 MiB), far below gRPC's 4 MB message
 limit, so a model of any size passes. Mutual TLS gives access control (only certificates of
 the project's CA, not revoked, not a dashboard viewer's, and accepted by the server's
-``allowed`` check, may fetch); the
-hash gives integrity, so a fetcher need not trust which peer served the blob.
+``allowed`` check, may fetch); the hash gives integrity, so a fetcher need not trust which
+peer served the blob.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -163,9 +162,6 @@ class Ledger:
         """Block until one of ``devices`` is revoked after store ``revision`` (``True``) or
         ``timeout`` seconds pass (``False``); it watches their revocation keys only."""
         keys = [revoked_key(d, self.root) for d in devices]
-        if not keys:  # nobody to revoke
-            time.sleep(max(0.0, timeout))
-            return False
         return bool(self.store.watch_keys(revoked_prefix(self.root), keys, revision,
                                           max(0.0, timeout)))
 

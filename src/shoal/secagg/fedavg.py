@@ -240,15 +240,18 @@ class SecureFedAvg(FedAvg):
                     "bounds of its own job config ([secagg], the task), which the coordinator "
                     "must share: refused.")
 
+    def _eval_kind(self) -> str:
+        """The task kind the client evaluation computes (an evaluation function without a
+        ``kind`` is taken as classification)."""
+        return str(getattr(self.client_eval, "kind", "classification"))
+
     def _eval_means(self) -> list[tuple[str, float]]:
         """The example means that secure federated evaluation sums, each with the public
         bound on one client's value: ``loss``, then the task kind's
-        :data:`~shoal.metrics.MEAN_METRICS` (an evaluation function without a ``kind`` is
-        taken as classification: accuracy)."""
-        kind = getattr(self.client_eval, "kind", "classification")
+        :data:`~shoal.metrics.MEAN_METRICS`."""
         bounds = {"accuracy": 1.0, "mse": self.secagg.max_mse,
                   "mae": math.sqrt(self.secagg.max_mse)}
-        return [("loss", LOSS_CLIP), *((m, bounds[m]) for m in MEAN_METRICS[kind])]
+        return [("loss", LOSS_CLIP), *((m, bounds[m]) for m in MEAN_METRICS[self._eval_kind()])]
 
     def evaluate_securely(self, params: Params, transport: Transport, round: int,
                           clients: list[str] | None = None) -> dict[str, float]:
@@ -290,8 +293,7 @@ class SecureFedAvg(FedAvg):
                         pooled[name], err, b, cap,
                         "; set secagg.max_mse nearer the largest MSE a client can have"
                         if name in ("mse", "mae") else "")
-            kind = getattr(self.client_eval, "kind", "classification")
-            pooled.update(pooled_derived(pooled, KIND_METRICS[kind]))
+            pooled.update(pooled_derived(pooled, KIND_METRICS[self._eval_kind()]))
             out.update({f"fed_eval/{k}": v for k, v in pooled.items()})
         return out
 
