@@ -357,3 +357,10 @@ def test_an_imprecise_secure_mean_is_said_so(caplog):
     # the default bound (1e4) is precise enough here
     want, got = _Regression(clients=50, scale=0.05).evaluations()
     assert got["fed_eval/mse"] == pytest.approx(want["fed_eval/mse"], rel=0.1)
+
+
+def test_more_held_out_examples_than_max_weight_are_counted_as_clipped():
+    """A client holding out more examples than max_weight counts with max_weight, and says so."""
+    want, got = _Regression(held=10, max_weight=8.0).evaluations()
+    assert want["fed_eval/examples"] == 60
+    assert got["fed_eval/examples"] == 48 and got["fed_eval/clipped"] == 6

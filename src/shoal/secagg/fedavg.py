@@ -258,7 +258,8 @@ class SecureFedAvg(FedAvg):
         """Secure federated evaluation of ``params``: the pooled means of the task's metrics
         (:meth:`_eval_means`, and what derives from them: RMSE, perplexity) from securely
         summed ``examples x mean`` per client; ``fed_eval/clipped`` counts the clients whose
-        value was over its public bound and counted as the bound."""
+        value (or number of held-out examples, bounded by ``max_weight``) was over its public
+        bound and counted as the bound."""
         targets = clients if clients is not None else transport.nodes()
         means = self._eval_means()
         res = self._sum(transport, targets, round, f"evaluate-{round}", "evaluate",
@@ -348,9 +349,10 @@ class SecureFedAvg(FedAvg):
         data = eval_data(context)
         m = self.client_eval(message.tensors, data) if data is not None and len(data) else {}
         cap = self.secagg.max_weight
-        ex = min(float(m.get("examples", 0.0)), cap)
+        held = float(m.get("examples", 0.0))
+        ex = min(held, cap)  # more held-out examples than max_weight count as max_weight
         blocks: list[Block] = [(np.array([ex]), cap), (np.array([1.0 if ex > 0 else 0.0]), 1.0)]
-        values, clipped = [], False
+        values, clipped = [], held > cap
         for name, bound in means:
             if ex > 0 and name not in m:
                 raise SecAggError(f"evaluate: this client's evaluation reports "
